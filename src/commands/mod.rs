@@ -1,0 +1,1 @@
+//! One module per subcommand family; each turns parsed arguments into library calls.
