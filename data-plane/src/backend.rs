@@ -89,12 +89,14 @@ fn gemv_into(x: &[f32], w: &[f32], inp: usize, out: &mut [f32]) {
         }
         return;
     }
-    out.par_chunks_mut(BLOCK).enumerate().for_each(|(b, chunk)| {
-        for (jj, o) in chunk.iter_mut().enumerate() {
-            let j = b * BLOCK + jj;
-            *o = dot(x, &w[j * inp..(j + 1) * inp]);
-        }
-    });
+    out.par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(b, chunk)| {
+            for (jj, o) in chunk.iter_mut().enumerate() {
+                let j = b * BLOCK + jj;
+                *o = dot(x, &w[j * inp..(j + 1) * inp]);
+            }
+        });
 }
 
 impl Backend for CpuBackend {
@@ -106,7 +108,13 @@ impl Backend for CpuBackend {
         let n = x.rows();
         let inp = x.cols();
         let out = w.shape()[0];
-        assert_eq!(w.cols(), inp, "linear: weight {:?} vs input {:?}", w.shape(), x.shape());
+        assert_eq!(
+            w.cols(),
+            inp,
+            "linear: weight {:?} vs input {:?}",
+            w.shape(),
+            x.shape()
+        );
         let mut y = vec![0.0f32; n * out];
         if n == 0 || out == 0 {
         } else if n <= GEMV_MAX_ROWS {
@@ -228,7 +236,8 @@ impl Backend for CpuBackend {
             let qv = &q[(i * s.heads + h) * s.qk_dim..(i * s.heads + h + 1) * s.qk_dim];
             let mut scores: Vec<f32> = (lo..=pos)
                 .map(|j| {
-                    let kv = &k[(j * s.kv_heads + kvh) * s.qk_dim..(j * s.kv_heads + kvh + 1) * s.qk_dim];
+                    let kv = &k
+                        [(j * s.kv_heads + kvh) * s.qk_dim..(j * s.kv_heads + kvh + 1) * s.qk_dim];
                     dot(qv, kv) * s.scale
                 })
                 .collect();
@@ -282,8 +291,20 @@ mod tests {
     fn linear_matches_naive_on_both_paths() {
         for n in [1, 3, 9, 33] {
             let (inp, out) = (37, 129);
-            let x = Tensor::matrix(n, inp, (0..n * inp).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect());
-            let w = Tensor::matrix(out, inp, (0..out * inp).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect());
+            let x = Tensor::matrix(
+                n,
+                inp,
+                (0..n * inp)
+                    .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                    .collect(),
+            );
+            let w = Tensor::matrix(
+                out,
+                inp,
+                (0..out * inp)
+                    .map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0)
+                    .collect(),
+            );
             let y = CpuBackend.linear(&x, &w, None);
             let want = naive_linear(&x, &w);
             for (a, b) in y.data().iter().zip(&want) {
@@ -295,7 +316,14 @@ mod tests {
     #[test]
     fn attention_with_window_and_sink() {
         // One head, dim 1: scores are q*k; check against a hand-written softmax.
-        let s = AttentionShape { heads: 1, kv_heads: 1, qk_dim: 1, v_dim: 1, scale: 1.0, window: Some(2) };
+        let s = AttentionShape {
+            heads: 1,
+            kv_heads: 1,
+            qk_dim: 1,
+            v_dim: 1,
+            scale: 1.0,
+            window: Some(2),
+        };
         let q = [1.0f32];
         let k = [5.0f32, 1.0, 2.0];
         let v = [100.0f32, 10.0, 20.0];

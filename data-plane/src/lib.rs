@@ -2,4 +2,15 @@
 //! expert-function seam through which every routed expert runs.
 
 pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod expert;
+pub mod kv_cache;
+pub mod model;
+pub mod rope;
 pub mod tensor;
+pub mod testing;
+
+pub use error::{EngineError, LoadError};

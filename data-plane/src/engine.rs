@@ -1,0 +1,215 @@
+//! The engine: a loaded model plus the expert function and dispatch shares it runs with;
+//! batched prompt forward passes and greedy generation with the KV cache.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::{Backend, CpuBackend};
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, LoadError};
+use crate::expert::{ExpertFunction, LocalExperts, ShareSource, SingleInstance};
+use crate::kv_cache::KvCache;
+use crate::model::{LayerRouting, LogitsWanted, Model, SeqInput};
+use crate::tensor::Tensor;
+
+pub struct Engine {
+    model: Arc<Model>,
+    experts: Arc<dyn ExpertFunction>,
+    shares: Arc<dyn ShareSource>,
+}
+
+/// The routing of one prompt at one MoE layer.
+#[derive(Debug, Clone)]
+pub struct PromptRouting {
+    pub layer: usize,
+    pub top_k: usize,
+    /// `[T * k]`, canonical order.
+    pub ids: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub router_logits: Tensor,
+}
+
+/// Full-prompt forward pass of one prompt.
+#[derive(Debug)]
+pub struct PromptForward {
+    /// `[T, vocab]`.
+    pub logits: Tensor,
+    pub routing: Vec<PromptRouting>,
+}
+
+/// Reads `config.json` of a checkpoint directory.
+pub fn read_config(dir: &Path) -> Result<ModelConfig, LoadError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io { path, source })?;
+    ModelConfig::from_json_str(&text)
+}
+
+/// Greedy choice: the highest logit, ties to the lower token id (as `torch.argmax`).
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn split_routing(r: &LayerRouting, spans: &[(usize, usize)]) -> Vec<PromptRouting> {
+    let k = r.top_k;
+    spans
+        .iter()
+        .map(|&(row, n)| PromptRouting {
+            layer: r.layer,
+            top_k: k,
+            ids: r.ids[row * k..(row + n) * k].to_vec(),
+            weights: r.weights[row * k..(row + n) * k].to_vec(),
+            router_logits: r.router_logits.slice_rows(row, row + n),
+        })
+        .collect()
+}
+
+impl Engine {
+    pub fn new(
+        model: Arc<Model>,
+        experts: Arc<dyn ExpertFunction>,
+        shares: Arc<dyn ShareSource>,
+    ) -> Self {
+        Self {
+            model,
+            experts,
+            shares,
+        }
+    }
+
+    /// Loads a Hugging Face checkpoint directory with every expert in this process.
+    pub fn load_local(dir: &Path) -> Result<Self, LoadError> {
+        let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
+        let config = read_config(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let experts = LocalExperts::load_all(&ckpt, &config, backend.clone())?;
+        let model = Model::load(&ckpt, config, backend)?;
+        Ok(Self::new(
+            Arc::new(model),
+            Arc::new(experts),
+            Arc::new(SingleInstance),
+        ))
+    }
+
+    pub fn with_shares(mut self, shares: Arc<dyn ShareSource>) -> Self {
+        self.shares = shares;
+        self
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        self.model.new_cache()
+    }
+
+    /// One batched step: appends `tokens[i]` to `caches[i]` for every `i`.
+    pub fn step(
+        &self,
+        caches: &mut [KvCache],
+        tokens: &[&[u32]],
+        wanted: LogitsWanted,
+    ) -> Result<(Vec<Tensor>, Vec<LayerRouting>), EngineError> {
+        let mut seqs: Vec<SeqInput<'_>> = caches
+            .iter_mut()
+            .zip(tokens)
+            .map(|(cache, t)| SeqInput { cache, tokens: t })
+            .collect();
+        let out = self.model.forward(
+            &mut seqs,
+            self.experts.as_ref(),
+            self.shares.as_ref(),
+            wanted,
+        )?;
+        Ok((out.logits, out.routing))
+    }
+
+    /// Forward passes of whole prompts (no cache reuse), batched into one step.
+    pub fn forward_prompts(&self, prompts: &[Vec<u32>]) -> Result<Vec<PromptForward>, EngineError> {
+        if prompts.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.new_cache()).collect();
+        let toks: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let (logits, routing) = self.step(&mut caches, &toks, LogitsWanted::All)?;
+        let mut spans = Vec::new();
+        let mut row = 0;
+        for p in prompts {
+            spans.push((row, p.len()));
+            row += p.len();
+        }
+        let per_layer: Vec<Vec<PromptRouting>> =
+            routing.iter().map(|r| split_routing(r, &spans)).collect();
+        Ok(logits
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| PromptForward {
+                logits: l,
+                routing: per_layer.iter().map(|v| v[i].clone()).collect(),
+            })
+            .collect())
+    }
+
+    /// Greedy decoding with the KV cache; all prompts decode together as one batch.
+    /// Returns the new token ids of each prompt, stopping early at an EOS token.
+    pub fn generate_greedy(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
+        let eos = &self.model.config.eos_token_ids;
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.new_cache()).collect();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        if max_new_tokens == 0 || prompts.is_empty() {
+            return Ok(out);
+        }
+        let toks: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let (logits, _) = self.step(&mut caches, &toks, LogitsWanted::Last)?;
+        let mut active: Vec<usize> = Vec::new();
+        for (i, l) in logits.iter().enumerate() {
+            let t = argmax(l.row(0));
+            out[i].push(t);
+            if !eos.contains(&t) && max_new_tokens > 1 {
+                active.push(i);
+            }
+        }
+        while !active.is_empty() {
+            let last: Vec<[u32; 1]> = active
+                .iter()
+                .map(|&i| [*out[i].last().unwrap_or(&0)])
+                .collect();
+            let toks: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
+            // Move the active caches out so the step sees exactly the batch it runs.
+            let mut batch: Vec<KvCache> = active
+                .iter()
+                .map(|&i| std::mem::replace(&mut caches[i], KvCache::new(0, 1, 1)))
+                .collect();
+            let res = self.step(&mut batch, &toks, LogitsWanted::Last);
+            for (&i, c) in active.iter().zip(batch) {
+                caches[i] = c;
+            }
+            let (logits, _) = res?;
+            let mut still = Vec::new();
+            for (&i, l) in active.iter().zip(&logits) {
+                let t = argmax(l.row(0));
+                out[i].push(t);
+                if !eos.contains(&t) && out[i].len() < max_new_tokens {
+                    still.push(i);
+                }
+            }
+            active = still;
+        }
+        Ok(out)
+    }
+}
