@@ -5,16 +5,37 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 #[derive(Parser, Debug)]
-#[command(name = "moeless", version, about = "Serverless Mixture-of-Experts serving")]
+#[command(
+    name = "moeless",
+    version,
+    about = "Serverless Mixture-of-Experts serving"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Full forward pass of each prompt: logits and the routing of every MoE layer.
+    Forward(commands::engine::ForwardArgs),
+    /// Greedy generation with the KV cache.
+    Generate(commands::engine::GenerateArgs),
+    /// Expert placement for given per-layer loads (static EP or EPLB).
+    Plan(commands::policy::PlanArgs),
+    /// Replay a routing trace step by step under placement policies.
+    Replay(commands::policy::ReplayArgs),
+    /// Accuracy of the load predictors on a routing trace.
+    PredictEval(commands::policy::PredictEvalArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Forward(a) => commands::engine::forward(a),
+        Command::Generate(a) => commands::engine::generate(a),
+        Command::Plan(a) => commands::policy::plan(a),
+        Command::Replay(a) => commands::policy::run_replay(a),
+        Command::PredictEval(a) => commands::policy::predict_eval(a),
+    }
 }

@@ -274,3 +274,52 @@ impl TensorSource for Checkpoint {
         self.entries.contains_key(name)
     }
 }
+
+/// One tensor to write: name, element type, shape and little-endian bytes.
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn f32(name: impl Into<String>, shape: Vec<usize>, data: &[f32]) -> Self {
+        RawTensor {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape,
+            bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    pub fn i64(name: impl Into<String>, shape: Vec<usize>, data: &[i64]) -> Self {
+        RawTensor {
+            name: name.into(),
+            dtype: Dtype::I64,
+            shape,
+            bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Writes tensors to a safetensors file.
+pub fn save_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<(), LoadError> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| LoadError::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{}`: {e}", t.name),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).map_err(|e| {
+        LoadError::Checkpoint {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })
+}

@@ -633,7 +633,7 @@ impl ModelConfig {
                 };
             }
         }
-        if rope.dim % 2 != 0 || rope.dim > head_dim.max(rope.dim) {
+        if !rope.dim.is_multiple_of(2) {
             return Err(LoadError::config(
                 "head_dim",
                 format!("rotary dimension {} must be even", rope.dim),

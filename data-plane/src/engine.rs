@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, LoadError};
 use crate::expert::{ExpertFunction, LocalExperts, ShareSource, SingleInstance};
 use crate::kv_cache::KvCache;
-use crate::model::{LayerRouting, LogitsWanted, Model, SeqInput};
+use crate::model::{BatchOutput, LayerRouting, LogitsWanted, Model, SeqInput};
 use crate::tensor::Tensor;
 
 pub struct Engine {
@@ -36,6 +36,9 @@ pub struct PromptForward {
     /// `[T, vocab]`.
     pub logits: Tensor,
     pub routing: Vec<PromptRouting>,
+    /// With `capture_hidden`: embeddings, each decoder layer's raw output, and the final-normed
+    /// last output (`num_layers + 2` tensors of `[T, hidden]`).
+    pub hidden: Vec<Tensor>,
 }
 
 /// Reads `config.json` of a checkpoint directory.
@@ -121,28 +124,50 @@ impl Engine {
         tokens: &[&[u32]],
         wanted: LogitsWanted,
     ) -> Result<(Vec<Tensor>, Vec<LayerRouting>), EngineError> {
+        let out = self.step_full(caches, tokens, wanted)?;
+        Ok((out.logits, out.routing))
+    }
+
+    fn step_full(
+        &self,
+        caches: &mut [KvCache],
+        tokens: &[&[u32]],
+        wanted: LogitsWanted,
+    ) -> Result<BatchOutput, EngineError> {
         let mut seqs: Vec<SeqInput<'_>> = caches
             .iter_mut()
             .zip(tokens)
             .map(|(cache, t)| SeqInput { cache, tokens: t })
             .collect();
-        let out = self.model.forward(
+        self.model.forward(
             &mut seqs,
             self.experts.as_ref(),
             self.shares.as_ref(),
             wanted,
-        )?;
-        Ok((out.logits, out.routing))
+        )
     }
 
     /// Forward passes of whole prompts (no cache reuse), batched into one step.
-    pub fn forward_prompts(&self, prompts: &[Vec<u32>]) -> Result<Vec<PromptForward>, EngineError> {
+    pub fn forward_prompts(
+        &self,
+        prompts: &[Vec<u32>],
+        capture_hidden: bool,
+    ) -> Result<Vec<PromptForward>, EngineError> {
         if prompts.is_empty() {
             return Ok(vec![]);
         }
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.new_cache()).collect();
         let toks: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
-        let (logits, routing) = self.step(&mut caches, &toks, LogitsWanted::All)?;
+        let wanted = if capture_hidden {
+            LogitsWanted::AllWithHidden
+        } else {
+            LogitsWanted::All
+        };
+        let BatchOutput {
+            logits,
+            routing,
+            hidden,
+        } = self.step_full(&mut caches, &toks, wanted)?;
         let mut spans = Vec::new();
         let mut row = 0;
         for p in prompts {
@@ -154,9 +179,17 @@ impl Engine {
         Ok(logits
             .into_iter()
             .enumerate()
-            .map(|(i, l)| PromptForward {
-                logits: l,
-                routing: per_layer.iter().map(|v| v[i].clone()).collect(),
+            .map(|(i, l)| {
+                let (row, n) = spans[i];
+                PromptForward {
+                    logits: l,
+                    routing: per_layer.iter().map(|v| v[i].clone()).collect(),
+                    hidden: hidden
+                        .iter()
+                        .flatten()
+                        .map(|h| h.slice_rows(row, row + n))
+                        .collect(),
+                }
             })
             .collect())
     }

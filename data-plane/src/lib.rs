@@ -9,6 +9,8 @@ pub mod error;
 pub mod expert;
 pub mod kv_cache;
 pub mod model;
+pub mod prompts;
+pub mod reference;
 pub mod rope;
 pub mod tensor;
 pub mod testing;

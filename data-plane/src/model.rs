@@ -152,6 +152,7 @@ struct MoeBlock {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer, built once
 enum Ffn {
     Dense(Mlp),
     Moe(MoeBlock),
@@ -188,6 +189,9 @@ pub struct BatchOutput {
     pub logits: Vec<Tensor>,
     /// Per MoE layer, rows concatenated in sequence order.
     pub routing: Vec<LayerRouting>,
+    /// When asked for: the embeddings, the raw output of every decoder layer, then the
+    /// final-normed last layer output (`num_layers + 2` tensors of `[rows, hidden]`).
+    pub hidden: Option<Vec<Tensor>>,
 }
 
 /// One sequence's part of a batch: its cache and the tokens appended this step.
@@ -200,6 +204,8 @@ pub struct SeqInput<'a> {
 pub enum LogitsWanted {
     All,
     Last,
+    /// All positions, and every layer's hidden states too (for parity checks).
+    AllWithHidden,
 }
 
 #[derive(Debug)]
@@ -618,6 +624,7 @@ impl Model {
                 .collect()
         };
         let mut routing = Vec::new();
+        let mut hidden = (wanted == LogitsWanted::AllWithHidden).then(|| vec![x.clone()]);
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.apply(be, &x);
             let a = self.attention(li, layer, &h, seqs, &spans);
@@ -632,18 +639,24 @@ impl Model {
                 }
             };
             x.add_assign(&f);
+            if let Some(h) = hidden.as_mut() {
+                h.push(x.clone());
+            }
         }
         for s in seqs.iter_mut() {
             s.cache.commit(s.tokens.len());
         }
         let rows: Vec<usize> = match wanted {
-            LogitsWanted::All => (0..x.rows()).collect(),
+            LogitsWanted::All | LogitsWanted::AllWithHidden => (0..x.rows()).collect(),
             LogitsWanted::Last => spans.iter().map(|&(r, n, _)| r + n - 1).collect(),
         };
         let x = self.final_norm.apply(be, &x.gather_rows(&rows));
         let logits = self.lm_head.apply(be, &x);
+        if let Some(h) = hidden.as_mut() {
+            h.push(x);
+        }
         let out = match wanted {
-            LogitsWanted::All => spans
+            LogitsWanted::All | LogitsWanted::AllWithHidden => spans
                 .iter()
                 .map(|&(r, n, _)| logits.slice_rows(r, r + n))
                 .collect(),
@@ -654,6 +667,7 @@ impl Model {
         Ok(BatchOutput {
             logits: out,
             routing,
+            hidden,
         })
     }
 

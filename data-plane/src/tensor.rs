@@ -88,12 +88,7 @@ impl Tensor {
 
     /// Number of rows when viewed as a matrix over the last dimension.
     pub fn rows(&self) -> usize {
-        let c = self.cols();
-        if c == 0 {
-            0
-        } else {
-            self.data.len() / c
-        }
+        self.data.len().checked_div(self.cols()).unwrap_or(0)
     }
 
     /// Size of the last dimension.
@@ -135,7 +130,7 @@ impl Tensor {
             debug_assert_eq!(p.cols(), c);
             data.extend_from_slice(&p.data);
         }
-        let rows = if c == 0 { 0 } else { data.len() / c };
+        let rows = data.len().checked_div(c).unwrap_or(0);
         Tensor::matrix(rows, c, data)
     }
 

@@ -7,18 +7,16 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 use shared::ExpertKey;
 
 use crate::backend::CpuBackend;
-use crate::checkpoint::TensorSource;
+use crate::checkpoint::{save_safetensors, RawTensor, TensorSource};
 use crate::config::{Arch, ModelConfig};
 use crate::error::LoadError;
 use crate::expert::ExpertWeights;
@@ -243,29 +241,21 @@ pub fn write_safetensors(
     tensors: &BTreeMap<String, Tensor>,
     dtype: SaveDtype,
 ) -> Result<(), LoadError> {
-    let st = match dtype {
+    let dt = match dtype {
         SaveDtype::F32 => Dtype::F32,
         SaveDtype::Bf16 => Dtype::BF16,
         SaveDtype::F16 => Dtype::F16,
     };
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let raw: Vec<RawTensor> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), t.shape().to_vec(), encode(t, dtype)))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, shape, b)| {
-            TensorView::new(st, shape.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| LoadError::config(n, e.to_string()))
+        .map(|(n, t)| RawTensor {
+            name: n.clone(),
+            dtype: dt,
+            shape: t.shape().to_vec(),
+            bytes: encode(t, dtype),
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).map_err(|e| {
-        LoadError::Checkpoint {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
-    })
+        .collect();
+    save_safetensors(path, &raw)
 }
 
 /// Writes `config.json` and `model.safetensors` of a random-weight `arch` model into `dir`.

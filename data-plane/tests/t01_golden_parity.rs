@@ -1,13 +1,12 @@
 //! The engine reproduces Hugging Face transformers on every golden architecture: logits,
 //! router logits, expert ids and weights, expert counts, RoPE frequencies and greedy tokens.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
-use data_plane::engine::Engine;
+use data_plane::engine::{argmax, Engine};
 use data_plane::expert::UnevenSplit;
+use data_plane::model::LogitsWanted;
+use data_plane::reference::*;
 
 fn check_arch(arch: &str, split: Option<u32>) {
     let Some(shared) = shared_dir() else { return };
@@ -38,8 +37,9 @@ fn check_arch(arch: &str, split: Option<u32>) {
     }
 
     let out = engine
-        .forward_prompts(&prompts)
+        .forward_prompts(&prompts, true)
         .unwrap_or_else(|e| panic!("{arch}: forward: {e}"));
+    let layers = engine.config().num_layers;
     let moe_layers = engine.config().moe_layers();
     let e = engine.config().moe.num_experts;
     for (p, f) in out.iter().enumerate() {
@@ -50,6 +50,33 @@ fn check_arch(arch: &str, split: Option<u32>) {
             1e-4,
             1e-4,
         );
+        // hidden_states.{0} embeddings, .{j} layer j-1 output, .{L} final-normed; layer_output.{i} raw.
+        assert_eq!(f.hidden.len(), layers + 2);
+        for j in 0..=layers {
+            let mine = if j == layers {
+                &f.hidden[layers + 1]
+            } else {
+                &f.hidden[j]
+            };
+            let want = &golden.f(&format!("p{p}.hidden_states.{j}")).1;
+            assert_close(
+                &format!("{arch} p{p}.hidden_states.{j}"),
+                mine.data(),
+                want,
+                1e-4,
+                1e-4,
+            );
+        }
+        for i in 0..layers {
+            let want = &golden.f(&format!("p{p}.layer_output.{i}")).1;
+            assert_close(
+                &format!("{arch} p{p}.layer_output.{i}"),
+                f.hidden[i + 1].data(),
+                want,
+                1e-4,
+                1e-4,
+            );
+        }
         let counts = &golden.i(&format!("p{p}.expert_counts")).1;
         assert_eq!(f.routing.len(), moe_layers.len());
         for (mi, r) in f.routing.iter().enumerate() {
@@ -82,6 +109,30 @@ fn check_arch(arch: &str, split: Option<u32>) {
                 counts[mi * e..(mi + 1) * e],
                 "{arch} p{p} expert_counts row {mi}"
             );
+        }
+    }
+
+    // KV-cache decoding reproduces transformers' logits of every cached greedy step.
+    for (p, prompt) in prompts.iter().enumerate() {
+        let (shape, want) = golden.f(&format!("p{p}.gen_logits"));
+        let v = shape[1];
+        let mut cache = vec![engine.new_cache()];
+        let (mut l, _) = engine
+            .step(&mut cache, &[prompt], LogitsWanted::Last)
+            .expect("prefill");
+        for s in 0..shape[0] {
+            assert_close(
+                &format!("{arch} p{p} gen_logits step {s}"),
+                l[0].data(),
+                &want[s * v..(s + 1) * v],
+                1e-4,
+                1e-4,
+            );
+            let next = argmax(l[0].row(0));
+            l = engine
+                .step(&mut cache, &[&[next]], LogitsWanted::Last)
+                .expect("decode")
+                .0;
         }
     }
 

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: locating `../shared` and reading golden files.
-#![allow(dead_code)]
+//! Test support for the reference data beside the checkout (`../shared`): locating it and
+//! reading the golden transformers outputs. Used by the integration tests of every crate;
+//! these helpers panic with a clear message instead of returning errors, as tests want.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -120,6 +121,5 @@ pub fn assert_close(what: &str, a: &[f32], b: &[f32], atol: f32, rtol: f32) -> f
 
 pub fn read_prompts(dir: &Path) -> Vec<Vec<u32>> {
     let text = std::fs::read_to_string(dir.join("prompts.json")).expect("prompts.json");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("prompts.json is JSON");
-    serde_json::from_value(v["prompts"].clone()).expect("prompts is a list of id lists")
+    crate::prompts::parse_prompts(&text).expect("golden prompts.json parses")
 }

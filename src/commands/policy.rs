@@ -1,0 +1,391 @@
+//! `plan`, `replay` and `predict-eval`: file handling around the pure policies of `shared`.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+
+use shared::eplb::{rebalance_experts, EplbShape};
+use shared::plan::{static_ep, LayerPlan, LoadMatrix};
+use shared::predict::PredictorKind;
+use shared::replay::{replay, PolicyKind, ReplayConfig, ReplayReport};
+use shared::trace::{Phase, Step, TokenTrace};
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Placement policy: static or eplb.
+    #[arg(long, env = "MOELESS_POLICY")]
+    pub policy: String,
+    /// JSON file `{"loads": [[float; E] per layer]}`.
+    #[arg(long, env = "MOELESS_LOADS")]
+    pub loads: PathBuf,
+    #[arg(long, env = "MOELESS_GPUS")]
+    pub gpus: usize,
+    #[arg(long, env = "MOELESS_SLOTS_PER_GPU")]
+    pub slots_per_gpu: usize,
+    /// EPLB expert groups (hierarchical policy when groups divide evenly over nodes).
+    #[arg(long, env = "MOELESS_EPLB_GROUPS", default_value_t = 1)]
+    pub eplb_groups: usize,
+    #[arg(long, env = "MOELESS_EPLB_NODES", default_value_t = 1)]
+    pub eplb_nodes: usize,
+    /// Output `{"layers": [{"instances": [{"expert", "gpu", "share"}]}]}`.
+    #[arg(long, env = "MOELESS_OUT")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// Per-token routing trace (Llama-4 top-1 CSV).
+    #[arg(long, env = "MOELESS_TRACE")]
+    pub trace: PathBuf,
+    /// Routed experts of the traced model.
+    #[arg(long, env = "MOELESS_NUM_EXPERTS", default_value_t = 128)]
+    pub num_experts: usize,
+    #[arg(long, env = "MOELESS_GPUS")]
+    pub gpus: usize,
+    #[arg(long, env = "MOELESS_BATCH")]
+    pub batch: usize,
+    /// prefill or decode.
+    #[arg(long, env = "MOELESS_PHASE", default_value = "decode")]
+    pub phase: String,
+    /// One or more of static, eplb, moeless, oracle (comma-separated), or `all`.
+    #[arg(long, env = "MOELESS_POLICY", value_delimiter = ',')]
+    pub policy: Vec<String>,
+    #[arg(long, env = "MOELESS_SLOTS_PER_GPU")]
+    pub slots_per_gpu: usize,
+    #[arg(long, env = "MOELESS_OUT")]
+    pub out: PathBuf,
+    /// One JSON line per (policy, step, layer) with the instances and shares used.
+    #[arg(long, env = "MOELESS_DUMP_PLANS")]
+    pub dump_plans: Option<PathBuf>,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+/// Knobs shared by replay and predict-eval; defaults are the ones the reports use.
+#[derive(Args, Debug, Clone)]
+pub struct TuningArgs {
+    /// Steps from deciding an instance to it being usable.
+    #[arg(long, env = "MOELESS_CREATION_DELAY", default_value_t = 1)]
+    pub creation_delay: usize,
+    /// Steps an unneeded MoEless replica stays warm.
+    #[arg(long, env = "MOELESS_KEEP_ALIVE", default_value_t = 20)]
+    pub keep_alive: usize,
+    /// Drop an expert's last instance after this many idle steps (default: never).
+    #[arg(long, env = "MOELESS_SCALE_TO_ZERO_AFTER")]
+    pub scale_to_zero_after: Option<usize>,
+    /// Layer-time proxy charged per cold-start stall (token-equivalents).
+    #[arg(long, env = "MOELESS_STALL_PENALTY", default_value_t = 64.0)]
+    pub stall_penalty: f64,
+    /// EPLB history window in steps (vLLM default 1000).
+    #[arg(long, env = "MOELESS_EPLB_WINDOW", default_value_t = 1000)]
+    pub eplb_window: usize,
+    /// Steps between EPLB rebalances (vLLM default 3000).
+    #[arg(long, env = "MOELESS_EPLB_INTERVAL", default_value_t = 3000)]
+    pub eplb_interval: usize,
+    /// Use a decayed history with this per-step factor instead of the window.
+    #[arg(long, env = "MOELESS_EPLB_DECAY")]
+    pub eplb_decay: Option<f64>,
+    #[arg(long, env = "MOELESS_EPLB_GROUPS", default_value_t = 1)]
+    pub eplb_groups: usize,
+    #[arg(long, env = "MOELESS_EPLB_NODES", default_value_t = 1)]
+    pub eplb_nodes: usize,
+    /// MoEless predictor: decayed, window, temporal, affinity, combined.
+    #[arg(long, env = "MOELESS_PREDICTOR", default_value = "combined")]
+    pub predictor: String,
+    /// MoEless dispatch shares from the layer's router output (`routed`) or the prediction.
+    #[arg(long, env = "MOELESS_DISPATCH", default_value = "routed")]
+    pub dispatch: String,
+    /// MoEless replicates until predicted per-GPU load is within this factor of the mean.
+    #[arg(long, env = "MOELESS_BALANCE_TOLERANCE", default_value_t = 1.05)]
+    pub balance_tolerance: f64,
+}
+
+impl TuningArgs {
+    fn config(&self, gpus: usize, slots_per_gpu: usize) -> Result<ReplayConfig> {
+        let mut c = ReplayConfig::new(gpus, slots_per_gpu);
+        c.creation_delay = self.creation_delay;
+        c.keep_alive = self.keep_alive;
+        c.scale_to_zero_after = self.scale_to_zero_after;
+        if !(self.stall_penalty.is_finite() && self.stall_penalty >= 0.0) {
+            bail!("--stall-penalty must be finite and >= 0");
+        }
+        c.stall_penalty = self.stall_penalty;
+        c.eplb_window = self.eplb_window;
+        c.eplb_interval = self.eplb_interval;
+        if let Some(d) = self.eplb_decay {
+            if !(0.0..=1.0).contains(&d) {
+                bail!("--eplb-decay must be within [0, 1]");
+            }
+        }
+        c.eplb_decay = self.eplb_decay;
+        c.eplb_groups = self.eplb_groups;
+        c.eplb_nodes = self.eplb_nodes;
+        c.predictor = self.predictor.parse().map_err(anyhow::Error::msg)?;
+        c.dispatch = self.dispatch.parse().map_err(anyhow::Error::msg)?;
+        if !(self.balance_tolerance.is_finite() && self.balance_tolerance >= 1.0) {
+            bail!("--balance-tolerance must be >= 1");
+        }
+        c.balance_tolerance = self.balance_tolerance;
+        Ok(c)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PredictEvalArgs {
+    #[arg(long, env = "MOELESS_TRACE")]
+    pub trace: PathBuf,
+    #[arg(long, env = "MOELESS_NUM_EXPERTS", default_value_t = 128)]
+    pub num_experts: usize,
+    #[arg(long, env = "MOELESS_BATCH")]
+    pub batch: usize,
+    #[arg(long, env = "MOELESS_PHASE", default_value = "decode")]
+    pub phase: String,
+    /// GPUs and slots for the balancedness the predictors' plans reach.
+    #[arg(long, env = "MOELESS_GPUS", default_value_t = 8)]
+    pub gpus: usize,
+    #[arg(long, env = "MOELESS_SLOTS_PER_GPU", default_value_t = 18)]
+    pub slots_per_gpu: usize,
+    #[arg(long, env = "MOELESS_OUT")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+fn read_trace(path: &Path, num_experts: usize) -> Result<TokenTrace> {
+    let f = File::open(path).with_context(|| format!("opening trace {}", path.display()))?;
+    TokenTrace::parse_top1_csv(BufReader::new(f), num_experts)
+        .with_context(|| format!("reading trace {}", path.display()))
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = BufWriter::new(f);
+    serde_json::to_writer(&mut w, v)?;
+    w.write_all(b"\n")?;
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn layer_plan_json(p: &LayerPlan) -> Value {
+    json!({"instances": p.instances.iter().map(|i| json!({
+        "expert": i.expert, "gpu": i.gpu, "share": i.share})).collect::<Vec<_>>()})
+}
+
+pub fn plan(a: PlanArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.loads)
+        .with_context(|| format!("reading loads {}", a.loads.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing loads {} as JSON", a.loads.display()))?;
+    let rows = v
+        .get("loads")
+        .and_then(Value::as_array)
+        .context("loads file needs a `loads` array of per-layer arrays")?;
+    let mut loads = Vec::with_capacity(rows.len());
+    for (l, row) in rows.iter().enumerate() {
+        let row = row
+            .as_array()
+            .with_context(|| format!("loads[{l}] is not an array"))?;
+        let mut r = Vec::with_capacity(row.len());
+        for (e, x) in row.iter().enumerate() {
+            r.push(
+                x.as_f64()
+                    .with_context(|| format!("loads[{l}][{e}] is not a number: {x}"))?,
+            );
+        }
+        loads.push(r);
+    }
+    let loads = LoadMatrix::new(loads).context("validating loads")?;
+    let policy: PolicyKind = a.policy.parse().map_err(anyhow::Error::msg)?;
+    let e = loads.num_experts();
+    if a.gpus == 0 || a.gpus * a.slots_per_gpu < e {
+        bail!(
+            "budget too small: {} GPUs x {} slots cannot hold {e} experts",
+            a.gpus,
+            a.slots_per_gpu
+        );
+    }
+    let start = Instant::now();
+    let layers: Vec<LayerPlan> = match policy {
+        PolicyKind::Static => {
+            let p = static_ep(e, a.gpus)?;
+            vec![p; loads.num_layers()]
+        }
+        PolicyKind::Eplb => {
+            let shape = EplbShape {
+                num_physical: a.gpus * a.slots_per_gpu,
+                num_groups: a.eplb_groups,
+                num_nodes: a.eplb_nodes,
+                num_gpus: a.gpus,
+            };
+            (0..loads.num_layers())
+                .map(|l| {
+                    rebalance_experts(loads.layer(l), shape)
+                        .map(|x| x.to_layer_plan())
+                        .with_context(|| format!("planning layer {l}"))
+                })
+                .collect::<Result<_>>()?
+        }
+        other => bail!(
+            "`plan` supports static and eplb; {} needs a trace (use `replay`)",
+            other.label()
+        ),
+    };
+    let elapsed = start.elapsed();
+    write_json(
+        &a.out,
+        &json!({"layers": layers.iter().map(layer_plan_json).collect::<Vec<_>>()}),
+    )?;
+    eprintln!(
+        "planned {} layers x {e} experts on {} GPUs in {:.3} ms",
+        layers.len(),
+        a.gpus,
+        elapsed.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn parse_policies(names: &[String]) -> Result<Vec<PolicyKind>> {
+    if names.is_empty() {
+        bail!("--policy needs at least one of static, eplb, moeless, oracle");
+    }
+    let mut out = Vec::new();
+    for n in names {
+        if n == "all" {
+            out.extend(PolicyKind::ALL);
+        } else {
+            out.push(n.parse().map_err(anyhow::Error::msg)?);
+        }
+    }
+    Ok(out)
+}
+
+fn steps_of(trace: &TokenTrace, phase: &str, batch: usize) -> Result<Vec<Step>> {
+    let phase: Phase = phase.parse().map_err(anyhow::Error::msg)?;
+    trace
+        .batch_steps(phase, batch)
+        .context("batching the trace")
+}
+
+fn totals_json(r: &ReplayReport) -> Value {
+    json!({
+        "policy": r.policy,
+        "steps": r.steps,
+        "layers": r.layers,
+        "balancedness_mean": r.balancedness_mean,
+        "balancedness_fractional": r.balancedness_fractional,
+        "layer_time_proxy": r.layer_time_proxy,
+        "instance_slot_steps": r.instance_slot_steps,
+        "instances_created": r.instances_created,
+        "cold_start_stalls": r.cold_start_stalls,
+    })
+}
+
+pub fn run_replay(a: ReplayArgs) -> Result<()> {
+    let trace = read_trace(&a.trace, a.num_experts)?;
+    let steps = steps_of(&trace, &a.phase, a.batch)?;
+    let policies = parse_policies(&a.policy)?;
+    let mut cfg = a.tuning.config(a.gpus, a.slots_per_gpu)?;
+    cfg.record_plans = a.dump_plans.is_some();
+    let mut dump = match &a.dump_plans {
+        Some(p) => Some(BufWriter::new(
+            File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut reports = Vec::new();
+    for p in policies {
+        let start = Instant::now();
+        let r = replay(&steps, trace.num_experts, trace.top_k, p, &cfg)
+            .with_context(|| format!("replaying policy {}", p.label()))?;
+        eprintln!(
+            "{:8} balancedness {:.4} (fractional {:.4})  layer_time_proxy {:.0}  slot_steps {}  created {}  stalls {}  ({:.2}s)",
+            r.policy,
+            r.balancedness_mean,
+            r.balancedness_fractional,
+            r.layer_time_proxy,
+            r.instance_slot_steps,
+            r.instances_created,
+            r.cold_start_stalls,
+            start.elapsed().as_secs_f64()
+        );
+        if let Some(w) = dump.as_mut() {
+            for (i, plan) in r.plans.iter().enumerate() {
+                let line = json!({
+                    "policy": r.policy,
+                    "step": i / r.layers,
+                    "layer": i % r.layers,
+                    "instances": layer_plan_json(plan)["instances"],
+                });
+                serde_json::to_writer(&mut *w, &line)?;
+                w.write_all(b"\n")?;
+            }
+        }
+        let mut v = totals_json(&r);
+        v["step_balancedness"] = json!(r.step_balancedness);
+        v["gpu_tokens"] = json!(r.gpu_tokens);
+        reports.push(v);
+    }
+    if let Some(mut w) = dump {
+        w.flush().context("writing the plan dump")?;
+    }
+    write_json(
+        &a.out,
+        &json!({
+            "trace": a.trace.display().to_string(),
+            "phase": a.phase,
+            "batch": a.batch,
+            "gpus": a.gpus,
+            "slots_per_gpu": a.slots_per_gpu,
+            "layer_ids": trace.layer_ids,
+            "config": format!("{cfg:?}"),
+            "policies": reports,
+        }),
+    )
+}
+
+pub fn predict_eval(a: PredictEvalArgs) -> Result<()> {
+    let trace = read_trace(&a.trace, a.num_experts)?;
+    let steps = steps_of(&trace, &a.phase, a.batch)?;
+    let base = a.tuning.config(a.gpus, a.slots_per_gpu)?;
+    let (layers, e) = (trace.num_layers(), trace.num_experts);
+    let mut out = Vec::new();
+    for kind in PredictorKind::ALL {
+        let eval = shared::predict::evaluate(kind, &steps, layers, e, trace.top_k);
+        let mut cfg = base.clone();
+        cfg.predictor = kind;
+        let r = replay(&steps, e, trace.top_k, PolicyKind::Moeless, &cfg)?;
+        eprintln!(
+            "{:9} tv_error {:.4}  hot_recall {:.4}  balancedness {:.4}",
+            kind.label(),
+            eval.tv_error_mean,
+            eval.hot_recall,
+            r.balancedness_mean
+        );
+        out.push(json!({
+            "predictor": kind.label(),
+            "tv_error_mean": eval.tv_error_mean,
+            "hot_recall": eval.hot_recall,
+            "hot_experts": eval.hot_total,
+            "balancedness_mean": r.balancedness_mean,
+            "instance_slot_steps": r.instance_slot_steps,
+            "instances_created": r.instances_created,
+            "cold_start_stalls": r.cold_start_stalls,
+        }));
+    }
+    write_json(
+        &a.out,
+        &json!({
+            "trace": a.trace.display().to_string(),
+            "phase": a.phase,
+            "batch": a.batch,
+            "gpus": a.gpus,
+            "slots_per_gpu": a.slots_per_gpu,
+            "predictors": out,
+        }),
+    )
+}
