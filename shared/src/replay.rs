@@ -1,0 +1,615 @@
+//! Step-by-step replay of a routing trace under a placement policy.
+//!
+//! The simulator owns the instances of every layer (the "fleet"); policies create and remove
+//! instances and set dispatch shares. An instance created at step `t` becomes usable at step
+//! `t + creation_delay`. Tokens routed to an expert without a usable instance wait for one:
+//! that is a cold-start stall, counted and charged to the layer-time proxy.
+
+use crate::eplb::{rebalance_experts, EplbShape};
+use crate::plan::{split_tokens, static_ep, water_fill_shares, Instance, LayerPlan, PlanError};
+use crate::predict::{LoadPredictor, PredictorKind, SlidingWindow};
+use crate::trace::Step;
+
+/// The placement policies replay can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Megatron-LM static expert parallelism, no replicas.
+    Static,
+    /// DeepSeek EPLB, rebalanced periodically from a load history (as vLLM does).
+    Eplb,
+    /// Layer-aware prediction, elastic replicas with creation delay and keep-alive.
+    Moeless,
+    /// EPLB given each step's true loads, no creation delay: the bound.
+    Oracle,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::Static,
+        PolicyKind::Eplb,
+        PolicyKind::Moeless,
+        PolicyKind::Oracle,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            PolicyKind::Static => "static",
+            PolicyKind::Eplb => "eplb",
+            PolicyKind::Moeless => "moeless",
+            PolicyKind::Oracle => "oracle",
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PolicyKind::ALL
+            .into_iter()
+            .find(|k| k.label() == s)
+            .ok_or_else(|| format!("unknown policy `{s}` (static, eplb, moeless, oracle)"))
+    }
+}
+
+/// How MoEless sets the per-step shares of a replicated expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchMode {
+    /// From the layer's router output (known when the dispatch layout is built).
+    Routed,
+    /// From the layer-aware prediction made before the layer runs.
+    Predicted,
+}
+
+impl std::str::FromStr for DispatchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "routed" => Ok(DispatchMode::Routed),
+            "predicted" => Ok(DispatchMode::Predicted),
+            o => Err(format!("unknown dispatch mode `{o}` (routed, predicted)")),
+        }
+    }
+}
+
+/// Everything a replay run depends on besides the trace.
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    pub gpus: usize,
+    pub slots_per_gpu: usize,
+    /// Steps between deciding an instance and it being usable (weights loading).
+    pub creation_delay: usize,
+    /// Steps an unneeded replica is kept warm before it is dropped.
+    pub keep_alive: usize,
+    /// Drop an expert's last instance after this many steps without tokens (`None`: never).
+    pub scale_to_zero_after: Option<usize>,
+    /// Token-equivalents added to the layer-time proxy per cold-start stall.
+    pub stall_penalty: f64,
+    pub eplb_window: usize,
+    pub eplb_interval: usize,
+    /// Use an exponentially decayed history (this factor per step) instead of a window.
+    pub eplb_decay: Option<f64>,
+    pub eplb_groups: usize,
+    pub eplb_nodes: usize,
+    pub predictor: PredictorKind,
+    pub dispatch: DispatchMode,
+    /// Headroom: MoEless replicates until predicted per-GPU loads are within this factor of
+    /// the mean.
+    pub balance_tolerance: f64,
+    /// Keep the plan used at every (step, layer) in the report.
+    pub record_plans: bool,
+}
+
+impl ReplayConfig {
+    pub fn new(gpus: usize, slots_per_gpu: usize) -> Self {
+        Self {
+            gpus,
+            slots_per_gpu,
+            creation_delay: 1,
+            keep_alive: 20,
+            scale_to_zero_after: None,
+            stall_penalty: 64.0,
+            eplb_window: 1000,
+            eplb_interval: 3000,
+            eplb_decay: None,
+            eplb_groups: 1,
+            eplb_nodes: 1,
+            predictor: PredictorKind::Combined,
+            dispatch: DispatchMode::Routed,
+            balance_tolerance: 1.05,
+            record_plans: false,
+        }
+    }
+}
+
+/// Totals and per-step detail of one replay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayReport {
+    pub policy: String,
+    pub steps: usize,
+    pub layers: usize,
+    /// Mean over steps and layers of (mean tokens per GPU) / (max tokens on a GPU).
+    pub balancedness_mean: f64,
+    /// The same with fractional token splits (an expert's load divided by its shares exactly),
+    /// the way load-balancing papers usually count it.
+    pub balancedness_fractional: f64,
+    /// Sum over steps and layers of the max tokens on a GPU, plus stall penalties.
+    pub layer_time_proxy: f64,
+    /// Sum over steps of instances held (warm or loading) over all layers.
+    pub instance_slot_steps: u64,
+    pub instances_created: u64,
+    pub cold_start_stalls: u64,
+    /// `gpu_tokens[step][layer][gpu]`.
+    pub gpu_tokens: Vec<Vec<Vec<u32>>>,
+    /// Balancedness of each step, averaged over layers.
+    pub step_balancedness: Vec<f64>,
+    /// `plans[step * layers + layer]` when recorded: the instances and shares actually used.
+    pub plans: Vec<LayerPlan>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    expert: u32,
+    gpu: u32,
+    ready_at: usize,
+    /// Last step at which this instance was needed (carried predicted or routed tokens).
+    last_needed: usize,
+}
+
+/// The instances of every layer, with their loading state.
+struct Fleet {
+    layers: Vec<Vec<Slot>>,
+    gpus: usize,
+    slots_per_gpu: usize,
+    delay: usize,
+    created: u64,
+}
+
+impl Fleet {
+    fn set_warm(&mut self, layer: usize, plan: &LayerPlan, now: usize) {
+        self.layers[layer] = plan
+            .instances
+            .iter()
+            .map(|i| Slot {
+                expert: i.expert,
+                gpu: i.gpu,
+                ready_at: 0,
+                last_needed: now,
+            })
+            .collect();
+    }
+    fn used_on(&self, layer: usize, gpu: usize) -> usize {
+        self.layers[layer]
+            .iter()
+            .filter(|s| s.gpu as usize == gpu)
+            .count()
+    }
+    fn create(&mut self, layer: usize, expert: u32, gpu: u32, now: usize, delay: usize) {
+        self.layers[layer].push(Slot {
+            expert,
+            gpu,
+            ready_at: now + delay,
+            last_needed: now,
+        });
+        self.created += 1;
+    }
+    /// Replace a layer's instances by `target`, keeping matching (expert, gpu) instances and
+    /// their state; new ones are created (usable after `delay`).
+    fn reconcile(&mut self, layer: usize, target: &LayerPlan, now: usize, delay: usize) {
+        let mut old = std::mem::take(&mut self.layers[layer]);
+        let mut next = Vec::with_capacity(target.instances.len());
+        for i in &target.instances {
+            if let Some(pos) = old
+                .iter()
+                .position(|s| s.expert == i.expert && s.gpu == i.gpu)
+            {
+                next.push(old.swap_remove(pos));
+            } else {
+                next.push(Slot {
+                    expert: i.expert,
+                    gpu: i.gpu,
+                    ready_at: now + delay,
+                    last_needed: now,
+                });
+                self.created += 1;
+            }
+        }
+        self.layers[layer] = next;
+    }
+}
+
+/// Replay `steps` (each with `counts[layer][expert]`) under `policy`.
+pub fn replay(
+    steps: &[Step],
+    num_experts: usize,
+    top_k: usize,
+    policy: PolicyKind,
+    cfg: &ReplayConfig,
+) -> Result<ReplayReport, PlanError> {
+    let layers = steps.first().map(|s| s.counts.len()).unwrap_or(0);
+    let g = cfg.gpus;
+    if g == 0 || layers == 0 || num_experts == 0 {
+        return Err(PlanError::Shape(
+            "replay needs at least one GPU, one layer and one expert".into(),
+        ));
+    }
+    if g * cfg.slots_per_gpu < num_experts {
+        return Err(PlanError::BudgetTooSmall {
+            gpus: g,
+            slots_per_gpu: cfg.slots_per_gpu,
+            total: g * cfg.slots_per_gpu,
+            experts: num_experts,
+        });
+    }
+    let mut fleet = Fleet {
+        layers: vec![Vec::new(); layers],
+        gpus: g,
+        slots_per_gpu: cfg.slots_per_gpu,
+        delay: cfg.creation_delay,
+        created: 0,
+    };
+    let eplb_shape = EplbShape {
+        num_physical: g * cfg.slots_per_gpu,
+        num_groups: cfg.eplb_groups,
+        num_nodes: cfg.eplb_nodes,
+        num_gpus: g,
+    };
+    // Every policy starts from a loaded model: static EP for static and MoEless, EPLB on
+    // uniform loads for the EPLB family.
+    let initial = match policy {
+        PolicyKind::Static | PolicyKind::Moeless => static_ep(num_experts, g)?,
+        PolicyKind::Eplb | PolicyKind::Oracle => {
+            rebalance_experts(&vec![1.0; num_experts], eplb_shape)?.to_layer_plan()
+        }
+    };
+    for l in 0..layers {
+        fleet.set_warm(l, &initial, 0);
+    }
+    let mut history: Box<dyn LoadPredictor + Send> = match cfg.eplb_decay {
+        Some(d) => Box::new(crate::predict::DecayedHistory::new(layers, num_experts, d)),
+        None => Box::new(SlidingWindow::new(layers, num_experts, cfg.eplb_window)),
+    };
+    let mut predictor = cfg.predictor.build(layers, num_experts, top_k);
+    let mut pending_eplb: Option<(usize, Vec<LayerPlan>)> = None;
+
+    let mut report = ReplayReport {
+        policy: policy.label().to_string(),
+        steps: steps.len(),
+        layers,
+        balancedness_mean: 0.0,
+        balancedness_fractional: 0.0,
+        layer_time_proxy: 0.0,
+        instance_slot_steps: 0,
+        instances_created: 0,
+        cold_start_stalls: 0,
+        gpu_tokens: Vec::with_capacity(steps.len()),
+        step_balancedness: Vec::with_capacity(steps.len()),
+        plans: Vec::new(),
+    };
+    let mut bal_sum = 0.0;
+    let mut frac_sum = 0.0;
+    let mut predicted = vec![0.0; num_experts];
+    let mut split = Vec::new();
+    let mut idx_by_expert: Vec<Vec<usize>> = vec![Vec::new(); num_experts];
+    let mut last_routed = vec![vec![0usize; num_experts]; layers];
+
+    for (t, step) in steps.iter().enumerate() {
+        if step.counts.len() != layers || step.counts.iter().any(|c| c.len() != num_experts) {
+            return Err(PlanError::Shape(format!(
+                "step {t} has a different number of layers or experts"
+            )));
+        }
+        let slots_this_step: f64 = step.counts[0].iter().map(|&c| c as f64).sum();
+        history.begin_step(step.group);
+        predictor.begin_step(step.group);
+
+        if policy == PolicyKind::Eplb {
+            if let Some((ready, _)) = &pending_eplb {
+                if t >= *ready {
+                    let (_, plans) = pending_eplb.take().expect("checked above");
+                    for (l, p) in plans.iter().enumerate() {
+                        // The switch drops old instances; new ones finished loading.
+                        fleet.reconcile(l, p, t, 0);
+                    }
+                }
+            }
+            if t > 0 && cfg.eplb_interval > 0 && t % cfg.eplb_interval == 0 {
+                let mut plans = Vec::with_capacity(layers);
+                let mut w = vec![0.0; num_experts];
+                for (l, slots) in fleet.layers.iter_mut().enumerate() {
+                    history.predict(l, &[], 1.0, &mut w);
+                    let target = rebalance_experts(&w, eplb_shape)?.to_layer_plan();
+                    // Start loading the instances the new plan adds, next to the old ones.
+                    let mut have: Vec<(u32, u32)> =
+                        slots.iter().map(|s| (s.expert, s.gpu)).collect();
+                    for i in &target.instances {
+                        if let Some(pos) = have.iter().position(|h| *h == (i.expert, i.gpu)) {
+                            have.swap_remove(pos);
+                        } else {
+                            slots.push(Slot {
+                                expert: i.expert,
+                                gpu: i.gpu,
+                                ready_at: t + cfg.creation_delay,
+                                last_needed: t,
+                            });
+                            fleet.created += 1;
+                        }
+                    }
+                    plans.push(target);
+                }
+                if cfg.creation_delay == 0 {
+                    for (l, p) in plans.iter().enumerate() {
+                        fleet.reconcile(l, p, t, 0);
+                    }
+                } else {
+                    pending_eplb = Some((t + cfg.creation_delay, plans));
+                }
+            }
+        }
+
+        let mut step_tokens = Vec::with_capacity(layers);
+        let mut step_bal = 0.0;
+        for (l, last_routed) in last_routed.iter_mut().enumerate() {
+            let counts = &step.counts[l];
+            match policy {
+                PolicyKind::Oracle => {
+                    let w: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+                    let target = rebalance_experts(&w, eplb_shape)?.to_layer_plan();
+                    fleet.reconcile(l, &target, t, 0);
+                }
+                PolicyKind::Moeless => {
+                    predictor.predict(l, &step.routes[..l], slots_this_step, &mut predicted);
+                    scale_layer(&mut fleet, l, &predicted, t, cfg, last_routed);
+                }
+                _ => {}
+            }
+
+            // The instances usable now. During an EPLB transition only the old plan serves.
+            let usable: Vec<usize> = fleet.layers[l]
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.ready_at <= t)
+                .map(|(i, _)| i)
+                .collect();
+            let mut plan = LayerPlan {
+                instances: usable
+                    .iter()
+                    .map(|&i| Instance {
+                        expert: fleet.layers[l][i].expert,
+                        gpu: fleet.layers[l][i].gpu,
+                        share: 0.0,
+                    })
+                    .collect(),
+            };
+            let shares: Vec<f64> = match policy {
+                PolicyKind::Moeless => {
+                    let basis: Vec<f64> = match cfg.dispatch {
+                        DispatchMode::Routed => counts.iter().map(|&c| c as f64).collect(),
+                        DispatchMode::Predicted => predicted.clone(),
+                    };
+                    water_fill_shares(&plan, &basis, g)
+                }
+                _ => {
+                    let rc = plan.replica_counts(num_experts);
+                    plan.instances
+                        .iter()
+                        .map(|i| 1.0 / rc[i.expert as usize] as f64)
+                        .collect()
+                }
+            };
+            for (inst, s) in plan.instances.iter_mut().zip(&shares) {
+                inst.share = *s;
+            }
+            for v in idx_by_expert.iter_mut() {
+                v.clear();
+            }
+            for (i, inst) in plan.instances.iter().enumerate() {
+                idx_by_expert[inst.expert as usize].push(i);
+            }
+            let mut gpu_tok = vec![0u32; g];
+            let mut gpu_frac = vec![0.0f64; g];
+            let mut stalls = 0u64;
+            for (e, &c) in counts.iter().enumerate() {
+                if c == 0 {
+                    continue;
+                }
+                last_routed[e] = t;
+                let idx = &idx_by_expert[e];
+                if idx.is_empty() {
+                    // Cold start: wait for a loading instance, or create one now.
+                    stalls += 1;
+                    let gpu = match fleet.layers[l].iter().find(|s| s.expert as usize == e) {
+                        Some(s) => s.gpu,
+                        None => {
+                            let gpu = least_loaded_free_gpu(&fleet, l, &gpu_tok)
+                                .unwrap_or_else(|| argmin_u32(&gpu_tok));
+                            fleet.create(l, e as u32, gpu as u32, t, 0);
+                            gpu as u32
+                        }
+                    };
+                    gpu_tok[gpu as usize] += c;
+                    gpu_frac[gpu as usize] += c as f64;
+                    plan.instances.push(Instance {
+                        expert: e as u32,
+                        gpu,
+                        share: 1.0,
+                    });
+                    continue;
+                }
+                let sh: Vec<f64> = idx.iter().map(|&i| plan.instances[i].share).collect();
+                split_tokens(c, &sh, &mut split);
+                for (&i, &n) in idx.iter().zip(&split) {
+                    let gpu = plan.instances[i].gpu as usize;
+                    gpu_tok[gpu] += n;
+                    gpu_frac[gpu] += c as f64 * plan.instances[i].share;
+                }
+            }
+            let total: u32 = gpu_tok.iter().sum();
+            let max = *gpu_tok.iter().max().expect("at least one GPU");
+            let bal = if max == 0 {
+                1.0
+            } else {
+                total as f64 / g as f64 / max as f64
+            };
+            step_bal += bal;
+            let fmax = gpu_frac.iter().fold(0.0f64, |a, &b| a.max(b));
+            frac_sum += if fmax > 0.0 {
+                total as f64 / g as f64 / fmax
+            } else {
+                1.0
+            };
+            report.layer_time_proxy += max as f64 + stalls as f64 * cfg.stall_penalty;
+            report.cold_start_stalls += stalls;
+            if cfg.record_plans {
+                report.plans.push(plan);
+            }
+            step_tokens.push(gpu_tok);
+            history.observe(l, &step.routes[l], counts);
+            predictor.observe(l, &step.routes[l], counts);
+        }
+        let sb = step_bal / layers as f64;
+        bal_sum += sb;
+        report.step_balancedness.push(sb);
+        report.gpu_tokens.push(step_tokens);
+        report.instance_slot_steps += fleet.layers.iter().map(|s| s.len() as u64).sum::<u64>();
+    }
+    report.balancedness_mean = if steps.is_empty() {
+        0.0
+    } else {
+        bal_sum / steps.len() as f64
+    };
+    report.balancedness_fractional = if steps.is_empty() {
+        0.0
+    } else {
+        frac_sum / (steps.len() * layers) as f64
+    };
+    report.instances_created = fleet.created;
+    Ok(report)
+}
+
+fn argmin_u32(v: &[u32]) -> usize {
+    (0..v.len()).min_by_key(|&i| (v[i], i)).unwrap_or(0)
+}
+
+fn least_loaded_free_gpu(fleet: &Fleet, layer: usize, load: &[u32]) -> Option<usize> {
+    (0..fleet.gpus)
+        .filter(|&gp| fleet.used_on(layer, gp) < fleet.slots_per_gpu)
+        .min_by_key(|&gp| (load[gp], gp))
+}
+
+/// MoEless scaling for one layer before it runs: drop replicas unneeded for `keep_alive`
+/// steps (and, if enabled, idle experts' last instances), then add replicas of the experts
+/// that load the most loaded GPU (by predicted load) onto the least loaded GPU with a free
+/// slot, until predicted GPU loads are within tolerance or the slot budget is used.
+fn scale_layer(
+    fleet: &mut Fleet,
+    layer: usize,
+    predicted: &[f64],
+    now: usize,
+    cfg: &ReplayConfig,
+    last_routed: &[usize],
+) {
+    let g = fleet.gpus;
+    let e = predicted.len();
+    let total: f64 = predicted.iter().sum();
+    let target = total / g as f64 * cfg.balance_tolerance;
+
+    let mut plan = LayerPlan {
+        instances: fleet.layers[layer]
+            .iter()
+            .map(|s| Instance {
+                expert: s.expert,
+                gpu: s.gpu,
+                share: 0.0,
+            })
+            .collect(),
+    };
+    // Which instances the prediction needs now (at least half a token).
+    let shares = water_fill_shares(&plan, predicted, g);
+    for (s, (sh, inst)) in fleet.layers[layer]
+        .iter_mut()
+        .zip(shares.iter().zip(&plan.instances))
+    {
+        if sh * predicted[inst.expert as usize] >= 0.5 {
+            s.last_needed = now;
+        }
+    }
+    // Keep-alive: drop idle replicas; scale idle experts to zero if enabled.
+    let mut count = vec![0u32; e];
+    for s in &fleet.layers[layer] {
+        count[s.expert as usize] += 1;
+    }
+    let mut i = 0;
+    while i < fleet.layers[layer].len() {
+        let s = fleet.layers[layer][i];
+        let idle = now.saturating_sub(s.last_needed);
+        let ex = s.expert as usize;
+        let drop = if count[ex] > 1 {
+            idle > cfg.keep_alive && s.ready_at <= now
+        } else {
+            cfg.scale_to_zero_after
+                .is_some_and(|z| now.saturating_sub(last_routed[ex].max(s.last_needed)) > z)
+                && predicted[ex] < 0.5
+        };
+        if drop {
+            fleet.layers[layer].swap_remove(i);
+            count[ex] -= 1;
+        } else {
+            i += 1;
+        }
+    }
+
+    // Add replicas greedily where the predicted max is.
+    let budget = g * fleet.slots_per_gpu;
+    let mut used: Vec<usize> = (0..g).map(|gp| fleet.used_on(layer, gp)).collect();
+    // Bound the work per layer: at most one new replica per free slot.
+    for _ in 0..budget {
+        plan.instances = fleet.layers[layer]
+            .iter()
+            .map(|s| Instance {
+                expert: s.expert,
+                gpu: s.gpu,
+                share: 0.0,
+            })
+            .collect();
+        let shares = water_fill_shares(&plan, predicted, g);
+        let mut load = vec![0.0; g];
+        for (inst, sh) in plan.instances.iter().zip(&shares) {
+            load[inst.gpu as usize] += sh * predicted[inst.expert as usize];
+        }
+        let hot_gpu = (0..g)
+            .max_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
+            .expect("at least one GPU");
+        if load[hot_gpu] <= target {
+            break;
+        }
+        // The expert contributing most to the hottest GPU.
+        let mut best: Option<(f64, u32)> = None;
+        for (inst, sh) in plan.instances.iter().zip(&shares) {
+            if inst.gpu as usize == hot_gpu {
+                let c = sh * predicted[inst.expert as usize];
+                if best.is_none_or(|b| c > b.0) {
+                    best = Some((c, inst.expert));
+                }
+            }
+        }
+        let Some((contrib, expert)) = best else { break };
+        if contrib < 1.0 {
+            break;
+        }
+        let holders: Vec<u32> = plan
+            .instances
+            .iter()
+            .filter(|i| i.expert == expert)
+            .map(|i| i.gpu)
+            .collect();
+        let dest = (0..g)
+            .filter(|&gp| used[gp] < fleet.slots_per_gpu && !holders.contains(&(gp as u32)))
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
+        let Some(dest) = dest else { break };
+        // Only worth it if the destination has room below the hot GPU's load.
+        if load[dest] + 1.0 > load[hot_gpu] {
+            break;
+        }
+        fleet.create(layer, expert, dest as u32, now, fleet.delay);
+        used[dest] += 1;
+    }
+}
