@@ -201,11 +201,7 @@ pub fn rebalance_experts(weights: &[f64], shape: EplbShape) -> Result<EplbLayer,
 }
 
 /// The global policy: replicate across the whole cluster, then pack onto all GPUs.
-pub fn rebalance_global(
-    weights: &[f64],
-    num_physical: usize,
-    num_gpus: usize,
-) -> Result<EplbLayer, PlanError> {
+pub fn rebalance_global(weights: &[f64], num_physical: usize, num_gpus: usize) -> Result<EplbLayer, PlanError> {
     rebalance_hierarchical(
         weights,
         EplbShape {
@@ -222,22 +218,15 @@ mod tests {
     use super::*;
 
     fn max_gpu_load(w: &[f64], l: &EplbLayer, gpus: usize) -> f64 {
-        l.to_layer_plan()
-            .gpu_loads(w, gpus)
-            .into_iter()
-            .fold(0.0, f64::max)
+        l.to_layer_plan().gpu_loads(w, gpus).into_iter().fold(0.0, f64::max)
     }
 
     /// The example of DeepSeek's EPLB README (also vLLM's `test_basic_rebalance`).
     #[test]
     fn reproduces_deepseek_readme_example() {
         let weight = [
-            [
-                90., 132., 40., 61., 104., 165., 39., 4., 73., 56., 183., 86.,
-            ],
-            [
-                20., 107., 104., 64., 19., 197., 187., 157., 172., 86., 16., 27.,
-            ],
+            [90., 132., 40., 61., 104., 165., 39., 4., 73., 56., 183., 86.],
+            [20., 107., 104., 64., 19., 197., 187., 157., 172., 86., 16., 27.],
         ];
         let expected: [[u32; 16]; 2] = [
             [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],

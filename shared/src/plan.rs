@@ -7,11 +7,7 @@ use thiserror::Error;
 #[derive(Debug, Error, PartialEq)]
 pub enum PlanError {
     #[error("load of layer {layer}, expert {expert} is {value}: loads must be finite and >= 0")]
-    BadLoad {
-        layer: usize,
-        expert: usize,
-        value: f64,
-    },
+    BadLoad { layer: usize, expert: usize, value: f64 },
     #[error("layer {layer} has {found} experts, expected {expected} (all layers must agree)")]
     RaggedLoads {
         layer: usize,

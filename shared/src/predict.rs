@@ -302,11 +302,7 @@ impl Combined {
 
 impl LoadPredictor for Combined {
     fn name(&self) -> String {
-        let parts: Vec<String> = self
-            .parts
-            .iter()
-            .map(|(w, p)| format!("{w:.2}*{}", p.name()))
-            .collect();
+        let parts: Vec<String> = self.parts.iter().map(|(w, p)| format!("{w:.2}*{}", p.name())).collect();
         format!("combined({})", parts.join(" + "))
     }
     fn begin_step(&mut self, group: usize) {
@@ -323,18 +319,14 @@ impl LoadPredictor for Combined {
         }
     }
     fn observe(&mut self, layer: usize, routes: &[u32], counts: &[u32]) {
-        self.parts
-            .iter_mut()
-            .for_each(|p| p.1.observe(layer, routes, counts));
+        self.parts.iter_mut().for_each(|p| p.1.observe(layer, routes, counts));
     }
 }
 
 /// Experts whose predicted load exceeds what one instance can serve in the layer's time budget
 /// (`capacity` tokens per instance), hottest first.
 pub fn stragglers(predicted: &[f64], capacity: f64) -> Vec<usize> {
-    let mut s: Vec<usize> = (0..predicted.len())
-        .filter(|&e| predicted[e] > capacity)
-        .collect();
+    let mut s: Vec<usize> = (0..predicted.len()).filter(|&e| predicted[e] > capacity).collect();
     s.sort_by(|&a, &b| predicted[b].total_cmp(&predicted[a]).then(a.cmp(&b)));
     s
 }
@@ -369,19 +361,12 @@ impl PredictorKind {
     }
 
     /// Build with the defaults used in the reports.
-    pub fn build(
-        self,
-        layers: usize,
-        experts: usize,
-        top_k: usize,
-    ) -> Box<dyn LoadPredictor + Send> {
+    pub fn build(self, layers: usize, experts: usize, top_k: usize) -> Box<dyn LoadPredictor + Send> {
         match self {
             PredictorKind::Decayed => Box::new(DecayedHistory::new(layers, experts, 0.95)),
             PredictorKind::Window => Box::new(SlidingWindow::new(layers, experts, 50)),
             PredictorKind::Temporal => Box::new(Temporal::new(layers, experts, 0.9, 0.5)),
-            PredictorKind::Affinity => {
-                Box::new(CrossLayerAffinity::new(layers, experts, top_k, 0.95, 4.0))
-            }
+            PredictorKind::Affinity => Box::new(CrossLayerAffinity::new(layers, experts, top_k, 0.95, 4.0)),
             PredictorKind::Combined => Box::new(Combined::new(vec![
                 (0.6, Box::new(Temporal::new(layers, experts, 0.9, 0.5))),
                 (
@@ -434,12 +419,7 @@ pub fn evaluate(
             let slots: f64 = counts.iter().map(|&c| c as f64).sum();
             if slots > 0.0 {
                 p.predict(l, &step.routes[..l], slots, &mut pred);
-                let tv: f64 = pred
-                    .iter()
-                    .zip(counts)
-                    .map(|(a, &b)| (a - b as f64).abs())
-                    .sum::<f64>()
-                    / (2.0 * slots);
+                let tv: f64 = pred.iter().zip(counts).map(|(a, &b)| (a - b as f64).abs()).sum::<f64>() / (2.0 * slots);
                 tv_sum += tv;
                 n += 1;
                 let thresh = 4.0 * slots / experts as f64;
@@ -457,11 +437,7 @@ pub fn evaluate(
     }
     PredictionEval {
         tv_error_mean: if n > 0 { tv_sum / n as f64 } else { 0.0 },
-        hot_recall: if hot > 0 {
-            hit as f64 / hot as f64
-        } else {
-            1.0
-        },
+        hot_recall: if hot > 0 { hit as f64 / hot as f64 } else { 1.0 },
         hot_total: hot,
     }
 }

@@ -94,6 +94,9 @@ pub struct ReplayConfig {
     /// Headroom: MoEless replicates until predicted per-GPU loads are within this factor of
     /// the mean.
     pub balance_tolerance: f64,
+    /// Free slots are spent replicating experts whose predicted load per instance exceeds
+    /// this many tokens (0 disables), so routed dispatch has load it can move.
+    pub fluid_tokens: f64,
     /// Keep the plan used at every (step, layer) in the report.
     pub record_plans: bool,
 }
@@ -115,6 +118,7 @@ impl ReplayConfig {
             predictor: PredictorKind::Combined,
             dispatch: DispatchMode::Routed,
             balance_tolerance: 1.05,
+            fluid_tokens: 1.0,
             record_plans: false,
         }
     }
@@ -137,6 +141,8 @@ pub struct ReplayReport {
     pub instance_slot_steps: u64,
     pub instances_created: u64,
     pub cold_start_stalls: u64,
+    /// Most instances (warm or loading) one GPU held for one layer at the end of any step.
+    pub peak_gpu_slots: usize,
     /// `gpu_tokens[step][layer][gpu]`.
     pub gpu_tokens: Vec<Vec<Vec<u32>>>,
     /// Balancedness of each step, averaged over layers.
@@ -177,10 +183,7 @@ impl Fleet {
             .collect();
     }
     fn used_on(&self, layer: usize, gpu: usize) -> usize {
-        self.layers[layer]
-            .iter()
-            .filter(|s| s.gpu as usize == gpu)
-            .count()
+        self.layers[layer].iter().filter(|s| s.gpu as usize == gpu).count()
     }
     fn create(&mut self, layer: usize, expert: u32, gpu: u32, now: usize, delay: usize) {
         self.layers[layer].push(Slot {
@@ -197,10 +200,7 @@ impl Fleet {
         let mut old = std::mem::take(&mut self.layers[layer]);
         let mut next = Vec::with_capacity(target.instances.len());
         for i in &target.instances {
-            if let Some(pos) = old
-                .iter()
-                .position(|s| s.expert == i.expert && s.gpu == i.gpu)
-            {
+            if let Some(pos) = old.iter().position(|s| s.expert == i.expert && s.gpu == i.gpu) {
                 next.push(old.swap_remove(pos));
             } else {
                 next.push(Slot {
@@ -280,6 +280,7 @@ pub fn replay(
         instance_slot_steps: 0,
         instances_created: 0,
         cold_start_stalls: 0,
+        peak_gpu_slots: 0,
         gpu_tokens: Vec::with_capacity(steps.len()),
         step_balancedness: Vec::with_capacity(steps.len()),
         plans: Vec::new(),
@@ -318,8 +319,7 @@ pub fn replay(
                     history.predict(l, &[], 1.0, &mut w);
                     let target = rebalance_experts(&w, eplb_shape)?.to_layer_plan();
                     // Start loading the instances the new plan adds, next to the old ones.
-                    let mut have: Vec<(u32, u32)> =
-                        slots.iter().map(|s| (s.expert, s.gpu)).collect();
+                    let mut have: Vec<(u32, u32)> = slots.iter().map(|s| (s.expert, s.gpu)).collect();
                     for i in &target.instances {
                         if let Some(pos) = have.iter().position(|h| *h == (i.expert, i.gpu)) {
                             have.swap_remove(pos);
@@ -420,7 +420,7 @@ pub fn replay(
                         Some(s) => s.gpu,
                         None => {
                             let gpu = least_loaded_free_gpu(&fleet, l, &gpu_tok)
-                                .unwrap_or_else(|| argmin_u32(&gpu_tok));
+                                .unwrap_or_else(|| evict_replica(&mut fleet, l, &gpu_tok));
                             fleet.create(l, e as u32, gpu as u32, t, 0);
                             gpu as u32
                         }
@@ -470,6 +470,11 @@ pub fn replay(
         report.step_balancedness.push(sb);
         report.gpu_tokens.push(step_tokens);
         report.instance_slot_steps += fleet.layers.iter().map(|s| s.len() as u64).sum::<u64>();
+        for l in 0..layers {
+            for gp in 0..g {
+                report.peak_gpu_slots = report.peak_gpu_slots.max(fleet.used_on(l, gp));
+            }
+        }
     }
     report.balancedness_mean = if steps.is_empty() {
         0.0
@@ -485,8 +490,22 @@ pub fn replay(
     Ok(report)
 }
 
-fn argmin_u32(v: &[u32]) -> usize {
-    (0..v.len()).min_by_key(|&i| (v[i], i)).unwrap_or(0)
+/// Free a slot for a cold start when every slot is taken: drop one replica (some expert must
+/// hold two, since there are at least as many slots as experts and this one holds none),
+/// preferring the least loaded GPU. Returns the GPU whose slot was freed.
+fn evict_replica(fleet: &mut Fleet, layer: usize, load: &[u32]) -> usize {
+    let slots = &mut fleet.layers[layer];
+    let mut count = std::collections::HashMap::new();
+    for s in slots.iter() {
+        *count.entry(s.expert).or_insert(0u32) += 1;
+    }
+    let victim = (0..slots.len())
+        .filter(|&i| count[&slots[i].expert] > 1)
+        .min_by_key(|&i| (load[slots[i].gpu as usize], slots[i].last_needed, i));
+    match victim {
+        Some(i) => slots.swap_remove(i).gpu as usize,
+        None => (0..load.len()).min_by_key(|&i| (load[i], i)).unwrap_or(0),
+    }
 }
 
 fn least_loaded_free_gpu(fleet: &Fleet, layer: usize, load: &[u32]) -> Option<usize> {
@@ -522,20 +541,25 @@ fn scale_layer(
             })
             .collect(),
     };
-    // Which instances the prediction needs now (at least half a token).
+    // Which instances the prediction needs now: at least half a token by the predicted shares,
+    // or a replica of an expert hot enough to be kept fluid (see `fluid_tokens`).
     let shares = water_fill_shares(&plan, predicted, g);
-    for (s, (sh, inst)) in fleet.layers[layer]
-        .iter_mut()
-        .zip(shares.iter().zip(&plan.instances))
-    {
-        if sh * predicted[inst.expert as usize] >= 0.5 {
-            s.last_needed = now;
-        }
-    }
-    // Keep-alive: drop idle replicas; scale idle experts to zero if enabled.
     let mut count = vec![0u32; e];
     for s in &fleet.layers[layer] {
         count[s.expert as usize] += 1;
+    }
+    for (s, (sh, inst)) in fleet.layers[layer].iter_mut().zip(shares.iter().zip(&plan.instances)) {
+        let p = predicted[inst.expert as usize];
+        let fluid = cfg.fluid_tokens > 0.0 && p / f64::from(count[inst.expert as usize]) >= cfg.fluid_tokens / 2.0;
+        if sh * p >= 0.5 || fluid {
+            s.last_needed = now;
+        }
+    }
+    // Keep-alive: drop idle replicas (only while another instance of the expert is warm);
+    // scale idle experts to zero if enabled.
+    let mut ready = vec![0u32; e];
+    for s in fleet.layers[layer].iter().filter(|s| s.ready_at <= now) {
+        ready[s.expert as usize] += 1;
     }
     let mut i = 0;
     while i < fleet.layers[layer].len() {
@@ -543,7 +567,7 @@ fn scale_layer(
         let idle = now.saturating_sub(s.last_needed);
         let ex = s.expert as usize;
         let drop = if count[ex] > 1 {
-            idle > cfg.keep_alive && s.ready_at <= now
+            idle > cfg.keep_alive && s.ready_at <= now && ready[ex] > 1
         } else {
             cfg.scale_to_zero_after
                 .is_some_and(|z| now.saturating_sub(last_routed[ex].max(s.last_needed)) > z)
@@ -552,6 +576,9 @@ fn scale_layer(
         if drop {
             fleet.layers[layer].swap_remove(i);
             count[ex] -= 1;
+            if s.ready_at <= now {
+                ready[ex] -= 1;
+            }
         } else {
             i += 1;
         }
@@ -602,14 +629,78 @@ fn scale_layer(
             .map(|i| i.gpu)
             .collect();
         let dest = (0..g)
-            .filter(|&gp| used[gp] < fleet.slots_per_gpu && !holders.contains(&(gp as u32)))
+            .filter(|&gp| !holders.contains(&(gp as u32)))
             .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
         let Some(dest) = dest else { break };
         // Only worth it if the destination has room below the hot GPU's load.
         if load[dest] + 1.0 > load[hot_gpu] {
             break;
         }
+        if used[dest] >= fleet.slots_per_gpu {
+            // Full: reuse the slot of the replica there that carries the least predicted load,
+            // if it carries less than half a token (never an expert's last instance).
+            let mut counts = vec![0u32; e];
+            for s in fleet.layers[layer].iter().filter(|s| s.ready_at <= now) {
+                counts[s.expert as usize] += 1;
+            }
+            let victim = plan
+                .instances
+                .iter()
+                .zip(&shares)
+                .enumerate()
+                .filter(|(i, (inst, _))| {
+                    inst.gpu as usize == dest
+                        && counts[inst.expert as usize] > 1
+                        && fleet.layers[layer][*i].ready_at <= now
+                })
+                .map(|(i, (inst, sh))| (i, sh * predicted[inst.expert as usize]))
+                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            match victim {
+                Some((i, c)) if c < 0.5 => {
+                    fleet.layers[layer].swap_remove(i);
+                }
+                _ => break,
+            }
+        } else {
+            used[dest] += 1;
+        }
         fleet.create(layer, expert, dest as u32, now, fleet.delay);
+    }
+
+    // Spend the free slots left on spreading the hottest experts, so that the per-step
+    // dispatch can move their tokens around and absorb what the prediction missed.
+    if cfg.fluid_tokens <= 0.0 {
+        return;
+    }
+    let mut count = vec![0u32; e];
+    let mut holders: Vec<Vec<u32>> = vec![Vec::new(); e];
+    for s in &fleet.layers[layer] {
+        count[s.expert as usize] += 1;
+        holders[s.expert as usize].push(s.gpu);
+    }
+    let mut load = vec![0.0; g];
+    for s in &fleet.layers[layer] {
+        load[s.gpu as usize] += predicted[s.expert as usize] / f64::from(count[s.expert as usize]);
+    }
+    while let Some(expert) = (0..e)
+        .filter(|&x| count[x] > 0 && (count[x] as usize) < g)
+        .max_by(|&a, &b| {
+            (predicted[a] / f64::from(count[a]))
+                .total_cmp(&(predicted[b] / f64::from(count[b])))
+                .then(b.cmp(&a))
+        })
+    {
+        if predicted[expert] / f64::from(count[expert]) <= cfg.fluid_tokens {
+            break;
+        }
+        let dest = (0..g)
+            .filter(|&gp| used[gp] < fleet.slots_per_gpu && !holders[expert].contains(&(gp as u32)))
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
+        let Some(dest) = dest else { break };
+        fleet.create(layer, expert as u32, dest as u32, now, fleet.delay);
         used[dest] += 1;
+        count[expert] += 1;
+        holders[expert].push(dest as u32);
+        load[dest] += predicted[expert] / f64::from(count[expert]);
     }
 }

@@ -21,14 +21,8 @@ pub enum TraceError {
     Empty,
     #[error("trace header: {0}")]
     Header(String),
-    #[error(
-        "trace line {line}: expected {expected} fields, found {found} (truncated or malformed row)"
-    )]
-    FieldCount {
-        line: usize,
-        expected: usize,
-        found: usize,
-    },
+    #[error("trace line {line}: expected {expected} fields, found {found} (truncated or malformed row)")]
+    FieldCount { line: usize, expected: usize, found: usize },
     #[error("trace line {line}, field `{field}`: {reason} (value `{value}`)")]
     Field {
         line: usize,
@@ -64,9 +58,7 @@ impl std::str::FromStr for Phase {
         match s {
             "prefill" => Ok(Phase::Prefill),
             "decode" => Ok(Phase::Decode),
-            other => Err(format!(
-                "unknown phase `{other}` (expected prefill or decode)"
-            )),
+            other => Err(format!("unknown phase `{other}` (expected prefill or decode)")),
         }
     }
 }
@@ -125,10 +117,7 @@ impl TokenTrace {
         let mut tokens = Vec::new();
         for (i, line) in lines.enumerate() {
             let line_no = i + 2;
-            let line = line.map_err(|source| TraceError::Io {
-                line: line_no,
-                source,
-            })?;
+            let line = line.map_err(|source| TraceError::Io { line: line_no, source })?;
             let line = line.trim_end_matches('\r');
             if line.is_empty() {
                 continue;
@@ -197,10 +186,7 @@ impl TokenTrace {
         }
         let mut queries: BTreeMap<(&str, u32), Vec<&TokenRoute>> = BTreeMap::new();
         for t in self.tokens.iter().filter(|t| t.phase == phase) {
-            queries
-                .entry((t.subject.as_str(), t.query_id))
-                .or_default()
-                .push(t);
+            queries.entry((t.subject.as_str(), t.query_id)).or_default().push(t);
         }
         if queries.is_empty() {
             return Err(TraceError::NoTokens(phase));

@@ -103,6 +103,10 @@ pub struct TuningArgs {
     /// MoEless replicates until predicted per-GPU load is within this factor of the mean.
     #[arg(long, env = "MOELESS_BALANCE_TOLERANCE", default_value_t = 1.05)]
     pub balance_tolerance: f64,
+    /// MoEless spends free slots replicating experts above this predicted load per instance
+    /// (0 disables), giving routed dispatch load it can move.
+    #[arg(long, env = "MOELESS_FLUID_TOKENS", default_value_t = 1.0)]
+    pub fluid_tokens: f64,
 }
 
 impl TuningArgs {
@@ -131,6 +135,10 @@ impl TuningArgs {
             bail!("--balance-tolerance must be >= 1");
         }
         c.balance_tolerance = self.balance_tolerance;
+        if !(self.fluid_tokens.is_finite() && self.fluid_tokens >= 0.0) {
+            bail!("--fluid-tokens must be finite and >= 0");
+        }
+        c.fluid_tokens = self.fluid_tokens;
         Ok(c)
     }
 }
@@ -167,8 +175,7 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     let mut w = BufWriter::new(f);
     serde_json::to_writer(&mut w, v)?;
     w.write_all(b"\n")?;
-    w.flush()
-        .with_context(|| format!("writing {}", path.display()))
+    w.flush().with_context(|| format!("writing {}", path.display()))
 }
 
 fn layer_plan_json(p: &LayerPlan) -> Value {
@@ -177,19 +184,16 @@ fn layer_plan_json(p: &LayerPlan) -> Value {
 }
 
 pub fn plan(a: PlanArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.loads)
-        .with_context(|| format!("reading loads {}", a.loads.display()))?;
-    let v: Value = serde_json::from_str(&text)
-        .with_context(|| format!("parsing loads {} as JSON", a.loads.display()))?;
+    let text = std::fs::read_to_string(&a.loads).with_context(|| format!("reading loads {}", a.loads.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing loads {} as JSON", a.loads.display()))?;
     let rows = v
         .get("loads")
         .and_then(Value::as_array)
         .context("loads file needs a `loads` array of per-layer arrays")?;
     let mut loads = Vec::with_capacity(rows.len());
     for (l, row) in rows.iter().enumerate() {
-        let row = row
-            .as_array()
-            .with_context(|| format!("loads[{l}] is not an array"))?;
+        let row = row.as_array().with_context(|| format!("loads[{l}] is not an array"))?;
         let mut r = Vec::with_capacity(row.len());
         for (e, x) in row.iter().enumerate() {
             r.push(
@@ -266,9 +270,7 @@ fn parse_policies(names: &[String]) -> Result<Vec<PolicyKind>> {
 
 fn steps_of(trace: &TokenTrace, phase: &str, batch: usize) -> Result<Vec<Step>> {
     let phase: Phase = phase.parse().map_err(anyhow::Error::msg)?;
-    trace
-        .batch_steps(phase, batch)
-        .context("batching the trace")
+    trace.batch_steps(phase, batch).context("batching the trace")
 }
 
 fn totals_json(r: &ReplayReport) -> Value {
@@ -282,6 +284,7 @@ fn totals_json(r: &ReplayReport) -> Value {
         "instance_slot_steps": r.instance_slot_steps,
         "instances_created": r.instances_created,
         "cold_start_stalls": r.cold_start_stalls,
+        "peak_gpu_slots": r.peak_gpu_slots,
     })
 }
 
