@@ -5,11 +5,7 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "moeless",
-    version,
-    about = "Serverless Mixture-of-Experts serving"
-)]
+#[command(name = "moeless", version, about = "Serverless Mixture-of-Experts serving")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -58,33 +58,19 @@ fn check(arch: &str, split: &str) {
     for p in 0..3 {
         let key = format!("p{p}.logits");
         assert_eq!(mine.f(&key).0, golden.f(&key).0, "{arch} {key} shape");
-        assert_close(
-            &format!("{arch} {key}"),
-            &mine.f(&key).1,
-            &golden.f(&key).1,
-            1e-4,
-            1e-4,
-        );
+        assert_close(&format!("{arch} {key}"), &mine.f(&key).1, &golden.f(&key).1, 1e-4, 1e-4);
         for i in &moe_layers {
             let ids = format!("p{p}.expert_ids.{i}");
             assert_eq!(mine.i(&ids), golden.i(&ids), "{arch} {ids}");
             let w = format!("p{p}.expert_weights.{i}");
             assert_eq!(mine.f(&w).0, golden.f(&w).0, "{arch} {w} shape");
-            assert_close(
-                &format!("{arch} {w}"),
-                &mine.f(&w).1,
-                &golden.f(&w).1,
-                1e-5,
-                1e-5,
-            );
+            assert_close(&format!("{arch} {w}"), &mine.f(&w).1, &golden.f(&w).1, 1e-5, 1e-5);
         }
     }
 
-    let got: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&gen).expect("gen.json")).expect("JSON");
+    let got: serde_json::Value = serde_json::from_slice(&std::fs::read(&gen).expect("gen.json")).expect("JSON");
     let want: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("generate.json")).expect("generate.json"))
-            .expect("JSON");
+        serde_json::from_slice(&std::fs::read(dir.join("generate.json")).expect("generate.json")).expect("JSON");
     for p in 0..3 {
         assert_eq!(
             got["prompts"][p]["prompt_ids"], want["prompts"][p]["prompt_ids"],

@@ -6,6 +6,7 @@
 //! backend (issue 9) implements the same trait.
 
 use crate::tensor::Tensor;
+use crate::weight::Weight;
 use rayon::prelude::*;
 
 /// Geometry of one attention call over a single sequence.
@@ -24,7 +25,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 
     /// `y[N, out] = x[N, in] @ w[out, in]^T (+ bias[out])`, the `nn.Linear` convention.
-    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor;
+    fn linear(&self, x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Tensor;
 
     /// RMSNorm over the last dimension: `w * x / sqrt(mean(x^2) + eps)`.
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Tensor;
@@ -60,43 +61,208 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
 
-/// Below this many rows a matrix product is a few matrix-vector products; a plain
-/// rayon-parallel dot-product loop beats gemm's packing there.
-const GEMV_MAX_ROWS: usize = 4;
+/// Up to this many rows a matrix product is done weight-row by weight-row, each weight row
+/// read once from memory and dotted with every input row while it sits in cache (decode is
+/// bandwidth-bound); above it, gemm's packed kernels win.
+const SMALL_BATCH_ROWS: usize = 16;
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler keep the loop in vector registers.
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// Dot products with runtime-selected SIMD (AVX2 + FMA where the CPU has it), so one binary
+/// runs everywhere and uses what it finds.
+pub mod simd {
+    use crate::weight::bf16_to_f32;
+
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { x86::dot_f32(a, b) };
+        }
+        dot_scalar(a, b)
+    }
+
+    pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { x86::dot_bf16(x, w) };
+        }
+        x.iter().zip(w).map(|(a, &b)| a * bf16_to_f32(b)).sum()
+    }
+
+    pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+        // Eight independent accumulators let the compiler keep the loop in vector registers.
+        let mut acc = [0.0f32; 8];
+        let chunks = a.len() / 8;
+        for c in 0..chunks {
+            let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
+            for i in 0..8 {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for i in chunks * 8..a.len() {
+            s += a[i] * b[i];
+        }
+        s
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (k, ac) in acc.iter_mut().enumerate() {
+                    // SAFETY: i + 8k + 8 <= n.
+                    let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(i + 8 * k)), _mm256_loadu_ps(pb.add(i + 8 * k))) };
+                    *ac = _mm256_fmadd_ps(x, y, *ac);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                // SAFETY: i + 8 <= n.
+                let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i))) };
+                acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
+                i += 8;
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            // SAFETY: the function's features are enabled here.
+            let mut s = unsafe { hsum(v) };
+            while i < n {
+                s += a[i] * b[i];
+                i += 1;
+            }
+            s
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_bf16(p: *const u16) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable u16 at p.
+            let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+            let n = x.len().min(w.len());
+            let (px, pw) = (x.as_ptr(), w.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (k, ac) in acc.iter_mut().enumerate() {
+                    // SAFETY: i + 8k + 8 <= n.
+                    let (a, b) = unsafe { (_mm256_loadu_ps(px.add(i + 8 * k)), load_bf16(pw.add(i + 8 * k))) };
+                    *ac = _mm256_fmadd_ps(a, b, *ac);
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                // SAFETY: i + 8 <= n.
+                let (a, b) = unsafe { (_mm256_loadu_ps(px.add(i)), load_bf16(pw.add(i))) };
+                acc[0] = _mm256_fmadd_ps(a, b, acc[0]);
+                i += 8;
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            // SAFETY: the function's features are enabled here.
+            let mut s = unsafe { hsum(v) };
+            while i < n {
+                s += x[i] * super::bf16_to_f32(w[i]);
+                i += 1;
+            }
+            s
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
-fn gemv_into(x: &[f32], w: &[f32], inp: usize, out: &mut [f32]) {
-    const BLOCK: usize = 64;
-    if out.len() * inp < 1 << 16 {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = dot(x, &w[j * inp..(j + 1) * inp]);
+use simd::dot;
+
+/// `y[n, out]` for small `n`: each weight row is read once and dotted with every input row.
+fn small_batch_linear(x: &Tensor, w: &Weight, y: &mut [f32]) {
+    const BLOCK: usize = 32;
+    let (n, inp, out) = (x.rows(), x.cols(), w.rows());
+    // Work in [out, n] order so parallel chunks are contiguous, then transpose.
+    let mut yt = vec![0.0f32; out * n];
+    let row_dots = |j: usize, o: &mut [f32]| match w {
+        Weight::F32(t) => {
+            let wr = &t.data()[j * inp..(j + 1) * inp];
+            for (r, v) in o.iter_mut().enumerate() {
+                *v = dot(x.row(r), wr);
+            }
         }
-        return;
-    }
-    out.par_chunks_mut(BLOCK)
-        .enumerate()
-        .for_each(|(b, chunk)| {
-            for (jj, o) in chunk.iter_mut().enumerate() {
-                let j = b * BLOCK + jj;
-                *o = dot(x, &w[j * inp..(j + 1) * inp]);
+        Weight::Bf16 { data, .. } => {
+            let wr = &data[j * inp..(j + 1) * inp];
+            for (r, v) in o.iter_mut().enumerate() {
+                *v = simd::dot_bf16(x.row(r), wr);
+            }
+        }
+    };
+    if out * inp * n < 1 << 15 {
+        for (j, o) in yt.chunks_mut(n).enumerate() {
+            row_dots(j, o);
+        }
+    } else {
+        yt.par_chunks_mut(BLOCK * n).enumerate().for_each(|(b, chunk)| {
+            for (jj, o) in chunk.chunks_mut(n).enumerate() {
+                row_dots(b * BLOCK + jj, o);
             }
         });
+    }
+    for j in 0..out {
+        for r in 0..n {
+            y[r * out + j] = yt[j * n + r];
+        }
+    }
+}
+
+/// `y[:, j0..j0+cols] = x @ w^T` for a row-major f32 block `w [cols, inp]`, with gemm.
+fn gemm_block(x: &Tensor, w: &[f32], j0: usize, out: usize, y: &mut [f32]) {
+    let (n, inp) = (x.rows(), x.cols());
+    let cols = w.len() / inp;
+    let par = if n * cols * inp >= 1 << 18 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dst is y viewed as [n, out] starting at column j0 (row stride out, cols <= out-j0);
+    // lhs = x [n, inp] row-major; rhs = w^T viewed as [inp, cols] (w is [cols, inp] row-major).
+    unsafe {
+        gemm::gemm(
+            n,
+            cols,
+            inp,
+            y.as_mut_ptr().add(j0),
+            1,
+            out as isize,
+            false,
+            x.data().as_ptr(),
+            1,
+            inp as isize,
+            w.as_ptr(),
+            inp as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
 }
 
 impl Backend for CpuBackend {
@@ -104,53 +270,24 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor {
-        let n = x.rows();
-        let inp = x.cols();
-        let out = w.shape()[0];
-        assert_eq!(
-            w.cols(),
-            inp,
-            "linear: weight {:?} vs input {:?}",
-            w.shape(),
-            x.shape()
-        );
+    fn linear(&self, x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Tensor {
+        let (n, inp, out) = (x.rows(), x.cols(), w.rows());
+        assert_eq!(w.cols(), inp, "linear: weight {w:?} vs input {:?}", x.shape());
         let mut y = vec![0.0f32; n * out];
         if n == 0 || out == 0 {
-        } else if n <= GEMV_MAX_ROWS {
-            for r in 0..n {
-                gemv_into(x.row(r), w.data(), inp, &mut y[r * out..(r + 1) * out]);
-            }
+        } else if n <= SMALL_BATCH_ROWS {
+            small_batch_linear(x, w, &mut y);
         } else {
-            let par = if n * out * inp >= 1 << 18 {
-                gemm::Parallelism::Rayon(0)
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: the pointers and strides describe the row-major buffers above:
-            // dst [n,out], lhs = x [n,inp], rhs = w^T viewed as [inp,out] (w is [out,inp]).
-            unsafe {
-                gemm::gemm(
-                    n,
-                    out,
-                    inp,
-                    y.as_mut_ptr(),
-                    1,
-                    out as isize,
-                    false,
-                    x.data().as_ptr(),
-                    1,
-                    inp as isize,
-                    w.data().as_ptr(),
-                    inp as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
+            match w {
+                Weight::F32(t) => gemm_block(x, t.data(), 0, out, &mut y),
+                Weight::Bf16 { .. } => {
+                    // Widen a block of rows at a time so the f32 copy stays in cache.
+                    let block = (1 << 18) / inp.max(1) + 1;
+                    for j0 in (0..out).step_by(block) {
+                        let j1 = (j0 + block).min(out);
+                        gemm_block(x, &w.rows_f32(j0, j1), j0, out, &mut y);
+                    }
+                }
             }
         }
         if let Some(b) = bias {
@@ -236,8 +373,7 @@ impl Backend for CpuBackend {
             let qv = &q[(i * s.heads + h) * s.qk_dim..(i * s.heads + h + 1) * s.qk_dim];
             let mut scores: Vec<f32> = (lo..=pos)
                 .map(|j| {
-                    let kv = &k
-                        [(j * s.kv_heads + kvh) * s.qk_dim..(j * s.kv_heads + kvh + 1) * s.qk_dim];
+                    let kv = &k[(j * s.kv_heads + kvh) * s.qk_dim..(j * s.kv_heads + kvh + 1) * s.qk_dim];
                     dot(qv, kv) * s.scale
                 })
                 .collect();
@@ -294,22 +430,53 @@ mod tests {
             let x = Tensor::matrix(
                 n,
                 inp,
-                (0..n * inp)
-                    .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
-                    .collect(),
+                (0..n * inp).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect(),
             );
             let w = Tensor::matrix(
                 out,
                 inp,
-                (0..out * inp)
-                    .map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0)
-                    .collect(),
+                (0..out * inp).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect(),
             );
-            let y = CpuBackend.linear(&x, &w, None);
+            let y = CpuBackend.linear(&x, &Weight::F32(w.clone()), None);
             let want = naive_linear(&x, &w);
             for (a, b) in y.data().iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "n={n}: {a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_match_their_f32_widening_on_both_paths() {
+        for n in [1, 5, 17, 40] {
+            let (inp, out) = (70, 33);
+            let x = Tensor::matrix(
+                n,
+                inp,
+                (0..n * inp).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect(),
+            );
+            let bits: Vec<u16> = (0..out * inp)
+                .map(|i| half::bf16::from_f32(((i * 13 % 19) as f32 - 9.0) / 7.0).to_bits())
+                .collect();
+            let w = Weight::Bf16 {
+                rows: out,
+                cols: inp,
+                data: bits,
+            };
+            let wide = w.to_f32();
+            let y = CpuBackend.linear(&x, &w, None);
+            let want = naive_linear(&x, &wide);
+            for (a, b) in y.data().iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "n={n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_dot_matches_scalar() {
+        for len in [0, 1, 7, 8, 31, 32, 33, 100] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            assert!((simd::dot(&a, &b) - simd::dot_scalar(&a, &b)).abs() < 1e-4, "len {len}");
         }
     }
 

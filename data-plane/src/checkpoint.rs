@@ -13,6 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::LoadError;
 use crate::tensor::Tensor;
+use crate::weight::Weight;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -31,13 +32,12 @@ pub trait TensorSource {
     fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor, LoadError>;
     /// Reads slab `index` of a tensor stacked along its first dimension; `expected` is the
     /// full shape.
-    fn tensor_slab(
-        &self,
-        name: &str,
-        expected: &[usize],
-        index: usize,
-    ) -> Result<Tensor, LoadError>;
+    fn tensor_slab(&self, name: &str, expected: &[usize], index: usize) -> Result<Tensor, LoadError>;
     fn contains(&self, name: &str) -> bool;
+    /// Reads a `[out, in]` matrix weight, keeping bf16 storage where the source has it.
+    fn weight(&self, name: &str, expected: &[usize]) -> Result<Weight, LoadError> {
+        self.tensor(name, expected).map(Weight::F32)
+    }
     /// `Ok(None)` when absent, an error when present but malformed.
     fn optional(&self, name: &str, expected: &[usize]) -> Result<Option<Tensor>, LoadError> {
         if self.contains(name) {
@@ -56,12 +56,7 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Checkpoint({}, {} tensors)",
-            self.dir.display(),
-            self.entries.len()
-        )
+        write!(f, "Checkpoint({}, {} tensors)", self.dir.display(), self.entries.len())
     }
 }
 
@@ -79,11 +74,10 @@ impl Checkpoint {
         let single = dir.join("model.safetensors");
         let shard_names: Vec<String> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| LoadError::Checkpoint {
-                    path: index.clone(),
-                    message: format!("invalid JSON: {e}"),
-                })?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Checkpoint {
+                path: index.clone(),
+                message: format!("invalid JSON: {e}"),
+            })?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -100,9 +94,7 @@ impl Checkpoint {
                 if file.contains('/') || file.contains("..") {
                     return Err(LoadError::Checkpoint {
                         path: index.clone(),
-                        message: format!(
-                            "weight_map entry `{file}` must be a file in the checkpoint directory"
-                        ),
+                        message: format!("weight_map entry `{file}` must be a file in the checkpoint directory"),
                     });
                 }
                 if !names.iter().any(|n| n == file) {
@@ -127,11 +119,10 @@ impl Checkpoint {
             let file = File::open(&path).map_err(io_err(&path))?;
             // SAFETY: the file is opened read-only; checkpoints are not modified while served.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
-            let (header_len, meta) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Checkpoint {
-                    path: path.clone(),
-                    message: format!("invalid safetensors header: {e}"),
-                })?;
+            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Checkpoint {
+                path: path.clone(),
+                message: format!("invalid safetensors header: {e}"),
+            })?;
             let base = 8 + header_len;
             for (tname, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
@@ -219,14 +210,34 @@ impl Checkpoint {
 }
 
 impl TensorSource for Checkpoint {
+    fn weight(&self, name: &str, expected: &[usize]) -> Result<Weight, LoadError> {
+        match self.entries.get(name) {
+            Some(e) if e.dtype == Dtype::BF16 && expected.len() == 2 && e.shape == expected => {
+                let bytes = &self.files[e.file].1[e.start..e.end];
+                if bytes.len() != expected[0] * expected[1] * 2 {
+                    return Err(LoadError::Checkpoint {
+                        path: self.files[e.file].0.clone(),
+                        message: format!("tensor `{name}` has {} bytes for shape {expected:?}", bytes.len()),
+                    });
+                }
+                Ok(Weight::Bf16 {
+                    rows: expected[0],
+                    cols: expected[1],
+                    data: bytes
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                })
+            }
+            _ => self.tensor(name, expected).map(Weight::F32),
+        }
+    }
+
     fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor, LoadError> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| LoadError::MissingTensor {
-                name: name.to_string(),
-                expected: expected.to_vec(),
-            })?;
+        let e = self.entries.get(name).ok_or_else(|| LoadError::MissingTensor {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+        })?;
         if e.shape != expected {
             return Err(LoadError::ShapeMismatch {
                 name: name.to_string(),
@@ -239,19 +250,11 @@ impl TensorSource for Checkpoint {
 
     /// Reads slab `index` of a tensor stacked along its first dimension (a fused expert
     /// tensor `[E, ...]`), touching only that slab's bytes. `expected` is the full shape.
-    fn tensor_slab(
-        &self,
-        name: &str,
-        expected: &[usize],
-        index: usize,
-    ) -> Result<Tensor, LoadError> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| LoadError::MissingTensor {
-                name: name.to_string(),
-                expected: expected.to_vec(),
-            })?;
+    fn tensor_slab(&self, name: &str, expected: &[usize], index: usize) -> Result<Tensor, LoadError> {
+        let e = self.entries.get(name).ok_or_else(|| LoadError::MissingTensor {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+        })?;
         if e.shape != expected || expected.is_empty() || index >= expected[0] {
             return Err(LoadError::ShapeMismatch {
                 name: name.to_string(),
@@ -316,10 +319,8 @@ pub fn save_safetensors(path: &Path, tensors: &[RawTensor]) -> Result<(), LoadEr
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).map_err(|e| {
-        LoadError::Checkpoint {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
+    safetensors::serialize_to_file(views, None::<HashMap<String, String>>, path).map_err(|e| LoadError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
     })
 }

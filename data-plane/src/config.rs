@@ -210,12 +210,10 @@ impl Fields<'_> {
         self.0.get(key).filter(|v| !v.is_null())
     }
     fn usize(&self, key: &str) -> Result<usize, LoadError> {
-        let v = self
-            .raw(key)
-            .ok_or_else(|| LoadError::config(key, "missing"))?;
-        v.as_u64().map(|x| x as usize).ok_or_else(|| {
-            LoadError::config(key, format!("expected a non-negative integer, got {v}"))
-        })
+        let v = self.raw(key).ok_or_else(|| LoadError::config(key, "missing"))?;
+        v.as_u64()
+            .map(|x| x as usize)
+            .ok_or_else(|| LoadError::config(key, format!("expected a non-negative integer, got {v}")))
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, LoadError> {
         match self.raw(key) {
@@ -227,9 +225,7 @@ impl Fields<'_> {
         Ok(self.opt_usize(key)?.unwrap_or(default))
     }
     fn f64(&self, key: &str) -> Result<f64, LoadError> {
-        let v = self
-            .raw(key)
-            .ok_or_else(|| LoadError::config(key, "missing"))?;
+        let v = self.raw(key).ok_or_else(|| LoadError::config(key, "missing"))?;
         v.as_f64()
             .filter(|x| x.is_finite())
             .ok_or_else(|| LoadError::config(key, format!("expected a finite number, got {v}")))
@@ -280,8 +276,7 @@ impl Fields<'_> {
 impl ModelConfig {
     /// Parses the text of a Hugging Face `config.json`.
     pub fn from_json_str(text: &str) -> Result<Self, LoadError> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| LoadError::config("config.json", e.to_string()))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| LoadError::config("config.json", e.to_string()))?;
         if !v.is_object() {
             return Err(LoadError::config("config.json", "expected a JSON object"));
         }
@@ -293,15 +288,10 @@ impl ModelConfig {
         let model_type = f
             .str("model_type")
             .ok_or_else(|| LoadError::config("model_type", "missing"))?;
-        let arch =
-            Arch::from_model_type(model_type).ok_or_else(|| LoadError::UnknownArchitecture {
-                model_type: model_type.to_string(),
-                supported: Arch::ALL
-                    .iter()
-                    .map(|a| a.model_type())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
+        let arch = Arch::from_model_type(model_type).ok_or_else(|| LoadError::UnknownArchitecture {
+            model_type: model_type.to_string(),
+            supported: Arch::ALL.iter().map(|a| a.model_type()).collect::<Vec<_>>().join(", "),
+        })?;
 
         let hidden_size = f.usize("hidden_size")?;
         let num_heads = f.usize("num_attention_heads")?;
@@ -329,18 +319,13 @@ impl ModelConfig {
             None => None,
             Some(rs) => {
                 let r = Fields(rs);
-                let ty = r
-                    .str("rope_type")
-                    .or_else(|| r.str("type"))
-                    .unwrap_or("default");
+                let ty = r.str("rope_type").or_else(|| r.str("type")).unwrap_or("default");
                 match ty {
                     "default" => None,
                     "yarn" => Some(Yarn {
                         factor: r.f64("factor")?,
-                        original_max_position_embeddings: r.f64_or(
-                            "original_max_position_embeddings",
-                            max_position_embeddings as f64,
-                        )?,
+                        original_max_position_embeddings: r
+                            .f64_or("original_max_position_embeddings", max_position_embeddings as f64)?,
                         beta_fast: r.f64_or("beta_fast", 32.0)?,
                         beta_slow: r.f64_or("beta_slow", 1.0)?,
                         truncate: r.bool_or("truncate", true)?,
@@ -373,16 +358,15 @@ impl ModelConfig {
         }
         let norm_topk = f.bool_or("norm_topk_prob", false)?;
 
-        let standard =
-            |qkv_bias: bool, o_bias: bool, qk_norm: QkNorm, sinks: bool, clip_qkv: Option<f32>| {
-                AttentionKind::Standard {
-                    qkv_bias,
-                    o_bias,
-                    qk_norm,
-                    sinks,
-                    clip_qkv,
-                }
-            };
+        let standard = |qkv_bias: bool, o_bias: bool, qk_norm: QkNorm, sinks: bool, clip_qkv: Option<f32>| {
+            AttentionKind::Standard {
+                qkv_bias,
+                o_bias,
+                qk_norm,
+                sinks,
+                clip_qkv,
+            }
+        };
         let sliding = f.opt_usize("sliding_window")?;
         let all_layers = |w: Option<usize>| vec![w; num_layers];
         let all_moe = vec![FfnKind::Moe; num_layers];
@@ -413,13 +397,7 @@ impl ModelConfig {
             Arch::Qwen2Moe | Arch::Qwen3Moe => {
                 norm = NormKind::Rms;
                 attention = if arch == Arch::Qwen2Moe {
-                    standard(
-                        f.bool_or("qkv_bias", true)?,
-                        false,
-                        QkNorm::None,
-                        false,
-                        None,
-                    )
+                    standard(f.bool_or("qkv_bias", true)?, false, QkNorm::None, false, None)
                 } else {
                     let b = f.bool_or("attention_bias", false)?;
                     standard(b, b, QkNorm::PerHead, false, None)
@@ -447,9 +425,7 @@ impl ModelConfig {
                         if !mlp_only.contains(&i) && num_experts > 0 && (i + 1) % step == 0 {
                             FfnKind::Moe
                         } else {
-                            FfnKind::Dense {
-                                intermediate: dense,
-                            }
+                            FfnKind::Dense { intermediate: dense }
                         }
                     })
                     .collect();
@@ -457,9 +433,7 @@ impl ModelConfig {
                     num_experts,
                     top_k,
                     expert_intermediate: f.usize("moe_intermediate_size")?,
-                    router: RouterKind::SoftmaxTopK {
-                        renormalize: norm_topk,
-                    },
+                    router: RouterKind::SoftmaxTopK { renormalize: norm_topk },
                     router_bias: false,
                     layout: ExpertLayout::SwiGlu,
                     shared: if arch == Arch::Qwen2Moe {
@@ -475,22 +449,14 @@ impl ModelConfig {
             Arch::Olmoe => {
                 norm = NormKind::Rms;
                 let b = f.bool_or("attention_bias", false)?;
-                attention = standard(
-                    b,
-                    b,
-                    QkNorm::Whole,
-                    false,
-                    f.opt_f64("clip_qkv")?.map(|x| x as f32),
-                );
+                attention = standard(b, b, QkNorm::Whole, false, f.opt_f64("clip_qkv")?.map(|x| x as f32));
                 layer_windows = all_layers(None);
                 layer_ffn = all_moe;
                 moe = MoeConfig {
                     num_experts,
                     top_k,
                     expert_intermediate: f.usize("intermediate_size")?,
-                    router: RouterKind::SoftmaxTopK {
-                        renormalize: norm_topk,
-                    },
+                    router: RouterKind::SoftmaxTopK { renormalize: norm_topk },
                     router_bias: false,
                     layout: ExpertLayout::SwiGlu,
                     shared: SharedExpert::None,
@@ -538,12 +504,9 @@ impl ModelConfig {
                         types
                             .iter()
                             .map(|t| match t.as_str() {
-                                "sliding_attention" => sliding.map(Some).ok_or_else(|| {
-                                    LoadError::config(
-                                        "sliding_window",
-                                        "missing for sliding layers",
-                                    )
-                                }),
+                                "sliding_attention" => sliding
+                                    .map(Some)
+                                    .ok_or_else(|| LoadError::config("sliding_window", "missing for sliding layers")),
                                 "full_attention" => Ok(None),
                                 other => Err(LoadError::config(
                                     "layer_types",
@@ -585,24 +548,16 @@ impl ModelConfig {
                         if i >= first_dense && i % moe_freq == 0 {
                             FfnKind::Moe
                         } else {
-                            FfnKind::Dense {
-                                intermediate: dense,
-                            }
+                            FfnKind::Dense { intermediate: dense }
                         }
                     })
                     .collect();
                 let n_group = f.usize_or("n_group", 1)?;
                 let topk_group = f.usize_or("topk_group", n_group)?;
-                if n_group == 0
-                    || num_experts % n_group != 0
-                    || topk_group == 0
-                    || topk_group > n_group
-                {
+                if n_group == 0 || num_experts % n_group != 0 || topk_group == 0 || topk_group > n_group {
                     return Err(LoadError::config(
                         "n_group/topk_group",
-                        format!(
-                            "{n_group} groups / {topk_group} kept do not fit {num_experts} experts"
-                        ),
+                        format!("{n_group} groups / {topk_group} kept do not fit {num_experts} experts"),
                     ));
                 }
                 if num_experts / n_group < 2 {
@@ -707,17 +662,15 @@ mod tests {
 
     #[test]
     fn missing_field_is_named() {
-        let e = ModelConfig::from_json_str(r#"{"model_type": "mixtral", "hidden_size": 8}"#)
-            .unwrap_err();
+        let e = ModelConfig::from_json_str(r#"{"model_type": "mixtral", "hidden_size": 8}"#).unwrap_err();
         assert!(e.to_string().contains("num_attention_heads"), "{e}");
     }
 
     #[test]
     fn wrong_type_is_named() {
-        let e = ModelConfig::from_json_str(
-            r#"{"model_type": "mixtral", "hidden_size": "big", "num_attention_heads": 2}"#,
-        )
-        .unwrap_err();
+        let e =
+            ModelConfig::from_json_str(r#"{"model_type": "mixtral", "hidden_size": "big", "num_attention_heads": 2}"#)
+                .unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
     }
 

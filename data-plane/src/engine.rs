@@ -74,16 +74,8 @@ fn split_routing(r: &LayerRouting, spans: &[(usize, usize)]) -> Vec<PromptRoutin
 }
 
 impl Engine {
-    pub fn new(
-        model: Arc<Model>,
-        experts: Arc<dyn ExpertFunction>,
-        shares: Arc<dyn ShareSource>,
-    ) -> Self {
-        Self {
-            model,
-            experts,
-            shares,
-        }
+    pub fn new(model: Arc<Model>, experts: Arc<dyn ExpertFunction>, shares: Arc<dyn ShareSource>) -> Self {
+        Self { model, experts, shares }
     }
 
     /// Loads a Hugging Face checkpoint directory with every expert in this process.
@@ -93,11 +85,32 @@ impl Engine {
         let ckpt = Checkpoint::open(dir)?;
         let experts = LocalExperts::load_all(&ckpt, &config, backend.clone())?;
         let model = Model::load(&ckpt, config, backend)?;
-        Ok(Self::new(
-            Arc::new(model),
-            Arc::new(experts),
-            Arc::new(SingleInstance),
-        ))
+        Ok(Self::new(Arc::new(model), Arc::new(experts), Arc::new(SingleInstance)))
+    }
+
+    /// The built-in model: a small Mixtral-shaped MoE with deterministic random weights and a
+    /// 256-token (byte-level) vocabulary, built in memory. It needs no download and produces
+    /// no meaningful text; it exists so every command works on a fresh machine.
+    pub fn builtin() -> Result<Self, LoadError> {
+        let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
+        let shape = crate::testing::ModelShape {
+            vocab: 256,
+            hidden: 64,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            experts: 8,
+            top_k: 2,
+            expert_intermediate: 128,
+            dense_intermediate: 128,
+            max_positions: 2048,
+        };
+        let config = ModelConfig::from_value(&crate::testing::config_json(crate::config::Arch::Mixtral, &shape))?;
+        let weights = crate::testing::RandomWeights::new(20261125);
+        let experts = LocalExperts::load_all(&weights, &config, backend.clone())?;
+        let model = Model::load(&weights, config, backend)?;
+        Ok(Self::new(Arc::new(model), Arc::new(experts), Arc::new(SingleInstance)))
     }
 
     pub fn with_shares(mut self, shares: Arc<dyn ShareSource>) -> Self {
@@ -139,12 +152,8 @@ impl Engine {
             .zip(tokens)
             .map(|(cache, t)| SeqInput { cache, tokens: t })
             .collect();
-        self.model.forward(
-            &mut seqs,
-            self.experts.as_ref(),
-            self.shares.as_ref(),
-            wanted,
-        )
+        self.model
+            .forward(&mut seqs, self.experts.as_ref(), self.shares.as_ref(), wanted)
     }
 
     /// Forward passes of whole prompts (no cache reuse), batched into one step.
@@ -174,8 +183,7 @@ impl Engine {
             spans.push((row, p.len()));
             row += p.len();
         }
-        let per_layer: Vec<Vec<PromptRouting>> =
-            routing.iter().map(|r| split_routing(r, &spans)).collect();
+        let per_layer: Vec<Vec<PromptRouting>> = routing.iter().map(|r| split_routing(r, &spans)).collect();
         Ok(logits
             .into_iter()
             .enumerate()
@@ -184,11 +192,7 @@ impl Engine {
                 PromptForward {
                     logits: l,
                     routing: per_layer.iter().map(|v| v[i].clone()).collect(),
-                    hidden: hidden
-                        .iter()
-                        .flatten()
-                        .map(|h| h.slice_rows(row, row + n))
-                        .collect(),
+                    hidden: hidden.iter().flatten().map(|h| h.slice_rows(row, row + n)).collect(),
                 }
             })
             .collect())
@@ -196,11 +200,7 @@ impl Engine {
 
     /// Greedy decoding with the KV cache; all prompts decode together as one batch.
     /// Returns the new token ids of each prompt, stopping early at an EOS token.
-    pub fn generate_greedy(
-        &self,
-        prompts: &[Vec<u32>],
-        max_new_tokens: usize,
-    ) -> Result<Vec<Vec<u32>>, EngineError> {
+    pub fn generate_greedy(&self, prompts: &[Vec<u32>], max_new_tokens: usize) -> Result<Vec<Vec<u32>>, EngineError> {
         let eos = &self.model.config.eos_token_ids;
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.new_cache()).collect();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -218,10 +218,7 @@ impl Engine {
             }
         }
         while !active.is_empty() {
-            let last: Vec<[u32; 1]> = active
-                .iter()
-                .map(|&i| [*out[i].last().unwrap_or(&0)])
-                .collect();
+            let last: Vec<[u32; 1]> = active.iter().map(|&i| [*out[i].last().unwrap_or(&0)]).collect();
             let toks: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
             // Move the active caches out so the step sees exactly the batch it runs.
             let mut batch: Vec<KvCache> = active

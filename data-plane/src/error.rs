@@ -14,10 +14,7 @@ pub enum LoadError {
     #[error("config field `{field}`: {message}")]
     Config { field: String, message: String },
     #[error("unknown architecture (model_type '{model_type}'); supported: {supported}")]
-    UnknownArchitecture {
-        model_type: String,
-        supported: String,
-    },
+    UnknownArchitecture { model_type: String, supported: String },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
     #[error("tensor `{name}` is missing from the checkpoint (expected shape {expected:?})")]

@@ -17,6 +17,7 @@ use crate::checkpoint::TensorSource;
 use crate::config::{ExpertLayout, FfnKind, ModelConfig};
 use crate::error::LoadError;
 use crate::tensor::Tensor;
+use crate::weight::Weight;
 
 /// GPT-OSS's hard-coded activation constants (`limit`, `alpha` in transformers).
 pub const GPT_OSS_LIMIT: f32 = 7.0;
@@ -26,18 +27,14 @@ pub const GPT_OSS_ALPHA: f32 = 1.702;
 #[derive(Debug, Clone)]
 pub enum ExpertWeights {
     /// `down(silu(gate x) * up x)`.
-    SwiGlu {
-        gate: Tensor,
-        up: Tensor,
-        down: Tensor,
-    },
+    SwiGlu { gate: Weight, up: Weight, down: Weight },
     /// GPT-OSS: biased projections and a clamped activation.
     Clamped {
-        gate: Tensor,
+        gate: Weight,
         gate_bias: Tensor,
-        up: Tensor,
+        up: Weight,
         up_bias: Tensor,
-        down: Tensor,
+        down: Weight,
         down_bias: Tensor,
     },
 }
@@ -55,17 +52,10 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 impl ExpertWeights {
     /// Reads one expert's tensors from a checkpoint (only that expert's bytes).
-    pub fn load(
-        ckpt: &dyn TensorSource,
-        cfg: &ModelConfig,
-        key: ExpertKey,
-    ) -> Result<Self, LoadError> {
+    pub fn load(ckpt: &dyn TensorSource, cfg: &ModelConfig, key: ExpertKey) -> Result<Self, LoadError> {
         let (layer, e) = (key.layer as usize, key.expert as usize);
         let (h, i) = (cfg.hidden_size, cfg.moe.expert_intermediate);
-        if layer >= cfg.num_layers
-            || cfg.layer_ffn[layer] != FfnKind::Moe
-            || e >= cfg.moe.num_experts
-        {
+        if layer >= cfg.num_layers || cfg.layer_ffn[layer] != FfnKind::Moe || e >= cfg.moe.num_experts {
             return Err(LoadError::config(
                 "expert",
                 format!("{key} is not a routed expert of this model"),
@@ -75,9 +65,9 @@ impl ExpertWeights {
             ExpertLayout::SwiGlu => {
                 let [g, u, d] = cfg.expert_tensor_names(layer, e);
                 Ok(ExpertWeights::SwiGlu {
-                    gate: ckpt.tensor(&g, &[i, h])?,
-                    up: ckpt.tensor(&u, &[i, h])?,
-                    down: ckpt.tensor(&d, &[h, i])?,
+                    gate: ckpt.weight(&g, &[i, h])?,
+                    up: ckpt.weight(&u, &[i, h])?,
+                    down: ckpt.weight(&d, &[h, i])?,
                 })
             }
             ExpertLayout::GptOssFused => {
@@ -98,11 +88,11 @@ impl ExpertWeights {
                 let down = ckpt.tensor_slab(&format!("{p}.down_proj"), &[n, i, h], e)?; // [I, H]
                 let down_bias = ckpt.tensor_slab(&format!("{p}.down_proj_bias"), &[n, h], e)?;
                 Ok(ExpertWeights::Clamped {
-                    gate: Tensor::matrix(i, h, gate),
+                    gate: Tensor::matrix(i, h, gate).into(),
                     gate_bias: Tensor::matrix(1, i, gate_b),
-                    up: Tensor::matrix(i, h, up),
+                    up: Tensor::matrix(i, h, up).into(),
                     up_bias: Tensor::matrix(1, i, up_b),
-                    down: Tensor::matrix(h, i, transpose(down.data(), i, h)),
+                    down: Tensor::matrix(h, i, transpose(down.data(), i, h)).into(),
                     down_bias: Tensor::matrix(1, h, down_bias.into_data()),
                 })
             }
@@ -135,8 +125,8 @@ impl ExpertWeights {
 
     /// Bytes the weights occupy as loaded (f32).
     pub fn bytes(&self) -> usize {
-        let n = match self {
-            ExpertWeights::SwiGlu { gate, up, down } => gate.len() + up.len() + down.len(),
+        match self {
+            ExpertWeights::SwiGlu { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
             ExpertWeights::Clamped {
                 gate,
                 gate_bias,
@@ -144,16 +134,8 @@ impl ExpertWeights {
                 up_bias,
                 down,
                 down_bias,
-            } => {
-                gate.len()
-                    + gate_bias.len()
-                    + up.len()
-                    + up_bias.len()
-                    + down.len()
-                    + down_bias.len()
-            }
-        };
-        n * std::mem::size_of::<f32>()
+            } => gate.bytes() + up.bytes() + down.bytes() + 4 * (gate_bias.len() + up_bias.len() + down_bias.len()),
+        }
     }
 }
 
@@ -203,11 +185,7 @@ impl LocalExperts {
     }
 
     /// Loads every routed expert of the model.
-    pub fn load_all(
-        ckpt: &dyn TensorSource,
-        cfg: &ModelConfig,
-        backend: Arc<dyn Backend>,
-    ) -> Result<Self, LoadError> {
+    pub fn load_all(ckpt: &dyn TensorSource, cfg: &ModelConfig, backend: Arc<dyn Backend>) -> Result<Self, LoadError> {
         let mut me = Self::new(backend, cfg.hidden_size);
         for layer in cfg.moe_layers() {
             for e in 0..cfg.moe.num_experts {
@@ -240,10 +218,7 @@ impl LocalExperts {
 
     fn run(&self, task: &ExpertTask) -> Result<Tensor, ExpertError> {
         let key = task.instance.key;
-        let w = self
-            .weights
-            .get(&key)
-            .ok_or(ExpertError::NoInstance(task.instance))?;
+        let w = self.weights.get(&key).ok_or(ExpertError::NoInstance(task.instance))?;
         if task.input.cols() != self.hidden || task.input.shape().len() != 2 {
             return Err(ExpertError::BadInput {
                 key,
@@ -316,10 +291,7 @@ pub fn split_counts(n: usize, shares: &[f32]) -> Vec<usize> {
         c[0] = n;
         return c;
     }
-    let exact: Vec<f64> = shares
-        .iter()
-        .map(|&s| s.max(0.0) as f64 / total * n as f64)
-        .collect();
+    let exact: Vec<f64> = shares.iter().map(|&s| s.max(0.0) as f64 / total * n as f64).collect();
     let mut counts: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
     let mut left = n - counts.iter().sum::<usize>();
     let mut order: Vec<usize> = (0..shares.len()).collect();

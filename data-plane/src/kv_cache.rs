@@ -58,9 +58,6 @@ impl KvCache {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) * 4)
-            .sum()
+        self.layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum()
     }
 }

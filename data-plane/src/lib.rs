@@ -14,5 +14,6 @@ pub mod reference;
 pub mod rope;
 pub mod tensor;
 pub mod testing;
+pub mod weight;
 
 pub use error::{EngineError, LoadError};

@@ -10,14 +10,13 @@ use shared::ExpertKey;
 
 use crate::backend::{AttentionShape, Backend};
 use crate::checkpoint::TensorSource;
-use crate::config::{
-    AttentionKind, FfnKind, ModelConfig, NormKind, QkNorm, RouterKind, SharedExpert,
-};
+use crate::config::{AttentionKind, FfnKind, ModelConfig, NormKind, QkNorm, RouterKind, SharedExpert};
 use crate::error::{EngineError, LoadError};
 use crate::expert::{split_counts, ExpertFunction, ExpertTask, ShareSource};
 use crate::kv_cache::KvCache;
 use crate::rope::{yarn_mscale, Rope};
 use crate::tensor::Tensor;
+use crate::weight::Weight;
 
 #[derive(Debug)]
 struct Norm {
@@ -27,13 +26,7 @@ struct Norm {
 }
 
 impl Norm {
-    fn load(
-        ckpt: &dyn TensorSource,
-        prefix: &str,
-        dim: usize,
-        kind: NormKind,
-        eps: f32,
-    ) -> Result<Self, LoadError> {
+    fn load(ckpt: &dyn TensorSource, prefix: &str, dim: usize, kind: NormKind, eps: f32) -> Result<Self, LoadError> {
         Ok(Norm {
             w: ckpt.tensor(&format!("{prefix}.weight"), &[dim])?,
             b: match kind {
@@ -54,20 +47,14 @@ impl Norm {
 
 #[derive(Debug)]
 struct Linear {
-    w: Tensor,
+    w: Weight,
     b: Option<Tensor>,
 }
 
 impl Linear {
-    fn load(
-        ckpt: &dyn TensorSource,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<Self, LoadError> {
+    fn load(ckpt: &dyn TensorSource, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self, LoadError> {
         Ok(Linear {
-            w: ckpt.tensor(&format!("{prefix}.weight"), &[out, inp])?,
+            w: ckpt.weight(&format!("{prefix}.weight"), &[out, inp])?,
             b: if bias {
                 Some(ckpt.tensor(&format!("{prefix}.bias"), &[out])?)
             } else {
@@ -90,12 +77,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(
-        ckpt: &dyn TensorSource,
-        prefix: &str,
-        hidden: usize,
-        inter: usize,
-    ) -> Result<Self, LoadError> {
+    fn load(ckpt: &dyn TensorSource, prefix: &str, hidden: usize, inter: usize) -> Result<Self, LoadError> {
         Ok(Mlp {
             gate: Linear::load(ckpt, &format!("{prefix}.gate_proj"), inter, hidden, false)?,
             up: Linear::load(ckpt, &format!("{prefix}.up_proj"), inter, hidden, false)?,
@@ -239,12 +221,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// Routes one token: returns `(ids, weights)` in canonical order.
-fn route(
-    router: &RouterKind,
-    k: usize,
-    logits: &[f32],
-    correction_bias: Option<&[f32]>,
-) -> (Vec<usize>, Vec<f32>) {
+fn route(router: &RouterKind, k: usize, logits: &[f32], correction_bias: Option<&[f32]>) -> (Vec<usize>, Vec<f32>) {
     match router {
         RouterKind::SoftmaxTopK { renormalize } => {
             let p = softmax(logits);
@@ -324,11 +301,7 @@ fn route(
 
 impl Model {
     /// Loads everything but the routed experts from a checkpoint.
-    pub fn load(
-        ckpt: &dyn TensorSource,
-        config: ModelConfig,
-        backend: Arc<dyn Backend>,
-    ) -> Result<Self, LoadError> {
+    pub fn load(ckpt: &dyn TensorSource, config: ModelConfig, backend: Arc<dyn Backend>) -> Result<Self, LoadError> {
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let embed = ckpt.tensor("model.embed_tokens.weight", &[v, h])?;
@@ -386,20 +359,11 @@ impl Model {
                         Some(r) => (
                             Some((
                                 Linear::load(ckpt, &format!("{a}.q_a_proj"), *r, h, false)?,
-                                Norm::load(
-                                    ckpt,
-                                    &format!("{a}.q_a_layernorm"),
-                                    *r,
-                                    NormKind::Rms,
-                                    c.norm_eps,
-                                )?,
+                                Norm::load(ckpt, &format!("{a}.q_a_layernorm"), *r, NormKind::Rms, c.norm_eps)?,
                             )),
                             Linear::load(ckpt, &format!("{a}.q_b_proj"), nh * qk, *r, false)?,
                         ),
-                        None => (
-                            None,
-                            Linear::load(ckpt, &format!("{a}.q_proj"), nh * qk, h, false)?,
-                        ),
+                        None => (None, Linear::load(ckpt, &format!("{a}.q_proj"), nh * qk, h, false)?),
                     };
                     Attention::Mla(MlaAttention {
                         q_a,
@@ -434,9 +398,7 @@ impl Model {
                 }
             };
             let ffn = match c.layer_ffn[i] {
-                FfnKind::Dense { intermediate } => {
-                    Ffn::Dense(Mlp::load(ckpt, &format!("{p}.mlp"), h, intermediate)?)
-                }
+                FfnKind::Dense { intermediate } => Ffn::Dense(Mlp::load(ckpt, &format!("{p}.mlp"), h, intermediate)?),
                 FfnKind::Moe => {
                     let mp = c.moe_prefix(i);
                     let e = c.moe.num_experts;
@@ -448,27 +410,11 @@ impl Model {
                     let (shared, shared_gate) = match c.moe.shared {
                         SharedExpert::None => (None, None),
                         SharedExpert::Gated { intermediate } => (
-                            Some(Mlp::load(
-                                ckpt,
-                                &format!("{mp}.shared_expert"),
-                                h,
-                                intermediate,
-                            )?),
-                            Some(Linear::load(
-                                ckpt,
-                                &format!("{mp}.shared_expert_gate"),
-                                1,
-                                h,
-                                false,
-                            )?),
+                            Some(Mlp::load(ckpt, &format!("{mp}.shared_expert"), h, intermediate)?),
+                            Some(Linear::load(ckpt, &format!("{mp}.shared_expert_gate"), 1, h, false)?),
                         ),
                         SharedExpert::Ungated { intermediate } => (
-                            Some(Mlp::load(
-                                ckpt,
-                                &format!("{mp}.shared_experts"),
-                                h,
-                                intermediate,
-                            )?),
+                            Some(Mlp::load(ckpt, &format!("{mp}.shared_experts"), h, intermediate)?),
                             None,
                         ),
                     };
@@ -486,21 +432,9 @@ impl Model {
                 }
             };
             layers.push(Layer {
-                input_norm: Norm::load(
-                    ckpt,
-                    &format!("{p}.input_layernorm"),
-                    h,
-                    c.norm,
-                    c.norm_eps,
-                )?,
+                input_norm: Norm::load(ckpt, &format!("{p}.input_layernorm"), h, c.norm, c.norm_eps)?,
                 attn,
-                post_norm: Norm::load(
-                    ckpt,
-                    &format!("{p}.post_attention_layernorm"),
-                    h,
-                    c.norm,
-                    c.norm_eps,
-                )?,
+                post_norm: Norm::load(ckpt, &format!("{p}.post_attention_layernorm"), h, c.norm, c.norm_eps)?,
                 ffn,
                 window: c.layer_windows[i],
             });
@@ -508,7 +442,7 @@ impl Model {
         let final_norm = Norm::load(ckpt, "model.norm", h, c.norm, c.norm_eps)?;
         let lm_head = if c.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             Linear {
-                w: embed.clone(),
+                w: Weight::F32(embed.clone()),
                 b: None,
             }
         } else {
@@ -561,21 +495,13 @@ impl Model {
     /// `(key dim per head, value dim per head, cached heads)`.
     fn kv_geometry(&self) -> (usize, usize, usize) {
         match &self.config.attention {
-            AttentionKind::Standard { .. } => (
-                self.config.head_dim,
-                self.config.head_dim,
-                self.config.num_kv_heads,
-            ),
+            AttentionKind::Standard { .. } => (self.config.head_dim, self.config.head_dim, self.config.num_kv_heads),
             AttentionKind::Mla {
                 qk_nope_head_dim,
                 qk_rope_head_dim,
                 v_head_dim,
                 ..
-            } => (
-                qk_nope_head_dim + qk_rope_head_dim,
-                *v_head_dim,
-                self.config.num_heads,
-            ),
+            } => (qk_nope_head_dim + qk_rope_head_dim, *v_head_dim, self.config.num_heads),
         }
     }
 
@@ -656,13 +582,10 @@ impl Model {
             h.push(x);
         }
         let out = match wanted {
-            LogitsWanted::All | LogitsWanted::AllWithHidden => spans
-                .iter()
-                .map(|&(r, n, _)| logits.slice_rows(r, r + n))
-                .collect(),
-            LogitsWanted::Last => (0..spans.len())
-                .map(|i| logits.slice_rows(i, i + 1))
-                .collect(),
+            LogitsWanted::All | LogitsWanted::AllWithHidden => {
+                spans.iter().map(|&(r, n, _)| logits.slice_rows(r, r + n)).collect()
+            }
+            LogitsWanted::Last => (0..spans.len()).map(|i| logits.slice_rows(i, i + 1)).collect(),
         };
         Ok(BatchOutput {
             logits: out,
@@ -692,40 +615,22 @@ impl Model {
                 match a.qk_norm {
                     QkNorm::None => {}
                     QkNorm::Whole => {
-                        q = be.rms_norm(
-                            &q,
-                            a.q_norm.as_ref().expect("loaded with QkNorm::Whole"),
-                            c.norm_eps,
-                        );
-                        k = be.rms_norm(
-                            &k,
-                            a.k_norm.as_ref().expect("loaded with QkNorm::Whole"),
-                            c.norm_eps,
-                        );
+                        q = be.rms_norm(&q, a.q_norm.as_ref().expect("loaded with QkNorm::Whole"), c.norm_eps);
+                        k = be.rms_norm(&k, a.k_norm.as_ref().expect("loaded with QkNorm::Whole"), c.norm_eps);
                     }
                     QkNorm::PerHead => {
                         let n = q.rows();
                         let qh = Tensor::matrix(n * nh, hd, q.into_data());
                         let kh = Tensor::matrix(n * nkv, hd, k.into_data());
-                        let qh = be.rms_norm(
-                            &qh,
-                            a.q_norm.as_ref().expect("loaded with QkNorm::PerHead"),
-                            c.norm_eps,
-                        );
-                        let kh = be.rms_norm(
-                            &kh,
-                            a.k_norm.as_ref().expect("loaded with QkNorm::PerHead"),
-                            c.norm_eps,
-                        );
+                        let qh = be.rms_norm(&qh, a.q_norm.as_ref().expect("loaded with QkNorm::PerHead"), c.norm_eps);
+                        let kh = be.rms_norm(&kh, a.k_norm.as_ref().expect("loaded with QkNorm::PerHead"), c.norm_eps);
                         q = Tensor::matrix(n, nh * hd, qh.into_data());
                         k = Tensor::matrix(n, nkv * hd, kh.into_data());
                     }
                 }
                 if let Some(clip) = a.clip_qkv {
                     for t in [&mut q, &mut k, &mut v] {
-                        t.data_mut()
-                            .iter_mut()
-                            .for_each(|x| *x = x.clamp(-clip, clip));
+                        t.data_mut().iter_mut().for_each(|x| *x = x.clamp(-clip, clip));
                     }
                 }
                 for (&(row, n, pos0), _) in spans.iter().zip(seqs.iter()) {
@@ -762,9 +667,7 @@ impl Model {
                 let latent = Tensor::matrix(
                     n,
                     a.kv_lora_rank,
-                    (0..n)
-                        .flat_map(|r| ckv.row(r)[..a.kv_lora_rank].to_vec())
-                        .collect(),
+                    (0..n).flat_map(|r| ckv.row(r)[..a.kv_lora_rank].to_vec()).collect(),
                 );
                 let kv = a.kv_b.apply(be, &a.kv_a_norm.apply(be, &latent)); // [n, nh*(nope+v)]
                 let mut q = q;

@@ -15,8 +15,7 @@ pub enum PromptsError {
 
 /// Parses the text of a prompts file.
 pub fn parse_prompts(text: &str) -> Result<Vec<Vec<u32>>, PromptsError> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| PromptsError::Json(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| PromptsError::Json(e.to_string()))?;
     let list = v
         .get("prompts")
         .and_then(|p| p.as_array())
@@ -53,10 +52,7 @@ mod tests {
             vec![vec![1, 2], vec![3]]
         );
         assert!(matches!(parse_prompts("nope"), Err(PromptsError::Json(_))));
-        assert!(matches!(
-            parse_prompts(r#"{"p": []}"#),
-            Err(PromptsError::MissingList)
-        ));
+        assert!(matches!(parse_prompts(r#"{"p": []}"#), Err(PromptsError::MissingList)));
         assert!(matches!(
             parse_prompts(r#"{"prompts": [[1], [-1]]}"#),
             Err(PromptsError::NotIds { index: 1 })

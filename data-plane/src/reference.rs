@@ -49,8 +49,7 @@ pub struct Golden {
 
 impl Golden {
     pub fn read(path: &Path) -> Golden {
-        let bytes =
-            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let (_, meta) = SafeTensors::read_metadata(&bytes).expect("golden header");
         let st = SafeTensors::deserialize(&bytes).expect("golden file");
         let mut floats = HashMap::new();
@@ -69,9 +68,7 @@ impl Golden {
                 Dtype::I64 => {
                     let v = d
                         .chunks_exact(8)
-                        .map(|c| {
-                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-                        })
+                        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                         .collect();
                     ints.insert(name, (shape, v));
                 }
@@ -100,20 +97,11 @@ impl Golden {
 
 /// Asserts `|a - b| <= atol + rtol * |b|` element-wise; returns the max abs difference.
 pub fn assert_close(what: &str, a: &[f32], b: &[f32], atol: f32, rtol: f32) -> f32 {
-    assert_eq!(
-        a.len(),
-        b.len(),
-        "{what}: length {} vs {}",
-        a.len(),
-        b.len()
-    );
+    assert_eq!(a.len(), b.len(), "{what}: length {} vs {}", a.len(), b.len());
     let mut worst = 0.0f32;
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         let d = (x - y).abs();
-        assert!(
-            d <= atol + rtol * y.abs(),
-            "{what}[{i}]: got {x}, want {y} (diff {d})"
-        );
+        assert!(d <= atol + rtol * y.abs(), "{what}[{i}]: got {x}, want {y} (diff {d})");
         worst = worst.max(d);
     }
     worst

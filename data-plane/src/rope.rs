@@ -50,8 +50,7 @@ impl Rope {
             _ => yarn_mscale(y.factor, 1.0),
         };
         let correction_dim = |rot: f64| {
-            (dim * (y.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln())
-                / (2.0 * base.ln())
+            (dim * (y.original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
         };
         let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
         if y.truncate {
@@ -89,10 +88,7 @@ impl Rope {
             .iter()
             .map(|f| {
                 let a = p * f;
-                (
-                    a.cos() * self.attention_scaling,
-                    a.sin() * self.attention_scaling,
-                )
+                (a.cos() * self.attention_scaling, a.sin() * self.attention_scaling)
             })
             .unzip()
     }

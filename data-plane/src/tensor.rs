@@ -51,11 +51,7 @@ impl Tensor {
     /// A `[rows, cols]` matrix; panics only on a programming error inside the engine
     /// (callers build `data` from `rows * cols` themselves).
     pub fn matrix(rows: usize, cols: usize, data: Vec<f32>) -> Self {
-        assert_eq!(
-            rows * cols,
-            data.len(),
-            "matrix({rows}, {cols}) data length"
-        );
+        assert_eq!(rows * cols, data.len(), "matrix({rows}, {cols}) data length");
         Self {
             shape: vec![rows, cols],
             data,

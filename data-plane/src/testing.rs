@@ -172,9 +172,7 @@ impl RandomWeights {
             };
             (0.0, 1.7 / (fan_in.max(1) as f32).sqrt())
         };
-        let data: Vec<f32> = (0..n)
-            .map(|_| center + rng.gen_range(-width..=width))
-            .collect();
+        let data: Vec<f32> = (0..n).map(|_| center + rng.gen_range(-width..=width)).collect();
         let t = Tensor::new(shape.to_vec(), data).expect("shape product matches data length");
         self.made.borrow_mut().insert(name.to_string(), t.clone());
         t
@@ -191,12 +189,7 @@ impl TensorSource for RandomWeights {
         Ok(self.make(name, expected))
     }
 
-    fn tensor_slab(
-        &self,
-        name: &str,
-        expected: &[usize],
-        index: usize,
-    ) -> Result<Tensor, LoadError> {
+    fn tensor_slab(&self, name: &str, expected: &[usize], index: usize) -> Result<Tensor, LoadError> {
         let full = self.make(name, expected);
         let slab: usize = expected[1..].iter().product();
         Tensor::new(
@@ -236,11 +229,7 @@ fn encode(t: &Tensor, dtype: SaveDtype) -> Vec<u8> {
 }
 
 /// Writes named f32 tensors as a safetensors file in the given element type.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &BTreeMap<String, Tensor>,
-    dtype: SaveDtype,
-) -> Result<(), LoadError> {
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>, dtype: SaveDtype) -> Result<(), LoadError> {
     let dt = match dtype {
         SaveDtype::F32 => Dtype::F32,
         SaveDtype::Bf16 => Dtype::BF16,
@@ -285,12 +274,8 @@ pub fn write_random_checkpoint(
         source,
     })?;
     let cfg_path = dir.join("config.json");
-    let text = serde_json::to_string_pretty(&cfg_json)
-        .map_err(|e| LoadError::config("config.json", e.to_string()))?;
-    std::fs::write(&cfg_path, text).map_err(|source| LoadError::Io {
-        path: cfg_path,
-        source,
-    })?;
+    let text = serde_json::to_string_pretty(&cfg_json).map_err(|e| LoadError::config("config.json", e.to_string()))?;
+    std::fs::write(&cfg_path, text).map_err(|source| LoadError::Io { path: cfg_path, source })?;
     write_safetensors(&dir.join("model.safetensors"), &src.into_tensors(), dtype)?;
     Ok(cfg)
 }

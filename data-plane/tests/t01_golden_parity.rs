@@ -59,13 +59,7 @@ fn check_arch(arch: &str, split: Option<u32>) {
                 &f.hidden[j]
             };
             let want = &golden.f(&format!("p{p}.hidden_states.{j}")).1;
-            assert_close(
-                &format!("{arch} p{p}.hidden_states.{j}"),
-                mine.data(),
-                want,
-                1e-4,
-                1e-4,
-            );
+            assert_close(&format!("{arch} p{p}.hidden_states.{j}"), mine.data(), want, 1e-4, 1e-4);
         }
         for i in 0..layers {
             let want = &golden.f(&format!("p{p}.layer_output.{i}")).1;
@@ -104,11 +98,7 @@ fn check_arch(arch: &str, split: Option<u32>) {
             );
             let mut mine = vec![0i64; e];
             r.ids.iter().for_each(|&x| mine[x as usize] += 1);
-            assert_eq!(
-                mine,
-                counts[mi * e..(mi + 1) * e],
-                "{arch} p{p} expert_counts row {mi}"
-            );
+            assert_eq!(mine, counts[mi * e..(mi + 1) * e], "{arch} p{p} expert_counts row {mi}");
         }
     }
 
@@ -117,9 +107,7 @@ fn check_arch(arch: &str, split: Option<u32>) {
         let (shape, want) = golden.f(&format!("p{p}.gen_logits"));
         let v = shape[1];
         let mut cache = vec![engine.new_cache()];
-        let (mut l, _) = engine
-            .step(&mut cache, &[prompt], LogitsWanted::Last)
-            .expect("prefill");
+        let (mut l, _) = engine.step(&mut cache, &[prompt], LogitsWanted::Last).expect("prefill");
         for s in 0..shape[0] {
             assert_close(
                 &format!("{arch} p{p} gen_logits step {s}"),
@@ -140,12 +128,7 @@ fn check_arch(arch: &str, split: Option<u32>) {
         .generate_greedy(&prompts, 12)
         .unwrap_or_else(|e| panic!("{arch}: generate: {e}"));
     for (p, g) in gen.iter().enumerate() {
-        let want: Vec<u32> = golden
-            .i(&format!("p{p}.gen_ids"))
-            .1
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
+        let want: Vec<u32> = golden.i(&format!("p{p}.gen_ids")).1.iter().map(|&x| x as u32).collect();
         assert_eq!(g, &want, "{arch} p{p} greedy ids");
     }
 }

@@ -13,8 +13,7 @@ use data_plane::testing::{write_random_checkpoint, ModelShape, SaveDtype};
 
 fn tiny(arch: Arch) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().expect("tempdir");
-    write_random_checkpoint(dir.path(), arch, &ModelShape::tiny(), 42, SaveDtype::F32)
-        .expect("writing checkpoint");
+    write_random_checkpoint(dir.path(), arch, &ModelShape::tiny(), 42, SaveDtype::F32).expect("writing checkpoint");
     let engine = Engine::load_local(dir.path()).expect("loading generated checkpoint");
     (dir, engine)
 }
@@ -42,15 +41,11 @@ fn kv_cache_decode_equals_full_recompute() {
             for _ in 0..6 {
                 let next = argmax(step_logits.last().unwrap().row(0));
                 seq.push(next);
-                let (l, _) = engine
-                    .step(&mut cache, &[&[next]], LogitsWanted::Last)
-                    .expect("decode");
+                let (l, _) = engine.step(&mut cache, &[&[next]], LogitsWanted::Last).expect("decode");
                 step_logits.push(l[0].clone());
             }
             // Recompute every position from scratch.
-            let full = engine
-                .forward_prompts(&[seq.clone()], false)
-                .expect("recompute");
+            let full = engine.forward_prompts(&[seq.clone()], false).expect("recompute");
             for (s, l) in step_logits.iter().enumerate() {
                 let row = prompt.len() - 1 + s;
                 assert_close(
@@ -71,9 +66,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
         let (_dir, engine) = tiny(arch);
         let all = engine.generate_greedy(&prompts(), 8).expect("batched");
         for (p, want) in prompts().iter().zip(&all) {
-            let one = engine
-                .generate_greedy(std::slice::from_ref(p), 8)
-                .expect("single");
+            let one = engine.generate_greedy(std::slice::from_ref(p), 8).expect("single");
             assert_eq!(&one[0], want, "{arch:?}");
             assert_eq!(want.len(), 8);
         }
@@ -84,8 +77,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
 fn outputs_do_not_depend_on_how_experts_are_split() {
     for arch in Arch::ALL {
         let dir = tempfile::tempdir().expect("tempdir");
-        write_random_checkpoint(dir.path(), arch, &ModelShape::tiny(), 7, SaveDtype::F32)
-            .expect("checkpoint");
+        write_random_checkpoint(dir.path(), arch, &ModelShape::tiny(), 7, SaveDtype::F32).expect("checkpoint");
         let base = Engine::load_local(dir.path()).expect("load");
         let want = base.forward_prompts(&prompts(), false).expect("forward");
         let want_gen = base.generate_greedy(&prompts(), 6).expect("generate");
@@ -95,13 +87,7 @@ fn outputs_do_not_depend_on_how_experts_are_split() {
                 .with_shares(Arc::new(UnevenSplit { k }));
             let got = split.forward_prompts(&prompts(), false).expect("forward");
             for (g, w) in got.iter().zip(&want) {
-                assert_close(
-                    &format!("{arch:?} k={k}"),
-                    g.logits.data(),
-                    w.logits.data(),
-                    1e-5,
-                    1e-5,
-                );
+                assert_close(&format!("{arch:?} k={k}"), g.logits.data(), w.logits.data(), 1e-5, 1e-5);
                 for (a, b) in g.routing.iter().zip(&w.routing) {
                     assert_eq!(a.ids, b.ids, "{arch:?} k={k} layer {}", a.layer);
                     assert_close("weights", &a.weights, &b.weights, 1e-6, 1e-6);
@@ -120,14 +106,7 @@ fn outputs_do_not_depend_on_how_experts_are_split() {
 fn bf16_and_f16_checkpoints_load_and_track_f32() {
     for dtype in [SaveDtype::Bf16, SaveDtype::F16] {
         let (d32, d16) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        write_random_checkpoint(
-            d32.path(),
-            Arch::Mixtral,
-            &ModelShape::tiny(),
-            3,
-            SaveDtype::F32,
-        )
-        .unwrap();
+        write_random_checkpoint(d32.path(), Arch::Mixtral, &ModelShape::tiny(), 3, SaveDtype::F32).unwrap();
         write_random_checkpoint(d16.path(), Arch::Mixtral, &ModelShape::tiny(), 3, dtype).unwrap();
         let a = Engine::load_local(d32.path())
             .unwrap()

@@ -90,11 +90,7 @@ fn wrong_shape_is_named() {
     rewrite(dir.path(), |t| {
         t.insert(
             "model.layers.1.mlp.gate.weight".into(),
-            RawTensor::f32(
-                "model.layers.1.mlp.gate.weight",
-                vec![7, 32],
-                &[0.0; 7 * 32],
-            ),
+            RawTensor::f32("model.layers.1.mlp.gate.weight", vec![7, 32], &[0.0; 7 * 32]),
         );
     });
     let e = load_err(dir.path());
@@ -125,10 +121,7 @@ fn bad_configs_are_errors() {
     let dir = fresh(Arch::Phimoe);
     let cfg = dir.path().join("config.json");
     std::fs::write(&cfg, r#"{"model_type": "llama", "hidden_size": 32}"#).unwrap();
-    assert!(matches!(
-        load_err(dir.path()),
-        LoadError::UnknownArchitecture { .. }
-    ));
+    assert!(matches!(load_err(dir.path()), LoadError::UnknownArchitecture { .. }));
     std::fs::write(&cfg, "not json").unwrap();
     assert!(matches!(load_err(dir.path()), LoadError::Config { .. }));
     std::fs::remove_file(&cfg).unwrap();
@@ -142,9 +135,7 @@ fn bad_configs_are_errors() {
 fn sharded_checkpoint_loads_like_a_single_file() {
     let dir = fresh(Arch::Qwen3Moe);
     let single = Engine::load_local(dir.path()).unwrap();
-    let want = single
-        .forward_prompts(&[vec![3, 1, 4, 1, 5]], false)
-        .unwrap();
+    let want = single.forward_prompts(&[vec![3, 1, 4, 1, 5]], false).unwrap();
 
     // Split the tensors over two shard files plus an index.
     let ckpt = Checkpoint::open(dir.path()).unwrap();
@@ -161,26 +152,16 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     }
     drop(ckpt);
     let sharded = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        dir.path().join("config.json"),
-        sharded.path().join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(dir.path().join("config.json"), sharded.path().join("config.json")).unwrap();
     for (i, s) in shards.iter().enumerate() {
         save_safetensors(
-            &sharded
-                .path()
-                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+            &sharded.path().join(format!("model-0000{}-of-00002.safetensors", i + 1)),
             s,
         )
         .unwrap();
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(
-        sharded.path().join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    std::fs::write(sharded.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     let got = Engine::load_local(sharded.path())
         .unwrap()
         .forward_prompts(&[vec![3, 1, 4, 1, 5]], false)
@@ -189,13 +170,6 @@ fn sharded_checkpoint_loads_like_a_single_file() {
 
     // An index pointing outside the directory is refused.
     let index = serde_json::json!({"weight_map": {"lm_head.weight": "../x.safetensors"}});
-    std::fs::write(
-        sharded.path().join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
-    assert!(matches!(
-        load_err(sharded.path()),
-        LoadError::Checkpoint { .. }
-    ));
+    std::fs::write(sharded.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert!(matches!(load_err(sharded.path()), LoadError::Checkpoint { .. }));
 }

@@ -13,11 +13,12 @@ use data_plane::prompts::parse_prompts;
 #[derive(Args, Debug)]
 pub struct ModelArgs {
     /// Hugging Face checkpoint directory (config.json + model.safetensors or a sharded index).
+    /// Without it, the built-in random-weight demo model is used (no meaningful text).
     #[arg(long, env = "MOELESS_MODEL")]
-    pub model: PathBuf,
-    /// JSON file `{"prompts": [[token ids...], ...]}`.
+    pub model: Option<PathBuf>,
+    /// JSON file `{"prompts": [[token ids...], ...]}`. Without it, three built-in prompts.
     #[arg(long)]
-    pub prompts: PathBuf,
+    pub prompts: Option<PathBuf>,
     /// Spread every expert's tokens over K instances with uneven shares (exercises the
     /// expert-function seam; outputs do not change).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -40,22 +41,34 @@ pub struct GenerateArgs {
     pub common: ModelArgs,
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: usize,
-    /// Output JSON `{"prompts": [{"prompt_ids": [...], "new_ids": [...]}]}`.
+    /// Output JSON `{"prompts": [{"prompt_ids": [...], "new_ids": [...]}]}`; stdout if omitted.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
 }
 
 fn load(args: &ModelArgs) -> anyhow::Result<(Engine, Vec<Vec<u32>>)> {
-    let text = std::fs::read_to_string(&args.prompts)
-        .with_context(|| format!("reading prompts file {}", args.prompts.display()))?;
-    let prompts =
-        parse_prompts(&text).with_context(|| format!("parsing {}", args.prompts.display()))?;
-    let mut engine = Engine::load_local(&args.model)
-        .with_context(|| format!("loading model from {}", args.model.display()))?;
+    let prompts = match &args.prompts {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading prompts file {}", path.display()))?;
+            parse_prompts(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => ["Hello, MoEless!", "Serverless experts scale to zero.", "1 2 3"]
+            .iter()
+            .map(|s| s.bytes().map(u32::from).collect())
+            .collect(),
+    };
+    let mut engine = match &args.model {
+        Some(dir) => Engine::load_local(dir).with_context(|| format!("loading model from {}", dir.display()))?,
+        None => {
+            eprintln!(
+                "no --model given: using the built-in random-weight demo model (its output is not meaningful text)"
+            );
+            Engine::builtin().context("building the built-in model")?
+        }
+    };
     if args.experts_split > 1 {
-        engine = engine.with_shares(Arc::new(UnevenSplit {
-            k: args.experts_split,
-        }));
+        engine = engine.with_shares(Arc::new(UnevenSplit { k: args.experts_split }));
     }
     Ok((engine, prompts))
 }
@@ -112,11 +125,12 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .map(|(p, g)| serde_json::json!({"prompt_ids": p, "new_ids": g}))
         .collect();
     let json = serde_json::to_vec_pretty(&serde_json::json!({ "prompts": items }))?;
-    write_file(&args.out, &json)?;
-    eprintln!(
-        "generated {} sequences into {}",
-        gen.len(),
-        args.out.display()
-    );
+    match &args.out {
+        Some(path) => {
+            write_file(path, &json)?;
+            eprintln!("generated {} sequences into {}", gen.len(), path.display());
+        }
+        None => println!("{}", serde_json::to_string(&serde_json::json!({ "prompts": items }))?),
+    }
     Ok(())
 }
