@@ -134,3 +134,34 @@ fn out_of_range_tokens_and_empty_prompts_are_errors() {
     let too_long = vec![1u32; engine.config().max_position_embeddings + 1];
     assert!(engine.generate_greedy(&[too_long], 1).is_err());
 }
+
+#[test]
+fn bf16_weights_compute_exactly_like_their_f32_widening() {
+    use data_plane::checkpoint::{save_safetensors, Checkpoint, RawTensor, TensorSource};
+    let d16 = tempfile::tempdir().unwrap();
+    write_random_checkpoint(d16.path(), Arch::Qwen2Moe, &ModelShape::tiny(), 9, SaveDtype::Bf16).unwrap();
+    // The same values stored as f32.
+    let d32 = tempfile::tempdir().unwrap();
+    let ckpt = Checkpoint::open(d16.path()).unwrap();
+    let raw: Vec<RawTensor> = ckpt
+        .names()
+        .map(|n| {
+            let shape = ckpt.shape(n).unwrap().to_vec();
+            RawTensor::f32(n, shape.clone(), ckpt.tensor(n, &shape).unwrap().data())
+        })
+        .collect();
+    save_safetensors(&d32.path().join("model.safetensors"), &raw).unwrap();
+    std::fs::copy(d16.path().join("config.json"), d32.path().join("config.json")).unwrap();
+    let a = Engine::load_local(d16.path()).unwrap();
+    let b = Engine::load_local(d32.path()).unwrap();
+    // Prompts long enough for the gemm path and single tokens for the matrix-vector path.
+    let ps = vec![(0..40).map(|i| (i * 7 % 96) as u32).collect::<Vec<u32>>(), vec![3]];
+    let (x, y) = (
+        a.forward_prompts(&ps, false).unwrap(),
+        b.forward_prompts(&ps, false).unwrap(),
+    );
+    for (p, q) in x.iter().zip(&y) {
+        assert_close("bf16 vs widened f32", p.logits.data(), q.logits.data(), 1e-5, 1e-5);
+    }
+    assert_eq!(a.generate_greedy(&ps, 5).unwrap(), b.generate_greedy(&ps, 5).unwrap());
+}
