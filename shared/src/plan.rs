@@ -146,7 +146,8 @@ pub fn split_tokens(count: u32, shares: &[f64], out: &mut Vec<u32>) {
     let mut rema: Vec<(f64, usize)> = Vec::with_capacity(shares.len());
     for (i, s) in shares.iter().enumerate() {
         let exact = count as f64 * s;
-        let fl = (exact.floor() as u32).min(count - given);
+        // Shares recorded as `n / count` must give back `n` despite rounding.
+        let fl = ((exact + 1e-9).floor() as u32).min(count - given);
         given += fl;
         out.push(fl);
         rema.push((exact - fl as f64, i));
@@ -159,6 +160,258 @@ pub fn split_tokens(count: u32, shares: &[f64], out: &mut Vec<u32>) {
         left -= 1;
         j += 1;
     }
+}
+
+/// The flow problem behind min-max dispatch: experts held on several GPUs ("fluid") send their
+/// tokens to any GPU holding them; everything else is a fixed load. All amounts are integers
+/// (tokens, possibly scaled) so that the result is exact.
+struct DispatchFlow {
+    /// Per fluid expert: its distinct GPUs and the first instance on each.
+    holders: Vec<Vec<(usize, usize)>>,
+    /// Per fluid expert: amount not yet placed.
+    left: Vec<u64>,
+    /// Per fluid expert and holder: amount placed there.
+    flow: Vec<Vec<u64>>,
+    load: Vec<u64>,
+    /// GPU -> (fluid expert, holder index) pairs.
+    on_gpu: Vec<Vec<(usize, usize)>>,
+}
+
+impl DispatchFlow {
+    /// Split the experts of `plan` with non-zero `counts` into fixed load (scaled by `scale`)
+    /// and fluid experts. Returns the problem, the fluid experts' ids and the unscaled total.
+    fn new(plan: &LayerPlan, counts: &[u32], gpus: usize, scale: u64) -> (Self, Vec<usize>, u64) {
+        let mut by_expert: Vec<Vec<(usize, usize)>> = vec![Vec::new(); counts.len()];
+        for (i, inst) in plan.instances.iter().enumerate() {
+            let h = &mut by_expert[inst.expert as usize];
+            if !h.iter().any(|&(g, _)| g == inst.gpu as usize) {
+                h.push((inst.gpu as usize, i));
+            }
+        }
+        let mut f = DispatchFlow {
+            holders: Vec::new(),
+            left: Vec::new(),
+            flow: Vec::new(),
+            load: vec![0; gpus],
+            on_gpu: vec![Vec::new(); gpus],
+        };
+        let mut ids = Vec::new();
+        let mut total = 0u64;
+        for (e, &c) in counts.iter().enumerate() {
+            let h = &by_expert[e];
+            if c == 0 || h.is_empty() {
+                continue;
+            }
+            total += u64::from(c);
+            if h.len() == 1 {
+                f.load[h[0].0] += u64::from(c) * scale;
+            } else {
+                let j = f.holders.len();
+                for (k, &(g, _)) in h.iter().enumerate() {
+                    f.on_gpu[g].push((j, k));
+                }
+                f.flow.push(vec![0; h.len()]);
+                f.holders.push(h.clone());
+                f.left.push(u64::from(c) * scale);
+                ids.push(e);
+            }
+        }
+        (f, ids, total)
+    }
+
+    /// Push as much as possible with every GPU capped at `cap` (augmenting paths, bottleneck
+    /// amounts). Returns whether everything is placed; the flow stays valid for a larger cap.
+    fn fill(&mut self, cap: u64) -> bool {
+        let nf = self.holders.len();
+        let gpus = self.load.len();
+        let mut gpu_from: Vec<Option<(usize, usize)>> = vec![None; gpus];
+        let mut expert_via: Vec<Option<(usize, usize)>> = vec![None; nf];
+        let mut queue: Vec<usize> = Vec::with_capacity(nf);
+        let mut order: Vec<(usize, usize)> = Vec::new();
+        loop {
+            let mut progressed = false;
+            for j0 in 0..nf {
+                while self.left[j0] > 0 {
+                    gpu_from.iter_mut().for_each(|p| *p = None);
+                    expert_via.iter_mut().for_each(|p| *p = None);
+                    queue.clear();
+                    queue.push(j0);
+                    let mut found = None;
+                    let mut qi = 0;
+                    'bfs: while qi < queue.len() {
+                        let j = queue[qi];
+                        qi += 1;
+                        // Least loaded holders first, so that ties fill evenly.
+                        order.clear();
+                        order.extend(self.holders[j].iter().enumerate().map(|(k, h)| (h.0, k)));
+                        order.sort_by_key(|&(g, _)| (self.load[g], g));
+                        for &(g, k) in &order {
+                            if gpu_from[g].is_some() {
+                                continue;
+                            }
+                            gpu_from[g] = Some((j, k));
+                            if self.load[g] < cap {
+                                found = Some(g);
+                                break 'bfs;
+                            }
+                            for &(j2, k2) in &self.on_gpu[g] {
+                                if j2 != j0 && expert_via[j2].is_none() && self.flow[j2][k2] > 0 {
+                                    expert_via[j2] = Some((g, k2));
+                                    queue.push(j2);
+                                }
+                            }
+                        }
+                    }
+                    let Some(end) = found else { break };
+                    // Bottleneck: what j0 has left, room on the last GPU, flow on backward edges.
+                    let mut amount = self.left[j0].min(cap - self.load[end]);
+                    let mut g = end;
+                    loop {
+                        let (j, _) = gpu_from[g].expect("GPU on the augmenting path");
+                        if j == j0 {
+                            break;
+                        }
+                        let (back, kb) = expert_via[j].expect("expert on the augmenting path");
+                        amount = amount.min(self.flow[j][kb]);
+                        g = back;
+                    }
+                    self.load[end] += amount;
+                    let mut g = end;
+                    loop {
+                        let (j, k) = gpu_from[g].expect("GPU on the augmenting path");
+                        self.flow[j][k] += amount;
+                        if j == j0 {
+                            break;
+                        }
+                        let (back, kb) = expert_via[j].expect("expert on the augmenting path");
+                        self.flow[j][kb] -= amount;
+                        g = back;
+                    }
+                    self.left[j0] -= amount;
+                    progressed = true;
+                }
+            }
+            if self.left.iter().all(|&l| l == 0) {
+                return true;
+            }
+            if !progressed {
+                return false;
+            }
+        }
+    }
+}
+
+/// Integer dispatch of routed `counts` across the instances of `plan` that minimises the
+/// maximum tokens on a GPU, exactly: tokens of single-GPU experts are fixed, the rest is a
+/// bipartite flow (expert -> GPUs holding it) whose GPU capacity starts at the lower bound
+/// `max(ceil(total / gpus), max fixed load)` and grows by one token whenever no augmenting path
+/// is left. Returns tokens per instance (aligned with `plan.instances`); several instances of
+/// one expert on the same GPU: the first listed takes the GPU's tokens.
+pub fn min_max_token_split(plan: &LayerPlan, counts: &[u32], gpus: usize) -> Vec<u32> {
+    let mut out = vec![0u32; plan.instances.len()];
+    let (mut f, ids, total) = DispatchFlow::new(plan, counts, gpus, 1);
+    let mut cap = total.div_ceil(gpus.max(1) as u64);
+    cap = cap.max(f.load.iter().copied().max().unwrap_or(0));
+    while !f.fill(cap) {
+        cap += 1;
+    }
+    fill_single_gpu_experts(plan, counts, &mut out);
+    for (j, holders) in f.holders.iter().enumerate() {
+        for (k, &(_, i)) in holders.iter().enumerate() {
+            out[i] = f.flow[j][k] as u32;
+        }
+    }
+    debug_assert_eq!(ids.len(), f.holders.len());
+    out
+}
+
+/// Tokens of experts held on one GPU only go to their first instance.
+fn fill_single_gpu_experts(plan: &LayerPlan, counts: &[u32], out: &mut [u32]) {
+    let mut first: Vec<Option<(u32, usize)>> = vec![None; counts.len()];
+    let mut multi = vec![false; counts.len()];
+    for (i, inst) in plan.instances.iter().enumerate() {
+        let e = inst.expert as usize;
+        match first[e] {
+            None => first[e] = Some((inst.gpu, i)),
+            Some((g, _)) if g != inst.gpu => multi[e] = true,
+            _ => {}
+        }
+    }
+    for (e, f) in first.iter().enumerate() {
+        if let (Some((_, i)), false) = (f, multi[e]) {
+            out[*i] = counts[e];
+        }
+    }
+}
+
+/// The smallest possible maximum GPU load when each expert's `counts` may be split across its
+/// instances in any real proportions, with shares that reach it (aligned with `plan.instances`).
+/// Exact: the optimum is `a / b` with `b` a number of GPUs (it is the load of some set of
+/// experts over the GPUs holding them), and lies within one token below the integer optimum,
+/// so a binary search over those fractions with integer flows (amounts scaled by `b`) finds it.
+pub fn min_max_fractional_split(plan: &LayerPlan, counts: &[u32], gpus: usize) -> (f64, Vec<f64>) {
+    let int_tokens = min_max_token_split(plan, counts, gpus);
+    let mut int_load = vec![0u64; gpus];
+    for (inst, &n) in plan.instances.iter().zip(&int_tokens) {
+        int_load[inst.gpu as usize] += u64::from(n);
+    }
+    let m_int = int_load.iter().copied().max().unwrap_or(0);
+    let share_of = |tokens: &[f64]| -> Vec<f64> {
+        let rc = plan.replica_counts(counts.len());
+        plan.instances
+            .iter()
+            .zip(tokens)
+            .map(|(i, &n)| match counts[i.expert as usize] {
+                0 => 1.0 / f64::from(rc[i.expert as usize]),
+                c => n / f64::from(c),
+            })
+            .collect()
+    };
+    let int_shares = || share_of(&int_tokens.iter().map(|&n| f64::from(n)).collect::<Vec<_>>());
+    if m_int == 0 {
+        return (0.0, int_shares());
+    }
+    // Candidates a / b in (m_int - 1, m_int], ascending, deduplicated.
+    let mut cand: Vec<(u64, u64)> = Vec::new();
+    for b in 1..=gpus as u64 {
+        for a in ((m_int - 1) * b + 1)..=(m_int * b) {
+            cand.push((a, b));
+        }
+    }
+    cand.sort_by(|x, y| (x.0 * y.1).cmp(&(y.0 * x.1)));
+    cand.dedup_by(|x, y| x.0 * y.1 == y.0 * x.1);
+    let (mut lo, mut hi) = (0usize, cand.len() - 1); // cand[hi] = m_int / 1 is feasible
+    let mut best: Option<(DispatchFlow, Vec<usize>, u64)> = None;
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        let (a, b) = cand[mid];
+        let (mut f, ids, _) = DispatchFlow::new(plan, counts, gpus, b);
+        let fixed_ok = f.load.iter().all(|&l| l <= a);
+        if fixed_ok && f.fill(a) {
+            hi = mid;
+            best = Some((f, ids, b));
+        } else {
+            lo = mid + 1;
+        }
+    }
+    // `best` is the flow found for `cand[hi]` whenever the search lowered `hi`.
+    let (a, b) = cand[hi];
+    let Some((f, ids, scale)) = best else {
+        return (m_int as f64, int_shares());
+    };
+    let mut tokens = vec![0.0; plan.instances.len()];
+    let mut whole = vec![0u32; plan.instances.len()];
+    fill_single_gpu_experts(plan, counts, &mut whole);
+    for (t, &w) in tokens.iter_mut().zip(&whole) {
+        *t = f64::from(w);
+    }
+    debug_assert_eq!(ids.len(), f.holders.len());
+    for (j, holders) in f.holders.iter().enumerate() {
+        for (k, &(_, i)) in holders.iter().enumerate() {
+            tokens[i] = f.flow[j][k] as f64 / scale as f64;
+        }
+    }
+    (a as f64 / b as f64, share_of(&tokens))
 }
 
 /// Shares that minimise the maximum GPU load for given `loads`: for each replicated expert,
@@ -300,5 +553,142 @@ mod tests {
         assert!(LoadMatrix::new(vec![vec![1.0], vec![-1.0]]).is_err());
         assert!(LoadMatrix::new(vec![vec![1.0], vec![1.0, 2.0]]).is_err());
         assert!(LoadMatrix::new(vec![]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod dispatch_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn plan_of(pairs: &[(u32, u32)]) -> LayerPlan {
+        LayerPlan {
+            instances: pairs
+                .iter()
+                .map(|&(expert, gpu)| Instance {
+                    expert,
+                    gpu,
+                    share: 0.0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Smallest max GPU load over every integer split, by enumeration.
+    fn brute_force(plan: &LayerPlan, counts: &[u32], gpus: usize) -> u32 {
+        fn go(e: usize, holders: &[Vec<usize>], counts: &[u32], load: &mut Vec<u32>, best: &mut u32) {
+            if e == counts.len() {
+                *best = (*best).min(*load.iter().max().unwrap());
+                return;
+            }
+            if counts[e] == 0 || holders[e].is_empty() {
+                return go(e + 1, holders, counts, load, best);
+            }
+            // Every way to put counts[e] tokens on the holder GPUs.
+            fn spread(
+                k: usize,
+                left: u32,
+                e: usize,
+                holders: &[Vec<usize>],
+                counts: &[u32],
+                load: &mut Vec<u32>,
+                best: &mut u32,
+            ) {
+                let h = &holders[e];
+                if k + 1 == h.len() {
+                    load[h[k]] += left;
+                    go(e + 1, holders, counts, load, best);
+                    load[h[k]] -= left;
+                    return;
+                }
+                for n in 0..=left {
+                    load[h[k]] += n;
+                    spread(k + 1, left - n, e, holders, counts, load, best);
+                    load[h[k]] -= n;
+                }
+            }
+            spread(0, counts[e], e, holders, counts, load, best);
+        }
+        let mut holders = vec![Vec::new(); counts.len()];
+        for i in &plan.instances {
+            if !holders[i.expert as usize].contains(&(i.gpu as usize)) {
+                holders[i.expert as usize].push(i.gpu as usize);
+            }
+        }
+        let mut best = u32::MAX;
+        go(0, &holders, counts, &mut vec![0; gpus], &mut best);
+        best
+    }
+
+    fn case() -> impl Strategy<Value = (usize, Vec<(u32, u32)>, Vec<u32>)> {
+        (1usize..4, 1usize..5).prop_flat_map(|(gpus, experts)| {
+            (
+                Just(gpus),
+                prop::collection::vec((0..experts as u32, 0..gpus as u32), experts..experts + 5).prop_map(
+                    move |mut v| {
+                        // Every expert keeps at least one instance.
+                        for (e, pair) in v.iter_mut().enumerate().take(experts) {
+                            pair.0 = e as u32;
+                        }
+                        v
+                    },
+                ),
+                prop::collection::vec(0u32..6, experts),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn integer_split_is_optimal_and_complete((gpus, pairs, counts) in case()) {
+            let plan = plan_of(&pairs);
+            let tok = min_max_token_split(&plan, &counts, gpus);
+            let mut per_expert = vec![0u32; counts.len()];
+            let mut load = vec![0u32; gpus];
+            for (i, &n) in plan.instances.iter().zip(&tok) {
+                per_expert[i.expert as usize] += n;
+                load[i.gpu as usize] += n;
+            }
+            prop_assert_eq!(&per_expert, &counts);
+            prop_assert_eq!(*load.iter().max().unwrap(), brute_force(&plan, &counts, gpus));
+        }
+
+        #[test]
+        fn fractional_split_is_feasible_and_tight((gpus, pairs, counts) in case()) {
+            let plan = plan_of(&pairs);
+            let (m, shares) = min_max_fractional_split(&plan, &counts, gpus);
+            let rc = plan.replica_counts(counts.len());
+            let mut sum = vec![0.0; counts.len()];
+            let mut load = vec![0.0; gpus];
+            for (i, &s) in plan.instances.iter().zip(&shares) {
+                prop_assert!(s >= 0.0);
+                sum[i.expert as usize] += s;
+                load[i.gpu as usize] += s * f64::from(counts[i.expert as usize]);
+            }
+            for (e, s) in sum.iter().enumerate() {
+                prop_assert!(rc[e] == 0 || (s - 1.0).abs() < 1e-9, "expert {} shares sum {}", e, s);
+            }
+            let max = load.iter().fold(0.0f64, |a, &b| a.max(b));
+            prop_assert!((max - m).abs() < 1e-9, "claimed {} reached {}", m, max);
+            let total: u32 = counts.iter().sum();
+            prop_assert!(m + 1e-9 >= f64::from(total) / gpus as f64);
+            // Integrality of bipartite flows: the integer optimum is the fractional one rounded up.
+            let int = f64::from(brute_force(&plan, &counts, gpus));
+            prop_assert!((m - 1e-9).ceil() == int, "fractional {} integer {}", m, int);
+        }
+    }
+
+    #[test]
+    fn replicas_absorb_a_hot_expert() {
+        // Expert 0 (9 tokens) on GPUs 0 and 1, expert 1 (3 tokens) alone on GPU 0.
+        let plan = plan_of(&[(0, 0), (0, 1), (1, 0)]);
+        let tok = min_max_token_split(&plan, &[9, 3], 2);
+        assert_eq!(tok, vec![3, 6, 3]);
+        let (m, _) = min_max_fractional_split(&plan, &[9, 3], 2);
+        assert_eq!(m, 6.0);
+        let (m, _) = min_max_fractional_split(&plan, &[8, 3], 2);
+        assert_eq!(m, 5.5);
     }
 }

@@ -365,10 +365,10 @@ impl PredictorKind {
         match self {
             PredictorKind::Decayed => Box::new(DecayedHistory::new(layers, experts, 0.95)),
             PredictorKind::Window => Box::new(SlidingWindow::new(layers, experts, 50)),
-            PredictorKind::Temporal => Box::new(Temporal::new(layers, experts, 0.9, 0.5)),
+            PredictorKind::Temporal => Box::new(Temporal::new(layers, experts, 0.9, 0.3)),
             PredictorKind::Affinity => Box::new(CrossLayerAffinity::new(layers, experts, top_k, 0.95, 4.0)),
             PredictorKind::Combined => Box::new(Combined::new(vec![
-                (0.6, Box::new(Temporal::new(layers, experts, 0.9, 0.5))),
+                (0.6, Box::new(Temporal::new(layers, experts, 0.9, 0.3))),
                 (
                     0.4,
                     Box::new(CrossLayerAffinity::new(layers, experts, top_k, 0.95, 4.0)),

@@ -6,7 +6,10 @@
 //! that is a cold-start stall, counted and charged to the layer-time proxy.
 
 use crate::eplb::{rebalance_experts, EplbShape};
-use crate::plan::{split_tokens, static_ep, water_fill_shares, Instance, LayerPlan, PlanError};
+use crate::plan::{
+    min_max_fractional_split, min_max_token_split, split_tokens, static_ep, water_fill_shares, Instance, LayerPlan,
+    PlanError,
+};
 use crate::predict::{LoadPredictor, PredictorKind, SlidingWindow};
 use crate::trace::Step;
 
@@ -99,6 +102,9 @@ pub struct ReplayConfig {
     pub fluid_tokens: f64,
     /// Keep the plan used at every (step, layer) in the report.
     pub record_plans: bool,
+    /// Give static, EPLB and the oracle MoEless's min-max dispatch over routed counts instead of
+    /// equal shares per replica (an ablation; the faithful baselines use equal shares).
+    pub baseline_min_max_dispatch: bool,
 }
 
 impl ReplayConfig {
@@ -115,11 +121,12 @@ impl ReplayConfig {
             eplb_decay: None,
             eplb_groups: 1,
             eplb_nodes: 1,
-            predictor: PredictorKind::Combined,
+            predictor: PredictorKind::Temporal,
             dispatch: DispatchMode::Routed,
             balance_tolerance: 1.05,
             fluid_tokens: 1.0,
             record_plans: false,
+            baseline_min_max_dispatch: false,
         }
     }
 }
@@ -379,14 +386,28 @@ pub fn replay(
                     })
                     .collect(),
             };
+            // `frac_shares`: the same instances with exactly divisible tokens (the fractional
+            // metric); `shares`: what integer dispatch actually used.
+            let mut frac_shares: Option<Vec<f64>> = None;
+            let min_max = match policy {
+                PolicyKind::Moeless => cfg.dispatch == DispatchMode::Routed,
+                _ => cfg.baseline_min_max_dispatch,
+            };
             let shares: Vec<f64> = match policy {
-                PolicyKind::Moeless => {
-                    let basis: Vec<f64> = match cfg.dispatch {
-                        DispatchMode::Routed => counts.iter().map(|&c| c as f64).collect(),
-                        DispatchMode::Predicted => predicted.clone(),
-                    };
-                    water_fill_shares(&plan, &basis, g)
+                _ if min_max => {
+                    frac_shares = Some(min_max_fractional_split(&plan, counts, g).1);
+                    let tok = min_max_token_split(&plan, counts, g);
+                    let rc = plan.replica_counts(num_experts);
+                    plan.instances
+                        .iter()
+                        .zip(&tok)
+                        .map(|(i, &n)| match counts[i.expert as usize] {
+                            0 => 1.0 / rc[i.expert as usize] as f64,
+                            c => n as f64 / c as f64,
+                        })
+                        .collect()
                 }
+                PolicyKind::Moeless => water_fill_shares(&plan, &predicted, g),
                 _ => {
                     let rc = plan.replica_counts(num_experts);
                     plan.instances
@@ -398,6 +419,7 @@ pub fn replay(
             for (inst, s) in plan.instances.iter_mut().zip(&shares) {
                 inst.share = *s;
             }
+            let frac_shares = frac_shares.unwrap_or_else(|| shares.clone());
             for v in idx_by_expert.iter_mut() {
                 v.clear();
             }
@@ -439,7 +461,7 @@ pub fn replay(
                 for (&i, &n) in idx.iter().zip(&split) {
                     let gpu = plan.instances[i].gpu as usize;
                     gpu_tok[gpu] += n;
-                    gpu_frac[gpu] += c as f64 * plan.instances[i].share;
+                    gpu_frac[gpu] += c as f64 * frac_shares[i];
                 }
             }
             let total: u32 = gpu_tok.iter().sum();

@@ -63,7 +63,15 @@ fn llama4_trace_replays_with_expected_baselines() {
         oracle.balancedness_fractional
     );
     assert!(moeless.balancedness_mean > eplb.balancedness_mean + 0.2);
-    assert!(moeless.balancedness_mean < oracle.balancedness_mean);
+    // The target, in whole tokens and with fractional splits; the oracle (EPLB on each
+    // step's true loads) stays ahead with fractional splits, its equal shares cost it whole tokens.
+    assert!(
+        moeless.balancedness_mean >= 0.85,
+        "moeless {}",
+        moeless.balancedness_mean
+    );
+    assert!(moeless.balancedness_fractional >= 0.85);
+    assert!(moeless.balancedness_fractional < oracle.balancedness_fractional);
     assert!(moeless.instance_slot_steps <= eplb.instance_slot_steps);
     assert_eq!(moeless.cold_start_stalls, 0);
     assert!(moeless.peak_gpu_slots <= 18);

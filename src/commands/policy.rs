@@ -95,7 +95,7 @@ pub struct TuningArgs {
     #[arg(long, env = "MOELESS_EPLB_NODES", default_value_t = 1)]
     pub eplb_nodes: usize,
     /// MoEless predictor: decayed, window, temporal, affinity, combined.
-    #[arg(long, env = "MOELESS_PREDICTOR", default_value = "combined")]
+    #[arg(long, env = "MOELESS_PREDICTOR", default_value = "temporal")]
     pub predictor: String,
     /// MoEless dispatch shares from the layer's router output (`routed`) or the prediction.
     #[arg(long, env = "MOELESS_DISPATCH", default_value = "routed")]
@@ -107,6 +107,10 @@ pub struct TuningArgs {
     /// (0 disables), giving routed dispatch load it can move.
     #[arg(long, env = "MOELESS_FLUID_TOKENS", default_value_t = 1.0)]
     pub fluid_tokens: f64,
+    /// Ablation: give static, EPLB and the oracle MoEless's min-max dispatch over routed counts
+    /// instead of equal shares per replica.
+    #[arg(long, env = "MOELESS_BASELINE_MIN_MAX_DISPATCH")]
+    pub baseline_min_max_dispatch: bool,
 }
 
 impl TuningArgs {
@@ -139,6 +143,7 @@ impl TuningArgs {
             bail!("--fluid-tokens must be finite and >= 0");
         }
         c.fluid_tokens = self.fluid_tokens;
+        c.baseline_min_max_dispatch = self.baseline_min_max_dispatch;
         Ok(c)
     }
 }
