@@ -7,7 +7,9 @@ pub mod eplb;
 pub mod plan;
 pub mod predict;
 pub mod replay;
+pub mod synth;
 pub mod trace;
+pub mod trace_formats;
 pub mod types;
 
 pub use plan::{Instance, LayerPlan, LoadMatrix, Plan, PlanError};
