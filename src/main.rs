@@ -23,6 +23,9 @@ enum Command {
     Replay(commands::policy::ReplayArgs),
     /// Accuracy of the load predictors on a routing trace.
     PredictEval(commands::policy::PredictEvalArgs),
+    /// Benchmarks (results belong in docs/PERFORMANCE.md).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Plan(a) => commands::policy::plan(a),
         Command::Replay(a) => commands::policy::run_replay(a),
         Command::PredictEval(a) => commands::policy::predict_eval(a),
+        Command::Bench(c) => commands::bench::run(c),
     }
 }

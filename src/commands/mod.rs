@@ -1,4 +1,5 @@
 //! One module per subcommand family; each turns parsed arguments into library calls.
 
+pub mod bench;
 pub mod engine;
 pub mod policy;

@@ -1,0 +1,272 @@
+//! `moeless bench engine`: decode and prefill throughput of the engine on a generated
+//! Mixtral-shaped checkpoint, side by side with candle-transformers' Mixtral on the same
+//! checkpoint (with the `candle` feature), and the fraction of the memory-bandwidth roofline
+//! reached at batch 1.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use data_plane::config::Arch;
+use data_plane::engine::{argmax, read_config, Engine};
+use data_plane::model::LogitsWanted;
+use data_plane::testing::{write_random_checkpoint, ModelShape, SaveDtype};
+use serde_json::json;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Engine throughput against candle-transformers' Mixtral and the bandwidth roofline.
+    Engine(EngineBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EngineBenchArgs {
+    #[arg(long, default_value_t = 2048)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 8)]
+    pub experts: usize,
+    #[arg(long, default_value_t = 2)]
+    pub top_k: usize,
+    /// Expert FFN (intermediate) size.
+    #[arg(long, default_value_t = 7168)]
+    pub ffn: usize,
+    #[arg(long, default_value_t = 32000)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 4)]
+    pub kv_heads: usize,
+    /// Weight types to measure (comma-separated: f32, bf16).
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+    pub dtypes: Vec<String>,
+    /// Decode batch sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batches: Vec<usize>,
+    /// Prompt length of the prefill measurement (one sequence).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Decode steps timed per repetition.
+    #[arg(long, default_value_t = 8)]
+    pub decode_steps: usize,
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Where generated checkpoints are kept (reused when the shape matches).
+    #[arg(long, default_value = "target/bench-models")]
+    pub dir: PathBuf,
+    /// Skip the candle-transformers peer even when it is compiled in.
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Engine(a) => engine(a),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Copy bandwidth in bytes/s (bytes read plus bytes written, the STREAM convention), median
+/// of several 256 MiB copies.
+fn memcpy_bandwidth() -> f64 {
+    let n = 64 << 20; // f32 elements = 256 MiB
+    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut dst = vec![0.0f32; n];
+    let mut rates = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        let s = t.elapsed().as_secs_f64();
+        std::hint::black_box(&dst);
+        rates.push(2.0 * (n * 4) as f64 / s);
+    }
+    median(rates)
+}
+
+fn shape_of(a: &EngineBenchArgs) -> ModelShape {
+    ModelShape {
+        vocab: a.vocab,
+        hidden: a.hidden,
+        layers: a.layers,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        head_dim: a.hidden / a.heads,
+        experts: a.experts,
+        top_k: a.top_k,
+        expert_intermediate: a.ffn,
+        dense_intermediate: a.ffn,
+        max_positions: 4096,
+    }
+}
+
+/// Generates the checkpoint unless one of the same shape is already there.
+fn ensure_checkpoint(dir: &Path, shape: &ModelShape, dtype: SaveDtype) -> anyhow::Result<()> {
+    if let Ok(cfg) = read_config(dir) {
+        if cfg.hidden_size == shape.hidden
+            && cfg.num_layers == shape.layers
+            && cfg.moe.num_experts == shape.experts
+            && cfg.moe.expert_intermediate == shape.expert_intermediate
+            && cfg.vocab_size == shape.vocab
+            && cfg.num_kv_heads == shape.kv_heads
+            && dir.join("model.safetensors").exists()
+        {
+            eprintln!("  reusing checkpoint {}", dir.display());
+            return Ok(());
+        }
+    }
+    eprintln!("  generating checkpoint {} ...", dir.display());
+    let t = Instant::now();
+    write_random_checkpoint(dir, Arch::Mixtral, shape, 1234, dtype)
+        .with_context(|| format!("generating {}", dir.display()))?;
+    eprintln!("  generated in {:.1} s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Parameters read per decoded token at batch 1 (top-k experts per layer, not all).
+fn params_per_token(s: &ModelShape) -> (f64, f64) {
+    let h = s.hidden as f64;
+    let attn = h * (s.heads * s.head_dim) as f64 * 2.0 + h * (s.kv_heads * s.head_dim) as f64 * 2.0;
+    let router = h * s.experts as f64;
+    let expert = 3.0 * h * s.expert_intermediate as f64;
+    let non_expert = s.layers as f64 * (attn + router) + s.vocab as f64 * h;
+    (non_expert, s.layers as f64 * s.top_k as f64 * expert)
+}
+
+fn prompts(batch: usize, len: usize, vocab: usize, salt: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|b| (0..len).map(|i| ((i * 7919 + b * 104729 + salt * 31) % vocab) as u32).collect())
+        .collect()
+}
+
+/// Decode tokens/s of our engine: prefill `batch` short prompts, then time `steps` batched steps.
+fn ours_decode(engine: &Engine, batch: usize, steps: usize, vocab: usize, rep: usize) -> anyhow::Result<f64> {
+    let ps = prompts(batch, 16, vocab, rep);
+    let mut caches: Vec<_> = ps.iter().map(|_| engine.new_cache()).collect();
+    let toks: Vec<&[u32]> = ps.iter().map(|p| p.as_slice()).collect();
+    let (logits, _) = engine.step(&mut caches, &toks, LogitsWanted::Last)?;
+    let mut next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l.row(0))]).collect();
+    let t = Instant::now();
+    for _ in 0..steps {
+        let toks: Vec<&[u32]> = next.iter().map(|n| n.as_slice()).collect();
+        let (logits, _) = engine.step(&mut caches, &toks, LogitsWanted::Last)?;
+        next = logits.iter().map(|l| [argmax(l.row(0))]).collect();
+    }
+    Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn ours_prefill(engine: &Engine, len: usize, vocab: usize, rep: usize) -> anyhow::Result<f64> {
+    let ps = prompts(1, len, vocab, rep + 1000);
+    let mut caches = vec![engine.new_cache()];
+    let t = Instant::now();
+    engine.step(&mut caches, &[&ps[0]], LogitsWanted::Last)?;
+    Ok(len as f64 / t.elapsed().as_secs_f64())
+}
+
+#[cfg(feature = "candle")]
+fn peer(dir: &Path, dtype: SaveDtype, batch: usize, a: &EngineBenchArgs, prefill: bool) -> anyhow::Result<Option<f64>> {
+    use candle_mixtral_peer::{run_mixtral, PeerDtype};
+    if a.no_peer {
+        return Ok(None);
+    }
+    let d = if dtype == SaveDtype::Bf16 { PeerDtype::Bf16 } else { PeerDtype::F32 };
+    if prefill {
+        Ok(Some(run_mixtral(dir, d, 1, a.prompt_len, 1, a.repeats)?.prefill_tokens_per_s))
+    } else {
+        Ok(Some(run_mixtral(dir, d, batch, 16, a.decode_steps, a.repeats)?.decode_tokens_per_s))
+    }
+}
+
+#[cfg(not(feature = "candle"))]
+fn peer(_: &Path, _: SaveDtype, _: usize, _: &EngineBenchArgs, _: bool) -> anyhow::Result<Option<f64>> {
+    Ok(None)
+}
+
+fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
+    if a.heads == 0 || a.hidden % a.heads != 0 {
+        anyhow::bail!("--hidden {} must be a multiple of --heads {}", a.hidden, a.heads);
+    }
+    let shape = shape_of(&a);
+    if !cfg!(feature = "candle") {
+        eprintln!("note: built without the `candle` feature; the candle-transformers peer is not measured");
+        eprintln!("      (cargo run --release --features candle -- bench engine)");
+    }
+    eprintln!("measuring memory copy bandwidth ...");
+    let bw = memcpy_bandwidth();
+    eprintln!("  {:.2} GB/s (read + write)", bw / 1e9);
+    let (non_expert, expert) = params_per_token(&shape);
+    let mut results = Vec::new();
+    println!("| dtype | measure | MoEless tok/s | candle tok/s | ratio |");
+    println!("|---|---|---|---|---|");
+    for dt in &a.dtypes {
+        let dtype = match dt.as_str() {
+            "f32" => SaveDtype::F32,
+            "bf16" => SaveDtype::Bf16,
+            other => anyhow::bail!("unknown dtype '{other}' (f32, bf16)"),
+        };
+        eprintln!("[{dt}] checkpoint");
+        let dir = a.dir.join(format!(
+            "mixtral-h{}-l{}-e{}-f{}-{dt}",
+            a.hidden, a.layers, a.experts, a.ffn
+        ));
+        ensure_checkpoint(&dir, &shape, dtype)?;
+        eprintln!("[{dt}] loading MoEless engine ...");
+        let engine = Engine::load_local(&dir).with_context(|| format!("loading {}", dir.display()))?;
+        let bytes_per_param = if dtype == SaveDtype::Bf16 { 2.0 } else { 4.0 };
+        let mut measures: Vec<(String, usize, bool)> = a.batches.iter().map(|&b| (format!("decode b={b}"), b, false)).collect();
+        measures.push((format!("prefill {} tokens", a.prompt_len), 1, true));
+        for (name, batch, is_prefill) in measures {
+            eprintln!("[{dt}] {name}: MoEless x{} ...", a.repeats);
+            let mut ours = Vec::new();
+            for rep in 0..a.repeats {
+                ours.push(if is_prefill {
+                    ours_prefill(&engine, a.prompt_len, a.vocab, rep)?
+                } else {
+                    ours_decode(&engine, batch, a.decode_steps, a.vocab, rep)?
+                });
+            }
+            let ours = median(ours);
+            eprintln!("[{dt}] {name}: candle ...");
+            let theirs = peer(&dir, dtype, batch, &a, is_prefill)?;
+            let ratio = theirs.map(|t| ours / t);
+            println!(
+                "| {dt} | {name} | {ours:.2} | {} | {} |",
+                theirs.map(|t| format!("{t:.2}")).unwrap_or_else(|| "-".into()),
+                ratio.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into())
+            );
+            let mut row = json!({"dtype": dt, "measure": name, "batch": batch, "moeless_tokens_per_s": ours,
+                "candle_tokens_per_s": theirs, "ratio": ratio});
+            if !is_prefill && batch == 1 {
+                let bytes_per_token = (non_expert + expert) * bytes_per_param;
+                let frac = bytes_per_token * ours / bw;
+                row["bytes_per_token"] = json!(bytes_per_token);
+                row["roofline_fraction"] = json!(frac);
+                println!(
+                    "| {dt} | roofline b=1 | {:.1}% of {:.2} GB/s ({:.0} MB/token) | | |",
+                    frac * 100.0,
+                    bw / 1e9,
+                    bytes_per_token / 1e6
+                );
+            }
+            results.push(row);
+        }
+    }
+    if let Some(out) = &a.out {
+        let doc = json!({"memcpy_bytes_per_s": bw, "shape": format!("{shape:?}"), "results": results});
+        std::fs::write(out, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
