@@ -421,26 +421,47 @@ pub fn min_max_fractional_split(plan: &LayerPlan, counts: &[u32], gpus: usize) -
 pub fn water_fill_shares(plan: &LayerPlan, loads: &[f64], gpus: usize) -> Vec<f64> {
     let n = plan.instances.len();
     let mut shares = vec![0.0; n];
-    let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); loads.len()];
+    // Instances grouped by expert without a Vec per expert (this runs in the planner's loop).
+    // Counting sort by expert (stable: instance order within an expert is kept).
+    let mut offset = vec![0usize; loads.len() + 1];
+    for inst in &plan.instances {
+        offset[inst.expert as usize + 1] += 1;
+    }
+    for e in 0..loads.len() {
+        offset[e + 1] += offset[e];
+    }
+    let mut sorted = vec![0usize; n];
     for (i, inst) in plan.instances.iter().enumerate() {
-        by_expert[inst.expert as usize].push(i);
+        let o = &mut offset[inst.expert as usize];
+        sorted[*o] = i;
+        *o += 1;
+    }
+    let mut groups: Vec<(usize, usize)> = Vec::new(); // (start, end) in `sorted`
+    let mut start = 0;
+    while start < n {
+        let ex = plan.instances[sorted[start]].expert;
+        let mut end = start + 1;
+        while end < n && plan.instances[sorted[end]].expert == ex {
+            end += 1;
+        }
+        groups.push((start, end));
+        start = end;
     }
     let mut gpu = vec![0.0; gpus];
     let mut replicated = Vec::new();
-    for (e, idx) in by_expert.iter().enumerate() {
-        match idx.len() {
-            0 => {}
-            1 => {
-                shares[idx[0]] = 1.0;
-                gpu[plan.instances[idx[0]].gpu as usize] += loads[e];
-            }
-            _ => replicated.push(e),
+    for &(a, b) in &groups {
+        let e = plan.instances[sorted[a]].expert as usize;
+        if b - a == 1 {
+            shares[sorted[a]] = 1.0;
+            gpu[plan.instances[sorted[a]].gpu as usize] += loads[e];
+        } else {
+            replicated.push((e, a, b));
         }
     }
-    replicated.sort_by(|a, b| loads[*b].total_cmp(&loads[*a]).then(a.cmp(b)));
+    replicated.sort_by(|x, y| loads[y.0].total_cmp(&loads[x.0]).then(x.0.cmp(&y.0)));
     let mut levels: Vec<(f64, usize)> = Vec::new();
-    for e in replicated {
-        let idx = &by_expert[e];
+    for (e, a, b) in replicated {
+        let idx = &sorted[a..b];
         let total = loads[e];
         if total <= 0.0 {
             for &i in idx {

@@ -102,6 +102,9 @@ pub struct ReplayConfig {
     pub fluid_tokens: f64,
     /// Keep the plan used at every (step, layer) in the report.
     pub record_plans: bool,
+    /// MoEless instances per layer at most (`None`: every slot of every GPU), e.g. experts plus
+    /// redundant slots when that does not divide evenly over the GPUs.
+    pub instance_budget: Option<usize>,
     /// Give static, EPLB and the oracle MoEless's min-max dispatch over routed counts instead of
     /// equal shares per replica (an ablation; the faithful baselines use equal shares).
     pub baseline_min_max_dispatch: bool,
@@ -127,6 +130,7 @@ impl ReplayConfig {
             fluid_tokens: 1.0,
             record_plans: false,
             baseline_min_max_dispatch: false,
+            instance_budget: None,
         }
     }
 }
@@ -512,6 +516,52 @@ pub fn replay(
     Ok(report)
 }
 
+/// One MoEless plan from scratch for per-layer `loads` (predicted): start from static EP, run
+/// the scaling step of replay once per layer (no creation delay, nothing idle yet), then
+/// water-fill each expert's shares over its instances. What `moeless plan` times.
+pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Result<crate::plan::Plan, PlanError> {
+    let (g, e) = (cfg.gpus, loads.num_experts());
+    let budget = cfg.instance_budget.unwrap_or(usize::MAX).min(g * cfg.slots_per_gpu);
+    if g == 0 || budget < e {
+        return Err(PlanError::BudgetTooSmall {
+            gpus: g,
+            slots_per_gpu: cfg.slots_per_gpu,
+            total: budget,
+            experts: e,
+        });
+    }
+    let initial = static_ep(e, g)?;
+    let mut fleet = Fleet {
+        layers: vec![Vec::new()],
+        gpus: g,
+        slots_per_gpu: cfg.slots_per_gpu,
+        delay: 0,
+        created: 0,
+    };
+    let never_idle = vec![0usize; e];
+    let mut plan = crate::plan::Plan::default();
+    for l in 0..loads.num_layers() {
+        fleet.set_warm(0, &initial, 0);
+        scale_layer(&mut fleet, 0, loads.layer(l), 0, cfg, &never_idle);
+        let mut lp = LayerPlan {
+            instances: fleet.layers[0]
+                .iter()
+                .map(|s| Instance {
+                    expert: s.expert,
+                    gpu: s.gpu,
+                    share: 0.0,
+                })
+                .collect(),
+        };
+        let shares = water_fill_shares(&lp, loads.layer(l), g);
+        for (i, s) in lp.instances.iter_mut().zip(shares) {
+            i.share = s;
+        }
+        plan.layers.push(lp);
+    }
+    Ok(plan)
+}
+
 /// Free a slot for a cold start when every slot is taken: drop one replica (some expert must
 /// hold two, since there are at least as many slots as experts and this one holds none),
 /// preferring the least loaded GPU. Returns the GPU whose slot was freed.
@@ -607,7 +657,7 @@ fn scale_layer(
     }
 
     // Add replicas greedily where the predicted max is.
-    let budget = g * fleet.slots_per_gpu;
+    let budget = cfg.instance_budget.unwrap_or(usize::MAX).min(g * fleet.slots_per_gpu);
     let mut used: Vec<usize> = (0..g).map(|gp| fleet.used_on(layer, gp)).collect();
     // Bound the work per layer: at most one new replica per free slot.
     for _ in 0..budget {
@@ -656,6 +706,10 @@ fn scale_layer(
         let Some(dest) = dest else { break };
         // Only worth it if the destination has room below the hot GPU's load.
         if load[dest] + 1.0 > load[hot_gpu] {
+            break;
+        }
+        if fleet.layers[layer].len() >= budget && used[dest] < fleet.slots_per_gpu {
+            // The instance budget, not this GPU, is full: stop rather than churn replicas.
             break;
         }
         if used[dest] >= fleet.slots_per_gpu {
@@ -719,6 +773,9 @@ fn scale_layer(
             .filter(|&gp| used[gp] < fleet.slots_per_gpu && !holders[expert].contains(&(gp as u32)))
             .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
         let Some(dest) = dest else { break };
+        if fleet.layers[layer].len() >= budget {
+            break;
+        }
         fleet.create(layer, expert as u32, dest as u32, now, fleet.delay);
         used[dest] += 1;
         count[expert] += 1;

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use shared::eplb::{rebalance_experts, EplbShape};
 use shared::plan::{static_ep, LayerPlan, LoadMatrix};
 use shared::predict::PredictorKind;
-use shared::replay::{replay, PolicyKind, ReplayConfig, ReplayReport};
+use shared::replay::{moeless_plan, replay, PolicyKind, ReplayConfig, ReplayReport};
 use shared::trace::{Phase, Step, TokenTrace};
 
 #[derive(Args, Debug)]
@@ -35,6 +35,13 @@ pub struct PlanArgs {
     /// Output `{"layers": [{"instances": [{"expert", "gpu", "share"}]}]}`.
     #[arg(long, env = "MOELESS_OUT")]
     pub out: PathBuf,
+    /// MoEless: instances per layer at most (experts + redundant slots), when fewer than
+    /// GPUs x slots.
+    #[arg(long, env = "MOELESS_INSTANCE_BUDGET")]
+    pub instance_budget: Option<usize>,
+    /// Plan this many times and report the median and best planning time.
+    #[arg(long, env = "MOELESS_REPEAT", default_value_t = 1)]
+    pub repeat: usize,
 }
 
 #[derive(Args, Debug)]
@@ -62,6 +69,10 @@ pub struct ReplayArgs {
     /// One JSON line per (policy, step, layer) with the instances and shares used.
     #[arg(long, env = "MOELESS_DUMP_PLANS")]
     pub dump_plans: Option<PathBuf>,
+    /// Write SVG plots here: balancedness over steps per policy, and per policy a heatmap of
+    /// each layer's balancedness (mean/max GPU tokens) over steps.
+    #[arg(long, env = "MOELESS_PLOTS")]
+    pub plots: Option<PathBuf>,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -218,8 +229,32 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             a.slots_per_gpu
         );
     }
-    let start = Instant::now();
-    let layers: Vec<LayerPlan> = match policy {
+    let mut times = Vec::with_capacity(a.repeat.max(1));
+    let mut layers: Vec<LayerPlan> = Vec::new();
+    for _ in 0..a.repeat.max(1) {
+        let start = Instant::now();
+        layers = plan_once(&a, policy, &loads)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    write_json(
+        &a.out,
+        &json!({"layers": layers.iter().map(layer_plan_json).collect::<Vec<_>>()}),
+    )?;
+    eprintln!(
+        "planned {} layers x {e} experts on {} GPUs: median {:.3} ms, best {:.3} ms over {} runs",
+        layers.len(),
+        a.gpus,
+        times[times.len() / 2],
+        times[0],
+        times.len()
+    );
+    Ok(())
+}
+
+fn plan_once(a: &PlanArgs, policy: PolicyKind, loads: &LoadMatrix) -> Result<Vec<LayerPlan>> {
+    let e = loads.num_experts();
+    Ok(match policy {
         PolicyKind::Static => {
             let p = static_ep(e, a.gpus)?;
             vec![p; loads.num_layers()]
@@ -239,23 +274,15 @@ pub fn plan(a: PlanArgs) -> Result<()> {
                 })
                 .collect::<Result<_>>()?
         }
-        other => bail!(
-            "`plan` supports static and eplb; {} needs a trace (use `replay`)",
-            other.label()
-        ),
-    };
-    let elapsed = start.elapsed();
-    write_json(
-        &a.out,
-        &json!({"layers": layers.iter().map(layer_plan_json).collect::<Vec<_>>()}),
-    )?;
-    eprintln!(
-        "planned {} layers x {e} experts on {} GPUs in {:.3} ms",
-        layers.len(),
-        a.gpus,
-        elapsed.as_secs_f64() * 1e3
-    );
-    Ok(())
+        PolicyKind::Moeless => {
+            let mut cfg = ReplayConfig::new(a.gpus, a.slots_per_gpu);
+            cfg.instance_budget = a.instance_budget;
+            moeless_plan(loads, &cfg).context("planning MoEless instances")?.layers
+        }
+        PolicyKind::Oracle => {
+            bail!("`plan` supports static, eplb and moeless; the oracle needs a trace (use `replay`)")
+        }
+    })
 }
 
 fn parse_policies(names: &[String]) -> Result<Vec<PolicyKind>> {
@@ -306,6 +333,7 @@ pub fn run_replay(a: ReplayArgs) -> Result<()> {
         None => None,
     };
     let mut reports = Vec::new();
+    let mut runs: Vec<ReplayReport> = Vec::new();
     for p in policies {
         let start = Instant::now();
         let r = replay(&steps, trace.num_experts, trace.top_k, p, &cfg)
@@ -337,9 +365,13 @@ pub fn run_replay(a: ReplayArgs) -> Result<()> {
         v["step_balancedness"] = json!(r.step_balancedness);
         v["gpu_tokens"] = json!(r.gpu_tokens);
         reports.push(v);
+        runs.push(r);
     }
     if let Some(mut w) = dump {
         w.flush().context("writing the plan dump")?;
+    }
+    if let Some(dir) = &a.plots {
+        write_plots(dir, &runs, a.gpus)?;
     }
     write_json(
         &a.out,
@@ -396,4 +428,88 @@ pub fn predict_eval(a: PredictEvalArgs) -> Result<()> {
             "predictors": out,
         }),
     )
+}
+
+/// Hand-written SVG (no plotting dependency): one line chart of per-step balancedness for all
+/// policies, and one heatmap per policy of layer balancedness (rows: layers, columns: steps).
+fn write_plots(dir: &Path, runs: &[ReplayReport], gpus: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    const COLORS: [&str; 6] = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
+    let (w, h, m) = (900.0, 400.0, 50.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" \
+         font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{m}\" y=\"20\">balancedness (mean/max GPU tokens, mean over layers) per step</text>\n"
+    );
+    for t in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let y = h - m - t * (h - 2.0 * m);
+        svg += &format!(
+            "<line x1=\"{m}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#ddd\"/><text x=\"10\" y=\"{}\">{t:.2}</text>\n",
+            w - m,
+            y + 4.0
+        );
+    }
+    for (k, r) in runs.iter().enumerate() {
+        let n = r.step_balancedness.len().max(2) - 1;
+        let pts: Vec<String> = r
+            .step_balancedness
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let x = m + i as f64 / n as f64 * (w - 2.0 * m);
+                let y = h - m - b.clamp(0.0, 1.0) * (h - 2.0 * m);
+                format!("{x:.1},{y:.1}")
+            })
+            .collect();
+        let c = COLORS[k % COLORS.len()];
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1\" points=\"{}\"/>\n\
+             <text x=\"{}\" y=\"{}\" fill=\"{c}\">{} ({:.3})</text>\n",
+            pts.join(" "),
+            w - m - 150.0,
+            m + 15.0 * k as f64,
+            r.policy,
+            r.balancedness_mean
+        );
+    }
+    svg += &format!("<text x=\"{}\" y=\"{}\">step</text>\n</svg>\n", w / 2.0, h - 15.0);
+    let path = dir.join("balancedness_over_steps.svg");
+    std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+
+    for r in runs {
+        let (steps, layers) = (r.gpu_tokens.len(), r.layers);
+        let cw = (800.0 / steps.max(1) as f64).max(0.5);
+        let ch = 12.0;
+        let (pw, ph) = (m + cw * steps as f64 + 20.0, 40.0 + ch * layers as f64 + 30.0);
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{pw:.0}\" height=\"{ph:.0}\" \
+             font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{m}\" y=\"20\">{}: layer balancedness per step (dark = max GPU far above mean)</text>\n",
+            r.policy
+        );
+        for l in 0..layers {
+            let y = 30.0 + ch * l as f64;
+            svg += &format!("<text x=\"5\" y=\"{:.1}\">L{l}</text>\n", y + ch - 2.0);
+            for (t, per_layer) in r.gpu_tokens.iter().enumerate() {
+                let g = &per_layer[l];
+                let total: u32 = g.iter().sum();
+                let max = g.iter().copied().max().unwrap_or(0);
+                let b = if max == 0 {
+                    1.0
+                } else {
+                    f64::from(total) / gpus as f64 / f64::from(max)
+                };
+                let v = (255.0 * b.clamp(0.0, 1.0)) as u8;
+                svg += &format!(
+                    "<rect x=\"{:.2}\" y=\"{y:.1}\" width=\"{:.2}\" height=\"{ch}\" fill=\"rgb(255,{v},{v})\"/>\n",
+                    m + cw * t as f64,
+                    cw + 0.05
+                );
+            }
+        }
+        svg += "</svg>\n";
+        let path = dir.join(format!("layer_heatmap_{}.svg", r.policy));
+        std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
