@@ -120,34 +120,48 @@ pub mod simd {
             _mm_cvtss_f32(s)
         }
 
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-            let n = a.len().min(b.len());
-            let (pa, pb) = (a.as_ptr(), b.as_ptr());
-            let mut acc = [_mm256_setzero_ps(); 4];
+        /// `sum_i a[i] * b(i)` over `n` elements, where `load_b(i)` yields `b[i..i + 8]` as f32 and
+        /// `tail_b(i)` a single element.
+        #[inline(always)]
+        unsafe fn dot_with(
+            a: &[f32],
+            n: usize,
+            load_b: impl Fn(usize) -> __m256,
+            tail_b: impl Fn(usize) -> f32,
+        ) -> f32 {
+            let pa = a.as_ptr();
+            // SAFETY (all loads below): every index read is < n <= a.len().
+            let mut acc = [unsafe { _mm256_setzero_ps() }; 4];
             let mut i = 0;
             while i + 32 <= n {
                 for (k, ac) in acc.iter_mut().enumerate() {
-                    // SAFETY: i + 8k + 8 <= n.
-                    let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(i + 8 * k)), _mm256_loadu_ps(pb.add(i + 8 * k))) };
-                    *ac = _mm256_fmadd_ps(x, y, *ac);
+                    *ac = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * k)), load_b(i + 8 * k), *ac) };
                 }
                 i += 32;
             }
             while i + 8 <= n {
-                // SAFETY: i + 8 <= n.
-                let (x, y) = unsafe { (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i))) };
-                acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
+                acc[0] = unsafe { _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load_b(i), acc[0]) };
                 i += 8;
             }
-            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            // SAFETY: the function's features are enabled here.
-            let mut s = unsafe { hsum(v) };
+            let mut s = unsafe {
+                hsum(_mm256_add_ps(
+                    _mm256_add_ps(acc[0], acc[1]),
+                    _mm256_add_ps(acc[2], acc[3]),
+                ))
+            };
             while i < n {
-                s += a[i] * b[i];
+                s += a[i] * tail_b(i);
                 i += 1;
             }
             s
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let pb = b.as_ptr();
+            // SAFETY: dot_with reads b only below n.
+            unsafe { dot_with(a, n, |i| _mm256_loadu_ps(pb.add(i)), |i| b[i]) }
         }
 
         #[target_feature(enable = "avx2,fma")]
@@ -160,31 +174,9 @@ pub mod simd {
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
             let n = x.len().min(w.len());
-            let (px, pw) = (x.as_ptr(), w.as_ptr());
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut i = 0;
-            while i + 32 <= n {
-                for (k, ac) in acc.iter_mut().enumerate() {
-                    // SAFETY: i + 8k + 8 <= n.
-                    let (a, b) = unsafe { (_mm256_loadu_ps(px.add(i + 8 * k)), load_bf16(pw.add(i + 8 * k))) };
-                    *ac = _mm256_fmadd_ps(a, b, *ac);
-                }
-                i += 32;
-            }
-            while i + 8 <= n {
-                // SAFETY: i + 8 <= n.
-                let (a, b) = unsafe { (_mm256_loadu_ps(px.add(i)), load_bf16(pw.add(i))) };
-                acc[0] = _mm256_fmadd_ps(a, b, acc[0]);
-                i += 8;
-            }
-            let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            // SAFETY: the function's features are enabled here.
-            let mut s = unsafe { hsum(v) };
-            while i < n {
-                s += x[i] * super::bf16_to_f32(w[i]);
-                i += 1;
-            }
-            s
+            let pw = w.as_ptr();
+            // SAFETY: dot_with reads w only below n.
+            unsafe { dot_with(x, n, |i| load_bf16(pw.add(i)), |i| super::bf16_to_f32(w[i])) }
         }
     }
 }

@@ -19,23 +19,12 @@ pub struct Engine {
     shares: Arc<dyn ShareSource>,
 }
 
-/// The routing of one prompt at one MoE layer.
-#[derive(Debug, Clone)]
-pub struct PromptRouting {
-    pub layer: usize,
-    pub top_k: usize,
-    /// `[T * k]`, canonical order.
-    pub ids: Vec<u32>,
-    pub weights: Vec<f32>,
-    pub router_logits: Tensor,
-}
-
 /// Full-prompt forward pass of one prompt.
 #[derive(Debug)]
 pub struct PromptForward {
     /// `[T, vocab]`.
     pub logits: Tensor,
-    pub routing: Vec<PromptRouting>,
+    pub routing: Vec<LayerRouting>,
     /// With `capture_hidden`: embeddings, each decoder layer's raw output, and the final-normed
     /// last output (`num_layers + 2` tensors of `[T, hidden]`).
     pub hidden: Vec<Tensor>,
@@ -59,11 +48,11 @@ pub fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-fn split_routing(r: &LayerRouting, spans: &[(usize, usize)]) -> Vec<PromptRouting> {
+fn split_routing(r: &LayerRouting, spans: &[(usize, usize)]) -> Vec<LayerRouting> {
     let k = r.top_k;
     spans
         .iter()
-        .map(|&(row, n)| PromptRouting {
+        .map(|&(row, n)| LayerRouting {
             layer: r.layer,
             top_k: k,
             ids: r.ids[row * k..(row + n) * k].to_vec(),
@@ -183,7 +172,7 @@ impl Engine {
             spans.push((row, p.len()));
             row += p.len();
         }
-        let per_layer: Vec<Vec<PromptRouting>> = routing.iter().map(|r| split_routing(r, &spans)).collect();
+        let per_layer: Vec<Vec<LayerRouting>> = routing.iter().map(|r| split_routing(r, &spans)).collect();
         Ok(logits
             .into_iter()
             .enumerate()

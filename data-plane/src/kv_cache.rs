@@ -56,6 +56,11 @@ impl KvCache {
         }
     }
 
+    /// Bytes one more position takes across all layers (for block accounting by servers).
+    pub fn bytes_per_position(&self) -> usize {
+        self.layers.len() * (self.k_width + self.v_width) * 4
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum()
