@@ -236,74 +236,181 @@ pub fn replay(
     cfg: &ReplayConfig,
 ) -> Result<ReplayReport, PlanError> {
     let layers = steps.first().map(|s| s.counts.len()).unwrap_or(0);
-    let g = cfg.gpus;
-    if g == 0 || layers == 0 || num_experts == 0 {
-        return Err(PlanError::Shape(
-            "replay needs at least one GPU, one layer and one expert".into(),
-        ));
+    let mut r = Replayer::new(layers, num_experts, top_k, policy, cfg)?;
+    r.report.gpu_tokens.reserve(steps.len());
+    r.report.step_balancedness.reserve(steps.len());
+    for step in steps {
+        r.step(step)?;
     }
-    if g * cfg.slots_per_gpu < num_experts {
-        return Err(PlanError::BudgetTooSmall {
+    Ok(r.finish())
+}
+
+/// What one layer of the last step did (see [`Replayer::last_step`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LayerOutcome {
+    /// Tokens executed on each GPU (whole-token dispatch).
+    pub gpu_tokens: Vec<u32>,
+    /// Experts that had tokens but no usable instance (each waited for a cold start).
+    pub stalls: u64,
+    /// Instances on each GPU that received at least one token.
+    pub gpu_active_instances: Vec<u32>,
+}
+
+/// The replay driven one step at a time, for callers that produce steps as they go (the
+/// cluster simulator, whose batches depend on timing). [`replay`] is a loop over it.
+pub struct Replayer {
+    policy: PolicyKind,
+    cfg: ReplayConfig,
+    num_experts: usize,
+    layers: usize,
+    fleet: Fleet,
+    eplb_shape: EplbShape,
+    history: Box<dyn LoadPredictor + Send>,
+    predictor: Box<dyn LoadPredictor + Send>,
+    pending_eplb: Option<(usize, Vec<LayerPlan>)>,
+    predicted: Vec<f64>,
+    split: Vec<u32>,
+    idx_by_expert: Vec<Vec<usize>>,
+    last_routed: Vec<Vec<usize>>,
+    t: usize,
+    bal_sum: f64,
+    frac_sum: f64,
+    keep_step_detail: bool,
+    last: Vec<LayerOutcome>,
+    report: ReplayReport,
+}
+
+impl Replayer {
+    /// A fleet of `layers` MoE layers of `num_experts` experts, loaded with the policy's initial
+    /// placement (static EP, or EPLB of uniform loads).
+    pub fn new(
+        layers: usize,
+        num_experts: usize,
+        top_k: usize,
+        policy: PolicyKind,
+        cfg: &ReplayConfig,
+    ) -> Result<Self, PlanError> {
+        let g = cfg.gpus;
+        if g == 0 || layers == 0 || num_experts == 0 {
+            return Err(PlanError::Shape(
+                "replay needs at least one GPU, one layer and one expert".into(),
+            ));
+        }
+        if g * cfg.slots_per_gpu < num_experts {
+            return Err(PlanError::BudgetTooSmall {
+                gpus: g,
+                slots_per_gpu: cfg.slots_per_gpu,
+                total: g * cfg.slots_per_gpu,
+                experts: num_experts,
+            });
+        }
+        let mut fleet = Fleet {
+            layers: vec![Vec::new(); layers],
             gpus: g,
             slots_per_gpu: cfg.slots_per_gpu,
-            total: g * cfg.slots_per_gpu,
-            experts: num_experts,
-        });
-    }
-    let mut fleet = Fleet {
-        layers: vec![Vec::new(); layers],
-        gpus: g,
-        slots_per_gpu: cfg.slots_per_gpu,
-        delay: cfg.creation_delay,
-        created: 0,
-    };
-    let eplb_shape = EplbShape {
-        num_physical: g * cfg.slots_per_gpu,
-        num_groups: cfg.eplb_groups,
-        num_nodes: cfg.eplb_nodes,
-        num_gpus: g,
-    };
-    // Every policy starts from a loaded model: static EP for static and MoEless, EPLB on
-    // uniform loads for the EPLB family.
-    let initial = match policy {
-        PolicyKind::Static | PolicyKind::Moeless => static_ep(num_experts, g)?,
-        PolicyKind::Eplb | PolicyKind::Oracle => {
-            rebalance_experts(&vec![1.0; num_experts], eplb_shape)?.to_layer_plan()
+            delay: cfg.creation_delay,
+            created: 0,
+        };
+        let eplb_shape = EplbShape {
+            num_physical: g * cfg.slots_per_gpu,
+            num_groups: cfg.eplb_groups,
+            num_nodes: cfg.eplb_nodes,
+            num_gpus: g,
+        };
+        // Every policy starts from a loaded model: static EP for static and MoEless, EPLB on
+        // uniform loads for the EPLB family.
+        let initial = match policy {
+            PolicyKind::Static | PolicyKind::Moeless => static_ep(num_experts, g)?,
+            PolicyKind::Eplb | PolicyKind::Oracle => {
+                rebalance_experts(&vec![1.0; num_experts], eplb_shape)?.to_layer_plan()
+            }
+        };
+        for l in 0..layers {
+            fleet.set_warm(l, &initial, 0);
         }
-    };
-    for l in 0..layers {
-        fleet.set_warm(l, &initial, 0);
+        let history: Box<dyn LoadPredictor + Send> = match cfg.eplb_decay {
+            Some(d) => Box::new(crate::predict::DecayedHistory::new(layers, num_experts, d)),
+            None => Box::new(SlidingWindow::new(layers, num_experts, cfg.eplb_window)),
+        };
+        let predictor = cfg.predictor.build(layers, num_experts, top_k);
+        Ok(Replayer {
+            policy,
+            cfg: cfg.clone(),
+            num_experts,
+            layers,
+            fleet,
+            eplb_shape,
+            history,
+            predictor,
+            pending_eplb: None,
+            predicted: vec![0.0; num_experts],
+            split: Vec::new(),
+            idx_by_expert: vec![Vec::new(); num_experts],
+            last_routed: vec![vec![0usize; num_experts]; layers],
+            t: 0,
+            bal_sum: 0.0,
+            frac_sum: 0.0,
+            keep_step_detail: true,
+            last: Vec::new(),
+            report: ReplayReport {
+                policy: policy.label().to_string(),
+                steps: 0,
+                layers,
+                balancedness_mean: 0.0,
+                balancedness_fractional: 0.0,
+                layer_time_proxy: 0.0,
+                instance_slot_steps: 0,
+                instances_created: 0,
+                cold_start_stalls: 0,
+                peak_gpu_slots: 0,
+                gpu_tokens: Vec::new(),
+                step_balancedness: Vec::new(),
+                plans: Vec::new(),
+            },
+        })
     }
-    let mut history: Box<dyn LoadPredictor + Send> = match cfg.eplb_decay {
-        Some(d) => Box::new(crate::predict::DecayedHistory::new(layers, num_experts, d)),
-        None => Box::new(SlidingWindow::new(layers, num_experts, cfg.eplb_window)),
-    };
-    let mut predictor = cfg.predictor.build(layers, num_experts, top_k);
-    let mut pending_eplb: Option<(usize, Vec<LayerPlan>)> = None;
 
-    let mut report = ReplayReport {
-        policy: policy.label().to_string(),
-        steps: steps.len(),
-        layers,
-        balancedness_mean: 0.0,
-        balancedness_fractional: 0.0,
-        layer_time_proxy: 0.0,
-        instance_slot_steps: 0,
-        instances_created: 0,
-        cold_start_stalls: 0,
-        peak_gpu_slots: 0,
-        gpu_tokens: Vec::with_capacity(steps.len()),
-        step_balancedness: Vec::with_capacity(steps.len()),
-        plans: Vec::new(),
-    };
-    let mut bal_sum = 0.0;
-    let mut frac_sum = 0.0;
-    let mut predicted = vec![0.0; num_experts];
-    let mut split = Vec::new();
-    let mut idx_by_expert: Vec<Vec<usize>> = vec![Vec::new(); num_experts];
-    let mut last_routed = vec![vec![0usize; num_experts]; layers];
+    /// Do not keep per-step GPU token counts and balancedness in the report (long runs); the
+    /// last step stays available through [`Replayer::last_step`].
+    pub fn without_step_detail(mut self) -> Self {
+        self.keep_step_detail = false;
+        self
+    }
 
-    for (t, step) in steps.iter().enumerate() {
+    /// Per layer, what the last step executed.
+    pub fn last_step(&self) -> &[LayerOutcome] {
+        &self.last
+    }
+
+    /// Instances held now (warm or loading) in `layer`.
+    pub fn instances_held(&self, layer: usize) -> usize {
+        self.fleet.layers.get(layer).map_or(0, Vec::len)
+    }
+
+    /// Instances created so far (initial placement excluded).
+    pub fn instances_created(&self) -> u64 {
+        self.fleet.created
+    }
+
+    /// The totals so far (`steps` counts the steps run).
+    pub fn report(&self) -> &ReplayReport {
+        &self.report
+    }
+
+    /// Run one step: rebalance or scale as the policy does, dispatch every layer's tokens.
+    pub fn step(&mut self, step: &Step) -> Result<(), PlanError> {
+        let (t, layers, num_experts, g) = (self.t, self.layers, self.num_experts, self.cfg.gpus);
+        let (policy, cfg) = (self.policy, &self.cfg);
+        let fleet = &mut self.fleet;
+        let report = &mut self.report;
+        let eplb_shape = self.eplb_shape;
+        let history = &mut self.history;
+        let predictor = &mut self.predictor;
+        let pending_eplb = &mut self.pending_eplb;
+        let predicted = &mut self.predicted;
+        let split = &mut self.split;
+        let idx_by_expert = &mut self.idx_by_expert;
+        let frac_sum = &mut self.frac_sum;
         if step.counts.len() != layers || step.counts.iter().any(|c| c.len() != num_experts) {
             return Err(PlanError::Shape(format!(
                 "step {t} has a different number of layers or experts"
@@ -351,14 +458,14 @@ pub fn replay(
                         fleet.reconcile(l, p, t, 0);
                     }
                 } else {
-                    pending_eplb = Some((t + cfg.creation_delay, plans));
+                    *pending_eplb = Some((t + cfg.creation_delay, plans));
                 }
             }
         }
 
         let mut step_tokens = Vec::with_capacity(layers);
         let mut step_bal = 0.0;
-        for (l, last_routed) in last_routed.iter_mut().enumerate() {
+        for (l, last_routed) in self.last_routed.iter_mut().enumerate() {
             let counts = &step.counts[l];
             match policy {
                 PolicyKind::Oracle => {
@@ -367,8 +474,8 @@ pub fn replay(
                     fleet.reconcile(l, &target, t, 0);
                 }
                 PolicyKind::Moeless => {
-                    predictor.predict(l, &step.routes[..l], slots_this_step, &mut predicted);
-                    scale_layer(&mut fleet, l, &predicted, t, cfg, last_routed);
+                    predictor.predict(l, &step.routes[..l], slots_this_step, predicted);
+                    scale_layer(fleet, l, predicted, t, cfg, last_routed);
                 }
                 _ => {}
             }
@@ -411,7 +518,7 @@ pub fn replay(
                         })
                         .collect()
                 }
-                PolicyKind::Moeless => water_fill_shares(&plan, &predicted, g),
+                PolicyKind::Moeless => water_fill_shares(&plan, predicted, g),
                 _ => {
                     let rc = plan.replica_counts(num_experts);
                     plan.instances
@@ -431,6 +538,7 @@ pub fn replay(
                 idx_by_expert[inst.expert as usize].push(i);
             }
             let mut gpu_tok = vec![0u32; g];
+            let mut gpu_active = vec![0u32; g];
             let mut gpu_frac = vec![0.0f64; g];
             let mut stalls = 0u64;
             for (e, &c) in counts.iter().enumerate() {
@@ -445,13 +553,14 @@ pub fn replay(
                     let gpu = match fleet.layers[l].iter().find(|s| s.expert as usize == e) {
                         Some(s) => s.gpu,
                         None => {
-                            let gpu = least_loaded_free_gpu(&fleet, l, &gpu_tok)
-                                .unwrap_or_else(|| evict_replica(&mut fleet, l, &gpu_tok));
+                            let gpu = least_loaded_free_gpu(fleet, l, &gpu_tok)
+                                .unwrap_or_else(|| evict_replica(fleet, l, &gpu_tok));
                             fleet.create(l, e as u32, gpu as u32, t, 0);
                             gpu as u32
                         }
                     };
                     gpu_tok[gpu as usize] += c;
+                    gpu_active[gpu as usize] += 1;
                     gpu_frac[gpu as usize] += c as f64;
                     plan.instances.push(Instance {
                         expert: e as u32,
@@ -461,10 +570,11 @@ pub fn replay(
                     continue;
                 }
                 let sh: Vec<f64> = idx.iter().map(|&i| plan.instances[i].share).collect();
-                split_tokens(c, &sh, &mut split);
-                for (&i, &n) in idx.iter().zip(&split) {
+                split_tokens(c, &sh, split);
+                for (&i, &n) in idx.iter().zip(split.iter()) {
                     let gpu = plan.instances[i].gpu as usize;
                     gpu_tok[gpu] += n;
+                    gpu_active[gpu] += u32::from(n > 0);
                     gpu_frac[gpu] += c as f64 * frac_shares[i];
                 }
             }
@@ -477,7 +587,7 @@ pub fn replay(
             };
             step_bal += bal;
             let fmax = gpu_frac.iter().fold(0.0f64, |a, &b| a.max(b));
-            frac_sum += if fmax > 0.0 {
+            *frac_sum += if fmax > 0.0 {
                 total as f64 / g as f64 / fmax
             } else {
                 1.0
@@ -487,33 +597,49 @@ pub fn replay(
             if cfg.record_plans {
                 report.plans.push(plan);
             }
-            step_tokens.push(gpu_tok);
+            step_tokens.push(LayerOutcome {
+                gpu_tokens: gpu_tok,
+                stalls,
+                gpu_active_instances: gpu_active,
+            });
             history.observe(l, &step.routes[l], counts);
             predictor.observe(l, &step.routes[l], counts);
         }
         let sb = step_bal / layers as f64;
-        bal_sum += sb;
-        report.step_balancedness.push(sb);
-        report.gpu_tokens.push(step_tokens);
+        self.bal_sum += sb;
+        if self.keep_step_detail {
+            report.step_balancedness.push(sb);
+            report.gpu_tokens.push(
+                step_tokens
+                    .iter()
+                    .map(|o: &LayerOutcome| o.gpu_tokens.clone())
+                    .collect(),
+            );
+        }
+        report.steps += 1;
         report.instance_slot_steps += fleet.layers.iter().map(|s| s.len() as u64).sum::<u64>();
         for l in 0..layers {
             for gp in 0..g {
                 report.peak_gpu_slots = report.peak_gpu_slots.max(fleet.used_on(l, gp));
             }
         }
+        self.last = step_tokens;
+        self.t += 1;
+        Ok(())
     }
-    report.balancedness_mean = if steps.is_empty() {
-        0.0
-    } else {
-        bal_sum / steps.len() as f64
-    };
-    report.balancedness_fractional = if steps.is_empty() {
-        0.0
-    } else {
-        frac_sum / (steps.len() * layers) as f64
-    };
-    report.instances_created = fleet.created;
-    Ok(report)
+
+    /// The report of all steps run.
+    pub fn finish(mut self) -> ReplayReport {
+        let steps = self.report.steps;
+        self.report.balancedness_mean = if steps == 0 { 0.0 } else { self.bal_sum / steps as f64 };
+        self.report.balancedness_fractional = if steps == 0 {
+            0.0
+        } else {
+            self.frac_sum / (steps * self.layers) as f64
+        };
+        self.report.instances_created = self.fleet.created;
+        self.report
+    }
 }
 
 /// One MoEless plan from scratch for per-layer `loads` (predicted): start from static EP, run

@@ -1,0 +1,554 @@
+//! The discrete-event engine: arrivals and step completions on one clock per expert-parallel
+//! group; continuous batching; the policy from `shared::replay` stepping with the batches.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+
+use shared::replay::{PolicyKind, ReplayConfig, Replayer};
+use shared::trace::Step;
+
+use crate::arrivals::Request;
+use crate::cost::{AttentionWork, Billing, CostModel};
+use crate::gpu::GpuProfile;
+use crate::model::ModelShape;
+use crate::report::PolicyReport;
+use crate::routing::RoutingPool;
+use crate::SimError;
+
+/// Everything a run depends on besides the traces.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub gpus: usize,
+    pub gpu: GpuProfile,
+    /// GPUs per expert-parallel group (`None`: the largest divisor of the expert count that
+    /// is at most `gpus` and divides it). Groups are independent replicas; requests are spread
+    /// over them round-robin.
+    pub ep_size: Option<usize>,
+    /// Expert slots per GPU and layer (`None`: 9/8 of the experts spread over the group, the
+    /// EPLB budget of 12.5% redundant slots, capped by memory).
+    pub slots_per_gpu: Option<usize>,
+    /// Tokens one GPU processes per step at most (prefill chunks fill what decode leaves).
+    pub token_budget_per_gpu: usize,
+    /// Running requests per GPU at most.
+    pub max_seqs_per_gpu: usize,
+    /// Fraction of GPU memory a serverful engine reserves (vLLM's `gpu_memory_utilization`).
+    pub gpu_memory_utilization: f64,
+    pub pricing_usd_per_gpu_hour: f64,
+    /// MoEless keeps an unneeded replica this long before dropping it.
+    pub keep_alive_s: f64,
+    /// MoEless drops an expert's last instance after this long without tokens (serverless
+    /// scale to zero; `None`: never).
+    pub scale_to_zero_after_s: Option<f64>,
+    /// EPLB: history window and rebalancing interval in steps (vLLM defaults 1000 / 3000).
+    pub eplb_window: usize,
+    pub eplb_interval: usize,
+    pub seed: u64,
+    /// Seconds between time-series samples in the report.
+    pub sample_every_s: f64,
+    /// Stop simulating (and report the rest as unfinished) this long after the last arrival.
+    pub drain_limit_s: f64,
+}
+
+impl SimConfig {
+    pub fn new(gpus: usize, gpu: GpuProfile) -> Self {
+        Self {
+            gpus,
+            gpu,
+            ep_size: None,
+            slots_per_gpu: None,
+            token_budget_per_gpu: 2048,
+            max_seqs_per_gpu: 128,
+            gpu_memory_utilization: 0.9,
+            pricing_usd_per_gpu_hour: 2.0,
+            keep_alive_s: 10.0,
+            scale_to_zero_after_s: Some(60.0),
+            eplb_window: 1000,
+            eplb_interval: 3000,
+            seed: 0,
+            sample_every_s: 10.0,
+            drain_limit_s: 3600.0,
+        }
+    }
+}
+
+/// How the cluster is laid out for a model (validated once).
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub ep_size: usize,
+    pub groups: usize,
+    pub slots_per_gpu: usize,
+    /// KV cache tokens one GPU can hold.
+    pub kv_tokens_per_gpu: usize,
+}
+
+pub fn layout(cfg: &SimConfig, model: &ModelShape) -> Result<Layout, SimError> {
+    let e = model.num_experts;
+    if cfg.gpus == 0 {
+        return Err(SimError::Config("at least one GPU is needed".into()));
+    }
+    if cfg.token_budget_per_gpu == 0 || cfg.max_seqs_per_gpu == 0 {
+        return Err(SimError::Config(
+            "token budget and sequences per GPU must be positive".into(),
+        ));
+    }
+    if !(cfg.gpu_memory_utilization > 0.0 && cfg.gpu_memory_utilization <= 1.0) {
+        return Err(SimError::Config("gpu memory utilization must be in (0, 1]".into()));
+    }
+    let ep = match cfg.ep_size {
+        Some(p) => p,
+        None => (1..=cfg.gpus.min(e))
+            .rev()
+            .find(|p| e % p == 0 && cfg.gpus % p == 0)
+            .unwrap_or(1),
+    };
+    if ep == 0 || cfg.gpus % ep != 0 || e % ep != 0 {
+        return Err(SimError::Config(format!(
+            "expert-parallel group of {ep} GPUs must divide both the {} GPUs and the {e} experts",
+            cfg.gpus
+        )));
+    }
+    let usable = cfg.gpu.memory_bytes * cfg.gpu_memory_utilization;
+    let per_slot = model.expert_bytes() * model.moe_layers.len() as f64;
+    let free_for_experts = usable - model.non_expert_bytes();
+    let max_slots = (free_for_experts / per_slot).floor().max(0.0) as usize;
+    let slots = cfg
+        .slots_per_gpu
+        .unwrap_or_else(|| (e * 9).div_ceil(8).div_ceil(ep).min(max_slots));
+    if slots * ep < e || slots > max_slots {
+        return Err(SimError::DoesNotFit(format!(
+            "{} GB per GPU ({}% usable) hold {:.1} GB of non-expert weights and {max_slots} expert slots per layer; \
+             {e} experts over {ep} GPUs need {} (asked {slots}): use more GPUs, bigger GPUs or 1-byte weights",
+            cfg.gpu.memory_bytes / 1e9,
+            cfg.gpu_memory_utilization * 100.0,
+            model.non_expert_bytes() / 1e9,
+            e.div_ceil(ep),
+        )));
+    }
+    let kv_bytes = usable - model.non_expert_bytes() - slots as f64 * per_slot;
+    let kv_tokens_per_gpu = (kv_bytes / model.kv_bytes_per_token()).floor() as usize;
+    if kv_tokens_per_gpu < 1024 {
+        return Err(SimError::DoesNotFit(format!(
+            "only {kv_tokens_per_gpu} KV-cache tokens per GPU remain after weights"
+        )));
+    }
+    Ok(Layout {
+        ep_size: ep,
+        groups: cfg.gpus / ep,
+        slots_per_gpu: slots,
+        kv_tokens_per_gpu,
+    })
+}
+
+/// An event on the simulated clock. Ties go by kind (arrivals before step completions, so a
+/// request arriving as a step ends can join the next step), then by insertion order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Event {
+    pub time: f64,
+    pub kind: EventKind,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EventKind {
+    Arrival(usize),
+    StepDone,
+}
+
+impl Eq for Event {}
+impl Ord for Event {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // BinaryHeap is a max-heap: reverse so the earliest event pops first.
+        o.time
+            .total_cmp(&self.time)
+            .then_with(|| rank(o.kind).cmp(&rank(self.kind)))
+            .then_with(|| o.seq.cmp(&self.seq))
+    }
+}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+fn rank(k: EventKind) -> u8 {
+    match k {
+        EventKind::Arrival(_) => 0,
+        EventKind::StepDone => 1,
+    }
+}
+
+/// The event queue: earliest first, ties as [`Event`] says.
+#[derive(Debug, Default)]
+pub struct EventQueue {
+    heap: BinaryHeap<Event>,
+    seq: u64,
+}
+
+impl EventQueue {
+    pub fn push(&mut self, time: f64, kind: EventKind) {
+        self.seq += 1;
+        self.heap.push(Event {
+            time,
+            kind,
+            seq: self.seq,
+        });
+    }
+    pub fn pop(&mut self) -> Option<Event> {
+        self.heap.pop()
+    }
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    req: Request,
+    query: usize,
+    gpu: usize,
+    prefilled: usize,
+    /// Output tokens produced (the first comes with the end of prefill).
+    produced: usize,
+    first_token_s: f64,
+    /// Tokens scheduled in the current step: (prefill chunk, decode token).
+    chunk: usize,
+    decoding: bool,
+}
+
+/// Progress callback: (policy, simulated seconds, total seconds).
+pub type Progress<'a> = &'a mut dyn FnMut(&str, f64, f64);
+
+/// Simulate every policy on the same requests; one report per policy.
+pub fn simulate(
+    cfg: &SimConfig,
+    model: &ModelShape,
+    routing: &RoutingPool,
+    requests: &[Request],
+    duration_s: f64,
+    policies: &[PolicyKind],
+    progress: Progress<'_>,
+) -> Result<Vec<PolicyReport>, SimError> {
+    if !(duration_s.is_finite() && duration_s > 0.0) {
+        return Err(SimError::BadDuration(duration_s));
+    }
+    if requests.is_empty() {
+        return Err(SimError::EmptyArrivals(" in the simulated window".into()));
+    }
+    if routing.num_experts != model.num_experts {
+        return Err(SimError::ExpertMismatch {
+            trace: routing.num_experts,
+            model: model.num_experts,
+        });
+    }
+    if routing.layers != model.moe_layers.len() {
+        return Err(SimError::LayerMismatch {
+            trace: routing.layers,
+            model: model.moe_layers.len(),
+        });
+    }
+    let lay = layout(cfg, model)?;
+    let mut out = Vec::new();
+    for &p in policies {
+        let mut rep = PolicyReport::new(p.label(), billing(p));
+        for g in 0..lay.groups {
+            let reqs: Vec<(u64, Request)> = requests
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % lay.groups == g)
+                .map(|(i, r)| (i as u64, *r))
+                .collect();
+            let label = if lay.groups > 1 {
+                format!("{} group {}/{}", p.label(), g + 1, lay.groups)
+            } else {
+                p.label().to_string()
+            };
+            run_group(
+                cfg, model, routing, &lay, &reqs, duration_s, p, &mut rep, &label, progress,
+            )?;
+        }
+        rep.finish(cfg, model, &lay, duration_s);
+        out.push(rep);
+    }
+    Ok(out)
+}
+
+/// Static EP and EPLB run as reserved deployments; MoEless and the oracle as serverless.
+pub fn billing(p: PolicyKind) -> Billing {
+    match p {
+        PolicyKind::Static | PolicyKind::Eplb => Billing::Serverful,
+        PolicyKind::Moeless | PolicyKind::Oracle => Billing::Serverless,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_group(
+    cfg: &SimConfig,
+    model: &ModelShape,
+    routing: &RoutingPool,
+    lay: &Layout,
+    reqs: &[(u64, Request)],
+    duration_s: f64,
+    policy: PolicyKind,
+    rep: &mut PolicyReport,
+    label: &str,
+    progress: Progress<'_>,
+) -> Result<(), SimError> {
+    let g = lay.ep_size;
+    let cost = CostModel::new(cfg.gpu, model.clone(), g);
+    let layers = model.moe_layers.len();
+    let k = routing.top_k;
+    // Convert seconds of the policy's knobs into steps with a nominal decode step.
+    let nominal_step = nominal_step_s(&cost, g, layers);
+    let to_steps = |s: f64| ((s / nominal_step).ceil() as usize).max(1);
+    let mut rc = ReplayConfig::new(g, lay.slots_per_gpu);
+    rc.creation_delay = to_steps(cost.cold_start_time());
+    rc.keep_alive = to_steps(cfg.keep_alive_s);
+    rc.scale_to_zero_after = cfg.scale_to_zero_after_s.map(to_steps);
+    rc.eplb_window = cfg.eplb_window;
+    rc.eplb_interval = cfg.eplb_interval;
+    rc.stall_penalty = 0.0;
+    let mut replayer = Replayer::new(layers, model.num_experts, k, policy, &rc)?.without_step_detail();
+
+    let mut q = EventQueue::default();
+    for (i, (_, r)) in reqs.iter().enumerate() {
+        q.push(r.arrival_s, EventKind::Arrival(i));
+    }
+    let mut waiting: VecDeque<usize> = VecDeque::new();
+    let mut running: Vec<Live> = Vec::new();
+    let mut kv_used = vec![0usize; g];
+    let mut seqs = vec![0usize; g];
+    let mut busy = false;
+    let mut now = 0.0f64;
+    let mut last_mem_t = 0.0f64;
+    let mut next_sample = 0.0f64;
+    let mut next_progress = 0.0f64;
+    let mut step_index = 0usize;
+    let hard_stop = duration_s + cfg.drain_limit_s;
+    let expert_b = model.expert_bytes();
+    let non_expert_total = model.non_expert_bytes() * g as f64;
+    let kv_per_tok = model.kv_bytes_per_token();
+    let held_instances = |r: &Replayer| (0..layers).map(|l| r.instances_held(l)).sum::<usize>();
+    let mut instances_now = held_instances(&replayer);
+    let mut sample_bal = (0.0f64, 0usize);
+    let mut routes: Vec<Vec<u32>> = vec![Vec::new(); layers];
+    rep.arrived += reqs.len();
+
+    while let Some(ev) = q.pop() {
+        if ev.time > hard_stop {
+            break;
+        }
+        // Integrate memory held since the last event.
+        let dt = ev.time - now;
+        if dt > 0.0 {
+            let kv: usize = kv_used.iter().sum();
+            rep.mem_expert_gb_s += instances_now as f64 * expert_b * dt / 1e9;
+            rep.mem_non_expert_gb_s += non_expert_total * dt / 1e9;
+            rep.mem_kv_gb_s += kv as f64 * kv_per_tok * dt / 1e9;
+            last_mem_t = ev.time;
+        }
+        now = ev.time;
+        while now >= next_sample {
+            let b = if sample_bal.1 > 0 {
+                sample_bal.0 / sample_bal.1 as f64
+            } else {
+                f64::NAN
+            };
+            rep.push_sample(next_sample, instances_now as f64 / layers as f64, b, running.len());
+            sample_bal = (0.0, 0);
+            next_sample += cfg.sample_every_s;
+        }
+        if now >= next_progress {
+            progress(label, now.min(duration_s), duration_s);
+            next_progress = now + duration_s / 20.0;
+        }
+        match ev.kind {
+            EventKind::Arrival(i) => {
+                let r = reqs[i].1;
+                // A request that cannot fit on an empty GPU can never run: reject, and say so.
+                if r.prompt_tokens + r.output_tokens.max(1) > lay.kv_tokens_per_gpu {
+                    rep.rejected += 1;
+                } else {
+                    waiting.push_back(i);
+                }
+            }
+            EventKind::StepDone => {
+                busy = false;
+                let mut i = 0;
+                while i < running.len() {
+                    let l = &mut running[i];
+                    if l.decoding {
+                        l.produced += 1;
+                    } else if l.chunk > 0 {
+                        l.prefilled += l.chunk;
+                        if l.prefilled >= l.req.prompt_tokens {
+                            l.produced = 1;
+                            l.first_token_s = now;
+                        }
+                    }
+                    l.chunk = 0;
+                    l.decoding = false;
+                    if l.produced >= l.req.output_tokens.max(1) {
+                        let l = running.swap_remove(i);
+                        kv_used[l.gpu] -= l.req.prompt_tokens + l.req.output_tokens.max(1);
+                        seqs[l.gpu] -= 1;
+                        rep.record_request(&l.req, l.first_token_s, now);
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        if busy {
+            continue;
+        }
+        // Admit waiting requests in order while the least-loaded GPU has room.
+        while let Some(&i) = waiting.front() {
+            let (id, r) = reqs[i];
+            let need = r.prompt_tokens + r.output_tokens.max(1);
+            let gpu = (0..g).min_by_key(|&x| (kv_used[x], x)).unwrap_or(0);
+            if kv_used[gpu] + need > lay.kv_tokens_per_gpu || seqs[gpu] >= cfg.max_seqs_per_gpu {
+                break;
+            }
+            waiting.pop_front();
+            kv_used[gpu] += need;
+            seqs[gpu] += 1;
+            running.push(Live {
+                req: r,
+
+                query: routing.query_of(id, cfg.seed),
+                gpu,
+                prefilled: 0,
+                produced: 0,
+                first_token_s: f64::NAN,
+                chunk: 0,
+                decoding: false,
+            });
+        }
+        if running.is_empty() {
+            continue;
+        }
+        // Build the step: decode tokens first, then prefill chunks in admission order.
+        let mut budget = vec![cfg.token_budget_per_gpu; g];
+        let mut work = vec![AttentionWork::default(); g];
+        for l in running.iter_mut().filter(|l| l.produced > 0) {
+            if budget[l.gpu] > 0 {
+                budget[l.gpu] -= 1;
+                l.decoding = true;
+                let w = &mut work[l.gpu];
+                w.decode_tokens += 1;
+                w.decode_context += l.req.prompt_tokens + l.produced;
+            }
+        }
+        for l in running.iter_mut().filter(|l| l.produced == 0) {
+            let c = (l.req.prompt_tokens - l.prefilled).min(budget[l.gpu]);
+            if c == 0 && l.req.prompt_tokens > 0 {
+                continue;
+            }
+            // An empty prompt still needs one forward pass to produce its first token.
+            let c = c.max(1).min(l.req.prompt_tokens.max(1));
+            budget[l.gpu] = budget[l.gpu].saturating_sub(c);
+            l.chunk = c;
+            let w = &mut work[l.gpu];
+            w.prefill_tokens += c;
+            w.prefill_context_products += c as f64 * (l.prefilled as f64 + c as f64 / 2.0);
+        }
+        for r in routes.iter_mut() {
+            r.clear();
+        }
+        let mut origin = vec![0usize; g];
+        for l in running.iter() {
+            let (n, prefill, start) = if l.decoding {
+                (1, false, l.produced - 1)
+            } else {
+                (l.chunk, true, l.prefilled)
+            };
+            origin[l.gpu] += n;
+            for p in start..start + n {
+                let tok = routing.token(l.query, prefill, p);
+                for (layer, r) in routes.iter_mut().enumerate() {
+                    r.extend_from_slice(routing.experts(tok, layer));
+                }
+            }
+        }
+        let step = Step::new(0, step_index, std::mem::take(&mut routes), model.num_experts);
+        replayer.step(&step)?;
+        routes = step.routes;
+        step_index += 1;
+        instances_now = held_instances(&replayer);
+
+        // Time of the step: every decoder layer's attention (slowest GPU), and per MoE layer
+        // dispatch + slowest GPU's experts + combine (+ a cold start if an expert had none).
+        let attn_moe = work.iter().map(|w| cost.attention_time(w, true)).fold(0.0, f64::max);
+        let attn_dense = work.iter().map(|w| cost.attention_time(w, false)).fold(0.0, f64::max);
+        let tokens: usize = origin.iter().sum();
+        let lm = work.iter().map(|w| cost.lm_head_time(w.tokens())).fold(0.0, f64::max);
+        let remote = (g - 1) as f64 / g as f64;
+        let mut t = (model.num_layers - layers) as f64 * attn_dense + lm;
+        let max_origin = *origin.iter().max().unwrap_or(&0) as f64 * k as f64;
+        let cold = cost.cold_start_time();
+        for o in replayer.last_step() {
+            let mut expert_t = 0.0f64;
+            let mut max_tok = 0u32;
+            for (&n, &a) in o.gpu_tokens.iter().zip(&o.gpu_active_instances) {
+                max_tok = max_tok.max(n);
+                // The GPU's instances that received tokens run as one grouped GEMM: each
+                // streams its weights; tokens split evenly among them.
+                if n > 0 {
+                    let a = a.max(1);
+                    expert_t = expert_t.max(a as f64 * cost.expert_time((n as usize).div_ceil(a as usize)));
+                }
+            }
+            let vectors = (max_tok as f64).max(max_origin) * remote;
+            let comm = 2.0 * cost.all_to_all_time(vectors);
+            let stall = if o.stalls > 0 { cold } else { 0.0 };
+            let layer_t = attn_moe + comm + expert_t + stall;
+            t += layer_t;
+            rep.moe_layer_s.push((comm + expert_t + stall) as f32);
+            let total: u32 = o.gpu_tokens.iter().sum();
+            let bal = if max_tok == 0 {
+                1.0
+            } else {
+                total as f64 / g as f64 / max_tok as f64
+            };
+            rep.bal_sum += bal;
+            rep.bal_n += 1;
+            sample_bal.0 += bal;
+            sample_bal.1 += 1;
+            rep.cold_starts += o.stalls;
+        }
+        rep.tokens_processed += tokens as u64;
+        rep.steps += 1;
+        rep.busy_s += t;
+        busy = true;
+        q.push(now + t, EventKind::StepDone);
+    }
+    let _ = last_mem_t;
+    rep.instances_created += replayer.instances_created();
+    rep.unfinished += waiting.len() + running.len();
+    rep.sim_end_s = rep.sim_end_s.max(now);
+    Ok(())
+}
+
+/// A decode step of 32 requests per GPU with 1,000 tokens of context, to convert the policy's
+/// time knobs (cold start, keep-alive) into steps.
+fn nominal_step_s(cost: &CostModel, g: usize, layers: usize) -> f64 {
+    let w = AttentionWork {
+        decode_tokens: 32,
+        decode_context: 32_000,
+        ..Default::default()
+    };
+    let k = cost.model.top_k;
+    let per_gpu = 32 * k;
+    let e = gpu_expert_time_uniform(cost, per_gpu, cost.model.num_experts.div_ceil(g));
+    let m = &cost.model;
+    let dense = m.num_layers - layers;
+    dense as f64 * cost.attention_time(&w, false)
+        + layers as f64 * (cost.attention_time(&w, true) + e + 2.0 * cost.all_to_all_time(per_gpu as f64))
+}
+
+fn gpu_expert_time_uniform(cost: &CostModel, n: usize, experts: usize) -> f64 {
+    let active = experts.clamp(1, n.max(1));
+    active as f64 * cost.expert_time(n.div_ceil(active))
+}

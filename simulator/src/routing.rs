@@ -1,0 +1,218 @@
+//! Expert choices of simulated tokens, drawn from a routing trace.
+//!
+//! # Mapping (deterministic, seeded)
+//! The trace is cut into *queries* (Llama-4 MMLU: one per `(subject, query_id)`, tokens ordered
+//! by `token_idx`, prefill and decode kept apart; synthetic: one per batch slot of a generated
+//! group, its decode steps in order). Simulated request `r` takes query
+//! `splitmix64(seed ^ r) mod Q`; its prefill token `i` routes as that query's prefill token
+//! `i mod P` and its decode token `j` as the query's decode token `j mod D` (queries without
+//! decode tokens reuse their prefill tokens, and vice versa). So a request keeps one query's
+//! temporal and cross-layer structure for its whole life, long requests cycle through it, and a
+//! seed always gives the same routes.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+
+use shared::synth::{generate, SynthConfig};
+use shared::trace::{Phase, TokenTrace};
+use shared::trace_formats::LayerFractions;
+
+use crate::SimError;
+
+#[derive(Debug, Clone, Default)]
+struct Query {
+    prefill: Vec<u32>,
+    decode: Vec<u32>,
+}
+
+/// Routes of trace tokens, `table[token * layers * k ..]`, grouped into queries.
+#[derive(Debug, Clone)]
+pub struct RoutingPool {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub layers: usize,
+    /// Where the routes come from (for reports).
+    pub source: String,
+    table: Vec<u32>,
+    queries: Vec<Query>,
+}
+
+/// SplitMix64 finaliser: a well-mixed hash of `x`.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl RoutingPool {
+    /// From a per-token trace (the Llama-4-Maverick MMLU CSV).
+    pub fn from_token_trace(trace: &TokenTrace) -> Result<Self, SimError> {
+        let (layers, k) = (trace.num_layers(), trace.top_k);
+        let mut by_query: BTreeMap<(&str, u32), Vec<(Phase, u32, usize)>> = BTreeMap::new();
+        for (i, t) in trace.tokens.iter().enumerate() {
+            by_query
+                .entry((t.subject.as_str(), t.query_id))
+                .or_default()
+                .push((t.phase, t.token_idx, i));
+        }
+        let mut table = Vec::with_capacity(trace.tokens.len() * layers * k);
+        for t in &trace.tokens {
+            table.extend_from_slice(&t.experts[..layers * k]);
+        }
+        let queries = by_query
+            .into_values()
+            .map(|mut toks| {
+                toks.sort_by_key(|&(p, idx, _)| (p == Phase::Decode, idx));
+                let pick = |ph| {
+                    toks.iter()
+                        .filter(|t| t.0 == ph)
+                        .map(|t| t.2 as u32)
+                        .collect::<Vec<_>>()
+                };
+                Query {
+                    prefill: pick(Phase::Prefill),
+                    decode: pick(Phase::Decode),
+                }
+            })
+            .collect();
+        Self::checked(trace.num_experts, k, layers, "per-token trace".into(), table, queries)
+    }
+
+    /// Synthetic routes from per-layer popularity (`shared::synth`, seeded): `groups` groups
+    /// of `batch` queries with `steps` decode tokens each.
+    pub fn from_popularity(popularity: &[Vec<f64>], top_k: usize, seed: u64, source: String) -> Result<Self, SimError> {
+        let (groups, batch, steps) = (8, 64, 64);
+        let cfg = SynthConfig::new(top_k, batch, groups, steps, seed);
+        let gen = generate(popularity, None, &cfg)?;
+        let layers = popularity.len();
+        let experts = popularity.first().map_or(0, Vec::len);
+        let mut table = Vec::with_capacity(groups * batch * steps * layers * top_k);
+        let mut queries = vec![Query::default(); groups * batch];
+        for (s, step) in gen.iter().enumerate() {
+            let g = s / steps;
+            let b_count = step.routes.first().map_or(0, |r| r.len() / top_k);
+            for b in 0..b_count {
+                let id = (table.len() / (layers * top_k)) as u32;
+                for r in &step.routes {
+                    table.extend_from_slice(&r[b * top_k..(b + 1) * top_k]);
+                }
+                queries[g * batch + b].decode.push(id);
+            }
+        }
+        Self::checked(experts, top_k, layers, source, table, queries)
+    }
+
+    fn checked(
+        num_experts: usize,
+        top_k: usize,
+        layers: usize,
+        source: String,
+        table: Vec<u32>,
+        queries: Vec<Query>,
+    ) -> Result<Self, SimError> {
+        let queries: Vec<Query> = queries
+            .into_iter()
+            .filter(|q| !q.prefill.is_empty() || !q.decode.is_empty())
+            .collect();
+        if queries.is_empty() || layers == 0 || top_k == 0 {
+            return Err(SimError::Routing("the trace holds no routed tokens".into()));
+        }
+        Ok(Self {
+            num_experts,
+            top_k,
+            layers,
+            source,
+            table,
+            queries,
+        })
+    }
+
+    /// Read a routing file, choosing the format from its header: the Llama-4 per-token CSV
+    /// (`subject,query_id,phase,token_idx,L..`) or Qwen3 per-layer fractions
+    /// (`Layer,Language,Expert_..`, synthesised with `shared::synth` from the `language` rows, or
+    /// the first language). `num_experts` is the model's, checked against the trace.
+    pub fn read(input: impl BufRead, num_experts: usize, top_k: usize, seed: u64) -> Result<Self, SimError> {
+        let mut input = input;
+        let mut first = String::new();
+        input.read_line(&mut first).map_err(|source| SimError::Io {
+            what: "the routing trace".into(),
+            source,
+        })?;
+        let rest = std::io::Read::chain(std::io::Cursor::new(first.clone()), input);
+        if first.trim().is_empty() {
+            return Err(SimError::Routing("the file is empty".into()));
+        }
+        if first.starts_with("subject,query_id,phase,token_idx") {
+            // Parse with a generous expert bound, then compare with the model.
+            let trace = TokenTrace::parse_top1_csv(rest, u32::MAX as usize)?;
+            let seen = trace
+                .tokens
+                .iter()
+                .flat_map(|t| t.experts.iter())
+                .max()
+                .map_or(0, |&m| m as usize + 1);
+            if seen > num_experts {
+                return Err(SimError::ExpertMismatch {
+                    trace: seen,
+                    model: num_experts,
+                });
+            }
+            let mut t = trace;
+            t.num_experts = num_experts;
+            return Self::from_token_trace(&t);
+        }
+        if first.starts_with("Layer,Language") {
+            let fr = LayerFractions::parse_csv(rest)?;
+            if fr.num_experts != num_experts {
+                return Err(SimError::ExpertMismatch {
+                    trace: fr.num_experts,
+                    model: num_experts,
+                });
+            }
+            let (lang, _) = fr
+                .rows
+                .iter()
+                .next()
+                .ok_or_else(|| SimError::Routing("no (layer, language) rows".into()))?;
+            let loads = fr.loads(lang).unwrap_or_default();
+            return Self::from_popularity(
+                &loads,
+                top_k,
+                seed,
+                format!("synthetic from per-layer fractions ({lang})"),
+            );
+        }
+        Err(SimError::Routing(format!(
+            "unknown format (header `{}`): expected the per-token CSV or per-layer fractions",
+            first.trim()
+        )))
+    }
+
+    /// The trace query simulated request `request` follows.
+    pub fn query_of(&self, request: u64, seed: u64) -> usize {
+        (splitmix64(seed ^ request.wrapping_mul(0x2545_F491_4F6C_DD1D)) % self.queries.len() as u64) as usize
+    }
+
+    /// The trace token for token `pos` of `query` in `phase` (see the module mapping).
+    #[inline]
+    pub fn token(&self, query: usize, prefill: bool, pos: usize) -> usize {
+        let q = &self.queries[query];
+        let list = match (prefill, q.prefill.is_empty(), q.decode.is_empty()) {
+            (true, false, _) | (false, _, true) => &q.prefill,
+            _ => &q.decode,
+        };
+        list[pos % list.len()] as usize
+    }
+
+    /// The `top_k` experts of trace token `token` at MoE layer `layer`.
+    #[inline]
+    pub fn experts(&self, token: usize, layer: usize) -> &[u32] {
+        let base = (token * self.layers + layer) * self.top_k;
+        &self.table[base..base + self.top_k]
+    }
+
+    pub fn num_queries(&self) -> usize {
+        self.queries.len()
+    }
+}
