@@ -98,10 +98,10 @@ pub fn layout(cfg: &SimConfig, model: &ModelShape) -> Result<Layout, SimError> {
         Some(p) => p,
         None => (1..=cfg.gpus.min(e))
             .rev()
-            .find(|p| e % p == 0 && cfg.gpus % p == 0)
+            .find(|&p| e.is_multiple_of(p) && cfg.gpus.is_multiple_of(p))
             .unwrap_or(1),
     };
-    if ep == 0 || cfg.gpus % ep != 0 || e % ep != 0 {
+    if ep == 0 || !cfg.gpus.is_multiple_of(ep) || !e.is_multiple_of(ep) {
         return Err(SimError::Config(format!(
             "expert-parallel group of {ep} GPUs must divide both the {} GPUs and the {e} experts",
             cfg.gpus

@@ -49,7 +49,8 @@ impl RoutingPool {
     /// From a per-token trace (the Llama-4-Maverick MMLU CSV).
     pub fn from_token_trace(trace: &TokenTrace) -> Result<Self, SimError> {
         let (layers, k) = (trace.num_layers(), trace.top_k);
-        let mut by_query: BTreeMap<(&str, u32), Vec<(Phase, u32, usize)>> = BTreeMap::new();
+        type QueryTokens = Vec<(Phase, u32, usize)>;
+        let mut by_query: BTreeMap<(&str, u32), QueryTokens> = BTreeMap::new();
         for (i, t) in trace.tokens.iter().enumerate() {
             by_query
                 .entry((t.subject.as_str(), t.query_id))
