@@ -222,22 +222,21 @@ fn small_batch_linear(x: &Tensor, w: &Weight, y: &mut [f32]) {
 }
 
 /// `y[:, j0..j0+cols] = x @ w^T` for a row-major f32 block `w [cols, inp]`, with gemm.
-fn gemm_block(x: &Tensor, w: &[f32], j0: usize, out: usize, y: &mut [f32]) {
+///
+/// # Safety
+/// `y` must point to a live `[x.rows(), out]` row-major buffer with `j0 + cols <= out`, and no
+/// one else may access columns `j0..j0+cols` of it during the call.
+unsafe fn gemm_block(x: &Tensor, w: &[f32], j0: usize, out: usize, y: *mut f32, par: gemm::Parallelism) {
     let (n, inp) = (x.rows(), x.cols());
     let cols = w.len() / inp;
-    let par = if n * cols * inp >= 1 << 18 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: dst is y viewed as [n, out] starting at column j0 (row stride out, cols <= out-j0);
-    // lhs = x [n, inp] row-major; rhs = w^T viewed as [inp, cols] (w is [cols, inp] row-major).
+    // SAFETY: dst is y viewed as [n, out] starting at column j0 (row stride out); lhs = x
+    // [n, inp] row-major; rhs = w^T viewed as [inp, cols] (w is [cols, inp] row-major).
     unsafe {
         gemm::gemm(
             n,
             cols,
             inp,
-            y.as_mut_ptr().add(j0),
+            y.add(j0),
             1,
             out as isize,
             false,
@@ -257,6 +256,13 @@ fn gemm_block(x: &Tensor, w: &[f32], j0: usize, out: usize, y: &mut [f32]) {
     }
 }
 
+/// A raw output pointer handed to parallel tasks that write disjoint column blocks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint regions (see gemm_block's contract).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
@@ -271,14 +277,27 @@ impl Backend for CpuBackend {
             small_batch_linear(x, w, &mut y);
         } else {
             match w {
-                Weight::F32(t) => gemm_block(x, t.data(), 0, out, &mut y),
+                Weight::F32(t) => {
+                    let par = if n * out * inp >= 1 << 18 {
+                        gemm::Parallelism::Rayon(0)
+                    } else {
+                        gemm::Parallelism::None
+                    };
+                    // SAFETY: y is [n, out]; the block covers all columns and nothing else runs.
+                    unsafe { gemm_block(x, t.data(), 0, out, y.as_mut_ptr(), par) }
+                }
                 Weight::Bf16 { .. } => {
-                    // Widen a block of rows at a time so the f32 copy stays in cache.
-                    let block = (1 << 18) / inp.max(1) + 1;
-                    for j0 in (0..out).step_by(block) {
-                        let j1 = (j0 + block).min(out);
-                        gemm_block(x, &w.rows_f32(j0, j1), j0, out, &mut y);
-                    }
+                    // Each task widens a block of rows (staying in cache) and multiplies it
+                    // into its own columns of y, so widening runs in parallel too.
+                    const BLOCK: usize = 128;
+                    let yp = OutPtr(y.as_mut_ptr());
+                    let starts: Vec<usize> = (0..out).step_by(BLOCK).collect();
+                    starts.par_iter().for_each(|&j0| {
+                        let wf = w.rows_f32(j0, (j0 + BLOCK).min(out));
+                        let yp = yp;
+                        // SAFETY: blocks cover disjoint column ranges of the [n, out] buffer.
+                        unsafe { gemm_block(x, &wf, j0, out, yp.0, gemm::Parallelism::None) }
+                    });
                 }
             }
         }
