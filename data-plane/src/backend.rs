@@ -263,6 +263,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
@@ -294,9 +301,8 @@ impl Backend for CpuBackend {
                     let starts: Vec<usize> = (0..out).step_by(BLOCK).collect();
                     starts.par_iter().for_each(|&j0| {
                         let wf = w.rows_f32(j0, (j0 + BLOCK).min(out));
-                        let yp = yp;
                         // SAFETY: blocks cover disjoint column ranges of the [n, out] buffer.
-                        unsafe { gemm_block(x, &wf, j0, out, yp.0, gemm::Parallelism::None) }
+                        unsafe { gemm_block(x, &wf, j0, out, yp.get(), gemm::Parallelism::None) }
                     });
                 }
             }
