@@ -239,7 +239,13 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
             }
             let ours = median(ours);
             eprintln!("[{dt}] {name}: candle ...");
-            let theirs = peer(&dir, dtype, batch, &a, is_prefill)?;
+            let theirs = match peer(&dir, dtype, batch, &a, is_prefill) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("[{dt}] {name}: candle failed: {e:#}");
+                    None
+                }
+            };
             let ratio = theirs.map(|t| ours / t);
             println!(
                 "| {dt} | {name} | {ours:.2} | {} | {} |",
