@@ -1,0 +1,392 @@
+//! Admin REST API (axum): JSON in and out, bearer token on every route but `/health`,
+//! errors as `{"error": {"message", "type", "code"}}`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::node::{Node, NodeError};
+use crate::state::{ModelSpec, PlanIntent, PolicyConfig, PredictorUpdate};
+use crate::types::{Command, CommandResponse, NodeInfo};
+
+const WRITE_WAIT: Duration = Duration::from_secs(3);
+
+/// An API error with its HTTP status and stable type label.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub code: u16,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        metrics::counter!("moeless_admin_errors_total", "type" => self.kind).increment(1);
+        let body = ErrorBody {
+            error: ErrorDetail { message: self.message, kind: self.kind.to_string(), code: self.status.as_u16() },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let status = match &e {
+            NodeError::Rejected(_) => StatusCode::CONFLICT,
+            NodeError::NotLeader { .. } | NodeError::NoLeader => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let kind = match &e {
+            NodeError::Rejected(_) => "rejected",
+            NodeError::NotLeader { .. } => "not_leader",
+            NodeError::NoLeader => "no_leader",
+            NodeError::Storage(_) => "storage_error",
+            _ => "raft_error",
+        };
+        ApiError::new(status, kind, e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Parses a JSON body, answering 400 with a JSON error on malformed input.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("request body is empty; expected JSON"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+fn ok<T: Serialize>(value: T) -> ApiResult {
+    Ok(Json(value).into_response())
+}
+
+fn prometheus() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "Prometheus recorder not installed");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// Compares without an early exit, so response timing does not reveal a token prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+async fn require_token(State(node): State<Node>, req: Request, next: Next) -> Response {
+    if let Some(token) = node.admin_token() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let valid = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
+        if !valid {
+            let message = if given.is_some() { "invalid bearer token" } else { "missing bearer token" };
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+pub fn router(node: Node) -> Router {
+    let _ = prometheus();
+    let protected = Router::new()
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/policy", get(get_policy).put(put_policy))
+        .route("/v1/placement", get(latest_plan).post(commit_plan))
+        .route("/v1/placement/{epoch}", get(plan_by_epoch))
+        .route("/v1/workers", get(workers))
+        .route("/v1/workers/{id}/drain", post(drain_worker))
+        .route("/v1/models", get(models).post(put_model))
+        .route("/v1/predictor", get(get_predictor).put(put_predictor))
+        .route("/v1/rebalance", post(rebalance))
+        .route("/v1/cost", get(cost))
+        .route("/v1/decisions", get(decisions))
+        .route("/v1/loads", get(loads))
+        .route("/v1/members", post(add_member))
+        .route("/v1/members/{id}", delete(remove_member))
+        .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
+    Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(node)
+}
+
+async fn health(State(node): State<Node>) -> ApiResult {
+    let view = node.cluster();
+    ok(json!({"status": "ok", "id": view.id, "state": view.state, "leader": view.leader}))
+}
+
+async fn cluster(State(node): State<Node>) -> ApiResult {
+    ok(node.cluster())
+}
+
+async fn get_policy(State(node): State<Node>) -> ApiResult {
+    ok(node.read_state().await.policy)
+}
+
+async fn write(node: &Node, cmd: Command) -> Result<(u64, CommandResponse), ApiError> {
+    let started = std::time::Instant::now();
+    let r = node.write(cmd, WRITE_WAIT).await;
+    metrics::histogram!("moeless_commit_seconds").record(started.elapsed().as_secs_f64());
+    Ok(r?)
+}
+
+async fn put_policy(State(node): State<Node>, body: Bytes) -> ApiResult {
+    let policy: PolicyConfig = parse(&body)?;
+    let (log_index, _) = write(&node, Command::SetPolicy(policy.clone())).await?;
+    ok(json!({"log_index": log_index, "policy": policy}))
+}
+
+async fn latest_plan(State(node): State<Node>) -> ApiResult {
+    match node.read_state().await.latest_plan() {
+        Some(p) => ok(p),
+        None => Err(ApiError::not_found("no plan has been committed yet")),
+    }
+}
+
+async fn plan_by_epoch(State(node): State<Node>, Path(epoch): Path<String>) -> ApiResult {
+    let epoch: u64 = epoch.parse().map_err(|_| ApiError::bad_request(format!("epoch {epoch:?} is not an integer")))?;
+    match node.read_state().await.plans.get(&epoch) {
+        Some(p) => ok(p),
+        None => Err(ApiError::not_found(format!("no plan with epoch {epoch}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct CommitPlanBody {
+    #[serde(flatten)]
+    intent: PlanIntent,
+    #[serde(default)]
+    expected_epoch: Option<u64>,
+}
+
+async fn commit_plan(State(node): State<Node>, body: Bytes) -> ApiResult {
+    let b: CommitPlanBody = parse(&body)?;
+    let (log_index, resp) =
+        write(&node, Command::CommitPlan { intent: b.intent, expected_epoch: b.expected_epoch }).await?;
+    match resp {
+        CommandResponse::PlanCommitted { epoch } => {
+            metrics::gauge!("moeless_plan_epoch").set(epoch as f64);
+            Ok((StatusCode::CREATED, Json(json!({"epoch": epoch, "log_index": log_index}))).into_response())
+        }
+        other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected {other:?}"))),
+    }
+}
+
+async fn workers(State(node): State<Node>) -> ApiResult {
+    let s = node.read_state().await;
+    ok(s.workers.into_values().collect::<Vec<_>>())
+}
+
+async fn drain_worker(State(node): State<Node>, Path(id): Path<String>) -> ApiResult {
+    let worker: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("worker id {id:?} is not an integer")))?;
+    let (log_index, _) = write(&node, Command::DrainWorker { worker }).await?;
+    ok(json!({"worker": worker, "health": "draining", "log_index": log_index}))
+}
+
+async fn models(State(node): State<Node>) -> ApiResult {
+    ok(node.read_state().await.models.into_values().collect::<Vec<_>>())
+}
+
+async fn put_model(State(node): State<Node>, body: Bytes) -> ApiResult {
+    let model: ModelSpec = parse(&body)?;
+    let (log_index, _) = write(&node, Command::PutModel(model.clone())).await?;
+    Ok((StatusCode::CREATED, Json(json!({"log_index": log_index, "model": model}))).into_response())
+}
+
+async fn get_predictor(State(node): State<Node>) -> ApiResult {
+    match node.read_state().await.predictor {
+        Some(p) => ok(p),
+        None => Err(ApiError::not_found("no predictor state has been committed yet")),
+    }
+}
+
+async fn put_predictor(State(node): State<Node>, body: Bytes) -> ApiResult {
+    let update: PredictorUpdate = parse(&body)?;
+    let (log_index, resp) = write(&node, Command::UpdatePredictor(update)).await?;
+    let version = match resp {
+        CommandResponse::PredictorVersion { version } => Some(version),
+        _ => None,
+    };
+    ok(json!({"log_index": log_index, "version": version}))
+}
+
+async fn rebalance(State(_node): State<Node>) -> ApiResult {
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "the scaling loop is not built yet; commit plans with POST /v1/placement",
+    ))
+}
+
+async fn cost(State(node): State<Node>) -> ApiResult {
+    let entries = node.read_state().await.cost;
+    let gpu_seconds: f64 = entries.iter().map(|e| e.gpu_seconds).sum();
+    let cold_starts: u64 = entries.iter().map(|e| e.cold_starts).sum();
+    ok(json!({"total_gpu_seconds": gpu_seconds, "total_cold_starts": cold_starts, "entries": entries}))
+}
+
+async fn decisions(State(node): State<Node>) -> ApiResult {
+    ok(node.read_state().await.decisions)
+}
+
+async fn loads(State(node): State<Node>) -> ApiResult {
+    let board = node.loads();
+    let tokens: Vec<_> =
+        board.tokens.iter().map(|((layer, expert), t)| json!({"layer": layer, "expert": expert, "tokens": t})).collect();
+    ok(json!({"reports": board.reports, "tokens": tokens, "worker_epochs": board.worker_epochs}))
+}
+
+#[derive(Deserialize)]
+struct AddMemberBody {
+    id: u64,
+    raft_addr: String,
+    #[serde(default)]
+    admin_addr: String,
+}
+
+async fn add_member(State(node): State<Node>, body: Bytes) -> ApiResult {
+    let b: AddMemberBody = parse(&body)?;
+    if b.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::bad_request(format!("raft_addr {:?} is not HOST:PORT", b.raft_addr)));
+    }
+    node.add_member(b.id, NodeInfo { raft_addr: b.raft_addr, admin_addr: b.admin_addr }).await?;
+    ok(node.cluster())
+}
+
+async fn remove_member(State(node): State<Node>, Path(id): Path<String>) -> ApiResult {
+    let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("member id {id:?} is not an integer")))?;
+    node.remove_member(id).await?;
+    ok(node.cluster())
+}
+
+async fn render_metrics(State(node): State<Node>) -> ApiResult {
+    let view = node.cluster();
+    let id = view.id.to_string();
+    metrics::gauge!("moeless_raft_term", "node" => id.clone()).set(view.term as f64);
+    metrics::gauge!("moeless_raft_is_leader", "node" => id.clone()).set(f64::from(u8::from(node.is_leader())));
+    metrics::gauge!("moeless_raft_last_applied", "node" => id.clone())
+        .set(view.last_applied.unwrap_or(0) as f64);
+    metrics::gauge!("moeless_plan_epoch", "node" => id).set(view.epoch as f64);
+    let text = prometheus().map(|h| h.render()).unwrap_or_default();
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+async fn openapi() -> ApiResult {
+    ok(openapi_document())
+}
+
+/// The OpenAPI 3.1 description of this API.
+pub fn openapi_document() -> serde_json::Value {
+    let err = json!({"$ref": "#/components/responses/Error"});
+    let op = |summary: &str| json!({"summary": summary, "responses": {"200": {"description": "OK"}, "default": err}});
+    let body_op = |summary: &str, schema: &str| {
+        json!({
+            "summary": summary,
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}},
+            "responses": {"200": {"description": "OK"}, "201": {"description": "Created"}, "default": err}
+        })
+    };
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "MoEless control plane admin API", "version": env!("CARGO_PKG_VERSION")},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/health": {"get": {"summary": "Liveness (no token)", "security": [], "responses": {"200": {"description": "OK"}}}},
+            "/v1/cluster": {"get": op("Leader, term and members")},
+            "/v1/policy": {"get": op("Policy configuration"), "put": body_op("Replace the policy configuration", "PolicyConfig")},
+            "/v1/placement": {"get": op("Latest committed plan"), "post": body_op("Commit a plan under the next epoch", "PlanIntent")},
+            "/v1/placement/{epoch}": {"get": op("Plan by epoch")},
+            "/v1/workers": {"get": op("Registered workers")},
+            "/v1/workers/{id}/drain": {"post": op("Mark a worker draining")},
+            "/v1/models": {"get": op("Registered models"), "post": body_op("Register a model", "ModelSpec")},
+            "/v1/predictor": {"get": op("Predictor state"), "put": body_op("New predictor version", "PredictorUpdate")},
+            "/v1/rebalance": {"post": op("Run the placement policy now (not implemented yet: 501)")},
+            "/v1/cost": {"get": op("Cost ledger")},
+            "/v1/decisions": {"get": op("Decision log")},
+            "/v1/loads": {"get": op("Load reports received by this node")},
+            "/v1/members": {"post": body_op("Add a voter", "Member")},
+            "/v1/members/{id}": {"delete": op("Remove a voter")},
+            "/metrics": {"get": op("Prometheus metrics")},
+            "/openapi.json": {"get": op("This document")}
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"Error": {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "integer"}}}}},
+                "PolicyConfig": {"type": "object", "required": ["placement", "predictor", "rebalance_interval_ms", "keep_alive_ms", "max_replicas_per_expert"]},
+                "PlanIntent": {"type": "object", "required": ["model", "instances"], "properties": {"expected_epoch": {"type": "integer"}}},
+                "ModelSpec": {"type": "object", "required": ["name", "architecture", "num_layers", "num_experts", "top_k", "weights"]},
+                "PredictorUpdate": {"type": "object", "required": ["name", "parameters"]},
+                "Member": {"type": "object", "required": ["id", "raft_addr"], "properties": {"admin_addr": {"type": "string"}}}
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

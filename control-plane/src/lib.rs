@@ -1,0 +1,16 @@
+//! The MoEless control plane: a Raft-replicated metadata store (openraft 0.10 on redb), the
+//! worker and engine gRPC services, and the admin REST API.
+//!
+//! Never touches tensors; protobuf types stop at `services` and `network`.
+
+pub mod admin;
+pub mod client;
+pub mod network;
+pub mod node;
+pub mod services;
+pub mod state;
+pub mod store;
+pub mod types;
+
+pub use node::{start, Node, NodeConfig, NodeError, RunningNode};
+pub use types::{Command, CommandResponse, NodeInfo, TypeConfig};

@@ -1,0 +1,414 @@
+//! One control-plane node: storage, the Raft instance, the gRPC server (Raft transport, worker
+//! and engine services) and the admin REST server, started together and stopped together.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::raft::ReadPolicy;
+use openraft::{ChangeMembers, Config, ServerState};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::network::{raft_client, write_local, ForwardedWrite, GrpcNetwork, RaftServer, MAX_MESSAGE_BYTES};
+use crate::state::ClusterState;
+use crate::store::{LogStore, RedbBackend, StateMachineStore, StorageBackend};
+use crate::types::{Command, CommandResponse, NodeId, NodeInfo, Raft};
+
+/// How a node is started. Built by the CLI (`moeless control-plane`) or by tests.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Where peers, workers and engines reach this node (gRPC). Port 0 picks a free port.
+    pub raft_addr: SocketAddr,
+    /// Admin REST API. Port 0 picks a free port.
+    pub admin_addr: SocketAddr,
+    /// Raft addresses of every voter, this node included; empty means a single-node group.
+    pub peers: BTreeMap<NodeId, String>,
+    pub data_dir: PathBuf,
+    /// Bearer token for the admin API; `None` leaves it open (loopback development only).
+    pub admin_token: Option<String>,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: (u64, u64),
+    /// Snapshot (and compact the log) after this many applied entries.
+    pub snapshot_every: u64,
+}
+
+impl NodeConfig {
+    pub fn new(id: NodeId, data_dir: PathBuf) -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            id,
+            raft_addr: loopback,
+            admin_addr: loopback,
+            peers: BTreeMap::new(),
+            data_dir,
+            admin_token: None,
+            heartbeat_ms: 100,
+            election_timeout_ms: (400, 800),
+            snapshot_every: 1000,
+        }
+    }
+}
+
+/// Errors of node operations, mapped to HTTP and gRPC statuses at the edges.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("not the leader; the leader is node {leader_id} at {raft_addr} (admin {admin_addr})")]
+    NotLeader { leader_id: NodeId, raft_addr: String, admin_addr: String },
+    #[error("no leader is known yet (election in progress)")]
+    NoLeader,
+    #[error("rejected by the state machine: {0}")]
+    Rejected(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("binding {what} on {addr}: {message}")]
+    Bind { what: &'static str, addr: SocketAddr, message: String },
+}
+
+/// Per-expert token counts reported by workers and engines, kept on the node that received them
+/// (observed state, not replicated; the leader's scaling loop reads it).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct LoadBoard {
+    /// (layer, expert) -> tokens in the latest reports, summed over reporters.
+    pub tokens: BTreeMap<(u32, u32), u64>,
+    pub reports: u64,
+    /// worker -> epoch it says it has reconciled to.
+    pub worker_epochs: BTreeMap<u64, u64>,
+}
+
+struct Shared {
+    id: NodeId,
+    info: NodeInfo,
+    raft: Raft,
+    sm: StateMachineStore,
+    loads: Mutex<LoadBoard>,
+    admin_token: Option<String>,
+}
+
+/// A cheap handle to a running node, used by the admin API and the gRPC services.
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub raft_addr: String,
+    pub admin_addr: String,
+    pub voter: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterView {
+    pub id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub state: String,
+    pub members: Vec<Member>,
+    pub last_applied: Option<u64>,
+    pub epoch: u64,
+}
+
+impl Node {
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+    pub fn info(&self) -> &NodeInfo {
+        &self.shared.info
+    }
+    pub fn raft(&self) -> &Raft {
+        &self.shared.raft
+    }
+    pub fn state_machine(&self) -> &StateMachineStore {
+        &self.shared.sm
+    }
+    pub fn admin_token(&self) -> Option<&str> {
+        self.shared.admin_token.as_deref()
+    }
+
+    pub fn cluster(&self) -> ClusterView {
+        let m = self.shared.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| Member {
+                id: *id,
+                raft_addr: n.raft_addr.clone(),
+                admin_addr: n.admin_addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        ClusterView {
+            id: self.shared.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            state: format!("{:?}", m.state),
+            members,
+            last_applied: m.last_applied.as_ref().map(|l| l.index()),
+            epoch: *self.shared.sm.watch_epoch().borrow(),
+        }
+    }
+
+    fn leader_error(&self) -> NodeError {
+        let m = self.shared.raft.metrics().borrow_watched().clone();
+        match m.current_leader {
+            Some(leader_id) => {
+                let node = m.membership_config.membership().nodes().find(|(id, _)| **id == leader_id).map(|(_, n)| n.clone());
+                let node = node.unwrap_or_default();
+                NodeError::NotLeader { leader_id, raft_addr: node.raft_addr, admin_addr: node.admin_addr }
+            }
+            None => NodeError::NoLeader,
+        }
+    }
+
+    /// Commits `cmd` through Raft: locally on the leader, forwarded over gRPC from a follower.
+    /// Waits up to `wait` for a leader when an election is in progress.
+    pub async fn write(&self, cmd: Command, wait: Duration) -> Result<(u64, CommandResponse), NodeError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let outcome = match write_local(&self.shared.raft, cmd.clone()).await {
+                ForwardedWrite::NotLeader { leader: Some((leader_id, info)) } if leader_id != self.shared.id => {
+                    forward(&info, &cmd).await.unwrap_or(ForwardedWrite::NotLeader { leader: Some((leader_id, info)) })
+                }
+                other => other,
+            };
+            match outcome {
+                ForwardedWrite::Done { log_index, response: CommandResponse::Rejected { reason } } => {
+                    tracing::debug!(log_index, %reason, "command rejected");
+                    return Err(NodeError::Rejected(reason));
+                }
+                ForwardedWrite::Done { log_index, response } => return Ok((log_index, response)),
+                ForwardedWrite::Failed { message } => return Err(NodeError::Raft(message)),
+                ForwardedWrite::NotLeader { leader } => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(match leader {
+                            Some((leader_id, info)) => NodeError::NotLeader {
+                                leader_id,
+                                raft_addr: info.raft_addr,
+                                admin_addr: info.admin_addr,
+                            },
+                            None => NodeError::NoLeader,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// The applied state after a ReadIndex round on the leader (linearizable); on a follower,
+    /// `NotLeader`/`NoLeader`.
+    pub async fn linearizable_state(&self) -> Result<ClusterState, NodeError> {
+        match self.shared.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(self.shared.sm.state().await),
+            Err(e) if e.forward_to_leader().is_some() => Err(self.leader_error()),
+            Err(e) => Err(NodeError::Raft(e.to_string())),
+        }
+    }
+
+    /// Linearizable on the leader, the local applied state on a follower (which may lag).
+    pub async fn read_state(&self) -> ClusterState {
+        match self.linearizable_state().await {
+            Ok(s) => s,
+            Err(_) => self.shared.sm.state().await,
+        }
+    }
+
+    pub async fn add_member(&self, id: NodeId, info: NodeInfo) -> Result<(), NodeError> {
+        let raft = &self.shared.raft;
+        let map = |e: openraft::errors::RaftError<_, openraft::errors::ClientWriteError<_>>| {
+            if e.forward_to_leader().is_some() {
+                self.leader_error()
+            } else {
+                NodeError::Raft(e.to_string())
+            }
+        };
+        raft.add_learner(id, info, true).await.map_err(map)?;
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(map)?;
+        Ok(())
+    }
+
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), NodeError> {
+        let raft = &self.shared.raft;
+        let res = raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.forward_to_leader().is_some() => Err(self.leader_error()),
+            Err(e) => Err(NodeError::Raft(e.to_string())),
+        }
+    }
+
+    pub fn record_loads(&self, loads: impl IntoIterator<Item = ((u32, u32), u64)>) {
+        if let Ok(mut board) = self.shared.loads.lock() {
+            board.reports += 1;
+            for (key, tokens) in loads {
+                *board.tokens.entry(key).or_default() += tokens;
+            }
+        }
+    }
+
+    pub fn record_worker_epoch(&self, worker: u64, epoch: u64) {
+        if let Ok(mut board) = self.shared.loads.lock() {
+            board.worker_epochs.insert(worker, epoch);
+        }
+    }
+
+    pub fn loads(&self) -> LoadBoard {
+        self.shared.loads.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.shared.raft.metrics().borrow_watched().clone();
+        m.state == ServerState::Leader
+    }
+}
+
+async fn forward(leader: &NodeInfo, cmd: &Command) -> Option<ForwardedWrite> {
+    let mut client = raft_client(&leader.raft_addr).ok()?;
+    let payload = serde_json::to_vec(cmd).ok()?;
+    let msg = proto::raft::RaftMessage { payload, data: Vec::new() };
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.forward_write(msg)).await.ok()?.ok()?;
+    serde_json::from_slice(&resp.into_inner().payload).ok()
+}
+
+/// A running node and its server tasks.
+pub struct RunningNode {
+    pub node: Node,
+    pub raft_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Stops the servers and Raft and releases the storage files.
+    pub async fn shutdown(mut self) {
+        for s in self.stop.drain(..) {
+            let _ = s.send(());
+        }
+        if let Err(e) = self.node.shared.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+
+    /// Waits until the servers stop (they run until `shutdown` or process exit).
+    pub async fn wait(mut self) {
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens storage, starts Raft and both servers, and bootstraps a new group if this node is the
+/// lowest-numbered voter and the store is empty.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|e| NodeError::Bind { what, addr, message: e.to_string() })
+    };
+    let raft_listener = bind("raft gRPC", config.raft_addr).await?;
+    let admin_listener = bind("admin API", config.admin_addr).await?;
+    let local = |l: &TcpListener, what, addr| {
+        l.local_addr().map_err(|e| NodeError::Bind { what, addr, message: e.to_string() })
+    };
+    let raft_addr = local(&raft_listener, "raft gRPC", config.raft_addr)?;
+    let admin_addr = local(&admin_listener, "admin API", config.admin_addr)?;
+
+    let dir = config.data_dir.clone();
+    let backend = tokio::task::spawn_blocking(move || RedbBackend::open(&dir))
+        .await
+        .map_err(|e| NodeError::Storage(e.to_string()))?
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let backend: Arc<dyn StorageBackend> = Arc::new(backend);
+    let sm = StateMachineStore::open(Arc::clone(&backend)).await.map_err(|e| NodeError::Storage(e.to_string()))?;
+    let log = LogStore::new(backend);
+
+    let raft_config = Config {
+        cluster_name: "moeless".into(),
+        heartbeat_interval: config.heartbeat_ms,
+        election_timeout_min: config.election_timeout_ms.0,
+        election_timeout_max: config.election_timeout_ms.1,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        max_in_snapshot_log_to_keep: 100,
+        ..Default::default()
+    };
+    let raft_config = Arc::new(raft_config.validate().map_err(|e| NodeError::Raft(e.to_string()))?);
+    let raft = Raft::new(config.id, raft_config, GrpcNetwork, log, sm.clone())
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+    let info = NodeInfo { raft_addr: raft_addr.to_string(), admin_addr: admin_addr.to_string() };
+    let node = Node {
+        shared: Arc::new(Shared {
+            id: config.id,
+            info: info.clone(),
+            raft: raft.clone(),
+            sm,
+            loads: Mutex::new(LoadBoard::default()),
+            admin_token: config.admin_token.clone(),
+        }),
+    };
+
+    let mut stop = Vec::new();
+    let mut tasks = Vec::new();
+
+    let (tx, rx) = oneshot::channel::<()>();
+    stop.push(tx);
+    let grpc = tonic::transport::Server::builder()
+        .add_service(
+            proto::raft::raft_service_server::RaftServiceServer::new(RaftServer { raft: raft.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(proto::worker::worker_service_server::WorkerServiceServer::new(
+            crate::services::WorkerApi { node: node.clone() },
+        ))
+        .add_service(proto::engine::engine_service_server::EngineServiceServer::new(
+            crate::services::EngineApi { node: node.clone() },
+        ));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(raft_listener);
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, async { rx.await.unwrap_or(()) }).await {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    }));
+
+    let (tx, rx) = oneshot::channel::<()>();
+    stop.push(tx);
+    let app = crate::admin::router(node.clone());
+    tasks.push(tokio::spawn(async move {
+        let serve = axum::serve(admin_listener, app).with_graceful_shutdown(async { rx.await.unwrap_or(()) });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin server stopped");
+        }
+    }));
+
+    let initialized = raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))?;
+    if !initialized {
+        let lowest = config.peers.keys().next().copied().unwrap_or(config.id);
+        if lowest == config.id {
+            let mut members: BTreeMap<NodeId, NodeInfo> = config
+                .peers
+                .iter()
+                .map(|(id, addr)| (*id, NodeInfo { raft_addr: addr.clone(), admin_addr: String::new() }))
+                .collect();
+            members.insert(config.id, info.clone());
+            tracing::info!(id = config.id, voters = members.len(), "initializing a new Raft group");
+            raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+        }
+    }
+    tracing::info!(id = config.id, %raft_addr, %admin_addr, "control-plane node started");
+    Ok(RunningNode { node, raft_addr, admin_addr, stop, tasks })
+}

@@ -1,0 +1,183 @@
+//! WorkerService and EngineService over gRPC, and the conversions between protobuf messages and
+//! control-plane types (the only place the two meet).
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::Stream;
+use proto::engine as pb;
+use proto::worker as wpb;
+use tonic::{Request, Response, Status};
+
+use crate::node::{Node, NodeError};
+use crate::state::{Device, ExpertInstance, PlacementPlan, WorkerSpec};
+use crate::types::Command;
+
+const WRITE_WAIT: Duration = Duration::from_secs(3);
+
+impl From<&ExpertInstance> for pb::ExpertInstance {
+    fn from(i: &ExpertInstance) -> Self {
+        Self { layer: i.layer, expert: i.expert, worker_id: i.worker, gpu: i.gpu, share: i.share }
+    }
+}
+
+impl From<&PlacementPlan> for pb::PlacementPlan {
+    fn from(p: &PlacementPlan) -> Self {
+        Self {
+            epoch: p.epoch,
+            model: p.model.clone(),
+            instances: p.instances.iter().map(Into::into).collect(),
+            reason: p.reason.clone(),
+        }
+    }
+}
+
+impl TryFrom<wpb::RegisterRequest> for WorkerSpec {
+    type Error = Status;
+    fn try_from(r: wpb::RegisterRequest) -> Result<Self, Status> {
+        if r.worker_id == 0 {
+            return Err(Status::invalid_argument("worker_id must be non-zero"));
+        }
+        if r.address.is_empty() {
+            return Err(Status::invalid_argument("address is empty"));
+        }
+        Ok(WorkerSpec {
+            id: r.worker_id,
+            address: r.address,
+            devices: r
+                .devices
+                .into_iter()
+                .map(|d| Device { index: d.index, kind: d.kind, memory_bytes: d.memory_bytes })
+                .collect(),
+            memory_bytes: r.memory_bytes,
+        })
+    }
+}
+
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Rejected(m) => Status::failed_precondition(m),
+            NodeError::NotLeader { .. } | NodeError::NoLeader => Status::unavailable(e.to_string()),
+            other => Status::internal(other.to_string()),
+        }
+    }
+}
+
+fn loads(items: &[pb::ExpertLoad]) -> impl Iterator<Item = ((u32, u32), u64)> + '_ {
+    items.iter().map(|l| ((l.layer, l.expert), l.tokens))
+}
+
+type PlanStream = Pin<Box<dyn Stream<Item = Result<pb::PlacementPlan, Status>> + Send>>;
+
+/// Streams every committed plan with an epoch above `after`, as plans are applied on this node.
+fn plan_stream(node: Node, after: u64) -> PlanStream {
+    let mut rx = node.state_machine().watch_epoch();
+    let stream = async_stream(move |tx| async move {
+        let mut sent = after;
+        loop {
+            let plans: Vec<pb::PlacementPlan> = node
+                .state_machine()
+                .read(|s| s.plans.range(sent + 1..).map(|(_, p)| p.into()).collect())
+                .await;
+            for p in plans {
+                sent = p.epoch;
+                if tx.send(Ok(p)).await.is_err() {
+                    return;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(stream)
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<T, F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+pub struct WorkerApi {
+    pub node: Node,
+}
+
+#[tonic::async_trait]
+impl wpb::worker_service_server::WorkerService for WorkerApi {
+    async fn register(&self, req: Request<wpb::RegisterRequest>) -> Result<Response<wpb::RegisterResponse>, Status> {
+        let spec = WorkerSpec::try_from(req.into_inner())?;
+        let id = spec.id;
+        self.node.write(Command::RegisterWorker(spec), WRITE_WAIT).await?;
+        let current_epoch = *self.node.state_machine().watch_epoch().borrow();
+        Ok(Response::new(wpb::RegisterResponse { worker_id: id, current_epoch }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<wpb::HeartbeatRequest>,
+    ) -> Result<Response<wpb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let draining = self
+            .node
+            .state_machine()
+            .read(|s| s.workers.get(&r.worker_id).map(|w| w.health == crate::state::WorkerHealth::Draining))
+            .await
+            .ok_or_else(|| Status::not_found(format!("worker {} is not registered", r.worker_id)))?;
+        self.node.record_loads(loads(&r.loads));
+        self.node.record_worker_epoch(r.worker_id, r.applied_epoch);
+        let view = self.node.cluster();
+        Ok(Response::new(wpb::HeartbeatResponse {
+            current_epoch: view.epoch,
+            leader_id: view.leader.unwrap_or(0),
+            draining,
+        }))
+    }
+
+    type WatchPlanStream = PlanStream;
+
+    async fn watch_plan(&self, req: Request<wpb::WatchPlanRequest>) -> Result<Response<PlanStream>, Status> {
+        Ok(Response::new(plan_stream(self.node.clone(), req.into_inner().after_epoch)))
+    }
+}
+
+pub struct EngineApi {
+    pub node: Node,
+}
+
+#[tonic::async_trait]
+impl pb::engine_service_server::EngineService for EngineApi {
+    /// Linearizable: served by the leader after a ReadIndex round; a follower answers UNAVAILABLE
+    /// naming the leader.
+    async fn get_plan(&self, req: Request<pb::GetPlanRequest>) -> Result<Response<pb::GetPlanResponse>, Status> {
+        let epoch = req.into_inner().epoch;
+        let state = self.node.linearizable_state().await?;
+        let plan = if epoch == 0 { state.latest_plan() } else { state.plans.get(&epoch) };
+        if epoch != 0 && plan.is_none() {
+            return Err(Status::not_found(format!("no plan with epoch {epoch}")));
+        }
+        Ok(Response::new(pb::GetPlanResponse { plan: plan.map(Into::into) }))
+    }
+
+    type WatchPlanStream = PlanStream;
+
+    async fn watch_plan(&self, req: Request<pb::WatchPlanRequest>) -> Result<Response<PlanStream>, Status> {
+        Ok(Response::new(plan_stream(self.node.clone(), req.into_inner().after_epoch)))
+    }
+
+    async fn report_load(
+        &self,
+        req: Request<pb::ReportLoadRequest>,
+    ) -> Result<Response<pb::ReportLoadResponse>, Status> {
+        let r = req.into_inner();
+        self.node.record_loads(loads(&r.loads));
+        Ok(Response::new(pb::ReportLoadResponse { current_epoch: self.node.cluster().epoch }))
+    }
+}

@@ -1,0 +1,326 @@
+//! The replicated state: workers, models, placement plans with epochs, predictor state, policy,
+//! decision log and cost ledger. Pure and deterministic: `apply` is a function of the state and
+//! the command, so every replica that applies the same log holds the same state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Command, CommandResponse};
+
+/// How many decisions the log keeps; older ones are dropped (the plans themselves stay).
+pub const DECISION_LOG_LIMIT: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    pub index: u32,
+    pub kind: String,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub id: u64,
+    pub address: String,
+    #[serde(default)]
+    pub devices: Vec<Device>,
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerHealth {
+    Active,
+    Draining,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    #[serde(flatten)]
+    pub spec: WorkerSpec,
+    pub health: WorkerHealth,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub name: String,
+    pub architecture: String,
+    pub num_layers: u32,
+    pub num_experts: u32,
+    pub top_k: u32,
+    /// Where workers fetch expert weights from (path or URL).
+    pub weights: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertInstance {
+    pub layer: u32,
+    pub expert: u32,
+    pub worker: u64,
+    pub gpu: u32,
+    pub share: f64,
+}
+
+/// A plan as proposed, before the state machine gives it an epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanIntent {
+    pub model: String,
+    pub instances: Vec<ExpertInstance>,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A committed plan. Epochs start at 1 and increase by one per committed plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementPlan {
+    pub epoch: u64,
+    pub model: String,
+    pub instances: Vec<ExpertInstance>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyConfig {
+    /// Placement policy: "static", "eplb" or "moeless".
+    pub placement: String,
+    /// Load predictor name, as in `shared::predict`.
+    pub predictor: String,
+    pub rebalance_interval_ms: u64,
+    pub keep_alive_ms: u64,
+    pub max_replicas_per_expert: u32,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            placement: "moeless".into(),
+            predictor: "ema".into(),
+            rebalance_interval_ms: 10_000,
+            keep_alive_ms: 60_000,
+            max_replicas_per_expert: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictorUpdate {
+    pub name: String,
+    pub parameters: serde_json::Value,
+    #[serde(default)]
+    pub statistics: serde_json::Value,
+}
+
+/// Versioned predictor parameters and statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictorState {
+    pub version: u64,
+    pub name: String,
+    pub parameters: serde_json::Value,
+    pub statistics: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub log_index: u64,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CostEntry {
+    pub window_end_ms: u64,
+    pub gpu_seconds: f64,
+    pub cold_starts: u64,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub workers: BTreeMap<u64, WorkerRecord>,
+    pub models: BTreeMap<String, ModelSpec>,
+    /// Every committed plan by epoch (history included).
+    pub plans: BTreeMap<u64, PlacementPlan>,
+    pub policy: PolicyConfig,
+    pub predictor: Option<PredictorState>,
+    pub decisions: Vec<Decision>,
+    pub cost: Vec<CostEntry>,
+}
+
+impl ClusterState {
+    pub fn current_epoch(&self) -> u64 {
+        self.plans.keys().next_back().copied().unwrap_or(0)
+    }
+
+    pub fn latest_plan(&self) -> Option<&PlacementPlan> {
+        self.plans.values().next_back()
+    }
+
+    /// Applies one committed command at `log_index`.
+    pub fn apply(&mut self, log_index: u64, cmd: Command) -> CommandResponse {
+        let what = cmd.to_string();
+        let resp = self.apply_inner(cmd);
+        let what = match &resp {
+            CommandResponse::Rejected { reason } => format!("{what} rejected: {reason}"),
+            CommandResponse::PlanCommitted { epoch } => format!("{what} -> epoch {epoch}"),
+            _ => what,
+        };
+        self.decisions.push(Decision { log_index, what });
+        if self.decisions.len() > DECISION_LOG_LIMIT {
+            let excess = self.decisions.len() - DECISION_LOG_LIMIT;
+            self.decisions.drain(..excess);
+        }
+        resp
+    }
+
+    fn apply_inner(&mut self, cmd: Command) -> CommandResponse {
+        let reject = |reason: String| CommandResponse::Rejected { reason };
+        match cmd {
+            Command::RegisterWorker(spec) => {
+                if spec.address.is_empty() {
+                    return reject("worker address is empty".into());
+                }
+                self.workers.insert(spec.id, WorkerRecord { spec, health: WorkerHealth::Active });
+                CommandResponse::Applied
+            }
+            Command::DrainWorker { worker } => match self.workers.get_mut(&worker) {
+                Some(w) => {
+                    w.health = WorkerHealth::Draining;
+                    CommandResponse::Applied
+                }
+                None => reject(format!("unknown worker {worker}")),
+            },
+            Command::PutModel(m) => {
+                if m.name.is_empty() || m.num_layers == 0 || m.num_experts == 0 || m.top_k == 0 {
+                    return reject("model needs a name and non-zero layers, experts and top_k".into());
+                }
+                if m.top_k > m.num_experts {
+                    return reject(format!("top_k {} exceeds num_experts {}", m.top_k, m.num_experts));
+                }
+                self.models.insert(m.name.clone(), m);
+                CommandResponse::Applied
+            }
+            Command::CommitPlan { intent, expected_epoch } => {
+                let current = self.current_epoch();
+                if let Some(expected) = expected_epoch {
+                    if expected != current {
+                        return reject(format!("plan based on epoch {expected}, current epoch is {current}"));
+                    }
+                }
+                if let Err(reason) = self.check_plan(&intent) {
+                    return reject(reason);
+                }
+                let epoch = current + 1;
+                let plan = PlacementPlan { epoch, model: intent.model, instances: intent.instances, reason: intent.reason };
+                self.plans.insert(epoch, plan);
+                CommandResponse::PlanCommitted { epoch }
+            }
+            Command::SetPolicy(p) => {
+                if p.placement.is_empty() || p.predictor.is_empty() || p.max_replicas_per_expert == 0 {
+                    return reject("policy needs a placement, a predictor and max_replicas_per_expert >= 1".into());
+                }
+                self.policy = p;
+                CommandResponse::Applied
+            }
+            Command::UpdatePredictor(u) => {
+                let version = self.predictor.as_ref().map_or(1, |p| p.version + 1);
+                self.predictor = Some(PredictorState {
+                    version,
+                    name: u.name,
+                    parameters: u.parameters,
+                    statistics: u.statistics,
+                });
+                CommandResponse::PredictorVersion { version }
+            }
+            Command::RecordCost { window_end_ms, gpu_seconds, cold_starts, note } => {
+                if !gpu_seconds.is_finite() || gpu_seconds < 0.0 {
+                    return reject(format!("gpu_seconds must be finite and >= 0, got {gpu_seconds}"));
+                }
+                self.cost.push(CostEntry { window_end_ms, gpu_seconds, cold_starts, note });
+                CommandResponse::Applied
+            }
+        }
+    }
+
+    fn check_plan(&self, intent: &PlanIntent) -> Result<(), String> {
+        let model = self.models.get(&intent.model).ok_or_else(|| format!("unknown model {:?}", intent.model))?;
+        let mut share_sums: BTreeMap<(u32, u32), f64> = BTreeMap::new();
+        for i in &intent.instances {
+            if i.layer >= model.num_layers || i.expert >= model.num_experts {
+                return Err(format!("instance ({}, {}) outside the model's shape", i.layer, i.expert));
+            }
+            if !i.share.is_finite() || i.share < 0.0 {
+                return Err(format!("instance ({}, {}) has share {}", i.layer, i.expert, i.share));
+            }
+            if !self.workers.contains_key(&i.worker) {
+                return Err(format!("instance ({}, {}) on unknown worker {}", i.layer, i.expert, i.worker));
+            }
+            *share_sums.entry((i.layer, i.expert)).or_default() += i.share;
+        }
+        for ((layer, expert), sum) in share_sums {
+            if (sum - 1.0).abs() > 1e-6 {
+                return Err(format!("shares of expert ({layer}, {expert}) sum to {sum}, not 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded() -> ClusterState {
+        let mut s = ClusterState::default();
+        let w = WorkerSpec { id: 7, address: "127.0.0.1:1".into(), devices: vec![], memory_bytes: 1 };
+        assert_eq!(s.apply(1, Command::RegisterWorker(w)), CommandResponse::Applied);
+        let m = ModelSpec {
+            name: "m".into(),
+            architecture: "mixtral".into(),
+            num_layers: 2,
+            num_experts: 4,
+            top_k: 2,
+            weights: "/w".into(),
+        };
+        assert_eq!(s.apply(2, Command::PutModel(m)), CommandResponse::Applied);
+        s
+    }
+
+    fn intent(share: f64) -> PlanIntent {
+        PlanIntent {
+            model: "m".into(),
+            instances: vec![ExpertInstance { layer: 1, expert: 3, worker: 7, gpu: 0, share }],
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn epochs_increase_by_one_and_never_repeat() {
+        let mut s = seeded();
+        for n in 1..=5 {
+            let r = s.apply(2 + n, Command::CommitPlan { intent: intent(1.0), expected_epoch: None });
+            assert_eq!(r, CommandResponse::PlanCommitted { epoch: n });
+        }
+        assert_eq!(s.plans.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn stale_or_invalid_plans_are_rejected_without_an_epoch() {
+        let mut s = seeded();
+        let r = s.apply(3, Command::CommitPlan { intent: intent(1.0), expected_epoch: Some(4) });
+        assert!(matches!(r, CommandResponse::Rejected { .. }));
+        let r = s.apply(4, Command::CommitPlan { intent: intent(0.5), expected_epoch: None });
+        assert!(matches!(r, CommandResponse::Rejected { .. }));
+        let r = s.apply(5, Command::CommitPlan { intent: intent(f64::NAN), expected_epoch: None });
+        assert!(matches!(r, CommandResponse::Rejected { .. }));
+        assert_eq!(s.current_epoch(), 0);
+        assert_eq!(s.decisions.len(), 5);
+    }
+
+    #[test]
+    fn predictor_versions_increase() {
+        let mut s = ClusterState::default();
+        let u = PredictorUpdate { name: "ema".into(), parameters: serde_json::json!({"alpha": 0.5}), statistics: serde_json::Value::Null };
+        assert_eq!(s.apply(1, Command::UpdatePredictor(u.clone())), CommandResponse::PredictorVersion { version: 1 });
+        assert_eq!(s.apply(2, Command::UpdatePredictor(u)), CommandResponse::PredictorVersion { version: 2 });
+    }
+}

@@ -1,0 +1,71 @@
+//! The Raft type configuration and the commands the replicated state machine accepts.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{ModelSpec, PlanIntent, PolicyConfig, PredictorUpdate, WorkerSpec};
+
+/// A control-plane node as stored in the Raft membership: where its peers and its admins reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub raft_addr: String,
+    pub admin_addr: String,
+}
+
+impl fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "raft={} admin={}", self.raft_addr, self.admin_addr)
+    }
+}
+
+/// A write to the replicated state machine. Every variant is validated in `state::ClusterState::apply`;
+/// an invalid command is answered with `CommandResponse::Rejected`, never applied half-way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    RegisterWorker(WorkerSpec),
+    DrainWorker { worker: u64 },
+    PutModel(ModelSpec),
+    /// Commits a plan under the next epoch. With `expected_epoch`, only if the current epoch is that one.
+    CommitPlan { intent: PlanIntent, expected_epoch: Option<u64> },
+    SetPolicy(PolicyConfig),
+    UpdatePredictor(PredictorUpdate),
+    /// Records the cost of a window in the ledger.
+    RecordCost { window_end_ms: u64, gpu_seconds: f64, cold_starts: u64, note: String },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::RegisterWorker(w) => write!(f, "register-worker({})", w.id),
+            Command::DrainWorker { worker } => write!(f, "drain-worker({worker})"),
+            Command::PutModel(m) => write!(f, "put-model({})", m.name),
+            Command::CommitPlan { intent, .. } => write!(f, "commit-plan({})", intent.model),
+            Command::SetPolicy(_) => write!(f, "set-policy"),
+            Command::UpdatePredictor(p) => write!(f, "update-predictor({})", p.name),
+            Command::RecordCost { window_end_ms, .. } => write!(f, "record-cost({window_end_ms})"),
+        }
+    }
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandResponse {
+    Applied,
+    PlanCommitted { epoch: u64 },
+    PredictorVersion { version: u64 },
+    /// The command was valid to replicate but not to apply (unknown worker, stale epoch, ...).
+    Rejected { reason: String },
+}
+
+openraft::declare_raft_types!(
+    /// Raft types of the MoEless control plane.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = u64,
+        Node = NodeInfo,
+);
+
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig, crate::store::StateMachineStore>;
