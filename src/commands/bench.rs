@@ -181,12 +181,21 @@ fn peer(dir: &Path, dtype: SaveDtype, batch: usize, a: &EngineBenchArgs, prefill
     if a.no_peer {
         return Ok(None);
     }
-    let d = if dtype == SaveDtype::Bf16 { PeerDtype::Bf16 } else { PeerDtype::F32 };
-    if prefill {
-        Ok(Some(run_mixtral(dir, d, 1, a.prompt_len, 1, a.repeats)?.prefill_tokens_per_s))
-    } else {
-        Ok(Some(run_mixtral(dir, d, batch, 16, a.decode_steps, a.repeats)?.decode_tokens_per_s))
+    let run = |d: PeerDtype| -> anyhow::Result<f64> {
+        Ok(if prefill {
+            run_mixtral(dir, d, 1, a.prompt_len, 1, a.repeats)?.prefill_tokens_per_s
+        } else {
+            run_mixtral(dir, d, batch, 16, a.decode_steps, a.repeats)?.decode_tokens_per_s
+        })
+    };
+    if dtype == SaveDtype::Bf16 {
+        match run(PeerDtype::Bf16) {
+            Ok(t) => return Ok(Some(t)),
+            // What a candle user does with a bf16 checkpoint until that is fixed: load it as f32.
+            Err(e) => eprintln!("  candle bf16 failed ({e:#}); measuring candle loading the same checkpoint as f32"),
+        }
     }
+    Ok(Some(run(PeerDtype::F32)?))
 }
 
 #[cfg(not(feature = "candle"))]
@@ -195,7 +204,7 @@ fn peer(_: &Path, _: SaveDtype, _: usize, _: &EngineBenchArgs, _: bool) -> anyho
 }
 
 fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
-    if a.heads == 0 || a.hidden % a.heads != 0 {
+    if a.heads == 0 || !a.hidden.is_multiple_of(a.heads) {
         anyhow::bail!("--hidden {} must be a multiple of --heads {}", a.hidden, a.heads);
     }
     let shape = shape_of(&a);
