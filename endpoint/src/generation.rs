@@ -1,0 +1,392 @@
+//! The API side of one request: validated parameters, the sequences it submits, and the
+//! stream of per-choice updates (incremental text, stop strings, finish reasons) it reads back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::api::{FinishReason, GenerationFields, Usage};
+use crate::error::ApiError;
+use crate::metrics;
+use crate::sampling::SamplingParams;
+use crate::scheduler::{SchedulerHandle, SeqEvent, SeqRequest};
+use crate::tokenizer::{IncrementalDecoder, StopMatcher, TextTokenizer};
+
+/// What a generation request asks for, checked once.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    pub n: usize,
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stops: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub return_token_ids: bool,
+}
+
+/// Limits the validation needs from the server.
+pub struct Limits {
+    pub max_model_len: usize,
+    pub vocab: usize,
+    pub max_n: usize,
+}
+
+const MAX_STOPS: usize = 16;
+
+impl GenParams {
+    /// `max_tokens_override` is chat's `max_completion_tokens`, which wins over `max_tokens`.
+    pub fn validate(f: &GenerationFields, max_tokens_override: Option<i64>, lim: &Limits) -> Result<Self, ApiError> {
+        let n = f.n.unwrap_or(1);
+        if n < 1 || n as usize > lim.max_n {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("n must be between 1 and {}, got {n}", lim.max_n),
+            ));
+        }
+        let (max_param, max_tokens) = match (max_tokens_override, f.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        let max_tokens = match max_tokens {
+            Some(m) if m < 1 => {
+                return Err(ApiError::invalid_param(
+                    max_param,
+                    format!("{max_param} must be at least 1, got {m}"),
+                ))
+            }
+            Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        let temperature = f.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid_param(
+                "temperature",
+                format!("temperature must be in [0, 2], got {temperature}"),
+            ));
+        }
+        let top_p = f.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid_param(
+                "top_p",
+                format!("top_p must be in (0, 1], got {top_p}"),
+            ));
+        }
+        let top_k = match f.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+            Some(k) => {
+                return Err(ApiError::invalid_param(
+                    "top_k",
+                    format!("top_k must be -1 (disabled) or at least 1, got {k}"),
+                ))
+            }
+        };
+        for (name, v) in [
+            ("frequency_penalty", f.frequency_penalty),
+            ("presence_penalty", f.presence_penalty),
+        ] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid_param(name, format!("{name} is not supported")));
+            }
+        }
+        if f.logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v != &serde_json::Value::Bool(false))
+        {
+            return Err(ApiError::invalid_param("logprobs", "logprobs are not supported"));
+        }
+        let stops = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+        if stops.len() > MAX_STOPS || stops.iter().any(String::is_empty) {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("stop takes at most {MAX_STOPS} non-empty strings"),
+            ));
+        }
+        let stop_token_ids = f.stop_token_ids.clone().unwrap_or_default();
+        if let Some(&id) = stop_token_ids.iter().find(|&&id| id as usize >= lim.vocab) {
+            return Err(ApiError::invalid_param(
+                "stop_token_ids",
+                format!("token id {id} is outside the vocabulary (size {})", lim.vocab),
+            ));
+        }
+        if f.stream_options.is_some() && !f.stream {
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                "stream_options can only be set when stream is true",
+            ));
+        }
+        Ok(Self {
+            n: n as usize,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed: f.seed,
+            },
+            stops,
+            stop_token_ids,
+            ignore_eos: f.ignore_eos,
+            stream: f.stream,
+            include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            return_token_ids: f.return_token_ids,
+        })
+    }
+}
+
+/// Checks one prompt against the vocabulary and context length; returns its `max_tokens`.
+pub fn check_prompt(prompt: &[u32], max_tokens: Option<usize>, lim: &Limits, param: &str) -> Result<usize, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::invalid_param(param, "the prompt must not be empty"));
+    }
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= lim.vocab) {
+        return Err(ApiError::invalid_param(
+            param,
+            format!("token id {id} is outside the vocabulary (size {})", lim.vocab),
+        ));
+    }
+    let (p, m) = (prompt.len(), lim.max_model_len);
+    if p >= m {
+        let mut e = ApiError::invalid_param(
+            param,
+            format!(
+                "This model's maximum context length is {m} tokens. However, your request has {p} input tokens. \
+                 Please reduce the length of the input."
+            ),
+        );
+        e.code = Some("context_length_exceeded");
+        return Err(e);
+    }
+    match max_tokens {
+        Some(mt) if p.saturating_add(mt) > m => {
+            let mut e = ApiError::invalid_param(
+                "max_tokens",
+                format!(
+                    "This model's maximum context length is {m} tokens. However, you requested {} tokens \
+                     ({p} in the input, {mt} in the completion). Please reduce the length of the input or \
+                     completion.",
+                    p.saturating_add(mt)
+                ),
+            );
+            e.code = Some("context_length_exceeded");
+            Err(e)
+        }
+        Some(mt) => Ok(mt),
+        None => Ok(m - p),
+    }
+}
+
+struct ChoiceState {
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    cancel: Arc<AtomicBool>,
+    finished: Option<FinishReason>,
+    tokens: Vec<u32>,
+}
+
+/// One update of one choice: new text, the token ids it came from, maybe its end.
+#[derive(Debug, Clone, Default)]
+pub struct ChoiceUpdate {
+    pub index: usize,
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish: Option<FinishReason>,
+    pub error: Option<String>,
+}
+
+/// A submitted request, read back choice update by choice update. Dropping it cancels every
+/// unfinished choice (the scheduler sees the closed channel and frees their KV blocks).
+pub struct Generation {
+    rx: mpsc::UnboundedReceiver<SeqEvent>,
+    tokenizer: Option<Arc<TextTokenizer>>,
+    choices: Vec<ChoiceState>,
+    open: usize,
+    prompt_tokens: usize,
+    arrival: Instant,
+    model: String,
+}
+
+impl Generation {
+    /// Submits `n` sequences per prompt (choice index `prompt * n + j`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit(
+        scheduler: &SchedulerHandle,
+        tokenizer: Option<Arc<TextTokenizer>>,
+        model: &str,
+        prompts: Vec<(Vec<u32>, usize)>,
+        params: &GenParams,
+        eos: &[u32],
+        arrival: Instant,
+    ) -> Result<Self, ApiError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut stop_ids = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            stop_ids.extend_from_slice(eos);
+        }
+        let mut seqs = Vec::new();
+        let mut choices = Vec::new();
+        let prompt_tokens = prompts.iter().map(|(p, _)| p.len()).sum();
+        for (prompt, max_tokens) in prompts {
+            for _ in 0..params.n {
+                let cancel = Arc::new(AtomicBool::new(false));
+                seqs.push(SeqRequest {
+                    index: choices.len(),
+                    prompt: prompt.clone(),
+                    max_tokens,
+                    sampling: params.sampling,
+                    stop_token_ids: stop_ids.clone(),
+                    arrival,
+                    cancel: cancel.clone(),
+                    events: tx.clone(),
+                });
+                choices.push(ChoiceState {
+                    decoder: IncrementalDecoder::default(),
+                    stop: StopMatcher::new(params.stops.clone()),
+                    cancel,
+                    finished: None,
+                    tokens: Vec::new(),
+                });
+            }
+        }
+        scheduler.submit(seqs)?;
+        Ok(Self {
+            rx,
+            tokenizer,
+            open: choices.len(),
+            choices,
+            prompt_tokens,
+            arrival,
+            model: model.to_string(),
+        })
+    }
+
+    pub fn num_choices(&self) -> usize {
+        self.choices.len()
+    }
+
+    pub fn usage(&self) -> Usage {
+        let completion_tokens = self.choices.iter().map(|c| c.tokens.len()).sum();
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens,
+            total_tokens: self.prompt_tokens + completion_tokens,
+        }
+    }
+
+    pub fn token_ids(&self, index: usize) -> Vec<u32> {
+        self.choices.get(index).map(|c| c.tokens.clone()).unwrap_or_default()
+    }
+
+    fn finish(&mut self, index: usize, reason: FinishReason) {
+        let c = &mut self.choices[index];
+        c.finished = Some(reason);
+        c.cancel.store(true, Ordering::Relaxed);
+        self.open -= 1;
+        metrics::record_finished(&self.model, reason, self.arrival.elapsed().as_secs_f64());
+    }
+
+    /// The next update, or `None` once every choice has finished.
+    pub async fn next(&mut self) -> Option<ChoiceUpdate> {
+        loop {
+            if self.open == 0 {
+                return None;
+            }
+            let Some(ev) = self.rx.recv().await else {
+                // The scheduler went away without finishing this choice.
+                let index = self.choices.iter().position(|c| c.finished.is_none())?;
+                self.finish(index, FinishReason::Error);
+                return Some(ChoiceUpdate {
+                    index,
+                    finish: Some(FinishReason::Error),
+                    error: Some("the engine stopped".into()),
+                    ..Default::default()
+                });
+            };
+            let index = match &ev {
+                SeqEvent::Token { index, .. } | SeqEvent::Finished { index, .. } | SeqEvent::Failed { index, .. } => {
+                    *index
+                }
+            };
+            if self.choices.get(index).is_none_or(|c| c.finished.is_some()) {
+                continue;
+            }
+            match ev {
+                SeqEvent::Token { id, .. } => {
+                    let tok = self.tokenizer.clone();
+                    let c = &mut self.choices[index];
+                    c.tokens.push(id);
+                    let delta = match &tok {
+                        Some(t) => match c.decoder.push(t, id) {
+                            Ok(d) => d,
+                            Err(e) => return Some(self.fail(index, e.to_string())),
+                        },
+                        None => String::new(),
+                    };
+                    let (text, hit) = c.stop.push(&delta);
+                    if hit {
+                        self.finish(index, FinishReason::Stop);
+                        return Some(ChoiceUpdate {
+                            index,
+                            text,
+                            token_ids: vec![id],
+                            finish: Some(FinishReason::Stop),
+                            error: None,
+                        });
+                    }
+                    return Some(ChoiceUpdate {
+                        index,
+                        text,
+                        token_ids: vec![id],
+                        ..Default::default()
+                    });
+                }
+                SeqEvent::Finished { reason, .. } => {
+                    let tok = self.tokenizer.clone();
+                    let c = &mut self.choices[index];
+                    let tail = match &tok {
+                        Some(t) => c.decoder.finish(t).unwrap_or_default(),
+                        None => String::new(),
+                    };
+                    let (mut text, hit) = c.stop.push(&tail);
+                    if !hit {
+                        text.push_str(&c.stop.flush());
+                    }
+                    let reason = if hit { FinishReason::Stop } else { reason };
+                    self.finish(index, reason);
+                    return Some(ChoiceUpdate {
+                        index,
+                        text,
+                        finish: Some(reason),
+                        ..Default::default()
+                    });
+                }
+                SeqEvent::Failed { message, .. } => return Some(self.fail(index, message)),
+            }
+        }
+    }
+
+    fn fail(&mut self, index: usize, message: String) -> ChoiceUpdate {
+        self.finish(index, FinishReason::Error);
+        ChoiceUpdate {
+            index,
+            finish: Some(FinishReason::Error),
+            error: Some(message),
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        let unfinished: Vec<usize> = (0..self.choices.len())
+            .filter(|&i| self.choices[i].finished.is_none())
+            .collect();
+        for i in unfinished {
+            self.finish(i, FinishReason::Abort);
+        }
+    }
+}

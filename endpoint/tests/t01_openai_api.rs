@@ -1,0 +1,298 @@
+//! The OpenAI-compatible surface on a real server: greedy generation equals the engine's own,
+//! streaming ends with [DONE] and carries usage, sampling options behave, errors are shaped.
+
+mod common;
+
+use common::*;
+use data_plane::engine::Engine;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn greedy_completions_equal_engine_generate_greedy() {
+    let (server, base) = start(config()).await;
+    let prompts: Vec<Vec<u32>> = vec![
+        "Hello, MoEless!".bytes().map(u32::from).collect(),
+        vec![1, 2, 3, 250, 7],
+        (0..40).map(|i| (i * 37 % 256) as u32).collect(),
+    ];
+    let engine = Engine::builtin().unwrap();
+    // One at a time: the same batch shapes as the engine alone.
+    for p in &prompts {
+        let expected = engine.generate_greedy(std::slice::from_ref(p), 20).unwrap().remove(0);
+        let (status, v) = post(
+            &base,
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": p, "max_tokens": 20, "temperature": 0, "return_token_ids": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(token_ids(&v["choices"][0]), expected);
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+        assert_eq!(v["usage"]["prompt_tokens"], p.len());
+        assert_eq!(v["usage"]["completion_tokens"], 20);
+        assert_eq!(v["usage"]["total_tokens"], p.len() + 20);
+    }
+    // Concurrently: batched with each other, still the same tokens.
+    let futs = prompts.iter().map(|p| {
+        let base = base.clone();
+        let body = json!({"prompt": p, "max_tokens": 20, "temperature": 0, "return_token_ids": true});
+        async move { post(&base, "/v1/completions", &body).await }
+    });
+    let results = futures_util::future::join_all(futs).await;
+    for (p, (status, v)) in prompts.iter().zip(results) {
+        assert_eq!(status, 200);
+        let expected = engine.generate_greedy(std::slice::from_ref(p), 20).unwrap().remove(0);
+        assert_eq!(token_ids(&v["choices"][0]), expected);
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn streaming_ends_with_done_and_carries_usage() {
+    let (server, base) = start(config()).await;
+    let body = json!({"prompt": "stream me", "max_tokens": 12, "temperature": 0,
+        "stream": true, "stream_options": {"include_usage": true}});
+    let text = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 12);
+    assert_eq!(usage["prompt_tokens"], 9);
+    let streamed: String = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap().iter())
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap().iter())
+        .map(|c| &c["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish, vec![&json!("length")]);
+    let (_, whole) = post(
+        &base,
+        "/v1/completions",
+        &json!({"prompt": "stream me", "max_tokens": 12, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(whole["choices"][0]["text"].as_str().unwrap(), streamed);
+
+    // Chat: the role comes first, then content, then [DONE]; without include_usage no usage.
+    let text = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5, "stream": true}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert!(data.iter().all(|d| !d.contains("\"usage\"")));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn chat_n_seed_and_stop_behave() {
+    let (server, base) = start(config()).await;
+    let (status, v) = post(
+        &base,
+        "/v1/chat/completions",
+        &json!({"model": MODEL, "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+            "max_tokens": 8, "n": 3, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 42}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(v["usage"]["completion_tokens"], 24);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    // Same seed, same tokens.
+    let body = json!({"prompt": "seeded", "max_tokens": 16, "temperature": 1.0, "seed": 7, "return_token_ids": true});
+    let (_, a) = post(&base, "/v1/completions", &body).await;
+    let (_, b) = post(&base, "/v1/completions", &body).await;
+    assert_eq!(token_ids(&a["choices"][0]), token_ids(&b["choices"][0]));
+    // A stop string taken from the greedy output cuts the text before it.
+    let greedy = json!({"prompt": "stop here", "max_tokens": 32, "temperature": 0});
+    let (_, g) = post(&base, "/v1/completions", &greedy).await;
+    let full = g["choices"][0]["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = full.chars().collect();
+    let at = chars.len() / 2;
+    let stop: String = chars[at..(at + 2).min(chars.len())].iter().collect();
+    let mut with_stop = greedy.clone();
+    with_stop["stop"] = json!([stop]);
+    let (_, s) = post(&base, "/v1/completions", &with_stop).await;
+    let cut = s["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(s["choices"][0]["finish_reason"], "stop", "stop {stop:?} in {full:?}");
+    assert!(full.starts_with(cut) && !cut.contains(&stop) && cut.len() < full.len());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_are_openai_shaped() {
+    let mut cfg = config();
+    cfg.api_key = Some("sekret".into());
+    cfg.max_model_len = Some(64);
+    cfg.max_body_bytes = 4096;
+    cfg.max_queued = 2;
+    let (server, base) = start(cfg).await;
+    let c = client();
+    let authed = |path: &str| c.post(format!("{base}{path}")).header("Authorization", "Bearer sekret");
+    // 401 without or with a wrong key, on every route but /health.
+    for (path, get) in [
+        ("/v1/models", true),
+        ("/metrics", true),
+        ("/version", true),
+        ("/v1/completions", false),
+    ] {
+        let req = if get {
+            c.get(format!("{base}{path}"))
+        } else {
+            c.post(format!("{base}{path}")).json(&json!({"prompt": "x"}))
+        };
+        let r = req.header("Authorization", "Bearer wrong").send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{path}");
+        error_message(&r.json().await.unwrap());
+    }
+    let r = c.get(format!("{base}/v1/models")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        c.get(format!("{base}/health")).send().await.unwrap().status().as_u16(),
+        200
+    );
+    let r = c
+        .get(format!("{base}/v1/models"))
+        .header("Authorization", "Bearer sekret")
+        .send()
+        .await
+        .unwrap();
+    let models: Value = r.json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    assert_eq!(models["data"][0]["max_model_len"], 64);
+    // 404 unknown model.
+    let r = authed("/v1/completions")
+        .json(&json!({"model": "gpt-4", "prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(error_message(&r.json().await.unwrap()).contains("gpt-4"));
+    // 400 prompt too long, with the numbers.
+    let long = "a".repeat(100);
+    let r = authed("/v1/completions")
+        .json(&json!({"prompt": long}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let m = error_message(&r.json().await.unwrap());
+    assert!(m.contains("64") && m.contains("100"), "{m}");
+    let r = authed("/v1/completions")
+        .json(&json!({"prompt": "abc", "max_tokens": 62}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let m = error_message(&r.json().await.unwrap());
+    assert!(m.contains("65") && m.contains("62"), "{m}");
+    // 400 for bad fields and bad JSON.
+    for body in [
+        json!({"prompt": "x", "temperature": 5}),
+        json!({"prompt": "x", "n": 0}),
+        json!({"prompt": [999]}),
+        json!({"prompt": "x", "max_tokens": 0}),
+        json!({"nope": 1}),
+    ] {
+        let r = authed("/v1/completions").json(&body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{body}");
+        error_message(&r.json().await.unwrap());
+    }
+    let r = authed("/v1/completions")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // 413 over the body limit.
+    let big = json!({"prompt": "b".repeat(5000)});
+    let r = authed("/v1/completions").json(&big).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    error_message(&r.json().await.unwrap());
+    // 429 with Retry-After when the queue cannot take the request.
+    let r = authed("/v1/completions")
+        .json(&json!({"prompt": "x", "n": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    error_message(&r.json().await.unwrap());
+    // Unknown route: 404, same shape.
+    let r = c
+        .get(format!("{base}/v2/nothing"))
+        .header("Authorization", "Bearer sekret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    error_message(&r.json().await.unwrap());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_and_version_are_served() {
+    let (server, base) = start(config()).await;
+    let (status, _) = post(&base, "/v1/completions", &json!({"prompt": "m", "max_tokens": 3})).await;
+    assert_eq!(status, 200);
+    let text = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "moeless:time_to_first_token_seconds",
+        "moeless:inter_token_latency_seconds",
+        "moeless:e2e_request_latency_seconds",
+        "moeless:request_queue_time_seconds",
+        "moeless:num_requests_running",
+        "moeless:num_requests_waiting",
+        "moeless:kv_cache_usage_perc",
+        "moeless:prompt_tokens_total",
+        "moeless:generation_tokens_total",
+        "moeless:request_success_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    assert!(text.contains("finished_reason=\"length\""));
+    let v: Value = client()
+        .get(format!("{base}/version"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["version"].is_string());
+    server.shutdown().await.unwrap();
+}
