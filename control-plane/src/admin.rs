@@ -32,7 +32,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, message: message.into() }
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
@@ -59,7 +63,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("moeless_admin_errors_total", "type" => self.kind).increment(1);
         let body = ErrorBody {
-            error: ErrorDetail { message: self.message, kind: self.kind.to_string(), code: self.status.as_u16() },
+            error: ErrorDetail {
+                message: self.message,
+                kind: self.kind.to_string(),
+                code: self.status.as_u16(),
+            },
         };
         (self.status, Json(body)).into_response()
     }
@@ -130,7 +138,11 @@ async fn require_token(State(node): State<Node>, req: Request, next: Next) -> Re
             .and_then(|v| v.strip_prefix("Bearer "));
         let valid = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
         if !valid {
-            let message = if given.is_some() { "invalid bearer token" } else { "missing bearer token" };
+            let message = if given.is_some() {
+                "invalid bearer token"
+            } else {
+                "missing bearer token"
+            };
             return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
         }
     }
@@ -198,7 +210,9 @@ async fn latest_plan(State(node): State<Node>) -> ApiResult {
 }
 
 async fn plan_by_epoch(State(node): State<Node>, Path(epoch): Path<String>) -> ApiResult {
-    let epoch: u64 = epoch.parse().map_err(|_| ApiError::bad_request(format!("epoch {epoch:?} is not an integer")))?;
+    let epoch: u64 = epoch
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("epoch {epoch:?} is not an integer")))?;
     match node.read_state().await.plans.get(&epoch) {
         Some(p) => ok(p),
         None => Err(ApiError::not_found(format!("no plan with epoch {epoch}"))),
@@ -215,14 +229,28 @@ struct CommitPlanBody {
 
 async fn commit_plan(State(node): State<Node>, body: Bytes) -> ApiResult {
     let b: CommitPlanBody = parse(&body)?;
-    let (log_index, resp) =
-        write(&node, Command::CommitPlan { intent: b.intent, expected_epoch: b.expected_epoch }).await?;
+    let (log_index, resp) = write(
+        &node,
+        Command::CommitPlan {
+            intent: b.intent,
+            expected_epoch: b.expected_epoch,
+        },
+    )
+    .await?;
     match resp {
         CommandResponse::PlanCommitted { epoch } => {
             metrics::gauge!("moeless_plan_epoch").set(epoch as f64);
-            Ok((StatusCode::CREATED, Json(json!({"epoch": epoch, "log_index": log_index}))).into_response())
+            Ok((
+                StatusCode::CREATED,
+                Json(json!({"epoch": epoch, "log_index": log_index})),
+            )
+                .into_response())
         }
-        other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected {other:?}"))),
+        other => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("unexpected {other:?}"),
+        )),
     }
 }
 
@@ -232,7 +260,9 @@ async fn workers(State(node): State<Node>) -> ApiResult {
 }
 
 async fn drain_worker(State(node): State<Node>, Path(id): Path<String>) -> ApiResult {
-    let worker: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("worker id {id:?} is not an integer")))?;
+    let worker: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("worker id {id:?} is not an integer")))?;
     let (log_index, _) = write(&node, Command::DrainWorker { worker }).await?;
     ok(json!({"worker": worker, "health": "draining", "log_index": log_index}))
 }
@@ -244,7 +274,11 @@ async fn models(State(node): State<Node>) -> ApiResult {
 async fn put_model(State(node): State<Node>, body: Bytes) -> ApiResult {
     let model: ModelSpec = parse(&body)?;
     let (log_index, _) = write(&node, Command::PutModel(model.clone())).await?;
-    Ok((StatusCode::CREATED, Json(json!({"log_index": log_index, "model": model}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"log_index": log_index, "model": model})),
+    )
+        .into_response())
 }
 
 async fn get_predictor(State(node): State<Node>) -> ApiResult {
@@ -285,8 +319,11 @@ async fn decisions(State(node): State<Node>) -> ApiResult {
 
 async fn loads(State(node): State<Node>) -> ApiResult {
     let board = node.loads();
-    let tokens: Vec<_> =
-        board.tokens.iter().map(|((layer, expert), t)| json!({"layer": layer, "expert": expert, "tokens": t})).collect();
+    let tokens: Vec<_> = board
+        .tokens
+        .iter()
+        .map(|((layer, expert), t)| json!({"layer": layer, "expert": expert, "tokens": t}))
+        .collect();
     ok(json!({"reports": board.reports, "tokens": tokens, "worker_epochs": board.worker_epochs}))
 }
 
@@ -301,14 +338,26 @@ struct AddMemberBody {
 async fn add_member(State(node): State<Node>, body: Bytes) -> ApiResult {
     let b: AddMemberBody = parse(&body)?;
     if b.raft_addr.parse::<std::net::SocketAddr>().is_err() {
-        return Err(ApiError::bad_request(format!("raft_addr {:?} is not HOST:PORT", b.raft_addr)));
+        return Err(ApiError::bad_request(format!(
+            "raft_addr {:?} is not HOST:PORT",
+            b.raft_addr
+        )));
     }
-    node.add_member(b.id, NodeInfo { raft_addr: b.raft_addr, admin_addr: b.admin_addr }).await?;
+    node.add_member(
+        b.id,
+        NodeInfo {
+            raft_addr: b.raft_addr,
+            admin_addr: b.admin_addr,
+        },
+    )
+    .await?;
     ok(node.cluster())
 }
 
 async fn remove_member(State(node): State<Node>, Path(id): Path<String>) -> ApiResult {
-    let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("member id {id:?} is not an integer")))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("member id {id:?} is not an integer")))?;
     node.remove_member(id).await?;
     ok(node.cluster())
 }
@@ -318,8 +367,7 @@ async fn render_metrics(State(node): State<Node>) -> ApiResult {
     let id = view.id.to_string();
     metrics::gauge!("moeless_raft_term", "node" => id.clone()).set(view.term as f64);
     metrics::gauge!("moeless_raft_is_leader", "node" => id.clone()).set(f64::from(u8::from(node.is_leader())));
-    metrics::gauge!("moeless_raft_last_applied", "node" => id.clone())
-        .set(view.last_applied.unwrap_or(0) as f64);
+    metrics::gauge!("moeless_raft_last_applied", "node" => id.clone()).set(view.last_applied.unwrap_or(0) as f64);
     metrics::gauge!("moeless_plan_epoch", "node" => id).set(view.epoch as f64);
     let text = prometheus().map(|h| h.render()).unwrap_or_default();
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

@@ -31,7 +31,10 @@ impl AdminClient {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| ClientError::Transport { url: base.clone(), message: e.to_string() })?;
+            .map_err(|e| ClientError::Transport {
+                url: base.clone(),
+                message: e.to_string(),
+            })?;
         Ok(Self { base, token, http })
     }
 
@@ -45,7 +48,10 @@ impl AdminClient {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let transport = |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+        let transport = |e: reqwest::Error| ClientError::Transport {
+            url: url.clone(),
+            message: e.to_string(),
+        };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
         let text = resp.text().await.map_err(transport)?;
@@ -53,7 +59,11 @@ impl AdminClient {
         if status.is_success() {
             Ok(value)
         } else {
-            Err(ClientError::Api { url, status: status.as_u16(), body: value })
+            Err(ClientError::Api {
+                url,
+                status: status.as_u16(),
+                body: value,
+            })
         }
     }
 

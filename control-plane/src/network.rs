@@ -35,7 +35,10 @@ fn from_bytes<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<
 pub fn raft_client(addr: &str) -> Result<RaftServiceClient<Channel>, String> {
     let endpoint =
         Channel::from_shared(format!("http://{addr}")).map_err(|e| format!("invalid peer address {addr:?}: {e}"))?;
-    let channel = endpoint.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy();
+    let channel = endpoint
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .connect_lazy();
     Ok(RaftServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -49,7 +52,11 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = GrpcConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
-        GrpcConnection { target, addr: node.raft_addr.clone(), client: None }
+        GrpcConnection {
+            target,
+            addr: node.raft_addr.clone(),
+            client: None,
+        }
     }
 }
 
@@ -75,7 +82,9 @@ impl GrpcConnection {
             let c = raft_client(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
             self.client = Some(c);
         }
-        self.client.clone().ok_or_else(|| RPCError::Unreachable(Unreachable::from_string("no client")))
+        self.client
+            .clone()
+            .ok_or_else(|| RPCError::Unreachable(Unreachable::from_string("no client")))
     }
 
     async fn call<Req: Serialize, Resp: for<'de> Deserialize<'de>, F, Fut>(
@@ -91,10 +100,17 @@ impl GrpcConnection {
         let target = self.target;
         let payload = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let client = self.client()?;
-        let msg = RaftMessage { payload, data: Vec::new() };
+        let msg = RaftMessage {
+            payload,
+            data: Vec::new(),
+        };
         let resp = match tokio::time::timeout(ttl, f(client, msg)).await {
             Ok(r) => r.map_err(|s| status_to_rpc(target, s))?,
-            Err(_) => return Err(RPCError::Unreachable(Unreachable::from_string(format!("node {target}: timeout")))),
+            Err(_) => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "node {target}: timeout"
+                ))))
+            }
         };
         serde_json::from_slice(&resp.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
@@ -108,7 +124,12 @@ impl RaftNetworkV2<TypeConfig> for GrpcConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, option.hard_ttl(), |mut c, m| async move { c.append_entries(m).await }).await
+        self.call(
+            &rpc,
+            option.hard_ttl(),
+            |mut c, m| async move { c.append_entries(m).await },
+        )
+        .await
     }
 
     async fn vote(
@@ -116,7 +137,8 @@ impl RaftNetworkV2<TypeConfig> for GrpcConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, option.hard_ttl(), |mut c, m| async move { c.vote(m).await }).await
+        self.call(&rpc, option.hard_ttl(), |mut c, m| async move { c.vote(m).await })
+            .await
     }
 
     async fn pre_vote(
@@ -124,7 +146,8 @@ impl RaftNetworkV2<TypeConfig> for GrpcConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&rpc, option.hard_ttl(), |mut c, m| async move { c.pre_vote(m).await }).await
+        self.call(&rpc, option.hard_ttl(), |mut c, m| async move { c.pre_vote(m).await })
+            .await
     }
 
     async fn full_snapshot(
@@ -135,10 +158,16 @@ impl RaftNetworkV2<TypeConfig> for GrpcConnection {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let target = self.target;
-        let header = SnapshotHeader { vote, meta: snapshot.meta };
+        let header = SnapshotHeader {
+            vote,
+            meta: snapshot.meta,
+        };
         let payload = serde_json::to_vec(&header).map_err(|e| NetworkError::new(&e))?;
         let mut client = self.client().map_err(|_| Unreachable::from_string("no client"))?;
-        let msg = RaftMessage { payload, data: snapshot.snapshot };
+        let msg = RaftMessage {
+            payload,
+            data: snapshot.snapshot,
+        };
         let ttl = option.hard_ttl().max(Duration::from_secs(10));
         let resp = tokio::time::timeout(ttl, client.install_snapshot(msg))
             .await
@@ -165,7 +194,10 @@ pub enum ForwardedWrite {
 /// Writes `cmd` through the local Raft node, reporting "not leader" with the leader it knows.
 pub async fn write_local(raft: &Raft, cmd: Command) -> ForwardedWrite {
     match raft.client_write(cmd).await {
-        Ok(r) => ForwardedWrite::Done { log_index: r.log_id.index(), response: r.data },
+        Ok(r) => ForwardedWrite::Done {
+            log_index: r.log_id.index(),
+            response: r.data,
+        },
         Err(e) => match e.forward_to_leader() {
             Some(f) => ForwardedWrite::NotLeader {
                 leader: f.leader_id.zip(f.leader_node.clone()),
@@ -189,32 +221,54 @@ impl RaftService for RaftServer {
     async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = from_bytes("AppendEntries", &req.into_inner().payload)?;
         let resp = self.raft.append_entries(rpc).await.map_err(fatal)?;
-        Ok(Response::new(RaftMessage { payload: to_bytes(&resp)?, data: Vec::new() }))
+        Ok(Response::new(RaftMessage {
+            payload: to_bytes(&resp)?,
+            data: Vec::new(),
+        }))
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: VoteRequest<TypeConfig> = from_bytes("Vote", &req.into_inner().payload)?;
         let resp = self.raft.vote(rpc).await.map_err(fatal)?;
-        Ok(Response::new(RaftMessage { payload: to_bytes(&resp)?, data: Vec::new() }))
+        Ok(Response::new(RaftMessage {
+            payload: to_bytes(&resp)?,
+            data: Vec::new(),
+        }))
     }
 
     async fn pre_vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: VoteRequest<TypeConfig> = from_bytes("PreVote", &req.into_inner().payload)?;
         let resp = self.raft.pre_vote(rpc).await.map_err(fatal)?;
-        Ok(Response::new(RaftMessage { payload: to_bytes(&resp)?, data: Vec::new() }))
+        Ok(Response::new(RaftMessage {
+            payload: to_bytes(&resp)?,
+            data: Vec::new(),
+        }))
     }
 
     async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let msg = req.into_inner();
         let header: SnapshotHeader = from_bytes("InstallSnapshot", &msg.payload)?;
-        let snapshot = Snapshot { meta: header.meta, snapshot: msg.data };
-        let resp = self.raft.install_full_snapshot(header.vote, snapshot).await.map_err(fatal)?;
-        Ok(Response::new(RaftMessage { payload: to_bytes(&resp)?, data: Vec::new() }))
+        let snapshot = Snapshot {
+            meta: header.meta,
+            snapshot: msg.data,
+        };
+        let resp = self
+            .raft
+            .install_full_snapshot(header.vote, snapshot)
+            .await
+            .map_err(fatal)?;
+        Ok(Response::new(RaftMessage {
+            payload: to_bytes(&resp)?,
+            data: Vec::new(),
+        }))
     }
 
     async fn forward_write(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let cmd: Command = from_bytes("ForwardWrite", &req.into_inner().payload)?;
         let out = write_local(&self.raft, cmd).await;
-        Ok(Response::new(RaftMessage { payload: to_bytes(&out)?, data: Vec::new() }))
+        Ok(Response::new(RaftMessage {
+            payload: to_bytes(&out)?,
+            data: Vec::new(),
+        }))
     }
 }

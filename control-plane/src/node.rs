@@ -60,7 +60,11 @@ impl NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("not the leader; the leader is node {leader_id} at {raft_addr} (admin {admin_addr})")]
-    NotLeader { leader_id: NodeId, raft_addr: String, admin_addr: String },
+    NotLeader {
+        leader_id: NodeId,
+        raft_addr: String,
+        admin_addr: String,
+    },
     #[error("no leader is known yet (election in progress)")]
     NoLeader,
     #[error("rejected by the state machine: {0}")]
@@ -70,7 +74,11 @@ pub enum NodeError {
     #[error("storage: {0}")]
     Storage(String),
     #[error("binding {what} on {addr}: {message}")]
-    Bind { what: &'static str, addr: SocketAddr, message: String },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        message: String,
+    },
 }
 
 /// Per-expert token counts reported by workers and engines, kept on the node that received them
@@ -163,9 +171,18 @@ impl Node {
         let m = self.shared.raft.metrics().borrow_watched().clone();
         match m.current_leader {
             Some(leader_id) => {
-                let node = m.membership_config.membership().nodes().find(|(id, _)| **id == leader_id).map(|(_, n)| n.clone());
+                let node = m
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .find(|(id, _)| **id == leader_id)
+                    .map(|(_, n)| n.clone());
                 let node = node.unwrap_or_default();
-                NodeError::NotLeader { leader_id, raft_addr: node.raft_addr, admin_addr: node.admin_addr }
+                NodeError::NotLeader {
+                    leader_id,
+                    raft_addr: node.raft_addr,
+                    admin_addr: node.admin_addr,
+                }
             }
             None => NodeError::NoLeader,
         }
@@ -177,13 +194,18 @@ impl Node {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let outcome = match write_local(&self.shared.raft, cmd.clone()).await {
-                ForwardedWrite::NotLeader { leader: Some((leader_id, info)) } if leader_id != self.shared.id => {
-                    forward(&info, &cmd).await.unwrap_or(ForwardedWrite::NotLeader { leader: Some((leader_id, info)) })
-                }
+                ForwardedWrite::NotLeader {
+                    leader: Some((leader_id, info)),
+                } if leader_id != self.shared.id => forward(&info, &cmd).await.unwrap_or(ForwardedWrite::NotLeader {
+                    leader: Some((leader_id, info)),
+                }),
                 other => other,
             };
             match outcome {
-                ForwardedWrite::Done { log_index, response: CommandResponse::Rejected { reason } } => {
+                ForwardedWrite::Done {
+                    log_index,
+                    response: CommandResponse::Rejected { reason },
+                } => {
                     tracing::debug!(log_index, %reason, "command rejected");
                     return Err(NodeError::Rejected(reason));
                 }
@@ -234,13 +256,17 @@ impl Node {
             }
         };
         raft.add_learner(id, info, true).await.map_err(map)?;
-        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(map)?;
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(map)?;
         Ok(())
     }
 
     pub async fn remove_member(&self, id: NodeId) -> Result<(), NodeError> {
         let raft = &self.shared.raft;
-        let res = raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false).await;
+        let res = raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await;
         match res {
             Ok(_) => Ok(()),
             Err(e) if e.forward_to_leader().is_some() => Err(self.leader_error()),
@@ -276,8 +302,14 @@ impl Node {
 async fn forward(leader: &NodeInfo, cmd: &Command) -> Option<ForwardedWrite> {
     let mut client = raft_client(&leader.raft_addr).ok()?;
     let payload = serde_json::to_vec(cmd).ok()?;
-    let msg = proto::raft::RaftMessage { payload, data: Vec::new() };
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.forward_write(msg)).await.ok()?.ok()?;
+    let msg = proto::raft::RaftMessage {
+        payload,
+        data: Vec::new(),
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.forward_write(msg))
+        .await
+        .ok()?
+        .ok()?;
     serde_json::from_slice(&resp.into_inner().payload).ok()
 }
 
@@ -316,12 +348,20 @@ impl RunningNode {
 /// lowest-numbered voter and the store is empty.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|e| NodeError::Bind { what, addr, message: e.to_string() })
+        TcpListener::bind(addr).await.map_err(|e| NodeError::Bind {
+            what,
+            addr,
+            message: e.to_string(),
+        })
     };
     let raft_listener = bind("raft gRPC", config.raft_addr).await?;
     let admin_listener = bind("admin API", config.admin_addr).await?;
     let local = |l: &TcpListener, what, addr| {
-        l.local_addr().map_err(|e| NodeError::Bind { what, addr, message: e.to_string() })
+        l.local_addr().map_err(|e| NodeError::Bind {
+            what,
+            addr,
+            message: e.to_string(),
+        })
     };
     let raft_addr = local(&raft_listener, "raft gRPC", config.raft_addr)?;
     let admin_addr = local(&admin_listener, "admin API", config.admin_addr)?;
@@ -332,7 +372,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .map_err(|e| NodeError::Storage(e.to_string()))?
         .map_err(|e| NodeError::Storage(e.to_string()))?;
     let backend: Arc<dyn StorageBackend> = Arc::new(backend);
-    let sm = StateMachineStore::open(Arc::clone(&backend)).await.map_err(|e| NodeError::Storage(e.to_string()))?;
+    let sm = StateMachineStore::open(Arc::clone(&backend))
+        .await
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
     let log = LogStore::new(backend);
 
     let raft_config = Config {
@@ -349,7 +391,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
-    let info = NodeInfo { raft_addr: raft_addr.to_string(), admin_addr: admin_addr.to_string() };
+    let info = NodeInfo {
+        raft_addr: raft_addr.to_string(),
+        admin_addr: admin_addr.to_string(),
+    };
     let node = Node {
         shared: Arc::new(Shared {
             id: config.id,
@@ -380,7 +425,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         ));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(raft_listener);
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, async { rx.await.unwrap_or(()) }).await {
+        if let Err(e) = grpc
+            .serve_with_incoming_shutdown(incoming, async { rx.await.unwrap_or(()) })
+            .await
+        {
             tracing::error!(error = %e, "gRPC server stopped");
         }
     }));
@@ -395,20 +443,39 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         }
     }));
 
-    let initialized = raft.is_initialized().await.map_err(|e| NodeError::Raft(e.to_string()))?;
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
     if !initialized {
         let lowest = config.peers.keys().next().copied().unwrap_or(config.id);
         if lowest == config.id {
             let mut members: BTreeMap<NodeId, NodeInfo> = config
                 .peers
                 .iter()
-                .map(|(id, addr)| (*id, NodeInfo { raft_addr: addr.clone(), admin_addr: String::new() }))
+                .map(|(id, addr)| {
+                    (
+                        *id,
+                        NodeInfo {
+                            raft_addr: addr.clone(),
+                            admin_addr: String::new(),
+                        },
+                    )
+                })
                 .collect();
             members.insert(config.id, info.clone());
             tracing::info!(id = config.id, voters = members.len(), "initializing a new Raft group");
-            raft.initialize(members).await.map_err(|e| NodeError::Raft(e.to_string()))?;
+            raft.initialize(members)
+                .await
+                .map_err(|e| NodeError::Raft(e.to_string()))?;
         }
     }
     tracing::info!(id = config.id, %raft_addr, %admin_addr, "control-plane node started");
-    Ok(RunningNode { node, raft_addr, admin_addr, stop, tasks })
+    Ok(RunningNode {
+        node,
+        raft_addr,
+        admin_addr,
+        stop,
+        tasks,
+    })
 }

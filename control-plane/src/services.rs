@@ -17,7 +17,13 @@ const WRITE_WAIT: Duration = Duration::from_secs(3);
 
 impl From<&ExpertInstance> for pb::ExpertInstance {
     fn from(i: &ExpertInstance) -> Self {
-        Self { layer: i.layer, expert: i.expert, worker_id: i.worker, gpu: i.gpu, share: i.share }
+        Self {
+            layer: i.layer,
+            expert: i.expert,
+            worker_id: i.worker,
+            gpu: i.gpu,
+            share: i.share,
+        }
     }
 }
 
@@ -47,7 +53,11 @@ impl TryFrom<wpb::RegisterRequest> for WorkerSpec {
             devices: r
                 .devices
                 .into_iter()
-                .map(|d| Device { index: d.index, kind: d.kind, memory_bytes: d.memory_bytes })
+                .map(|d| Device {
+                    index: d.index,
+                    kind: d.kind,
+                    memory_bytes: d.memory_bytes,
+                })
                 .collect(),
             memory_bytes: r.memory_bytes,
         })
@@ -117,18 +127,22 @@ impl wpb::worker_service_server::WorkerService for WorkerApi {
         let id = spec.id;
         self.node.write(Command::RegisterWorker(spec), WRITE_WAIT).await?;
         let current_epoch = *self.node.state_machine().watch_epoch().borrow();
-        Ok(Response::new(wpb::RegisterResponse { worker_id: id, current_epoch }))
+        Ok(Response::new(wpb::RegisterResponse {
+            worker_id: id,
+            current_epoch,
+        }))
     }
 
-    async fn heartbeat(
-        &self,
-        req: Request<wpb::HeartbeatRequest>,
-    ) -> Result<Response<wpb::HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, req: Request<wpb::HeartbeatRequest>) -> Result<Response<wpb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         let draining = self
             .node
             .state_machine()
-            .read(|s| s.workers.get(&r.worker_id).map(|w| w.health == crate::state::WorkerHealth::Draining))
+            .read(|s| {
+                s.workers
+                    .get(&r.worker_id)
+                    .map(|w| w.health == crate::state::WorkerHealth::Draining)
+            })
             .await
             .ok_or_else(|| Status::not_found(format!("worker {} is not registered", r.worker_id)))?;
         self.node.record_loads(loads(&r.loads));
@@ -144,7 +158,10 @@ impl wpb::worker_service_server::WorkerService for WorkerApi {
     type WatchPlanStream = PlanStream;
 
     async fn watch_plan(&self, req: Request<wpb::WatchPlanRequest>) -> Result<Response<PlanStream>, Status> {
-        Ok(Response::new(plan_stream(self.node.clone(), req.into_inner().after_epoch)))
+        Ok(Response::new(plan_stream(
+            self.node.clone(),
+            req.into_inner().after_epoch,
+        )))
     }
 }
 
@@ -159,17 +176,26 @@ impl pb::engine_service_server::EngineService for EngineApi {
     async fn get_plan(&self, req: Request<pb::GetPlanRequest>) -> Result<Response<pb::GetPlanResponse>, Status> {
         let epoch = req.into_inner().epoch;
         let state = self.node.linearizable_state().await?;
-        let plan = if epoch == 0 { state.latest_plan() } else { state.plans.get(&epoch) };
+        let plan = if epoch == 0 {
+            state.latest_plan()
+        } else {
+            state.plans.get(&epoch)
+        };
         if epoch != 0 && plan.is_none() {
             return Err(Status::not_found(format!("no plan with epoch {epoch}")));
         }
-        Ok(Response::new(pb::GetPlanResponse { plan: plan.map(Into::into) }))
+        Ok(Response::new(pb::GetPlanResponse {
+            plan: plan.map(Into::into),
+        }))
     }
 
     type WatchPlanStream = PlanStream;
 
     async fn watch_plan(&self, req: Request<pb::WatchPlanRequest>) -> Result<Response<PlanStream>, Status> {
-        Ok(Response::new(plan_stream(self.node.clone(), req.into_inner().after_epoch)))
+        Ok(Response::new(plan_stream(
+            self.node.clone(),
+            req.into_inner().after_epoch,
+        )))
     }
 
     async fn report_load(
@@ -178,6 +204,8 @@ impl pb::engine_service_server::EngineService for EngineApi {
     ) -> Result<Response<pb::ReportLoadResponse>, Status> {
         let r = req.into_inner();
         self.node.record_loads(loads(&r.loads));
-        Ok(Response::new(pb::ReportLoadResponse { current_epoch: self.node.cluster().epoch }))
+        Ok(Response::new(pb::ReportLoadResponse {
+            current_epoch: self.node.cluster().epoch,
+        }))
     }
 }

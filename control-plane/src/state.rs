@@ -179,7 +179,13 @@ impl ClusterState {
                 if spec.address.is_empty() {
                     return reject("worker address is empty".into());
                 }
-                self.workers.insert(spec.id, WorkerRecord { spec, health: WorkerHealth::Active });
+                self.workers.insert(
+                    spec.id,
+                    WorkerRecord {
+                        spec,
+                        health: WorkerHealth::Active,
+                    },
+                );
                 CommandResponse::Applied
             }
             Command::DrainWorker { worker } => match self.workers.get_mut(&worker) {
@@ -210,7 +216,12 @@ impl ClusterState {
                     return reject(reason);
                 }
                 let epoch = current + 1;
-                let plan = PlacementPlan { epoch, model: intent.model, instances: intent.instances, reason: intent.reason };
+                let plan = PlacementPlan {
+                    epoch,
+                    model: intent.model,
+                    instances: intent.instances,
+                    reason: intent.reason,
+                };
                 self.plans.insert(epoch, plan);
                 CommandResponse::PlanCommitted { epoch }
             }
@@ -231,28 +242,47 @@ impl ClusterState {
                 });
                 CommandResponse::PredictorVersion { version }
             }
-            Command::RecordCost { window_end_ms, gpu_seconds, cold_starts, note } => {
+            Command::RecordCost {
+                window_end_ms,
+                gpu_seconds,
+                cold_starts,
+                note,
+            } => {
                 if !gpu_seconds.is_finite() || gpu_seconds < 0.0 {
                     return reject(format!("gpu_seconds must be finite and >= 0, got {gpu_seconds}"));
                 }
-                self.cost.push(CostEntry { window_end_ms, gpu_seconds, cold_starts, note });
+                self.cost.push(CostEntry {
+                    window_end_ms,
+                    gpu_seconds,
+                    cold_starts,
+                    note,
+                });
                 CommandResponse::Applied
             }
         }
     }
 
     fn check_plan(&self, intent: &PlanIntent) -> Result<(), String> {
-        let model = self.models.get(&intent.model).ok_or_else(|| format!("unknown model {:?}", intent.model))?;
+        let model = self
+            .models
+            .get(&intent.model)
+            .ok_or_else(|| format!("unknown model {:?}", intent.model))?;
         let mut share_sums: BTreeMap<(u32, u32), f64> = BTreeMap::new();
         for i in &intent.instances {
             if i.layer >= model.num_layers || i.expert >= model.num_experts {
-                return Err(format!("instance ({}, {}) outside the model's shape", i.layer, i.expert));
+                return Err(format!(
+                    "instance ({}, {}) outside the model's shape",
+                    i.layer, i.expert
+                ));
             }
             if !i.share.is_finite() || i.share < 0.0 {
                 return Err(format!("instance ({}, {}) has share {}", i.layer, i.expert, i.share));
             }
             if !self.workers.contains_key(&i.worker) {
-                return Err(format!("instance ({}, {}) on unknown worker {}", i.layer, i.expert, i.worker));
+                return Err(format!(
+                    "instance ({}, {}) on unknown worker {}",
+                    i.layer, i.expert, i.worker
+                ));
             }
             *share_sums.entry((i.layer, i.expert)).or_default() += i.share;
         }
@@ -271,7 +301,12 @@ mod tests {
 
     fn seeded() -> ClusterState {
         let mut s = ClusterState::default();
-        let w = WorkerSpec { id: 7, address: "127.0.0.1:1".into(), devices: vec![], memory_bytes: 1 };
+        let w = WorkerSpec {
+            id: 7,
+            address: "127.0.0.1:1".into(),
+            devices: vec![],
+            memory_bytes: 1,
+        };
         assert_eq!(s.apply(1, Command::RegisterWorker(w)), CommandResponse::Applied);
         let m = ModelSpec {
             name: "m".into(),
@@ -288,7 +323,13 @@ mod tests {
     fn intent(share: f64) -> PlanIntent {
         PlanIntent {
             model: "m".into(),
-            instances: vec![ExpertInstance { layer: 1, expert: 3, worker: 7, gpu: 0, share }],
+            instances: vec![ExpertInstance {
+                layer: 1,
+                expert: 3,
+                worker: 7,
+                gpu: 0,
+                share,
+            }],
             reason: String::new(),
         }
     }
@@ -297,7 +338,13 @@ mod tests {
     fn epochs_increase_by_one_and_never_repeat() {
         let mut s = seeded();
         for n in 1..=5 {
-            let r = s.apply(2 + n, Command::CommitPlan { intent: intent(1.0), expected_epoch: None });
+            let r = s.apply(
+                2 + n,
+                Command::CommitPlan {
+                    intent: intent(1.0),
+                    expected_epoch: None,
+                },
+            );
             assert_eq!(r, CommandResponse::PlanCommitted { epoch: n });
         }
         assert_eq!(s.plans.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
@@ -306,11 +353,29 @@ mod tests {
     #[test]
     fn stale_or_invalid_plans_are_rejected_without_an_epoch() {
         let mut s = seeded();
-        let r = s.apply(3, Command::CommitPlan { intent: intent(1.0), expected_epoch: Some(4) });
+        let r = s.apply(
+            3,
+            Command::CommitPlan {
+                intent: intent(1.0),
+                expected_epoch: Some(4),
+            },
+        );
         assert!(matches!(r, CommandResponse::Rejected { .. }));
-        let r = s.apply(4, Command::CommitPlan { intent: intent(0.5), expected_epoch: None });
+        let r = s.apply(
+            4,
+            Command::CommitPlan {
+                intent: intent(0.5),
+                expected_epoch: None,
+            },
+        );
         assert!(matches!(r, CommandResponse::Rejected { .. }));
-        let r = s.apply(5, Command::CommitPlan { intent: intent(f64::NAN), expected_epoch: None });
+        let r = s.apply(
+            5,
+            Command::CommitPlan {
+                intent: intent(f64::NAN),
+                expected_epoch: None,
+            },
+        );
         assert!(matches!(r, CommandResponse::Rejected { .. }));
         assert_eq!(s.current_epoch(), 0);
         assert_eq!(s.decisions.len(), 5);
@@ -319,8 +384,18 @@ mod tests {
     #[test]
     fn predictor_versions_increase() {
         let mut s = ClusterState::default();
-        let u = PredictorUpdate { name: "ema".into(), parameters: serde_json::json!({"alpha": 0.5}), statistics: serde_json::Value::Null };
-        assert_eq!(s.apply(1, Command::UpdatePredictor(u.clone())), CommandResponse::PredictorVersion { version: 1 });
-        assert_eq!(s.apply(2, Command::UpdatePredictor(u)), CommandResponse::PredictorVersion { version: 2 });
+        let u = PredictorUpdate {
+            name: "ema".into(),
+            parameters: serde_json::json!({"alpha": 0.5}),
+            statistics: serde_json::Value::Null,
+        };
+        assert_eq!(
+            s.apply(1, Command::UpdatePredictor(u.clone())),
+            CommandResponse::PredictorVersion { version: 1 }
+        );
+        assert_eq!(
+            s.apply(2, Command::UpdatePredictor(u)),
+            CommandResponse::PredictorVersion { version: 2 }
+        );
     }
 }

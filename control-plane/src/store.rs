@@ -78,7 +78,10 @@ impl RedbBackend {
     /// (a process or node being shut down) to release it.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("raft.redb");
-        let open_err = |message: String| StoreError::Open { path: path.display().to_string(), message };
+        let open_err = |message: String| StoreError::Open {
+            path: path.display().to_string(),
+            message,
+        };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let db = loop {
@@ -170,7 +173,13 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, io::Error> {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &'static str, bytes: &[u8]) -> Result<T, io::Error> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Decode { what, message: e.to_string() }.into())
+    serde_json::from_slice(bytes).map_err(|e| {
+        StoreError::Decode {
+            what,
+            message: e.to_string(),
+        }
+        .into()
+    })
 }
 
 /// Runs a blocking backend call off the async threads (fsync can take milliseconds).
@@ -251,9 +260,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last = blocking(&self.backend, |b| b.last()).await?;
         let last_log_id = match last {
             Some((_, bytes)) => Some(decode::<Entry>("log entry", &bytes)?.log_id()),
-            None => purged.clone(),
+            None => purged,
         };
-        Ok(LogState { last_purged_log_id: purged, last_log_id })
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -269,7 +281,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
-        Ok(self.get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED).await?.flatten())
+        Ok(self
+            .get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED)
+            .await?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
@@ -277,8 +292,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let rows: Vec<(u64, Vec<u8>)> =
-            entries.into_iter().map(|e| Ok((e.index(), encode(&e)?))).collect::<Result<_, io::Error>>()?;
+        let rows: Vec<(u64, Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| Ok((e.index(), encode(&e)?)))
+            .collect::<Result<_, io::Error>>()?;
         let result = blocking(&self.backend, move |b| b.append(&rows)).await;
         // Only now is the data on disk: acknowledge the flush to openraft.
         match result {
@@ -342,7 +359,11 @@ impl StateMachineStore {
             None => Applied::default(),
         };
         let (epoch_tx, _) = watch::channel(applied.state.current_epoch());
-        Ok(Self { backend, applied: Arc::new(RwLock::new(applied)), epoch_tx: Arc::new(epoch_tx) })
+        Ok(Self {
+            backend,
+            applied: Arc::new(RwLock::new(applied)),
+            epoch_tx: Arc::new(epoch_tx),
+        })
     }
 
     /// A copy of the applied state (reads are local; callers decide on linearizability).
@@ -376,12 +397,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (data, meta) = {
             let applied = self.applied.read().await;
             let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id: applied.last_applied.clone(),
+                last_log_id: applied.last_applied,
                 last_membership: applied.last_membership.clone(),
             };
             (encode(&*applied)?, meta)
         };
-        let stored = encode(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
+        let stored = encode(&StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })?;
         blocking(&self.backend, move |b| b.put_meta(KEY_SNAPSHOT, &stored)).await?;
         Ok(Snapshot { meta, snapshot: data })
     }
@@ -395,7 +419,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         &mut self,
     ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
         let a = self.applied.read().await;
-        Ok((a.last_applied.clone(), a.last_membership.clone()))
+        Ok((a.last_applied, a.last_membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -410,7 +434,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 openraft::EntryPayload::Blank => CommandResponse::Applied,
                 openraft::EntryPayload::Normal(cmd) => applied.state.apply(index, cmd),
                 openraft::EntryPayload::Membership(m) => {
-                    applied.last_membership = StoredMembershipOf::<TypeConfig>::new(Some(log_id.clone()), m);
+                    applied.last_membership = StoredMembershipOf::<TypeConfig>::new(Some(log_id), m);
                     CommandResponse::Applied
                 }
             };
@@ -433,7 +457,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Self::SnapshotData,
     ) -> Result<(), io::Error> {
         let new: Applied = decode("snapshot data", &snapshot)?;
-        let stored = encode(&StoredSnapshot { meta: meta.clone(), data: snapshot })?;
+        let stored = encode(&StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot,
+        })?;
         blocking(&self.backend, move |b| b.put_meta(KEY_SNAPSHOT, &stored)).await?;
         let epoch = new.state.current_epoch();
         *self.applied.write().await = new;
@@ -446,7 +473,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         stored
             .map(|bytes| {
                 let s: StoredSnapshot = decode("snapshot", &bytes)?;
-                Ok(Snapshot { meta: s.meta, snapshot: s.data })
+                Ok(Snapshot {
+                    meta: s.meta,
+                    snapshot: s.data,
+                })
             })
             .transpose()
     }

@@ -24,14 +24,24 @@ impl fmt::Display for NodeInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     RegisterWorker(WorkerSpec),
-    DrainWorker { worker: u64 },
+    DrainWorker {
+        worker: u64,
+    },
     PutModel(ModelSpec),
     /// Commits a plan under the next epoch. With `expected_epoch`, only if the current epoch is that one.
-    CommitPlan { intent: PlanIntent, expected_epoch: Option<u64> },
+    CommitPlan {
+        intent: PlanIntent,
+        expected_epoch: Option<u64>,
+    },
     SetPolicy(PolicyConfig),
     UpdatePredictor(PredictorUpdate),
     /// Records the cost of a window in the ledger.
-    RecordCost { window_end_ms: u64, gpu_seconds: f64, cold_starts: u64, note: String },
+    RecordCost {
+        window_end_ms: u64,
+        gpu_seconds: f64,
+        cold_starts: u64,
+        note: String,
+    },
 }
 
 impl fmt::Display for Command {
@@ -52,10 +62,16 @@ impl fmt::Display for Command {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CommandResponse {
     Applied,
-    PlanCommitted { epoch: u64 },
-    PredictorVersion { version: u64 },
+    PlanCommitted {
+        epoch: u64,
+    },
+    PredictorVersion {
+        version: u64,
+    },
     /// The command was valid to replicate but not to apply (unknown worker, stale epoch, ...).
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 openraft::declare_raft_types!(

@@ -21,10 +21,15 @@ async fn single_node_commits_and_restarts() {
     let policy = json!({"placement": "eplb", "predictor": "temporal", "rebalance_interval_ms": 5000, "keep_alive_ms": 1000, "max_replicas_per_expert": 3});
     api.put("/v1/policy", &policy).await.expect("policy");
     for i in 1..=12u64 {
-        let r = api.post("/v1/placement", Some(&plan(&format!("plan {i}")))).await.expect("plan");
+        let r = api
+            .post("/v1/placement", Some(&plan(&format!("plan {i}"))))
+            .await
+            .expect("plan");
         assert_eq!(r["epoch"], i, "epochs increase by one");
     }
-    api.put("/v1/predictor", &json!({"name": "ema", "parameters": {"alpha": 0.3}})).await.expect("predictor");
+    api.put("/v1/predictor", &json!({"name": "ema", "parameters": {"alpha": 0.3}}))
+        .await
+        .expect("predictor");
     let before = node.node.state_machine().state().await;
     node.shutdown().await;
 
@@ -38,7 +43,10 @@ async fn single_node_commits_and_restarts() {
     assert_eq!(api.get("/v1/placement/3").await.expect("by epoch")["reason"], "plan 3");
     assert_eq!(api.get("/v1/workers").await.expect("workers")[0]["id"], 7);
     assert_eq!(api.get("/v1/predictor").await.expect("predictor")["version"], 1);
-    let r = api.post("/v1/placement", Some(&plan("after restart"))).await.expect("plan");
+    let r = api
+        .post("/v1/placement", Some(&plan("after restart")))
+        .await
+        .expect("plan");
     assert_eq!(r["epoch"], 13, "epochs continue after a restart");
     // Stale compare-and-set is rejected and takes no epoch.
     let mut stale = plan("stale");

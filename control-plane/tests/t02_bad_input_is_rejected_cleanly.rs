@@ -59,11 +59,26 @@ async fn bad_input_is_rejected_cleanly() {
         (M::PUT, "/v1/policy", None, 400),
         (M::PUT, "/v1/policy", Some(r#"{"placement": 3}"#), 400),
         (M::POST, "/v1/models", Some(r#"[1, 2, 3]"#), 400),
-        (M::POST, "/v1/models", Some(r#"{"name":"m","architecture":"x","num_layers":1,"num_experts":2,"top_k":9,"weights":""}"#), 409),
-        (M::POST, "/v1/placement", Some(r#"{"model": "none", "instances": []}"#), 409),
+        (
+            M::POST,
+            "/v1/models",
+            Some(r#"{"name":"m","architecture":"x","num_layers":1,"num_experts":2,"top_k":9,"weights":""}"#),
+            409,
+        ),
+        (
+            M::POST,
+            "/v1/placement",
+            Some(r#"{"model": "none", "instances": []}"#),
+            409,
+        ),
         (M::GET, "/v1/placement/not-a-number", None, 400),
         (M::GET, "/v1/placement/99", None, 404),
-        (M::POST, "/v1/members", Some(r#"{"id": 2, "raft_addr": "nowhere"}"#), 400),
+        (
+            M::POST,
+            "/v1/members",
+            Some(r#"{"id": 2, "raft_addr": "nowhere"}"#),
+            400,
+        ),
     ];
     for (method, path, body, want) in cases {
         let (s, t) = raw(&http, method.clone(), format!("{base}{path}"), tok, body).await;
@@ -79,7 +94,10 @@ async fn bad_input_is_rejected_cleanly() {
     let doc = api.get("/openapi.json").await.expect("openapi");
     assert!(doc["paths"]["/v1/placement/{epoch}"].is_object());
     let metrics = api.get("/metrics").await.expect("metrics");
-    assert!(metrics.as_str().is_some_and(|m| m.contains("moeless_raft_term")), "{metrics}");
+    assert!(
+        metrics.as_str().is_some_and(|m| m.contains("moeless_raft_term")),
+        "{metrics}"
+    );
 
     // Malformed payload inside a well-formed protobuf message.
     let mut raft = proto::raft::raft_service_client::RaftServiceClient::connect(format!("http://{}", node.raft_addr))
@@ -87,11 +105,20 @@ async fn bad_input_is_rejected_cleanly() {
         .expect("connect");
     for garbage in [b"{]".to_vec(), vec![0xff, 0x00, 0x13], Vec::new()] {
         let st = raft
-            .append_entries(proto::raft::RaftMessage { payload: garbage.clone(), data: vec![] })
+            .append_entries(proto::raft::RaftMessage {
+                payload: garbage.clone(),
+                data: vec![],
+            })
             .await
             .expect_err("garbage append");
         assert_eq!(st.code(), tonic::Code::InvalidArgument);
-        let st = raft.vote(proto::raft::RaftMessage { payload: garbage, data: vec![] }).await.expect_err("garbage vote");
+        let st = raft
+            .vote(proto::raft::RaftMessage {
+                payload: garbage,
+                data: vec![],
+            })
+            .await
+            .expect_err("garbage vote");
         assert_eq!(st.code(), tonic::Code::InvalidArgument);
     }
     // Worker registrations are validated when converted from protobuf.
@@ -100,12 +127,21 @@ async fn bad_input_is_rejected_cleanly() {
             .await
             .expect("connect");
     let st = workers
-        .register(proto::worker::RegisterRequest { worker_id: 0, address: String::new(), devices: vec![], memory_bytes: 0 })
+        .register(proto::worker::RegisterRequest {
+            worker_id: 0,
+            address: String::new(),
+            devices: vec![],
+            memory_bytes: 0,
+        })
         .await
         .expect_err("invalid registration");
     assert_eq!(st.code(), tonic::Code::InvalidArgument);
     let st = workers
-        .heartbeat(proto::worker::HeartbeatRequest { worker_id: 42, applied_epoch: 0, loads: vec![] })
+        .heartbeat(proto::worker::HeartbeatRequest {
+            worker_id: 42,
+            applied_epoch: 0,
+            loads: vec![],
+        })
         .await
         .expect_err("unknown worker");
     assert_eq!(st.code(), tonic::Code::NotFound);

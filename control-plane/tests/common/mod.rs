@@ -26,7 +26,11 @@ pub async fn start_single(c: NodeConfig) -> RunningNode {
 pub async fn wait_leader(node: &RunningNode, within: Duration) {
     let deadline = Instant::now() + within;
     while node.node.cluster().leader != Some(node.node.id()) || !node.node.is_leader() {
-        assert!(Instant::now() < deadline, "node {} did not become leader", node.node.id());
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not become leader",
+            node.node.id()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -58,7 +62,11 @@ pub async fn register_worker(raft_addr: std::net::SocketAddr, id: u64) {
     c.register(proto::worker::RegisterRequest {
         worker_id: id,
         address: "127.0.0.1:9000".into(),
-        devices: vec![proto::worker::Device { index: 0, kind: "cpu".into(), memory_bytes: 1 << 30 }],
+        devices: vec![proto::worker::Device {
+            index: 0,
+            kind: "cpu".into(),
+            memory_bytes: 1 << 30,
+        }],
         memory_bytes: 1 << 30,
     })
     .await

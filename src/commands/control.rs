@@ -1,0 +1,221 @@
+//! `moeless control-plane` (run a node) and `moeless admin ...` (the admin REST API from a shell).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use control_plane::client::AdminClient;
+use serde_json::{json, Value};
+
+#[derive(Args, Debug)]
+pub struct ControlPlaneArgs {
+    /// This node's Raft id (non-zero).
+    #[arg(long, env = "MOELESS_NODE_ID", default_value_t = 1)]
+    pub id: u64,
+    /// gRPC address for Raft peers, workers and engines.
+    #[arg(long, env = "MOELESS_RAFT_ADDR", default_value = "127.0.0.1:7100")]
+    pub raft_addr: SocketAddr,
+    /// Admin REST API address (loopback unless told otherwise).
+    #[arg(long, env = "MOELESS_ADMIN_ADDR", default_value = "127.0.0.1:7180")]
+    pub admin_addr: SocketAddr,
+    /// Voters as ID=HOST:PORT,... (this node included); none means a single-node group.
+    #[arg(long, env = "MOELESS_PEERS", default_value = "")]
+    pub peers: String,
+    /// Directory of the durable Raft store.
+    #[arg(long, env = "MOELESS_DATA_DIR", default_value = "moeless-data")]
+    pub data_dir: PathBuf,
+    /// Bearer token required by the admin API (every route but /health).
+    #[arg(long, env = "MOELESS_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// Election timeout range in milliseconds, MIN-MAX.
+    #[arg(long, default_value = "400-800")]
+    pub election_timeout_ms: String,
+}
+
+fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("peer id {id:?} is not an integer"))?;
+        let addr = addr.trim();
+        addr.parse::<SocketAddr>()
+            .with_context(|| format!("peer address {addr:?} is not HOST:PORT"))?;
+        if peers.insert(id, addr.to_string()).is_some() {
+            bail!("peer id {id} appears twice");
+        }
+    }
+    Ok(peers)
+}
+
+fn parse_range(s: &str) -> anyhow::Result<(u64, u64)> {
+    let (a, b) = s.split_once('-').with_context(|| format!("{s:?} is not MIN-MAX"))?;
+    let (a, b): (u64, u64) = (a.trim().parse()?, b.trim().parse()?);
+    if a == 0 || a >= b {
+        bail!("election timeout range {s:?} needs 0 < MIN < MAX");
+    }
+    Ok((a, b))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn control_plane(a: ControlPlaneArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    if a.id == 0 {
+        bail!("--id must be non-zero");
+    }
+    let peers = parse_peers(&a.peers)?;
+    if !peers.is_empty() && !peers.contains_key(&a.id) {
+        bail!("--peers must include this node ({})", a.id);
+    }
+    let mut config = control_plane::NodeConfig::new(a.id, a.data_dir);
+    config.raft_addr = a.raft_addr;
+    config.admin_addr = a.admin_addr;
+    config.peers = peers;
+    config.admin_token = a.admin_token.filter(|t| !t.is_empty());
+    config.heartbeat_ms = a.heartbeat_ms;
+    config.election_timeout_ms = parse_range(&a.election_timeout_ms)?;
+    runtime()?.block_on(async move {
+        let node = control_plane::start(config)
+            .await
+            .context("starting the control-plane node")?;
+        // One line on stdout for scripts and tests: where this node listens.
+        println!(
+            "{}",
+            json!({"event": "listening", "id": a.id, "raft_addr": node.raft_addr, "admin_addr": node.admin_addr})
+        );
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { node.shutdown().await; }
+        }
+        Ok(())
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// Admin API address of any control-plane node.
+    #[arg(long, env = "MOELESS_ADMIN_ADDR", default_value = "127.0.0.1:7180", global = true)]
+    pub addr: String,
+    #[arg(long, env = "MOELESS_ADMIN_TOKEN", global = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Leader, term and members.
+    Cluster,
+    /// Liveness of the node.
+    Health,
+    /// Show the policy, or replace it with --set JSON.
+    Policy {
+        #[arg(long)]
+        set: Option<String>,
+    },
+    /// The latest plan, or the one with --epoch.
+    Placement {
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
+    /// Commit a plan given as JSON ({"model", "instances": [...], "expected_epoch"?}).
+    CommitPlan { json: String },
+    /// Registered workers.
+    Workers,
+    /// Mark a worker draining.
+    Drain { worker: u64 },
+    /// Registered models.
+    Models,
+    /// Register a model given as JSON.
+    AddModel { json: String },
+    /// Predictor state.
+    Predictor,
+    /// Run the placement policy now.
+    Rebalance,
+    /// The cost ledger.
+    Cost,
+    /// Add a voter.
+    AddMember {
+        id: u64,
+        raft_addr: String,
+        #[arg(long, default_value = "")]
+        admin_addr: String,
+    },
+    /// Remove a voter.
+    RemoveMember { id: u64 },
+}
+
+fn json_arg(s: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(s).with_context(|| format!("argument is not JSON: {s}"))
+}
+
+pub fn admin(a: AdminArgs) -> anyhow::Result<()> {
+    let client = AdminClient::new(&a.addr, a.token.filter(|t| !t.is_empty()))?;
+    let out = runtime()?.block_on(async move {
+        match a.command {
+            AdminCommand::Cluster => client.get("/v1/cluster").await,
+            AdminCommand::Health => client.get("/health").await,
+            AdminCommand::Policy { set: None } => client.get("/v1/policy").await,
+            AdminCommand::Policy { set: Some(s) } => client.put("/v1/policy", &json_arg(&s)?).await,
+            AdminCommand::Placement { epoch: None } => client.get("/v1/placement").await,
+            AdminCommand::Placement { epoch: Some(e) } => client.get(&format!("/v1/placement/{e}")).await,
+            AdminCommand::CommitPlan { json } => client.post("/v1/placement", Some(&json_arg(&json)?)).await,
+            AdminCommand::Workers => client.get("/v1/workers").await,
+            AdminCommand::Drain { worker } => client.post(&format!("/v1/workers/{worker}/drain"), None).await,
+            AdminCommand::Models => client.get("/v1/models").await,
+            AdminCommand::AddModel { json } => client.post("/v1/models", Some(&json_arg(&json)?)).await,
+            AdminCommand::Predictor => client.get("/v1/predictor").await,
+            AdminCommand::Rebalance => client.post("/v1/rebalance", None).await,
+            AdminCommand::Cost => client.get("/v1/cost").await,
+            AdminCommand::AddMember {
+                id,
+                raft_addr,
+                admin_addr,
+            } => {
+                let body = json!({"id": id, "raft_addr": raft_addr, "admin_addr": admin_addr});
+                client.post("/v1/members", Some(&body)).await
+            }
+            AdminCommand::RemoveMember { id } => client.delete(&format!("/v1/members/{id}")).await,
+        }
+        .map_err(anyhow::Error::from)
+    })?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("1=127.0.0.1:1, 2=127.0.0.1:2").unwrap();
+        assert_eq!(p.len(), 2);
+        assert!(parse_peers("1=nope").is_err());
+        assert!(parse_peers("x=127.0.0.1:1").is_err());
+        assert!(parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").is_err());
+        assert!(parse_peers("").unwrap().is_empty());
+        assert!(parse_range("400-800").is_ok());
+        assert!(parse_range("800-400").is_err());
+    }
+}
