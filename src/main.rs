@@ -23,6 +23,10 @@ enum Command {
     Replay(commands::policy::ReplayArgs),
     /// Accuracy of the load predictors on a routing trace.
     PredictEval(commands::policy::PredictEvalArgs),
+    /// OpenAI-compatible inference endpoint for a checkpoint (continuous batching, metrics).
+    Serve(commands::serve::ServeArgs),
+    /// The endpoint with everything embedded: without --model, the built-in demo model.
+    Up(commands::serve::ServeArgs),
     /// Benchmarks (results belong in docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -36,6 +40,8 @@ fn main() -> anyhow::Result<()> {
         Command::Plan(a) => commands::policy::plan(a),
         Command::Replay(a) => commands::policy::run_replay(a),
         Command::PredictEval(a) => commands::policy::predict_eval(a),
+        Command::Serve(a) => commands::serve::serve(a, true),
+        Command::Up(a) => commands::serve::serve(a, false),
         Command::Bench(c) => commands::bench::run(c),
     }
 }

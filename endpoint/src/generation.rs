@@ -186,6 +186,8 @@ struct ChoiceState {
     cancel: Arc<AtomicBool>,
     finished: Option<FinishReason>,
     tokens: Vec<u32>,
+    /// Token ids not yet reported (their text is still held back).
+    unreported: Vec<u32>,
 }
 
 /// One update of one choice: new text, the token ids it came from, maybe its end.
@@ -249,6 +251,7 @@ impl Generation {
                     cancel,
                     finished: None,
                     tokens: Vec::new(),
+                    unreported: Vec::new(),
                 });
             }
         }
@@ -319,6 +322,7 @@ impl Generation {
                     let tok = self.tokenizer.clone();
                     let c = &mut self.choices[index];
                     c.tokens.push(id);
+                    c.unreported.push(id);
                     let delta = match &tok {
                         Some(t) => match c.decoder.push(t, id) {
                             Ok(d) => d,
@@ -327,21 +331,21 @@ impl Generation {
                         None => String::new(),
                     };
                     let (text, hit) = c.stop.push(&delta);
+                    // Without a tokenizer every token is reported; with one, only new text.
+                    if text.is_empty() && !hit && tok.is_some() {
+                        continue;
+                    }
+                    let token_ids = std::mem::take(&mut c.unreported);
+                    let finish = hit.then_some(FinishReason::Stop);
                     if hit {
                         self.finish(index, FinishReason::Stop);
-                        return Some(ChoiceUpdate {
-                            index,
-                            text,
-                            token_ids: vec![id],
-                            finish: Some(FinishReason::Stop),
-                            error: None,
-                        });
                     }
                     return Some(ChoiceUpdate {
                         index,
                         text,
-                        token_ids: vec![id],
-                        ..Default::default()
+                        token_ids,
+                        finish,
+                        error: None,
                     });
                 }
                 SeqEvent::Finished { reason, .. } => {
@@ -356,12 +360,14 @@ impl Generation {
                         text.push_str(&c.stop.flush());
                     }
                     let reason = if hit { FinishReason::Stop } else { reason };
+                    let token_ids = std::mem::take(&mut c.unreported);
                     self.finish(index, reason);
                     return Some(ChoiceUpdate {
                         index,
                         text,
+                        token_ids,
                         finish: Some(reason),
-                        ..Default::default()
+                        error: None,
                     });
                 }
                 SeqEvent::Failed { message, .. } => return Some(self.fail(index, message)),

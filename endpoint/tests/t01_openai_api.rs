@@ -82,6 +82,35 @@ async fn streaming_ends_with_done_and_carries_usage() {
         .filter(|f| !f.is_null())
         .collect();
     assert_eq!(finish, vec![&json!("length")]);
+    for c in chunks.iter().flat_map(|c| c["choices"].as_array().unwrap().iter()) {
+        assert!(c["text"] != "" || !c["finish_reason"].is_null(), "empty chunk: {c}");
+    }
+    // Token ids streamed (held-back text included) add up to the whole completion.
+    let text = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"prompt": "stream me", "max_tokens": 12, "temperature": 0, "stream": true, "return_token_ids": true}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let streamed_ids: Vec<u32> = sse_data(&text)
+        .iter()
+        .filter(|d| d.as_str() != "[DONE]")
+        .flat_map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            v["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(token_ids)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let engine = Engine::builtin().unwrap();
+    let prompt: Vec<u32> = "stream me".bytes().map(u32::from).collect();
+    assert_eq!(streamed_ids, engine.generate_greedy(&[prompt], 12).unwrap()[0]);
     let (_, whole) = post(
         &base,
         "/v1/completions",

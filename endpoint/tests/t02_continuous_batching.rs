@@ -123,3 +123,46 @@ async fn load_200_requests_at_concurrency_32_has_no_failures() {
     assert_eq!(server.stats().kv_blocks_used.load(Ordering::Relaxed), 0);
     server.shutdown().await.unwrap();
 }
+
+/// Sequential one-token requests through HTTP against the same step on the engine alone; the
+/// difference is what the server adds (parsing, tokenizing, scheduling, channels, JSON).
+#[tokio::test]
+async fn server_overhead_per_request_is_small() {
+    let (server, base) = start(config()).await;
+    let engine = Engine::builtin().unwrap();
+    let prompt: Vec<u32> = "overhead probe 16".bytes().map(u32::from).collect();
+    let c = client();
+    let body = json!({"prompt": prompt, "max_tokens": 1, "temperature": 0});
+    let mut http = Vec::new();
+    let mut alone = Vec::new();
+    for i in 0..60 {
+        let t = Instant::now();
+        let r = c
+            .post(format!("{base}/v1/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.bytes().await.unwrap();
+        let h = t.elapsed();
+        let t = Instant::now();
+        engine.generate_greedy(std::slice::from_ref(&prompt), 1).unwrap();
+        let e = t.elapsed();
+        if i >= 10 {
+            http.push(h.as_secs_f64());
+            alone.push(e.as_secs_f64());
+        }
+    }
+    http.sort_by(f64::total_cmp);
+    alone.sort_by(f64::total_cmp);
+    let (h, e) = (http[http.len() / 2], alone[alone.len() / 2]);
+    eprintln!(
+        "one-token request p50: through HTTP {:.3} ms, engine alone {:.3} ms, server overhead {:.3} ms",
+        h * 1e3,
+        e * 1e3,
+        (h - e) * 1e3
+    );
+    assert!(h - e < 0.02, "server overhead p50 {:.3} ms", (h - e) * 1e3);
+    server.shutdown().await.unwrap();
+}

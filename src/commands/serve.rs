@@ -1,0 +1,161 @@
+//! `moeless serve` and `moeless up`: the OpenAI-compatible endpoint over the engine.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use data_plane::engine::Engine;
+use endpoint::{ServeConfig, Server, TextTokenizer};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Hugging Face checkpoint directory. `up` without it serves the built-in random-weight
+    /// model with a byte-level tokenizer (its output is not meaningful text).
+    #[arg(long, env = "MOELESS_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Directory holding tokenizer.json (+ tokenizer_config.json); defaults to --model. Without
+    /// one, only token-id prompts are accepted and no text is returned.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Model id clients send and /v1/models lists (default: the model directory's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    #[arg(long, env = "MOELESS_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "MOELESS_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Required as `Authorization: Bearer KEY` on every route except /health.
+    #[arg(long, env = "MOELESS_API_KEY")]
+    pub api_key: Option<String>,
+    /// Sequences in the running batch at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Sequences waiting for their first step before new requests get 429.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queued: usize,
+    /// Prompt plus completion tokens at most (default: the model's maximum positions).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Tokens per engine step (prefill chunks and decode tokens together).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// KV cache blocks (default: as many as --kv-cache-gib holds).
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[arg(long, default_value_t = 2.0)]
+    pub kv_cache_gib: f64,
+    /// Request bodies larger than this get 413.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM before they are aborted.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+/// `require_model`: `serve` needs --model; `up` falls back to the built-in model.
+pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let (engine, tokenizer, default_name) = match &args.model {
+        Some(dir) => {
+            let engine = Engine::load_local(dir).with_context(|| format!("loading model from {}", dir.display()))?;
+            let tok_dir = args.tokenizer.clone().unwrap_or_else(|| dir.clone());
+            let tokenizer = if tok_dir.join("tokenizer.json").exists() {
+                Some(
+                    TextTokenizer::from_dir(&tok_dir)
+                        .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?,
+                )
+            } else {
+                eprintln!(
+                    "no tokenizer.json in {}: serving token-id prompts only (no text output)",
+                    tok_dir.display()
+                );
+                None
+            };
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "moeless".into());
+            (engine, tokenizer, name)
+        }
+        None if require_model => anyhow::bail!("`moeless serve` needs --model DIR (or use `moeless up`)"),
+        None => {
+            eprintln!(
+                "no --model given: serving the built-in random-weight demo model with a byte-level \
+                 tokenizer; its output is NOT meaningful text"
+            );
+            let engine = Engine::builtin().context("building the built-in model")?;
+            (engine, Some(TextTokenizer::bytes()), "moeless-builtin".to_string())
+        }
+    };
+    let cfg = ServeConfig {
+        model_name: args.served_model_name.clone().unwrap_or(default_name),
+        api_key: args.api_key.clone(),
+        max_num_seqs: args.max_num_seqs,
+        max_queued: args.max_queued,
+        max_model_len: args.max_model_len,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        block_size: args.block_size,
+        num_kv_blocks: args.num_kv_blocks,
+        kv_cache_bytes: (args.kv_cache_gib.max(0.0) * (1u64 << 30) as f64) as usize,
+        max_body_bytes: args.max_body_bytes,
+        max_n: 16,
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let name = cfg.model_name.clone();
+        let server = Server::start(engine, tokenizer, cfg, listener).await?;
+        eprintln!(
+            "serving model `{name}` at http://{} (OpenAI API under /v1; Ctrl-C or SIGTERM stops)",
+            server.local_addr()
+        );
+        let stats = server.stats().clone();
+        tokio::select! {
+            _ = wait_for_signal() => eprintln!("shutting down: finishing in-flight requests"),
+            _ = async {
+                while !stats.dead.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            } => eprintln!("the engine stopped: shutting down"),
+        }
+        server.shutdown().await.context("shutting down")
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
