@@ -63,6 +63,14 @@ fn describe() {
         "Sequences preempted for lack of KV blocks."
     );
     describe_counter!("moeless:request_success_total", "Finished choices by finish reason.");
+    describe_counter!(
+        "moeless:expert_tokens_total",
+        "Tokens routed to each (layer, expert), top-k slots counted."
+    );
+    describe_gauge!(
+        "moeless:expert_balancedness",
+        "Mean over max tokens per expert in the last step, per MoE layer (1 is perfectly even)."
+    );
 }
 
 /// Handles the scheduler thread records into.
@@ -76,6 +84,9 @@ pub struct EngineMetrics {
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub preemptions: Counter,
+    model: String,
+    /// Per MoE layer: one counter per expert, and the layer's balancedness gauge.
+    experts: std::collections::HashMap<usize, (Vec<Counter>, Gauge)>,
 }
 
 impl EngineMetrics {
@@ -90,7 +101,44 @@ impl EngineMetrics {
             kv_usage: gauge!("moeless:kv_cache_usage_perc", "model_name" => m.clone()),
             prompt_tokens: counter!("moeless:prompt_tokens_total", "model_name" => m.clone()),
             generation_tokens: counter!("moeless:generation_tokens_total", "model_name" => m.clone()),
-            preemptions: counter!("moeless:num_preemptions_total", "model_name" => m),
+            preemptions: counter!("moeless:num_preemptions_total", "model_name" => m.clone()),
+            model: m,
+            experts: Default::default(),
+        }
+    }
+
+    /// Records one step's routing: `ids` are the chosen experts of every token at `layer`.
+    pub fn record_routing(&mut self, layer: usize, num_experts: usize, ids: &[u32]) {
+        if num_experts == 0 || ids.is_empty() {
+            return;
+        }
+        let model = &self.model;
+        let (counters, balance) = self.experts.entry(layer).or_insert_with(|| {
+            let counters = (0..num_experts)
+                .map(|e| {
+                    counter!("moeless:expert_tokens_total", "model_name" => model.clone(),
+                        "layer" => layer.to_string(), "expert" => e.to_string())
+                })
+                .collect();
+            let gauge =
+                gauge!("moeless:expert_balancedness", "model_name" => model.clone(), "layer" => layer.to_string());
+            (counters, gauge)
+        });
+        let mut load = vec![0u64; counters.len()];
+        for &id in ids {
+            if let Some(l) = load.get_mut(id as usize) {
+                *l += 1;
+            }
+        }
+        for (c, &l) in counters.iter().zip(&load) {
+            if l > 0 {
+                c.increment(l);
+            }
+        }
+        let max = load.iter().copied().max().unwrap_or(0);
+        if max > 0 {
+            let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
+            balance.set(mean / max as f64);
         }
     }
 }

@@ -412,7 +412,13 @@ impl Scheduler {
                 }
                 return Ok(());
             }
-            Ok(Ok((logits, _routing))) => logits,
+            Ok(Ok((logits, routing))) => {
+                let experts = self.engine.config().moe.num_experts;
+                for r in &routing {
+                    self.metrics.record_routing(r.layer, experts, &r.ids);
+                }
+                logits
+            }
         };
         let now = Instant::now();
         let mut done: Vec<(usize, FinishReason)> = Vec::new();

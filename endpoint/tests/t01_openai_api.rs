@@ -310,6 +310,8 @@ async fn metrics_and_version_are_served() {
         "moeless:prompt_tokens_total",
         "moeless:generation_tokens_total",
         "moeless:request_success_total",
+        "moeless:expert_tokens_total",
+        "moeless:expert_balancedness",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
