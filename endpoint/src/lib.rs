@@ -4,6 +4,7 @@
 //! and Prometheus metrics.
 
 pub mod api;
+pub mod bench;
 pub mod blocks;
 pub mod error;
 pub mod generation;

@@ -18,6 +18,8 @@ use serde_json::json;
 pub enum BenchCommand {
     /// Engine throughput against candle-transformers' Mixtral and the bandwidth roofline.
     Engine(EngineBenchArgs),
+    /// Load test of an OpenAI-compatible server: throughput, TTFT, TPOT, ITL, E2E, goodput.
+    Serve(super::serve::ServeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -68,6 +70,7 @@ pub struct EngineBenchArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Engine(a) => engine(a),
+        BenchCommand::Serve(a) => super::serve::bench_serve(a),
     }
 }
 

@@ -159,3 +159,125 @@ async fn wait_for_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+#[derive(Args, Debug)]
+pub struct ServeBenchArgs {
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// Model id to send (default: none, the server's only model).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, env = "MOELESS_API_KEY")]
+    pub api_key: Option<String>,
+    /// ShareGPT-format JSON (e.g. ../shared/data/prompts/ShareGPT_V3_filtered_1000.json).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Azure LLM trace CSV: arrival times and generated lengths (e.g.
+    /// ../shared/data/arrivals/azure-llm-2023/AzureLLMInferenceTrace_conv.csv).
+    #[arg(long, conflicts_with = "request_rate")]
+    pub arrivals: Option<PathBuf>,
+    /// Poisson arrivals at R requests/s (default: all at once).
+    #[arg(long)]
+    pub request_rate: Option<f64>,
+    /// Divide trace inter-arrival times by this (replay faster than real time).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    #[arg(long, default_value_t = 100)]
+    pub num_requests: usize,
+    /// Completion length (default: the trace's GeneratedTokens, else 128), capped by --max-tokens-cap.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens_cap: usize,
+    /// Prompts are cut to this many characters (the built-in model's tokens are bytes).
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_chars: usize,
+    #[arg(long)]
+    pub slo_ttft_ms: Option<f64>,
+    #[arg(long)]
+    pub slo_tpot_ms: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `moeless bench serve`.
+pub fn bench_serve(a: ServeBenchArgs) -> anyhow::Result<()> {
+    use endpoint::bench;
+    let text =
+        std::fs::read_to_string(&a.prompts).with_context(|| format!("reading prompts {}", a.prompts.display()))?;
+    let prompts = bench::sharegpt_prompts(&text).with_context(|| format!("parsing {}", a.prompts.display()))?;
+    let (times, lengths): (Vec<Duration>, Vec<Option<usize>>) = match &a.arrivals {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading arrivals {}", path.display()))?;
+            let rows = bench::azure_arrivals(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let scale = if a.time_scale > 0.0 { a.time_scale } else { 1.0 };
+            rows.into_iter()
+                .take(a.num_requests)
+                .map(|(t, g)| (t.div_f64(scale), Some(g)))
+                .unzip()
+        }
+        None => {
+            let rate = a.request_rate.unwrap_or(f64::INFINITY);
+            let t = bench::poisson_arrivals(a.num_requests, rate, a.seed);
+            let n = t.len();
+            (t, vec![None; n])
+        }
+    };
+    let requests: Vec<bench::BenchRequest> = times
+        .into_iter()
+        .zip(lengths)
+        .enumerate()
+        .map(|(i, (at, gen))| bench::BenchRequest {
+            prompt: prompts[i % prompts.len()].chars().take(a.max_prompt_chars).collect(),
+            max_tokens: a.max_tokens.or(gen).unwrap_or(128).clamp(1, a.max_tokens_cap.max(1)),
+            at,
+        })
+        .collect();
+    let cfg = bench::BenchConfig {
+        base_url: a.base_url.clone(),
+        model: a.model.clone(),
+        api_key: a.api_key.clone(),
+        requests,
+        slo_ttft_ms: a.slo_ttft_ms,
+        slo_tpot_ms: a.slo_tpot_ms,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(bench::run(&cfg))?;
+    println!("successful requests:        {}", report.completed);
+    println!("failed requests:            {}", report.failed);
+    println!("benchmark duration (s):     {:.2}", report.duration_s);
+    println!("request throughput (req/s): {:.2}", report.request_throughput);
+    println!("output token throughput:    {:.1} tok/s", report.output_throughput);
+    println!("total token throughput:     {:.1} tok/s", report.total_token_throughput);
+    for (name, s) in [
+        ("TTFT", &report.ttft_ms),
+        ("TPOT", &report.tpot_ms),
+        ("ITL", &report.itl_ms),
+        ("E2E", &report.e2e_ms),
+    ] {
+        println!(
+            "{name:<5} ms  mean {:>9.2}  median {:>9.2}  p99 {:>9.2}",
+            s.mean, s.median, s.p99
+        );
+    }
+    if let Some(g) = report.goodput {
+        println!("goodput (req/s within SLOs): {g:.2}");
+    }
+    for e in &report.errors {
+        println!("error: {e}");
+    }
+    if let Some(out) = &a.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    if report.failed > 0 {
+        anyhow::bail!("{} of {} requests failed", report.failed, cfg.requests.len());
+    }
+    Ok(())
+}
