@@ -23,6 +23,12 @@ enum Command {
     Replay(commands::policy::ReplayArgs),
     /// Accuracy of the load predictors on a routing trace.
     PredictEval(commands::policy::PredictEvalArgs),
+    /// A control-plane node: Raft metadata store, worker/engine gRPC services, admin REST API.
+    ControlPlane(commands::control::ControlPlaneArgs),
+    /// Call the control plane's admin REST API.
+    Admin(commands::control::AdminArgs),
+    /// Simulate an MoE serving cluster on real arrival and routing traces (latency, cost).
+    Sim(commands::sim::SimArgs),
     /// OpenAI-compatible inference endpoint for a checkpoint (continuous batching, metrics).
     Serve(commands::serve::ServeArgs),
     /// The endpoint with everything embedded: without --model, the built-in demo model.
@@ -40,6 +46,9 @@ fn main() -> anyhow::Result<()> {
         Command::Plan(a) => commands::policy::plan(a),
         Command::Replay(a) => commands::policy::run_replay(a),
         Command::PredictEval(a) => commands::policy::predict_eval(a),
+        Command::ControlPlane(a) => commands::control::control_plane(a),
+        Command::Admin(a) => commands::control::admin(a),
+        Command::Sim(a) => commands::sim::run(a),
         Command::Serve(a) => commands::serve::serve(a, true),
         Command::Up(a) => commands::serve::serve(a, false),
         Command::Bench(c) => commands::bench::run(c),

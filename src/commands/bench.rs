@@ -150,7 +150,11 @@ fn params_per_token(s: &ModelShape) -> (f64, f64) {
 
 fn prompts(batch: usize, len: usize, vocab: usize, salt: usize) -> Vec<Vec<u32>> {
     (0..batch)
-        .map(|b| (0..len).map(|i| ((i * 7919 + b * 104729 + salt * 31) % vocab) as u32).collect())
+        .map(|b| {
+            (0..len)
+                .map(|i| ((i * 7919 + b * 104729 + salt * 31) % vocab) as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -237,7 +241,8 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
         eprintln!("[{dt}] loading MoEless engine ...");
         let engine = Engine::load_local(&dir).with_context(|| format!("loading {}", dir.display()))?;
         let bytes_per_param = if dtype == SaveDtype::Bf16 { 2.0 } else { 4.0 };
-        let mut measures: Vec<(String, usize, bool)> = a.batches.iter().map(|&b| (format!("decode b={b}"), b, false)).collect();
+        let mut measures: Vec<(String, usize, bool)> =
+            a.batches.iter().map(|&b| (format!("decode b={b}"), b, false)).collect();
         measures.push((format!("prefill {} tokens", a.prompt_len), 1, true));
         for (name, batch, is_prefill) in measures {
             eprintln!("[{dt}] {name}: MoEless x{} ...", a.repeats);

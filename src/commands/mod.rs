@@ -1,6 +1,8 @@
 //! One module per subcommand family; each turns parsed arguments into library calls.
 
 pub mod bench;
+pub mod control;
 pub mod engine;
 pub mod policy;
 pub mod serve;
+pub mod sim;

@@ -85,8 +85,7 @@ pub fn run(a: SimArgs) -> Result<()> {
         .with_context(|| format!("opening routing trace {}", a.routing_trace.display()))?;
     let routing = RoutingPool::read(BufReader::new(f), model.num_experts, model.top_k, a.seed)
         .with_context(|| format!("reading routing trace {}", a.routing_trace.display()))?;
-    let text =
-        fs::read_to_string(&a.arrivals).with_context(|| format!("reading arrivals {}", a.arrivals.display()))?;
+    let text = fs::read_to_string(&a.arrivals).with_context(|| format!("reading arrivals {}", a.arrivals.display()))?;
     let all = arrivals::parse_auto(&text).with_context(|| format!("reading arrivals {}", a.arrivals.display()))?;
     let requests = arrivals::window(&all, a.duration, a.rate_scale)?;
     let mut cfg = SimConfig::new(a.gpus, gpu.profile());
@@ -167,7 +166,11 @@ pub fn run(a: SimArgs) -> Result<()> {
             s.cold_starts
         )?;
     }
-    eprintln!("sim: wrote {} and plots in {:.1} s", path.display(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "sim: wrote {} and plots in {:.1} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -179,15 +182,30 @@ fn write_plots(dir: &std::path::Path, reports: &[PolicyReport]) -> Result<()> {
     let files = [
         (
             "latency_cdf_e2e.svg",
-            svg::line_chart("E2E latency CDF", "seconds", "fraction of requests", &series(&|r| svg::cdf(&r.e2e_s))),
+            svg::line_chart(
+                "E2E latency CDF",
+                "seconds",
+                "fraction of requests",
+                &series(&|r| svg::cdf(&r.e2e_s)),
+            ),
         ),
         (
             "latency_cdf_ttft.svg",
-            svg::line_chart("TTFT CDF", "seconds", "fraction of requests", &series(&|r| svg::cdf(&r.ttft_s))),
+            svg::line_chart(
+                "TTFT CDF",
+                "seconds",
+                "fraction of requests",
+                &series(&|r| svg::cdf(&r.ttft_s)),
+            ),
         ),
         (
             "latency_cdf_tpot.svg",
-            svg::line_chart("TPOT CDF", "seconds", "fraction of requests", &series(&|r| svg::cdf(&r.tpot_s))),
+            svg::line_chart(
+                "TPOT CDF",
+                "seconds",
+                "fraction of requests",
+                &series(&|r| svg::cdf(&r.tpot_s)),
+            ),
         ),
         (
             "balancedness_over_time.svg",
@@ -196,7 +214,9 @@ fn write_plots(dir: &std::path::Path, reports: &[PolicyReport]) -> Result<()> {
                 "simulated s",
                 "mean/max tokens per GPU",
                 &series(&|r| {
-                    r.summary.as_ref().map_or_else(Vec::new, |s| s.balancedness_over_time.iter().map(|p| (p[0], p[1])).collect())
+                    r.summary.as_ref().map_or_else(Vec::new, |s| {
+                        s.balancedness_over_time.iter().map(|p| (p[0], p[1])).collect()
+                    })
                 }),
             ),
         ),
@@ -207,7 +227,9 @@ fn write_plots(dir: &std::path::Path, reports: &[PolicyReport]) -> Result<()> {
                 "simulated s",
                 "instances",
                 &series(&|r| {
-                    r.summary.as_ref().map_or_else(Vec::new, |s| s.instances_over_time.iter().map(|p| (p[0], p[1])).collect())
+                    r.summary.as_ref().map_or_else(Vec::new, |s| {
+                        s.instances_over_time.iter().map(|p| (p[0], p[1])).collect()
+                    })
                 }),
             ),
         ),
@@ -216,7 +238,12 @@ fn write_plots(dir: &std::path::Path, reports: &[PolicyReport]) -> Result<()> {
             svg::stacked_bars(
                 "GPU memory held (GB-s)",
                 "GB-s",
-                &["non-expert weights", "expert instances", "KV cache in use", "reserved, unused"],
+                &[
+                    "non-expert weights",
+                    "expert instances",
+                    "KV cache in use",
+                    "reserved, unused",
+                ],
                 &sums
                     .iter()
                     .map(|s| {
