@@ -446,23 +446,8 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
         );
         return Ok(Sse::new(stream).into_response());
     }
-    let k = gen.num_choices();
-    let mut texts = vec![String::new(); k];
-    let mut reasons = vec![None; k];
-    let mut last_error = None;
-    while let Some(u) = gen.next().await {
-        texts[u.index].push_str(&u.text);
-        if u.finish.is_some() {
-            reasons[u.index] = u.finish;
-        }
-        if let Some(e) = u.error {
-            last_error = Some(e);
-        }
-    }
-    if let Some(e) = last_error.filter(|_| reasons.iter().all(|r| *r == Some(FinishReason::Error))) {
-        return Err(ApiError::internal(e));
-    }
-    let choices = (0..k)
+    let (mut texts, reasons) = collect_choices(&mut gen).await?;
+    let choices = (0..texts.len())
         .map(|i| CompletionChoice {
             index: i,
             text: std::mem::take(&mut texts[i]),
@@ -485,6 +470,28 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
 
 /// Server-sent events of a generation: optional opening chunks, one chunk per update, an error
 /// event for a failed choice, the usage chunk when asked, then `[DONE]`.
+/// Drains a non-streaming generation: each choice's full text and finish reason. Fails only
+/// when every choice failed.
+async fn collect_choices(gen: &mut Generation) -> Result<(Vec<String>, Vec<Option<FinishReason>>), ApiError> {
+    let k = gen.num_choices();
+    let mut texts = vec![String::new(); k];
+    let mut reasons = vec![None; k];
+    let mut last_error = None;
+    while let Some(u) = gen.next().await {
+        texts[u.index].push_str(&u.text);
+        if u.finish.is_some() {
+            reasons[u.index] = u.finish;
+        }
+        if let Some(e) = u.error {
+            last_error = Some(e);
+        }
+    }
+    match last_error.filter(|_| reasons.iter().all(|r| *r == Some(FinishReason::Error))) {
+        Some(e) => Err(ApiError::internal(e)),
+        None => Ok((texts, reasons)),
+    }
+}
+
 fn sse_stream<C, O, F, U>(
     gen: Generation,
     include_usage: bool,
@@ -662,23 +669,8 @@ async fn chat_inner(st: Arc<AppState>, req: ChatRequest) -> Result<Response, Api
         );
         return Ok(Sse::new(stream).into_response());
     }
-    let k = gen.num_choices();
-    let mut texts = vec![String::new(); k];
-    let mut reasons = vec![None; k];
-    let mut last_error = None;
-    while let Some(u) = gen.next().await {
-        texts[u.index].push_str(&u.text);
-        if u.finish.is_some() {
-            reasons[u.index] = u.finish;
-        }
-        if let Some(e) = u.error {
-            last_error = Some(e);
-        }
-    }
-    if let Some(e) = last_error.filter(|_| reasons.iter().all(|r| *r == Some(FinishReason::Error))) {
-        return Err(ApiError::internal(e));
-    }
-    let choices = (0..k)
+    let (mut texts, reasons) = collect_choices(&mut gen).await?;
+    let choices = (0..texts.len())
         .map(|i| ChatChoice {
             index: i,
             message: AssistantMessage {
