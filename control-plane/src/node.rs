@@ -49,8 +49,8 @@ impl NodeConfig {
             peers: BTreeMap::new(),
             data_dir,
             admin_token: None,
-            heartbeat_ms: 100,
-            election_timeout_ms: (400, 800),
+            heartbeat_ms: 50,
+            election_timeout_ms: (200, 400),
             snapshot_every: 1000,
         }
     }

@@ -30,10 +30,10 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "MOELESS_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
     /// Raft heartbeat interval in milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     pub heartbeat_ms: u64,
     /// Election timeout range in milliseconds, MIN-MAX.
-    #[arg(long, default_value = "400-800")]
+    #[arg(long, default_value = "200-400")]
     pub election_timeout_ms: String,
 }
 
