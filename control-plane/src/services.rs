@@ -198,6 +198,33 @@ impl pb::engine_service_server::EngineService for EngineApi {
         )))
     }
 
+    async fn list_workers(
+        &self,
+        _req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let board = self.node.loads();
+        let workers = self
+            .node
+            .state_machine()
+            .read(|s| {
+                s.workers
+                    .values()
+                    .map(|w| pb::WorkerInfo {
+                        worker_id: w.spec.id,
+                        address: w.spec.address.clone(),
+                        health: match w.health {
+                            crate::state::WorkerHealth::Active => "active".into(),
+                            crate::state::WorkerHealth::Draining => "draining".into(),
+                        },
+                        applied_epoch: board.worker_epochs.get(&w.spec.id).copied().unwrap_or(0),
+                        heartbeat_age_ms: u64::MAX,
+                    })
+                    .collect()
+            })
+            .await;
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
     async fn report_load(
         &self,
         req: Request<pb::ReportLoadRequest>,

@@ -1,0 +1,1 @@
+//! Request/response messages over QUIC with mutual TLS. (Being built; see issue 6.)

@@ -1,0 +1,1 @@
+//! The data-plane worker. (Being built; see issue 6.)
