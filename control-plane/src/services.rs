@@ -2,13 +2,16 @@
 //! control-plane types (the only place the two meet).
 
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use proto::engine as pb;
 use proto::worker as wpb;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::liveness::{InstanceReport, InstanceState, WorkerObservation};
 use crate::node::{Node, NodeError};
 use crate::state::{Device, ExpertInstance, PlacementPlan, WorkerSpec};
 use crate::types::Command;
@@ -60,6 +63,31 @@ impl TryFrom<wpb::RegisterRequest> for WorkerSpec {
                 })
                 .collect(),
             memory_bytes: r.memory_bytes,
+        })
+    }
+}
+
+impl TryFrom<wpb::InstanceStatus> for InstanceReport {
+    type Error = Status;
+    fn try_from(i: wpb::InstanceStatus) -> Result<Self, Status> {
+        let state: InstanceState = i
+            .state
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("instance ({}, {}): {e}", i.layer, i.expert)))?;
+        if !i.cold_start_ms.is_finite() || i.cold_start_ms < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "instance ({}, {}): cold_start_ms {} must be finite and >= 0",
+                i.layer, i.expert, i.cold_start_ms
+            )));
+        }
+        Ok(InstanceReport {
+            layer: i.layer,
+            expert: i.expert,
+            state,
+            bytes: i.bytes,
+            cold_start_ms: i.cold_start_ms,
+            tokens: i.tokens,
+            source: i.source,
         })
     }
 }
@@ -116,8 +144,63 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Metadata key marking a heartbeat relayed by a follower, so it is never relayed again.
+const RELAYED: &str = "x-moeless-relayed";
+const RELAY_TIMEOUT: Duration = Duration::from_millis(500);
+
+type WorkerClient = wpb::worker_service_client::WorkerServiceClient<Channel>;
+
 pub struct WorkerApi {
-    pub node: Node,
+    node: Node,
+    /// The leader's WorkerService, keyed by its address, for relaying heartbeats.
+    relay: Arc<Mutex<Option<(String, WorkerClient)>>>,
+}
+
+impl WorkerApi {
+    pub fn new(node: Node) -> Self {
+        Self {
+            node,
+            relay: Arc::default(),
+        }
+    }
+
+    /// A follower passes each heartbeat on to the leader (whose liveness view decides which
+    /// workers are dead), in the background: the worker's answer does not wait for it.
+    fn relay_to_leader(&self, req: wpb::HeartbeatRequest) {
+        let Some((leader, info)) = self.node.leader_info() else {
+            return;
+        };
+        if leader == self.node.id() {
+            return;
+        }
+        let client = {
+            let Ok(mut cached) = self.relay.lock() else {
+                return;
+            };
+            match cached.as_ref() {
+                Some((addr, c)) if *addr == info.raft_addr => c.clone(),
+                _ => {
+                    let Ok(endpoint) = Channel::from_shared(format!("http://{}", info.raft_addr)) else {
+                        return;
+                    };
+                    let c = WorkerClient::new(endpoint.connect_timeout(RELAY_TIMEOUT).connect_lazy());
+                    *cached = Some((info.raft_addr.clone(), c.clone()));
+                    c
+                }
+            }
+        };
+        tokio::spawn(async move {
+            let mut client = client;
+            let mut request = Request::new(req);
+            request
+                .metadata_mut()
+                .insert(RELAYED, tonic::metadata::MetadataValue::from_static("1"));
+            request.set_timeout(RELAY_TIMEOUT);
+            if let Err(e) = client.heartbeat(request).await {
+                tracing::debug!(leader, error = %e, "relaying a heartbeat to the leader");
+            }
+        });
+    }
 }
 
 #[tonic::async_trait]
@@ -134,6 +217,7 @@ impl wpb::worker_service_server::WorkerService for WorkerApi {
     }
 
     async fn heartbeat(&self, req: Request<wpb::HeartbeatRequest>) -> Result<Response<wpb::HeartbeatResponse>, Status> {
+        let relayed = req.metadata().contains_key(RELAYED);
         let r = req.into_inner();
         let draining = self
             .node
@@ -145,13 +229,63 @@ impl wpb::worker_service_server::WorkerService for WorkerApi {
             })
             .await
             .ok_or_else(|| Status::not_found(format!("worker {} is not registered", r.worker_id)))?;
+        let instances = r
+            .instances
+            .iter()
+            .cloned()
+            .map(InstanceReport::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
         self.node.record_loads(loads(&r.loads));
-        self.node.record_worker_epoch(r.worker_id, r.applied_epoch);
+        self.node.record_heartbeat(
+            r.worker_id,
+            WorkerObservation {
+                last_heartbeat: Instant::now(),
+                applied_epoch: r.applied_epoch,
+                instances,
+                memory_used_bytes: r.memory_used_bytes,
+                memory_budget_bytes: r.memory_budget_bytes,
+            },
+        );
+        if !relayed {
+            self.relay_to_leader(r);
+        }
         let view = self.node.cluster();
         Ok(Response::new(wpb::HeartbeatResponse {
             current_epoch: view.epoch,
             leader_id: view.leader.unwrap_or(0),
             draining,
+        }))
+    }
+
+    async fn get_model(&self, req: Request<wpb::GetModelRequest>) -> Result<Response<wpb::ModelInfo>, Status> {
+        let name = req.into_inner().name;
+        let model = self
+            .node
+            .state_machine()
+            .read(|s| s.models.get(&name).cloned())
+            .await
+            .ok_or_else(|| Status::not_found(format!("model {name:?} is not registered")))?;
+        Ok(Response::new(wpb::ModelInfo {
+            name: model.name,
+            architecture: model.architecture,
+            num_layers: model.num_layers,
+            num_experts: model.num_experts,
+            top_k: model.top_k,
+            weights: model.weights,
+        }))
+    }
+
+    async fn get_model(&self, req: Request<wpb::GetModelRequest>) -> Result<Response<wpb::ModelInfo>, Status> {
+        let name = req.into_inner().name;
+        let model = self.node.state_machine().read(|s| s.models.get(&name).cloned()).await;
+        let m = model.ok_or_else(|| Status::not_found(format!("model {name:?} is not registered")))?;
+        Ok(Response::new(wpb::ModelInfo {
+            name: m.name,
+            architecture: m.architecture,
+            num_layers: m.num_layers,
+            num_experts: m.num_experts,
+            top_k: m.top_k,
+            weights: m.weights,
         }))
     }
 
@@ -202,26 +336,21 @@ impl pb::engine_service_server::EngineService for EngineApi {
         &self,
         _req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let board = self.node.loads();
+        let state = self.node.state_machine().state().await;
+        // Liveness as seen by this node: the leader's view is complete (followers relay
+        // heartbeats to it); a follower knows the ages of the heartbeats sent to it only.
         let workers = self
             .node
-            .state_machine()
-            .read(|s| {
-                s.workers
-                    .values()
-                    .map(|w| pb::WorkerInfo {
-                        worker_id: w.spec.id,
-                        address: w.spec.address.clone(),
-                        health: match w.health {
-                            crate::state::WorkerHealth::Active => "active".into(),
-                            crate::state::WorkerHealth::Draining => "draining".into(),
-                        },
-                        applied_epoch: board.worker_epochs.get(&w.spec.id).copied().unwrap_or(0),
-                        heartbeat_age_ms: u64::MAX,
-                    })
-                    .collect()
+            .worker_views(&state)
+            .into_iter()
+            .map(|w| pb::WorkerInfo {
+                worker_id: w.spec.id,
+                address: w.spec.address,
+                health: w.health.label().into(),
+                applied_epoch: w.applied_epoch,
+                heartbeat_age_ms: w.heartbeat_age_ms.unwrap_or(u64::MAX),
             })
-            .await;
+            .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
