@@ -1,0 +1,433 @@
+//! QUIC endpoints: a server answering each request stream on its own task, and a client that
+//! keeps one connection per address and sends each request on its own bidirectional stream.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{
+    Connection, ConnectionError, Endpoint, IdleTimeout, MtuDiscoveryConfig, ReadError, ReadToEndError, RecvStream,
+    SendStream, TransportConfig, VarInt, WriteError,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+
+use crate::{codes, Identity, Limits, TransportError, SERVER_NAME};
+
+/// Both ends must name the same application protocol.
+const ALPN: &[u8] = b"moeless-transport/1";
+
+/// Flow-control windows: large enough that a few multi-MiB messages are in flight at once
+/// without waiting for window updates.
+const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
+const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
+const SEND_WINDOW: u64 = 64 << 20;
+
+/// How long [`Server::shutdown`] waits for closed connections to drain.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Answers requests for a [`Server`].
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request. `peer` is the remote address. The returned bytes are the response.
+    fn handle(&self, peer: SocketAddr, request: Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send + '_>>;
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport_config(limits: &Limits, keep_alive: bool) -> Result<TransportConfig, TransportError> {
+    let mut config = TransportConfig::default();
+    let idle = IdleTimeout::try_from(limits.idle_timeout)
+        .map_err(|_| TransportError::tls(format!("idle timeout {:?} is too long", limits.idle_timeout)))?;
+    config
+        .max_idle_timeout(Some(idle))
+        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW);
+    // Probe up to jumbo frames: fewer, larger packets cut per-packet crypto and syscall cost;
+    // paths that cannot carry them stay at the last size that was acknowledged.
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(9000);
+    config.mtu_discovery_config(Some(mtu));
+    if keep_alive {
+        // The client keeps cached connections from idling out between requests.
+        config.keep_alive_interval(Some(limits.idle_timeout / 3));
+    }
+    Ok(config)
+}
+
+/// Resets the stream unless the message was finished, so that a cancelled or panicking
+/// sender never lets a truncated message pass as complete (quinn finishes streams on drop).
+struct Outgoing {
+    stream: SendStream,
+    finished: bool,
+}
+
+impl Outgoing {
+    fn new(stream: SendStream) -> Self {
+        Outgoing {
+            stream,
+            finished: false,
+        }
+    }
+
+    async fn send(&mut self, message: Bytes) -> Result<(), WriteError> {
+        self.stream.write_chunk(message).await?;
+        self.stream.finish()?;
+        self.finished = true;
+        Ok(())
+    }
+
+    fn reset(&mut self, code: u32) {
+        let _ = self.stream.reset(VarInt::from_u32(code));
+        self.finished = true;
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.stream.reset(VarInt::from_u32(codes::CANCELLED));
+        }
+    }
+}
+
+/// A QUIC server requiring client certificates signed by its identity's CA.
+pub struct Server {
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds a QUIC endpoint on `addr` (port 0 = any) requiring client certificates signed by
+    /// the identity's CA (mutual TLS). Must be called inside a tokio runtime.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &Identity,
+        limits: Limits,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Server, TransportError> {
+        let Some((chain, key)) = &identity.own else {
+            return Err(TransportError::tls(
+                "a server needs a certificate of its own, not only CA roots",
+            ));
+        };
+        let verifier = WebPkiClientVerifier::builder_with_provider(identity.roots.clone(), provider())
+            .build()
+            .map_err(TransportError::tls)?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TransportError::tls)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(TransportError::tls)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicServerConfig::try_from(tls).map_err(TransportError::tls)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::new(transport_config(&limits, false)?));
+        let endpoint = Endpoint::server(config, addr).map_err(|e| TransportError::io(format!("binding {addr}"), e))?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|e| TransportError::io(format!("binding {addr}"), e))?;
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), limits, handler));
+        Ok(Server {
+            endpoint,
+            local_addr,
+            accept,
+        })
+    }
+
+    /// The address the server listens on (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Closes every connection (peers see a retryable `Closed`) and waits, at most
+    /// [`SHUTDOWN_GRACE`], until the peers have been told.
+    pub async fn shutdown(self) {
+        self.endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"shutting down");
+        // A handshake a client abandoned midway can otherwise hold this for the idle timeout.
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::debug!(addr = %self.local_addr, "connections still draining at shutdown");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"shutting down");
+        self.accept.abort();
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, limits: Limits, handler: Arc<dyn Handler>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let limits = limits.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, limits, handler).await,
+                // Includes clients without a certificate from our CA.
+                Err(e) => tracing::info!(peer = %remote, error = %e, "refused a connection at the handshake"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(conn: Connection, limits: Limits, handler: Arc<dyn Handler>) {
+    let peer = conn.remote_address();
+    tracing::debug!(%peer, "connection accepted");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let task = serve_stream(
+                    conn.clone(),
+                    peer,
+                    send,
+                    recv,
+                    limits.max_message_bytes,
+                    handler.clone(),
+                );
+                tokio::spawn(task);
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended");
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_stream(
+    conn: Connection,
+    peer: SocketAddr,
+    send: SendStream,
+    mut recv: RecvStream,
+    limit: usize,
+    handler: Arc<dyn Handler>,
+) {
+    let mut out = Outgoing::new(send);
+    let request = match recv.read_to_end(limit).await {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(ReadToEndError::TooLong) => {
+            tracing::warn!(%peer, limit, "request larger than the limit refused");
+            let _ = recv.stop(VarInt::from_u32(codes::TOO_LARGE));
+            out.reset(codes::TOO_LARGE);
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "request not received");
+            return;
+        }
+    };
+    let response = {
+        let stopped = out.stream.stopped();
+        tokio::select! {
+            response = handler.handle(peer, request) => response,
+            // The client gave up (timeout) or went away: stop working on its behalf.
+            _ = stopped => return,
+            _ = conn.closed() => return,
+        }
+    };
+    if let Err(e) = out.send(response).await {
+        tracing::debug!(%peer, error = %e, "response not sent");
+    }
+}
+
+/// A QUIC client: one cached connection per server address, one stream per request.
+/// Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
+struct ClientInner {
+    config: quinn::ClientConfig,
+    limits: Limits,
+    v4: Endpoint,
+    v6: Mutex<Option<Endpoint>>,
+    connections: Mutex<HashMap<SocketAddr, Slot>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn client_endpoint(bind: SocketAddr, config: &quinn::ClientConfig) -> Result<Endpoint, TransportError> {
+    let mut endpoint =
+        Endpoint::client(bind).map_err(|e| TransportError::io(format!("binding a client socket on {bind}"), e))?;
+    endpoint.set_default_client_config(config.clone());
+    Ok(endpoint)
+}
+
+impl Client {
+    /// A client presenting the identity's certificate (if it has one) and trusting only its CA.
+    /// Must be called inside a tokio runtime.
+    pub fn new(identity: &Identity, limits: Limits) -> Result<Client, TransportError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TransportError::tls)?
+            .with_root_certificates(identity.roots.clone());
+        let mut tls = match &identity.own {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(TransportError::tls)?,
+            None => builder.with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls).map_err(TransportError::tls)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport_config(&limits, true)?));
+        let v4 = client_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), &config)?;
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                config,
+                limits,
+                v4,
+                v6: Mutex::new(None),
+                connections: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Sends one request and waits for its response. Keeps one connection per address
+    /// (reconnects when it is closed); each request is its own bidirectional stream, so many
+    /// may be in flight at once on one connection. `timeout` covers connecting too.
+    pub async fn request(&self, addr: SocketAddr, request: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
+        let limit = self.inner.limits.max_message_bytes;
+        if request.len() > limit {
+            return Err(TransportError::TooLarge {
+                size: request.len(),
+                limit,
+            });
+        }
+        match tokio::time::timeout(timeout, self.exchange(addr, request)).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Timeout { addr, after: timeout }),
+        }
+    }
+
+    /// Drops the cached connection to `addr` (after a failure); the next request reconnects.
+    /// Requests already in flight on it finish undisturbed.
+    pub fn forget(&self, addr: SocketAddr) {
+        locked(&self.inner.connections).remove(&addr);
+    }
+
+    async fn exchange(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, TransportError> {
+        let conn = self.connection(addr).await?;
+        let (send, mut recv) = conn.open_bi().await.map_err(|e| closed(addr, e))?;
+        let mut out = Outgoing::new(send);
+        out.send(request).await.map_err(|e| match e {
+            WriteError::Stopped(code) => TransportError::Remote {
+                addr,
+                code: code.into_inner(),
+            },
+            WriteError::ConnectionLost(e) => closed(addr, e),
+            other => TransportError::Protocol {
+                addr,
+                reason: other.to_string(),
+            },
+        })?;
+        let limit = self.inner.limits.max_message_bytes;
+        match recv.read_to_end(limit).await {
+            Ok(bytes) => Ok(Bytes::from(bytes)),
+            Err(ReadToEndError::TooLong) => {
+                let _ = recv.stop(VarInt::from_u32(codes::TOO_LARGE));
+                Err(TransportError::TooLarge {
+                    size: limit.saturating_add(1),
+                    limit,
+                })
+            }
+            Err(ReadToEndError::Read(ReadError::Reset(code))) => Err(TransportError::Remote {
+                addr,
+                code: code.into_inner(),
+            }),
+            Err(ReadToEndError::Read(ReadError::ConnectionLost(e))) => Err(closed(addr, e)),
+            Err(ReadToEndError::Read(other)) => Err(TransportError::Protocol {
+                addr,
+                reason: other.to_string(),
+            }),
+        }
+    }
+
+    fn endpoint_for(&self, addr: SocketAddr) -> Result<Endpoint, TransportError> {
+        if addr.is_ipv4() {
+            return Ok(self.inner.v4.clone());
+        }
+        let mut v6 = locked(&self.inner.v6);
+        if let Some(endpoint) = v6.as_ref() {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = client_endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), &self.inner.config)?;
+        *v6 = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// The cached connection to `addr`, or a new one. Concurrent callers wait for one handshake
+    /// instead of each opening their own connection.
+    async fn connection(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
+        let slot = locked(&self.inner.connections).entry(addr).or_default().clone();
+        let mut cached = slot.lock().await;
+        if let Some(conn) = cached.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+            tracing::debug!(%addr, "cached connection closed; reconnecting");
+        }
+        *cached = None;
+        let connecting = self
+            .endpoint_for(addr)?
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let conn = connecting.await.map_err(|e| match closed(addr, e) {
+            TransportError::Closed { addr, reason } => TransportError::Connect { addr, reason },
+            refused => refused,
+        })?;
+        *cached = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+/// TLS alerts travel as QUIC transport error codes 0x100..=0x1ff (RFC 9001, section 4.8).
+fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
+    (0x100..=0x1ff).contains(&u64::from(code))
+}
+
+/// Classifies a lost connection: a TLS failure (ours or the peer's) is a refusal, anything
+/// else is a closed connection worth retrying.
+fn closed(addr: SocketAddr, e: ConnectionError) -> TransportError {
+    let refused = match &e {
+        ConnectionError::TransportError(t) => is_tls_alert(t.code),
+        ConnectionError::ConnectionClosed(close) => is_tls_alert(close.error_code),
+        _ => false,
+    };
+    if refused {
+        TransportError::Refused {
+            addr,
+            reason: e.to_string(),
+        }
+    } else {
+        TransportError::Closed {
+            addr,
+            reason: e.to_string(),
+        }
+    }
+}
