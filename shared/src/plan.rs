@@ -417,97 +417,192 @@ pub fn min_max_fractional_split(plan: &LayerPlan, counts: &[u32], gpus: usize) -
 /// Shares that minimise the maximum GPU load for given `loads`: for each replicated expert,
 /// water-fill its load into its instances' GPUs on top of the load that is fixed there
 /// (single-instance experts). Replicated experts are processed heaviest first.
-/// Returns shares aligned with `plan.instances`.
+/// Returns shares aligned with `plan.instances`. One-off form of [`ShareFill`].
 pub fn water_fill_shares(plan: &LayerPlan, loads: &[f64], gpus: usize) -> Vec<f64> {
-    let n = plan.instances.len();
-    let mut shares = vec![0.0; n];
-    // Instances grouped by expert without a Vec per expert (this runs in the planner's loop).
-    // Counting sort by expert (stable: instance order within an expert is kept).
-    let mut offset = vec![0usize; loads.len() + 1];
-    for inst in &plan.instances {
-        offset[inst.expert as usize + 1] += 1;
-    }
-    for e in 0..loads.len() {
-        offset[e + 1] += offset[e];
-    }
-    let mut sorted = vec![0usize; n];
-    for (i, inst) in plan.instances.iter().enumerate() {
-        let o = &mut offset[inst.expert as usize];
-        sorted[*o] = i;
-        *o += 1;
-    }
-    let mut groups: Vec<(usize, usize)> = Vec::new(); // (start, end) in `sorted`
-    let mut start = 0;
-    while start < n {
-        let ex = plan.instances[sorted[start]].expert;
-        let mut end = start + 1;
-        while end < n && plan.instances[sorted[end]].expert == ex {
-            end += 1;
+    let mut fill = ShareFill::new(loads.len(), gpus);
+    fill.reset(plan.instances.iter().map(|i| (i.expert, i.gpu)));
+    fill.fill(loads).to_vec()
+}
+
+/// The water-filling of [`water_fill_shares`] kept across calls, for planners that add
+/// instances one at a time and re-fill after each: instances are grouped by expert as they are
+/// pushed (no re-sort per fill), the load fixed on each GPU by single-instance experts is kept
+/// and recomputed only for GPUs whose single-instance experts changed (or when the loads
+/// change), and every buffer is reused. A re-fill after a push then costs a comparison of the
+/// loads plus the replicated experts' instances. Results are bit-identical to
+/// [`water_fill_shares`] on the same instances in the same order.
+#[derive(Debug, Clone, Default)]
+pub struct ShareFill {
+    gpus: usize,
+    /// `(expert, gpu)` per instance, in the caller's order.
+    instances: Vec<(u32, u32)>,
+    /// Per expert: its instance indices, ascending.
+    by_expert: Vec<Vec<usize>>,
+    /// Experts with two or more instances.
+    replicated: Vec<usize>,
+    /// Shares of the last fill; single-instance experts keep 1.0 between fills.
+    shares: Vec<f64>,
+    /// Per GPU: load of its single-instance experts, summed in expert order, for `fixed_for`.
+    fixed: Vec<f64>,
+    /// The loads `fixed` was computed from (empty: not computed).
+    fixed_for: Vec<f64>,
+    /// GPUs whose single-instance experts changed since `fixed` was computed.
+    stale: Vec<usize>,
+    /// Per GPU: load placed so far during a fill.
+    level: Vec<f64>,
+    levels: Vec<(f64, usize)>,
+}
+
+impl ShareFill {
+    /// Empty state for layers of `num_experts` experts on `gpus` GPUs.
+    pub fn new(num_experts: usize, gpus: usize) -> Self {
+        Self {
+            gpus,
+            by_expert: vec![Vec::new(); num_experts],
+            fixed: vec![0.0; gpus],
+            level: vec![0.0; gpus],
+            ..Self::default()
         }
-        groups.push((start, end));
-        start = end;
     }
-    let mut gpu = vec![0.0; gpus];
-    let mut replicated = Vec::new();
-    for &(a, b) in &groups {
-        let e = plan.instances[sorted[a]].expert as usize;
-        if b - a == 1 {
-            shares[sorted[a]] = 1.0;
-            gpu[plan.instances[sorted[a]].gpu as usize] += loads[e];
-        } else {
-            replicated.push((e, a, b));
+
+    /// Replace the instances by `(expert, gpu)` pairs, in order.
+    pub fn reset(&mut self, instances: impl IntoIterator<Item = (u32, u32)>) {
+        self.instances.clear();
+        self.shares.clear();
+        self.replicated.clear();
+        self.by_expert.iter_mut().for_each(Vec::clear);
+        self.fixed_for.clear();
+        self.stale.clear();
+        for (expert, gpu) in instances {
+            self.push(expert, gpu);
         }
     }
-    replicated.sort_by(|x, y| loads[y.0].total_cmp(&loads[x.0]).then(x.0.cmp(&y.0)));
-    let mut levels: Vec<(f64, usize)> = Vec::new();
-    for (e, a, b) in replicated {
-        let idx = &sorted[a..b];
-        let total = loads[e];
-        if total <= 0.0 {
+
+    /// Append one instance (last in order).
+    pub fn push(&mut self, expert: u32, gpu: u32) {
+        let e = expert as usize;
+        if e >= self.by_expert.len() {
+            self.by_expert.resize(e + 1, Vec::new());
+        }
+        let n = self.by_expert[e].len();
+        match n {
+            // A new single-instance expert on `gpu`.
+            0 => self.stale.push(gpu as usize),
+            // The expert stops being fixed load on its first GPU.
+            1 => {
+                self.stale.push(self.instances[self.by_expert[e][0]].1 as usize);
+                self.replicated.push(e);
+            }
+            _ => {}
+        }
+        self.by_expert[e].push(self.instances.len());
+        self.instances.push((expert, gpu));
+        self.shares.push(1.0);
+    }
+
+    /// `(expert, gpu)` of every instance, in order.
+    pub fn instances(&self) -> &[(u32, u32)] {
+        &self.instances
+    }
+
+    /// Whether `expert` has an instance on `gpu`.
+    pub fn holds(&self, expert: u32, gpu: u32) -> bool {
+        self.by_expert
+            .get(expert as usize)
+            .is_some_and(|idx| idx.iter().any(|&i| self.instances[i].1 == gpu))
+    }
+
+    /// The shares of the last [`ShareFill::fill`], aligned with [`ShareFill::instances`].
+    pub fn shares(&self) -> &[f64] {
+        &self.shares
+    }
+
+    /// Bring `fixed` up to date for `loads`, summing each GPU's single-instance experts in
+    /// expert order (the summation order of the one-off form, so results match bit for bit).
+    fn update_fixed(&mut self, loads: &[f64]) {
+        if self.fixed_for.as_slice() != loads {
+            self.fixed.clear();
+            self.fixed.resize(self.gpus, 0.0);
+            for (e, idx) in self.by_expert.iter().enumerate() {
+                if idx.len() == 1 {
+                    self.fixed[self.instances[idx[0]].1 as usize] += loads[e];
+                }
+            }
+            self.fixed_for.clear();
+            self.fixed_for.extend_from_slice(loads);
+        } else if !self.stale.is_empty() {
+            self.stale.sort_unstable();
+            self.stale.dedup();
+            for &g in &self.stale {
+                let mut sum = 0.0;
+                for (e, idx) in self.by_expert.iter().enumerate() {
+                    if idx.len() == 1 && self.instances[idx[0]].1 as usize == g {
+                        sum += loads[e];
+                    }
+                }
+                self.fixed[g] = sum;
+            }
+        }
+        self.stale.clear();
+    }
+
+    /// Water-fill `loads` (one per expert) into the instances; returns the shares.
+    pub fn fill(&mut self, loads: &[f64]) -> &[f64] {
+        self.update_fixed(loads);
+        self.level.clear();
+        self.level.extend_from_slice(&self.fixed);
+        self.replicated
+            .sort_by(|&x, &y| loads[y].total_cmp(&loads[x]).then(x.cmp(&y)));
+        for &e in &self.replicated {
+            let idx = &self.by_expert[e];
+            let total = loads[e];
+            if total <= 0.0 {
+                for &i in idx {
+                    self.shares[i] = 1.0 / idx.len() as f64;
+                }
+                continue;
+            }
+            // Water level w: sum over instances of max(0, w - base) = total. Two instances of
+            // the same expert on one GPU share that GPU's level.
+            self.levels.clear();
             for &i in idx {
-                shares[i] = 1.0 / idx.len() as f64;
+                self.levels.push((self.level[self.instances[i].1 as usize], i));
             }
-            continue;
-        }
-        // Water level w: sum over instances of max(0, w - base) = total. Two instances of the
-        // same expert on one GPU share that GPU's level.
-        levels.clear();
-        for &i in idx {
-            levels.push((gpu[plan.instances[i].gpu as usize], i));
-        }
-        levels.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let mut w = levels[0].0;
-        let mut remaining = total;
-        let mut k = 0;
-        while k < levels.len() {
-            let cnt = k + 1;
-            let next = if cnt < levels.len() {
-                levels[cnt].0
-            } else {
-                f64::INFINITY
-            };
-            let need = (next - w) * cnt as f64;
-            if need >= remaining {
-                w += remaining / cnt as f64;
-                break;
+            self.levels.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let levels = &self.levels;
+            let mut w = levels[0].0;
+            let mut remaining = total;
+            let mut k = 0;
+            while k < levels.len() {
+                let cnt = k + 1;
+                let next = if cnt < levels.len() {
+                    levels[cnt].0
+                } else {
+                    f64::INFINITY
+                };
+                let need = (next - w) * cnt as f64;
+                if need >= remaining {
+                    w += remaining / cnt as f64;
+                    break;
+                }
+                remaining -= need;
+                w = next;
+                k += 1;
             }
-            remaining -= need;
-            w = next;
-            k += 1;
+            let mut sum = 0.0;
+            for &(base, i) in levels.iter() {
+                let amount = (w - base).max(0.0);
+                self.shares[i] = amount / total;
+                sum += self.shares[i];
+            }
+            // Normalise rounding drift so the shares of the expert sum to exactly 1.
+            for &(_, i) in levels.iter() {
+                self.shares[i] /= sum;
+                self.level[self.instances[i].1 as usize] += self.shares[i] * total;
+            }
         }
-        let mut sum = 0.0;
-        for &(base, i) in levels.iter() {
-            let amount = (w - base).max(0.0);
-            shares[i] = amount / total;
-            sum += shares[i];
-        }
-        // Normalise rounding drift so the shares of the expert sum to exactly 1.
-        for &(_, i) in levels.iter() {
-            shares[i] /= sum;
-            gpu[plan.instances[i].gpu as usize] += shares[i] * total;
-        }
+        &self.shares
     }
-    shares
 }
 
 #[cfg(test)]
@@ -698,6 +793,39 @@ mod dispatch_props {
             // Integrality of bipartite flows: the integer optimum is the fractional one rounded up.
             let int = f64::from(brute_force(&plan, &counts, gpus));
             prop_assert!((m - 1e-9).ceil() == int, "fractional {} integer {}", m, int);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Incremental fills (pushes between fills, loads that change) give exactly the shares
+        /// of the one-off water-fill on the same instances.
+        #[test]
+        fn share_fill_matches_one_off_water_fill(
+            gpus in 1usize..5,
+            experts in 1usize..6,
+            pushes in prop::collection::vec((0u32..6, 0u32..5), 0..12),
+            loads_a in prop::collection::vec(0.0f64..10.0, 6),
+            loads_b in prop::collection::vec(0.0f64..10.0, 6),
+        ) {
+            let loads_a = &loads_a[..experts];
+            let loads_b = &loads_b[..experts];
+            let mut pairs: Vec<(u32, u32)> = (0..experts as u32).map(|e| (e, e % gpus as u32)).collect();
+            let mut fill = ShareFill::new(experts, gpus);
+            fill.reset(pairs.iter().copied());
+            for (k, &(e, g)) in pushes.iter().enumerate() {
+                let (e, g) = (e % experts as u32, g % gpus as u32);
+                pairs.push((e, g));
+                fill.push(e, g);
+                let loads = if k % 3 == 2 { loads_b } else { loads_a };
+                let got = fill.fill(loads).to_vec();
+                let want = water_fill_shares(&plan_of(&pairs), loads, gpus);
+                prop_assert_eq!(
+                    got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                );
+            }
         }
     }
 

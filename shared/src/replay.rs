@@ -8,7 +8,7 @@
 use crate::eplb::{rebalance_experts, EplbShape};
 use crate::plan::{
     min_max_fractional_split, min_max_token_split, split_tokens, static_ep, water_fill_shares, Instance, LayerPlan,
-    PlanError,
+    PlanError, ShareFill,
 };
 use crate::predict::{LoadPredictor, PredictorKind, SlidingWindow};
 use crate::trace::Step;
@@ -271,6 +271,7 @@ pub struct Replayer {
     predicted: Vec<f64>,
     split: Vec<u32>,
     idx_by_expert: Vec<Vec<usize>>,
+    share_fill: ShareFill,
     last_routed: Vec<Vec<usize>>,
     t: usize,
     bal_sum: f64,
@@ -346,6 +347,7 @@ impl Replayer {
             predicted: vec![0.0; num_experts],
             split: Vec::new(),
             idx_by_expert: vec![Vec::new(); num_experts],
+            share_fill: ShareFill::new(num_experts, g),
             last_routed: vec![vec![0usize; num_experts]; layers],
             t: 0,
             bal_sum: 0.0,
@@ -410,6 +412,7 @@ impl Replayer {
         let predicted = &mut self.predicted;
         let split = &mut self.split;
         let idx_by_expert = &mut self.idx_by_expert;
+        let share_fill = &mut self.share_fill;
         let frac_sum = &mut self.frac_sum;
         if step.counts.len() != layers || step.counts.iter().any(|c| c.len() != num_experts) {
             return Err(PlanError::Shape(format!(
@@ -475,7 +478,7 @@ impl Replayer {
                 }
                 PolicyKind::Moeless => {
                     predictor.predict(l, &step.routes[..l], slots_this_step, predicted);
-                    scale_layer(fleet, l, predicted, t, cfg, last_routed);
+                    scale_layer(fleet, l, predicted, t, cfg, last_routed, share_fill);
                 }
                 _ => {}
             }
@@ -618,10 +621,13 @@ impl Replayer {
         }
         report.steps += 1;
         report.instance_slot_steps += fleet.layers.iter().map(|s| s.len() as u64).sum::<u64>();
-        for l in 0..layers {
-            for gp in 0..g {
-                report.peak_gpu_slots = report.peak_gpu_slots.max(fleet.used_on(l, gp));
+        let mut used = vec![0usize; g];
+        for slots in &fleet.layers {
+            used.iter_mut().for_each(|u| *u = 0);
+            for s in slots {
+                used[s.gpu as usize] += 1;
             }
+            report.peak_gpu_slots = report.peak_gpu_slots.max(used.iter().copied().max().unwrap_or(0));
         }
         self.last = step_tokens;
         self.t += 1;
@@ -665,25 +671,24 @@ pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Resu
         created: 0,
     };
     let never_idle = vec![0usize; e];
+    let mut fill = ShareFill::new(e, g);
     let mut plan = crate::plan::Plan::default();
     for l in 0..loads.num_layers() {
         fleet.set_warm(0, &initial, 0);
-        scale_layer(&mut fleet, 0, loads.layer(l), 0, cfg, &never_idle);
-        let mut lp = LayerPlan {
+        scale_layer(&mut fleet, 0, loads.layer(l), 0, cfg, &never_idle, &mut fill);
+        // `fill` mirrors the layer's instances when scaling returns.
+        let shares = fill.fill(loads.layer(l));
+        plan.layers.push(LayerPlan {
             instances: fleet.layers[0]
                 .iter()
-                .map(|s| Instance {
+                .zip(shares)
+                .map(|(s, &share)| Instance {
                     expert: s.expert,
                     gpu: s.gpu,
-                    share: 0.0,
+                    share,
                 })
                 .collect(),
-        };
-        let shares = water_fill_shares(&lp, loads.layer(l), g);
-        for (i, s) in lp.instances.iter_mut().zip(shares) {
-            i.share = s;
-        }
-        plan.layers.push(lp);
+        });
     }
     Ok(plan)
 }
@@ -716,6 +721,9 @@ fn least_loaded_free_gpu(fleet: &Fleet, layer: usize, load: &[u32]) -> Option<us
 /// steps (and, if enabled, idle experts' last instances), then add replicas of the experts
 /// that load the most loaded GPU (by predicted load) onto the least loaded GPU with a free
 /// slot, until predicted GPU loads are within tolerance or the slot budget is used.
+///
+/// `fill` is scratch state reused across calls; it mirrors the layer's instances while this
+/// runs, so each added replica costs one incremental re-fill rather than a rebuilt plan.
 fn scale_layer(
     fleet: &mut Fleet,
     layer: usize,
@@ -723,32 +731,25 @@ fn scale_layer(
     now: usize,
     cfg: &ReplayConfig,
     last_routed: &[usize],
+    fill: &mut ShareFill,
 ) {
     let g = fleet.gpus;
     let e = predicted.len();
     let total: f64 = predicted.iter().sum();
     let target = total / g as f64 * cfg.balance_tolerance;
+    let sync = |fill: &mut ShareFill, slots: &[Slot]| fill.reset(slots.iter().map(|s| (s.expert, s.gpu)));
 
-    let mut plan = LayerPlan {
-        instances: fleet.layers[layer]
-            .iter()
-            .map(|s| Instance {
-                expert: s.expert,
-                gpu: s.gpu,
-                share: 0.0,
-            })
-            .collect(),
-    };
     // Which instances the prediction needs now: at least half a token by the predicted shares,
     // or a replica of an expert hot enough to be kept fluid (see `fluid_tokens`).
-    let shares = water_fill_shares(&plan, predicted, g);
+    sync(fill, &fleet.layers[layer]);
+    fill.fill(predicted);
     let mut count = vec![0u32; e];
     for s in &fleet.layers[layer] {
         count[s.expert as usize] += 1;
     }
-    for (s, (sh, inst)) in fleet.layers[layer].iter_mut().zip(shares.iter().zip(&plan.instances)) {
-        let p = predicted[inst.expert as usize];
-        let fluid = cfg.fluid_tokens > 0.0 && p / f64::from(count[inst.expert as usize]) >= cfg.fluid_tokens / 2.0;
+    for (s, sh) in fleet.layers[layer].iter_mut().zip(fill.shares()) {
+        let p = predicted[s.expert as usize];
+        let fluid = cfg.fluid_tokens > 0.0 && p / f64::from(count[s.expert as usize]) >= cfg.fluid_tokens / 2.0;
         if sh * p >= 0.5 || fluid {
             s.last_needed = now;
         }
@@ -759,6 +760,7 @@ fn scale_layer(
     for s in fleet.layers[layer].iter().filter(|s| s.ready_at <= now) {
         ready[s.expert as usize] += 1;
     }
+    let mut dropped = false;
     let mut i = 0;
     while i < fleet.layers[layer].len() {
         let s = fleet.layers[layer][i];
@@ -773,6 +775,7 @@ fn scale_layer(
         };
         if drop {
             fleet.layers[layer].swap_remove(i);
+            dropped = true;
             count[ex] -= 1;
             if s.ready_at <= now {
                 ready[ex] -= 1;
@@ -781,24 +784,24 @@ fn scale_layer(
             i += 1;
         }
     }
+    if dropped {
+        sync(fill, &fleet.layers[layer]);
+    }
 
     // Add replicas greedily where the predicted max is.
     let budget = cfg.instance_budget.unwrap_or(usize::MAX).min(g * fleet.slots_per_gpu);
-    let mut used: Vec<usize> = (0..g).map(|gp| fleet.used_on(layer, gp)).collect();
+    let mut used = vec![0usize; g];
+    for s in &fleet.layers[layer] {
+        used[s.gpu as usize] += 1;
+    }
+    let mut load = vec![0.0; g];
     // Bound the work per layer: at most one new replica per free slot.
     for _ in 0..budget {
-        plan.instances = fleet.layers[layer]
-            .iter()
-            .map(|s| Instance {
-                expert: s.expert,
-                gpu: s.gpu,
-                share: 0.0,
-            })
-            .collect();
-        let shares = water_fill_shares(&plan, predicted, g);
-        let mut load = vec![0.0; g];
-        for (inst, sh) in plan.instances.iter().zip(&shares) {
-            load[inst.gpu as usize] += sh * predicted[inst.expert as usize];
+        fill.fill(predicted);
+        let (instances, shares) = (fill.instances(), fill.shares());
+        load.iter_mut().for_each(|x| *x = 0.0);
+        for (&(ex, gp), sh) in instances.iter().zip(shares) {
+            load[gp as usize] += sh * predicted[ex as usize];
         }
         let hot_gpu = (0..g)
             .max_by(|&a, &b| load[a].total_cmp(&load[b]).then(b.cmp(&a)))
@@ -808,11 +811,11 @@ fn scale_layer(
         }
         // The expert contributing most to the hottest GPU.
         let mut best: Option<(f64, u32)> = None;
-        for (inst, sh) in plan.instances.iter().zip(&shares) {
-            if inst.gpu as usize == hot_gpu {
-                let c = sh * predicted[inst.expert as usize];
+        for (&(ex, gp), sh) in instances.iter().zip(shares) {
+            if gp as usize == hot_gpu {
+                let c = sh * predicted[ex as usize];
                 if best.is_none_or(|b| c > b.0) {
-                    best = Some((c, inst.expert));
+                    best = Some((c, ex));
                 }
             }
         }
@@ -820,14 +823,8 @@ fn scale_layer(
         if contrib < 1.0 {
             break;
         }
-        let holders: Vec<u32> = plan
-            .instances
-            .iter()
-            .filter(|i| i.expert == expert)
-            .map(|i| i.gpu)
-            .collect();
         let dest = (0..g)
-            .filter(|&gp| !holders.contains(&(gp as u32)))
+            .filter(|&gp| !fill.holds(expert, gp as u32))
             .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
         let Some(dest) = dest else { break };
         // Only worth it if the destination has room below the hot GPU's load.
@@ -845,17 +842,14 @@ fn scale_layer(
             for s in fleet.layers[layer].iter().filter(|s| s.ready_at <= now) {
                 counts[s.expert as usize] += 1;
             }
-            let victim = plan
-                .instances
+            let victim = instances
                 .iter()
-                .zip(&shares)
+                .zip(shares)
                 .enumerate()
-                .filter(|(i, (inst, _))| {
-                    inst.gpu as usize == dest
-                        && counts[inst.expert as usize] > 1
-                        && fleet.layers[layer][*i].ready_at <= now
+                .filter(|(i, (&(ex, gp), _))| {
+                    gp as usize == dest && counts[ex as usize] > 1 && fleet.layers[layer][*i].ready_at <= now
                 })
-                .map(|(i, (inst, sh))| (i, sh * predicted[inst.expert as usize]))
+                .map(|(i, (&(ex, _), sh))| (i, sh * predicted[ex as usize]))
                 .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
             match victim {
                 Some((i, c)) if c < 0.5 => {
@@ -863,10 +857,13 @@ fn scale_layer(
                 }
                 _ => break,
             }
+            fleet.create(layer, expert, dest as u32, now, fleet.delay);
+            sync(fill, &fleet.layers[layer]);
         } else {
             used[dest] += 1;
+            fleet.create(layer, expert, dest as u32, now, fleet.delay);
+            fill.push(expert, dest as u32);
         }
-        fleet.create(layer, expert, dest as u32, now, fleet.delay);
     }
 
     // Spend the free slots left on spreading the hottest experts, so that the per-step
@@ -875,12 +872,10 @@ fn scale_layer(
         return;
     }
     let mut count = vec![0u32; e];
-    let mut holders: Vec<Vec<u32>> = vec![Vec::new(); e];
     for s in &fleet.layers[layer] {
         count[s.expert as usize] += 1;
-        holders[s.expert as usize].push(s.gpu);
     }
-    let mut load = vec![0.0; g];
+    load.iter_mut().for_each(|x| *x = 0.0);
     for s in &fleet.layers[layer] {
         load[s.gpu as usize] += predicted[s.expert as usize] / f64::from(count[s.expert as usize]);
     }
@@ -896,16 +891,16 @@ fn scale_layer(
             break;
         }
         let dest = (0..g)
-            .filter(|&gp| used[gp] < fleet.slots_per_gpu && !holders[expert].contains(&(gp as u32)))
+            .filter(|&gp| used[gp] < fleet.slots_per_gpu && !fill.holds(expert as u32, gp as u32))
             .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
         let Some(dest) = dest else { break };
         if fleet.layers[layer].len() >= budget {
             break;
         }
         fleet.create(layer, expert as u32, dest as u32, now, fleet.delay);
+        fill.push(expert as u32, dest as u32);
         used[dest] += 1;
         count[expert] += 1;
-        holders[expert].push(dest as u32);
         load[dest] += predicted[expert] / f64::from(count[expert]);
     }
 }
