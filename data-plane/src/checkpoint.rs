@@ -15,14 +15,143 @@ use crate::error::LoadError;
 use crate::tensor::Tensor;
 use crate::weight::Weight;
 
+/// Where one tensor lives: file index, element type, shape and absolute byte range.
 #[derive(Debug, Clone)]
-struct Entry {
-    file: usize,
-    dtype: Dtype,
-    shape: Vec<usize>,
+pub(crate) struct Entry {
+    pub(crate) file: usize,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
     /// Absolute byte range inside the file.
-    start: usize,
-    end: usize,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+}
+
+/// The safetensors files of a checkpoint directory (one file, or the shards its index names,
+/// sorted).
+pub(crate) fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index = dir.join("model.safetensors.index.json");
+    let single = dir.join("model.safetensors");
+    let shard_names: Vec<String> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Checkpoint {
+            path: index.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| LoadError::Checkpoint {
+                path: index.clone(),
+                message: "missing object `weight_map`".into(),
+            })?;
+        let mut names: Vec<String> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| LoadError::Checkpoint {
+                path: index.clone(),
+                message: format!("weight_map entry for `{tensor}` is not a file name"),
+            })?;
+            if file.contains('/') || file.contains("..") {
+                return Err(LoadError::Checkpoint {
+                    path: index.clone(),
+                    message: format!("weight_map entry `{file}` must be a file in the checkpoint directory"),
+                });
+            }
+            if !names.iter().any(|n| n == file) {
+                names.push(file.to_string());
+            }
+        }
+        names.sort();
+        names
+    } else if single.exists() {
+        vec!["model.safetensors".to_string()]
+    } else {
+        return Err(LoadError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: "neither model.safetensors nor model.safetensors.index.json found".into(),
+        });
+    };
+    Ok(shard_names.iter().map(|n| dir.join(n)).collect())
+}
+
+/// Parses the header of safetensors file number `file` (its whole contents, usually a
+/// memory map: only the header pages are touched) into entries with absolute byte ranges.
+pub(crate) fn header_entries(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(String, Entry)>, LoadError> {
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| LoadError::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("invalid safetensors header: {e}"),
+    })?;
+    let base = 8 + header_len;
+    let mut out = Vec::new();
+    for (tname, info) in meta.tensors() {
+        let (s, e) = info.data_offsets;
+        let (start, end) = (base + s, base + e);
+        if end > bytes.len() || start > end {
+            return Err(LoadError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor `{tname}` lies outside the file (truncated?)"),
+            });
+        }
+        out.push((
+            tname.clone(),
+            Entry {
+                file,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start,
+                end,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Looks a tensor up by name and checks its shape.
+pub(crate) fn find_entry<'a>(
+    entries: &'a HashMap<String, Entry>,
+    name: &str,
+    expected: &[usize],
+) -> Result<&'a Entry, LoadError> {
+    let e = entries.get(name).ok_or_else(|| LoadError::MissingTensor {
+        name: name.to_string(),
+        expected: expected.to_vec(),
+    })?;
+    if e.shape != expected {
+        return Err(LoadError::ShapeMismatch {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: e.shape.clone(),
+        });
+    }
+    Ok(e)
+}
+
+/// The entry of slab `index` of a tensor stacked along its first dimension; `expected` is
+/// the full shape.
+pub(crate) fn slab_entry(
+    entries: &HashMap<String, Entry>,
+    name: &str,
+    expected: &[usize],
+    index: usize,
+) -> Result<Entry, LoadError> {
+    let e = entries.get(name).ok_or_else(|| LoadError::MissingTensor {
+        name: name.to_string(),
+        expected: expected.to_vec(),
+    })?;
+    if e.shape != expected || expected.is_empty() || index >= expected[0] {
+        return Err(LoadError::ShapeMismatch {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: e.shape.clone(),
+        });
+    }
+    let width = e.dtype.bitsize() / 8;
+    let slab: usize = expected[1..].iter().product::<usize>() * width;
+    Ok(Entry {
+        start: e.start + index * slab,
+        end: e.start + (index + 1) * slab,
+        shape: expected[1..].to_vec(),
+        ..e.clone()
+    })
 }
 
 /// Anything model weights can be read from by name: a checkpoint on disk, or a generator of
@@ -60,7 +189,7 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
     move |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -70,80 +199,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
 impl Checkpoint {
     /// Opens the safetensors files of a checkpoint directory.
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
-        let index = dir.join("model.safetensors.index.json");
-        let single = dir.join("model.safetensors");
-        let shard_names: Vec<String> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Checkpoint {
-                path: index.clone(),
-                message: format!("invalid JSON: {e}"),
-            })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| LoadError::Checkpoint {
-                    path: index.clone(),
-                    message: "missing object `weight_map`".into(),
-                })?;
-            let mut names: Vec<String> = Vec::new();
-            for (tensor, file) in map {
-                let file = file.as_str().ok_or_else(|| LoadError::Checkpoint {
-                    path: index.clone(),
-                    message: format!("weight_map entry for `{tensor}` is not a file name"),
-                })?;
-                if file.contains('/') || file.contains("..") {
-                    return Err(LoadError::Checkpoint {
-                        path: index.clone(),
-                        message: format!("weight_map entry `{file}` must be a file in the checkpoint directory"),
-                    });
-                }
-                if !names.iter().any(|n| n == file) {
-                    names.push(file.to_string());
-                }
-            }
-            names.sort();
-            names
-        } else if single.exists() {
-            vec!["model.safetensors".to_string()]
-        } else {
-            return Err(LoadError::Checkpoint {
-                path: dir.to_path_buf(),
-                message: "neither model.safetensors nor model.safetensors.index.json found".into(),
-            });
-        };
-
         let mut files = Vec::new();
         let mut entries = HashMap::new();
-        for (fi, name) in shard_names.iter().enumerate() {
-            let path = dir.join(name);
+        for (fi, path) in shard_paths(dir)?.into_iter().enumerate() {
             let file = File::open(&path).map_err(io_err(&path))?;
             // SAFETY: the file is opened read-only; checkpoints are not modified while served.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
-            let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Checkpoint {
-                path: path.clone(),
-                message: format!("invalid safetensors header: {e}"),
-            })?;
-            let base = 8 + header_len;
-            for (tname, info) in meta.tensors() {
-                let (s, e) = info.data_offsets;
-                let (start, end) = (base + s, base + e);
-                if end > mmap.len() || start > end {
-                    return Err(LoadError::Checkpoint {
-                        path: path.clone(),
-                        message: format!("tensor `{tname}` lies outside the file (truncated?)"),
-                    });
-                }
-                entries.insert(
-                    tname.clone(),
-                    Entry {
-                        file: fi,
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        start,
-                        end,
-                    },
-                );
-            }
+            entries.extend(header_entries(&path, &mmap, fi)?);
             files.push((path, mmap));
         }
         Ok(Checkpoint {
@@ -234,43 +296,13 @@ impl TensorSource for Checkpoint {
     }
 
     fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor, LoadError> {
-        let e = self.entries.get(name).ok_or_else(|| LoadError::MissingTensor {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-        })?;
-        if e.shape != expected {
-            return Err(LoadError::ShapeMismatch {
-                name: name.to_string(),
-                expected: expected.to_vec(),
-                actual: e.shape.clone(),
-            });
-        }
-        self.read(name, e)
+        self.read(name, find_entry(&self.entries, name, expected)?)
     }
 
     /// Reads slab `index` of a tensor stacked along its first dimension (a fused expert
     /// tensor `[E, ...]`), touching only that slab's bytes. `expected` is the full shape.
     fn tensor_slab(&self, name: &str, expected: &[usize], index: usize) -> Result<Tensor, LoadError> {
-        let e = self.entries.get(name).ok_or_else(|| LoadError::MissingTensor {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-        })?;
-        if e.shape != expected || expected.is_empty() || index >= expected[0] {
-            return Err(LoadError::ShapeMismatch {
-                name: name.to_string(),
-                expected: expected.to_vec(),
-                actual: e.shape.clone(),
-            });
-        }
-        let width = e.dtype.bitsize() / 8;
-        let slab: usize = expected[1..].iter().product::<usize>() * width;
-        let sub = Entry {
-            start: e.start + index * slab,
-            end: e.start + (index + 1) * slab,
-            shape: expected[1..].to_vec(),
-            ..e.clone()
-        };
-        self.read(name, &sub)
+        self.read(name, &slab_entry(&self.entries, name, expected, index)?)
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -27,6 +27,19 @@ pub enum LoadError {
     },
     #[error("tensor `{name}` has dtype {dtype}, expected one of F32, BF16, F16")]
     UnsupportedDtype { name: String, dtype: String },
+    /// An expert's weights in the wire encoding (`ExpertWeights::decode`) are malformed.
+    #[error("encoded weights of expert {key}: {source}")]
+    Decode {
+        key: shared::ExpertKey,
+        #[source]
+        source: crate::expert::DecodeError,
+    },
+    /// Every store of a `FallbackStore` failed; one line per store, in order.
+    #[error("no weight store could load expert {key}: {}", attempts.join("; "))]
+    NoStore {
+        key: shared::ExpertKey,
+        attempts: Vec<String>,
+    },
 }
 
 impl LoadError {
@@ -47,6 +60,8 @@ impl LoadError {
             LoadError::MissingTensor { .. } => "missing_tensor",
             LoadError::ShapeMismatch { .. } => "shape_mismatch",
             LoadError::UnsupportedDtype { .. } => "unsupported_dtype",
+            LoadError::Decode { .. } => "decode",
+            LoadError::NoStore { .. } => "no_store",
         }
     }
 }

@@ -24,7 +24,7 @@ pub const GPT_OSS_LIMIT: f32 = 7.0;
 pub const GPT_OSS_ALPHA: f32 = 1.702;
 
 /// The weights of one routed expert, in `nn.Linear` orientation (`[out, in]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ExpertWeights {
     /// `down(silu(gate x) * up x)`.
     SwiGlu { gate: Weight, up: Weight, down: Weight },
@@ -135,6 +135,281 @@ impl ExpertWeights {
                 down,
                 down_bias,
             } => gate.bytes() + up.bytes() + down.bytes() + 4 * (gate_bias.len() + up_bias.len() + down_bias.len()),
+        }
+    }
+}
+
+/// Why bytes are not a valid encoding of one expert's weights ([`ExpertWeights::decode`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{len} bytes are too few for the {needed}-byte header")]
+    Truncated { len: usize, needed: usize },
+    #[error("bad magic (not an encoded expert, or another format version)")]
+    BadMagic,
+    #[error("header checksum mismatch (corrupted header)")]
+    BadChecksum,
+    #[error("{key} is not a routed expert of this model")]
+    NotARoutedExpert { key: ExpertKey },
+    #[error("layout tag {found}, the model's experts use tag {expected}")]
+    WrongLayout { expected: u8, found: u8 },
+    #[error("tensor {index}: dtype tag {tag} is not allowed there")]
+    BadDtype { index: usize, tag: u8 },
+    #[error("tensor {index} has shape [{rows}, {cols}], expected [{expected_rows}, {expected_cols}]")]
+    WrongShape {
+        index: usize,
+        rows: u32,
+        cols: u32,
+        expected_rows: usize,
+        expected_cols: usize,
+    },
+    #[error("{len} bytes, expected exactly {expected}")]
+    WrongLength { len: usize, expected: usize },
+}
+
+/// Format version 1 of the expert encoding.
+const ENCODING_MAGIC: [u8; 8] = *b"MOEXPW\x00\x01";
+const DTYPE_F32: u8 = 0;
+const DTYPE_BF16: u8 = 1;
+const LAYOUT_SWIGLU: u8 = 0;
+const LAYOUT_CLAMPED: u8 = 1;
+/// Per tensor: dtype tag, rows, cols.
+const DESCRIPTOR_LEN: usize = 1 + 4 + 4;
+
+/// FNV-1a over the header: catches a corrupted header; the payload's integrity is left to the
+/// transport (QUIC/TLS authenticates every byte) so loading stays at memory speed.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// One tensor of the encoding: a matrix weight (f32 or bf16) or an f32 bias row.
+enum Part<'a> {
+    Weight(&'a Weight),
+    Bias(&'a Tensor),
+}
+
+impl Part<'_> {
+    fn descriptor(&self) -> (u8, u32, u32) {
+        match self {
+            Part::Weight(Weight::F32(t)) => (DTYPE_F32, t.rows() as u32, t.cols() as u32),
+            Part::Weight(Weight::Bf16 { rows, cols, .. }) => (DTYPE_BF16, *rows as u32, *cols as u32),
+            Part::Bias(t) => (DTYPE_F32, 1, t.len() as u32),
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Part::Weight(Weight::F32(t)) => out.extend(t.data().iter().flat_map(|v| v.to_le_bytes())),
+            Part::Bias(t) => out.extend(t.data().iter().flat_map(|v| v.to_le_bytes())),
+            Part::Weight(Weight::Bf16 { data, .. }) => out.extend(data.iter().flat_map(|v| v.to_le_bytes())),
+        }
+    }
+}
+
+/// Reads little-endian integers from a byte slice whose length was checked beforehand.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let s = &self.bytes[self.pos..self.pos + n];
+        self.pos += n;
+        s
+    }
+    fn u8(&mut self) -> u8 {
+        self.take(1)[0]
+    }
+    fn u32(&mut self) -> u32 {
+        let b = self.take(4);
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl ExpertWeights {
+    fn parts(&self) -> Vec<Part<'_>> {
+        match self {
+            ExpertWeights::SwiGlu { gate, up, down } => vec![Part::Weight(gate), Part::Weight(up), Part::Weight(down)],
+            ExpertWeights::Clamped {
+                gate,
+                gate_bias,
+                up,
+                up_bias,
+                down,
+                down_bias,
+            } => vec![
+                Part::Weight(gate),
+                Part::Bias(gate_bias),
+                Part::Weight(up),
+                Part::Bias(up_bias),
+                Part::Weight(down),
+                Part::Bias(down_bias),
+            ],
+        }
+    }
+
+    /// A canonical binary encoding of these weights for shipping a warm instance to a peer:
+    /// dtype-preserving (bf16 stays bf16), little-endian. Layout: magic, layout tag (u8),
+    /// tensor count (u8), per tensor (dtype u8, rows u32, cols u32), FNV-1a of all that (u64),
+    /// then the tensors' elements in order. The key travels beside it (the receiver asked for
+    /// it), and `decode` checks the shapes against that key's place in the model.
+    pub fn encode(&self) -> Vec<u8> {
+        let parts = self.parts();
+        let layout = match self {
+            ExpertWeights::SwiGlu { .. } => LAYOUT_SWIGLU,
+            ExpertWeights::Clamped { .. } => LAYOUT_CLAMPED,
+        };
+        let mut out = Vec::with_capacity(Self::header_len(parts.len()) + self.bytes());
+        out.extend_from_slice(&ENCODING_MAGIC);
+        out.push(layout);
+        out.push(parts.len() as u8);
+        for p in &parts {
+            let (dtype, rows, cols) = p.descriptor();
+            out.push(dtype);
+            out.extend_from_slice(&rows.to_le_bytes());
+            out.extend_from_slice(&cols.to_le_bytes());
+        }
+        let sum = fnv1a(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        for p in &parts {
+            p.write(&mut out);
+        }
+        out
+    }
+
+    fn header_len(tensors: usize) -> usize {
+        ENCODING_MAGIC.len() + 1 + 1 + tensors * DESCRIPTOR_LEN + 8
+    }
+
+    /// Decodes [`ExpertWeights::encode`]'s bytes, checking everything against the model: the
+    /// magic, the header checksum, that `key` is a routed expert, the layout, every shape
+    /// against the config and the exact length. Garbage gives a [`LoadError::Decode`], never a panic, and nothing is
+    /// allocated before the sizes are known to match the config.
+    pub fn decode(bytes: &[u8], cfg: &ModelConfig, key: ExpertKey) -> Result<ExpertWeights, LoadError> {
+        Self::decode_inner(bytes, cfg, key).map_err(|source| LoadError::Decode { key, source })
+    }
+
+    fn decode_inner(bytes: &[u8], cfg: &ModelConfig, key: ExpertKey) -> Result<ExpertWeights, DecodeError> {
+        let (layer, e) = (key.layer as usize, key.expert as usize);
+        if layer >= cfg.num_layers || cfg.layer_ffn[layer] != FfnKind::Moe || e >= cfg.moe.num_experts {
+            return Err(DecodeError::NotARoutedExpert { key });
+        }
+        let (h, i) = (cfg.hidden_size, cfg.moe.expert_intermediate);
+        // (rows, cols, is a bias) per tensor, in encoding order.
+        let (layout, expected): (u8, Vec<(usize, usize, bool)>) = match cfg.moe.layout {
+            ExpertLayout::SwiGlu => (LAYOUT_SWIGLU, vec![(i, h, false), (i, h, false), (h, i, false)]),
+            ExpertLayout::GptOssFused => (
+                LAYOUT_CLAMPED,
+                vec![
+                    (i, h, false),
+                    (1, i, true),
+                    (i, h, false),
+                    (1, i, true),
+                    (h, i, false),
+                    (1, h, true),
+                ],
+            ),
+        };
+        let header = Self::header_len(expected.len());
+        if bytes.len() < header {
+            return Err(DecodeError::Truncated {
+                len: bytes.len(),
+                needed: header,
+            });
+        }
+        let mut c = Cursor { bytes, pos: 0 };
+        if c.take(ENCODING_MAGIC.len()) != ENCODING_MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let found_layout = c.u8();
+        if found_layout != layout {
+            return Err(DecodeError::WrongLayout {
+                expected: layout,
+                found: found_layout,
+            });
+        }
+        let count = c.u8() as usize;
+        if count != expected.len() {
+            // The header length depends on the count; a wrong count is a corrupt header.
+            return Err(DecodeError::BadChecksum);
+        }
+        let mut descriptors = Vec::with_capacity(count);
+        for _ in 0..count {
+            descriptors.push((c.u8(), c.u32(), c.u32()));
+        }
+        let stored = u64::from_le_bytes(c.take(8).try_into().map_err(|_| DecodeError::BadChecksum)?);
+        if stored != fnv1a(&bytes[..header - 8]) {
+            return Err(DecodeError::BadChecksum);
+        }
+        let mut total = header;
+        for (index, (&(dtype, rows, cols), &(er, ec, bias))) in descriptors.iter().zip(&expected).enumerate() {
+            let width = match dtype {
+                DTYPE_F32 => 4,
+                DTYPE_BF16 if !bias => 2,
+                tag => return Err(DecodeError::BadDtype { index, tag }),
+            };
+            if rows as usize != er || cols as usize != ec {
+                return Err(DecodeError::WrongShape {
+                    index,
+                    rows,
+                    cols,
+                    expected_rows: er,
+                    expected_cols: ec,
+                });
+            }
+            total += er * ec * width;
+        }
+        if bytes.len() != total {
+            return Err(DecodeError::WrongLength {
+                len: bytes.len(),
+                expected: total,
+            });
+        }
+        let mut weights = Vec::with_capacity(count);
+        let mut biases = Vec::with_capacity(count);
+        for (&(dtype, ..), &(rows, cols, bias)) in descriptors.iter().zip(&expected) {
+            let n = rows * cols;
+            if dtype == DTYPE_BF16 {
+                let data = c
+                    .take(2 * n)
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                weights.push(Weight::Bf16 { rows, cols, data });
+                continue;
+            }
+            let data: Vec<f32> = c
+                .take(4 * n)
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if bias {
+                biases.push(Tensor::matrix(1, cols, data));
+            } else {
+                weights.push(Weight::F32(Tensor::matrix(rows, cols, data)));
+            }
+        }
+        // Counts were checked against `expected` above, so these arrays are full.
+        match (<[Weight; 3]>::try_from(weights), biases.len()) {
+            (Ok([gate, up, down]), 0) => Ok(ExpertWeights::SwiGlu { gate, up, down }),
+            (Ok([gate, up, down]), 3) => {
+                let [gate_bias, up_bias, down_bias] =
+                    <[Tensor; 3]>::try_from(biases).map_err(|_| DecodeError::BadChecksum)?;
+                Ok(ExpertWeights::Clamped {
+                    gate,
+                    gate_bias,
+                    up,
+                    up_bias,
+                    down,
+                    down_bias,
+                })
+            }
+            _ => Err(DecodeError::BadChecksum),
         }
     }
 }
