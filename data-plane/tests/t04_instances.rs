@@ -649,6 +649,14 @@ fn memory_stays_within_budget_under_concurrent_acquires() {
 }
 
 #[test]
+fn managers_and_stores_are_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<InstanceManager>();
+    send_sync::<LocalStore>();
+    send_sync::<FallbackStore>();
+}
+
+#[test]
 fn fallback_store_tries_stores_in_order() {
     struct Broken;
     impl WeightStore for Broken {
