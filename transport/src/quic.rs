@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{
-    Connection, ConnectionError, Endpoint, IdleTimeout, MtuDiscoveryConfig, ReadError, ReadToEndError, RecvStream,
-    SendStream, TransportConfig, VarInt, WriteError,
+    Connection, ConnectionError, Endpoint, IdleTimeout, ReadError, ReadToEndError, RecvStream, SendStream,
+    TransportConfig, VarInt, WriteError,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
@@ -28,6 +28,11 @@ const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
 const CONNECTION_RECEIVE_WINDOW: u32 = 64 << 20;
 const SEND_WINDOW: u64 = 64 << 20;
 
+/// Requested UDP socket buffer size. Bursts of multi-MiB messages overflow the default
+/// (about 208 KiB on Linux), and every dropped datagram shrinks the congestion window; the
+/// kernel caps the request at net.core.rmem_max / wmem_max.
+const SOCKET_BUFFER: usize = 16 << 20;
+
 /// How long [`Server::shutdown`] waits for closed connections to drain.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
@@ -41,6 +46,9 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Congestion control stays at quinn's default (Cubic): on loopback, BBR, an 8 MiB initial
+/// window and sparser ACKs (ack-frequency) measured no better; the losses that did hurt came
+/// from overflowing UDP socket buffers (see [`SOCKET_BUFFER`]).
 fn transport_config(limits: &Limits, keep_alive: bool) -> Result<TransportConfig, TransportError> {
     let mut config = TransportConfig::default();
     let idle = IdleTimeout::try_from(limits.idle_timeout)
@@ -52,11 +60,6 @@ fn transport_config(limits: &Limits, keep_alive: bool) -> Result<TransportConfig
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW);
-    // Probe up to jumbo frames: fewer, larger packets cut per-packet crypto and syscall cost;
-    // paths that cannot carry them stay at the last size that was acknowledged.
-    let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(9000);
-    config.mtu_discovery_config(Some(mtu));
     if keep_alive {
         // The client keeps cached connections from idling out between requests.
         config.keep_alive_interval(Some(limits.idle_timeout / 3));
@@ -134,7 +137,7 @@ impl Server {
         let crypto = QuicServerConfig::try_from(tls).map_err(TransportError::tls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(transport_config(&limits, false)?));
-        let endpoint = Endpoint::server(config, addr).map_err(|e| TransportError::io(format!("binding {addr}"), e))?;
+        let endpoint = endpoint_on(addr, Some(config))?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|e| TransportError::io(format!("binding {addr}"), e))?;
@@ -268,9 +271,29 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A UDP socket with large buffers, wrapped in a quinn endpoint on the current tokio runtime.
+fn endpoint_on(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<Endpoint, TransportError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let io = |e| TransportError::io(format!("binding UDP on {addr}"), e);
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(io)?;
+    // Best effort: a smaller buffer than asked for costs throughput, not correctness.
+    if let Err(e) = socket.set_recv_buffer_size(SOCKET_BUFFER) {
+        tracing::debug!(%addr, error = %e, "UDP receive buffer left at its default");
+    }
+    if let Err(e) = socket.set_send_buffer_size(SOCKET_BUFFER) {
+        tracing::debug!(%addr, error = %e, "UDP send buffer left at its default");
+    }
+    socket.bind(&addr.into()).map_err(io)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        io(std::io::Error::other(
+            "no tokio runtime: create endpoints from inside one",
+        ))
+    })?;
+    Endpoint::new(quinn::EndpointConfig::default(), server, socket.into(), runtime).map_err(io)
+}
+
 fn client_endpoint(bind: SocketAddr, config: &quinn::ClientConfig) -> Result<Endpoint, TransportError> {
-    let mut endpoint =
-        Endpoint::client(bind).map_err(|e| TransportError::io(format!("binding a client socket on {bind}"), e))?;
+    let mut endpoint = endpoint_on(bind, None)?;
     endpoint.set_default_client_config(config.clone());
     Ok(endpoint)
 }
