@@ -698,7 +698,7 @@ fn cold_start_bench_reports_both_paths() {
 /// The cold-start benchmark at a realistic expert size (hidden 2048, intermediate 1408).
 /// `MOELESS_COLD_START_DIR` picks where the checkpoints go (default: the temp dir).
 #[test]
-#[ignore = "benchmark: writes ~1 GB of checkpoints; run in release with --ignored --nocapture"]
+#[ignore = "benchmark: writes ~1.3 GB of checkpoints; run in release with --ignored --nocapture"]
 fn cold_start_bench_realistic() {
     let base = std::env::var_os("MOELESS_COLD_START_DIR")
         .map(std::path::PathBuf::from)
@@ -717,14 +717,18 @@ fn cold_start_bench_realistic() {
         max_positions: 256,
     };
     let mut out = BTreeMap::new();
-    for (name, dtype) in [("f32", SaveDtype::F32), ("bf16", SaveDtype::Bf16)] {
+    for (name, arch, dtype) in [
+        ("mixtral-f32", Arch::Mixtral, SaveDtype::F32),
+        ("mixtral-bf16", Arch::Mixtral, SaveDtype::Bf16),
+        ("gpt-oss-bf16", Arch::GptOss, SaveDtype::Bf16),
+    ] {
         let dir = base.join(format!("moeless-cold-start-{name}"));
         let cfg = if dir.join("config.json").exists() {
             LocalStore::open(&dir).unwrap().config().clone()
         } else {
-            write_random_checkpoint(&dir, Arch::Mixtral, &shape, 3, dtype).unwrap()
+            write_random_checkpoint(&dir, arch, &shape, 3, dtype).unwrap()
         };
-        let r = cold_start_bench(&dir, &keys(&cfg), 5).unwrap();
+        let r = cold_start_bench(&dir, &keys(&cfg), 9).unwrap();
         out.insert(name, r);
     }
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
