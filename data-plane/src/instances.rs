@@ -666,6 +666,17 @@ impl InstanceManager {
         }
     }
 
+    /// The weights of a resident (`Warm` or `Idle`) instance without using it: recency and
+    /// keep-alive are untouched, nothing loads. For serving a warm instance's weights to a peer.
+    pub fn resident(&self, key: ExpertKey) -> Option<Arc<ExpertWeights>> {
+        self.shared
+            .lock()
+            .slots
+            .get(&key)
+            .filter(|s| s.resident())
+            .and_then(|s| s.weights.clone())
+    }
+
     /// Adds to the tokens an instance has served (its value when choosing what to evict).
     pub fn record_tokens(&self, key: ExpertKey, tokens: u64) {
         if let Some(slot) = self.shared.lock().slots.get_mut(&key) {

@@ -418,13 +418,17 @@ fn lifecycle_loading_warm_idle_evicted_and_back() {
     assert_eq!(m.stats().cold_starts(), 2);
     assert_eq!(store.loads.load(Ordering::SeqCst), 2);
 
-    // Keep-alive expiry evicts; a tick before it does not.
+    // Keep-alive expiry evicts; a tick before it does not, nor does a peer reading the weights.
     m.set_wanted(&set(&[b]));
     m.tick();
+    std::thread::sleep(keep_alive / 2);
+    assert!(m.resident(a).is_some());
+    std::thread::sleep(keep_alive / 2);
     assert_eq!(m.state(a), InstanceState::Idle);
-    std::thread::sleep(keep_alive + Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(20));
     m.tick();
     assert_eq!(m.state(a), InstanceState::Evicted);
+    assert!(m.resident(a).is_none());
     assert_eq!(m.state(b), InstanceState::Warm, "warm instances never expire");
     assert_eq!(m.memory_used(), one);
     assert_eq!(m.stats().evictions, 1);
