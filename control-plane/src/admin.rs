@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -16,8 +16,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::liveness::InstanceState;
 use crate::node::{Node, NodeError};
-use crate::state::{ModelSpec, PlanIntent, PolicyConfig, PredictorUpdate};
+use crate::state::{ModelSpec, PlanIntent, PolicyConfig, PredictorUpdate, WorkerHealth};
 use crate::types::{Command, CommandResponse, NodeInfo};
 
 const WRITE_WAIT: Duration = Duration::from_secs(3);
@@ -158,6 +159,8 @@ pub fn router(node: Node) -> Router {
         .route("/v1/placement/{epoch}", get(plan_by_epoch))
         .route("/v1/workers", get(workers))
         .route("/v1/workers/{id}/drain", post(drain_worker))
+        .route("/v1/workers/{id}/instances", get(worker_instances))
+        .route("/v1/instances", get(instances))
         .route("/v1/models", get(models).post(put_model))
         .route("/v1/predictor", get(get_predictor).put(put_predictor))
         .route("/v1/rebalance", post(rebalance))
@@ -256,13 +259,68 @@ async fn commit_plan(State(node): State<Node>, body: Bytes) -> ApiResult {
 
 async fn workers(State(node): State<Node>) -> ApiResult {
     let s = node.read_state().await;
-    ok(s.workers.into_values().collect::<Vec<_>>())
+    ok(node.worker_views(&s))
+}
+
+fn worker_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::bad_request(format!("worker id {id:?} is not an integer")))
+}
+
+/// The instances the latest heartbeat of one worker reported to this node.
+async fn worker_instances(State(node): State<Node>, Path(id): Path<String>) -> ApiResult {
+    let worker = worker_id(&id)?;
+    let registered = node.state_machine().read(|s| s.workers.contains_key(&worker)).await;
+    if !registered {
+        return Err(ApiError::not_found(format!("worker {worker} is not registered")));
+    }
+    ok(node.worker_instances(worker).unwrap_or_default())
+}
+
+/// Every reported instance on every worker, optionally only those in `?state=...`.
+async fn instances(State(node): State<Node>, RawQuery(query): RawQuery) -> ApiResult {
+    let mut wanted: Option<InstanceState> = None;
+    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("state", v)) => {
+                wanted = Some(
+                    v.parse()
+                        .map_err(|e: crate::liveness::UnknownInstanceState| ApiError::bad_request(e.to_string()))?,
+                )
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {pair:?} (state)"
+                )))
+            }
+        }
+    }
+    #[derive(Serialize)]
+    struct WorkerInstance {
+        worker: u64,
+        #[serde(flatten)]
+        instance: crate::liveness::InstanceReport,
+    }
+    let all = node
+        .with_liveness(|l| {
+            l.observations()
+                .flat_map(|(worker, o)| {
+                    o.instances
+                        .iter()
+                        .filter(|i| wanted.is_none_or(|w| i.state == w))
+                        .map(move |i| WorkerInstance {
+                            worker,
+                            instance: i.clone(),
+                        })
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    ok(all)
 }
 
 async fn drain_worker(State(node): State<Node>, Path(id): Path<String>) -> ApiResult {
-    let worker: u64 = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("worker id {id:?} is not an integer")))?;
+    let worker = worker_id(&id)?;
     let (log_index, _) = write(&node, Command::DrainWorker { worker }).await?;
     ok(json!({"worker": worker, "health": "draining", "log_index": log_index}))
 }
@@ -298,12 +356,10 @@ async fn put_predictor(State(node): State<Node>, body: Bytes) -> ApiResult {
     ok(json!({"log_index": log_index, "version": version}))
 }
 
-async fn rebalance(State(_node): State<Node>) -> ApiResult {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "the scaling loop is not built yet; commit plans with POST /v1/placement",
-    ))
+/// Runs one scaling round now (on the leader); answers the committed epoch, or `null` and why not
+/// per model.
+async fn rebalance(State(node): State<Node>) -> ApiResult {
+    ok(crate::reconciler::rebalance(&node).await?)
 }
 
 async fn cost(State(node): State<Node>) -> ApiResult {
@@ -368,7 +424,13 @@ async fn render_metrics(State(node): State<Node>) -> ApiResult {
     metrics::gauge!("moeless_raft_term", "node" => id.clone()).set(view.term as f64);
     metrics::gauge!("moeless_raft_is_leader", "node" => id.clone()).set(f64::from(u8::from(node.is_leader())));
     metrics::gauge!("moeless_raft_last_applied", "node" => id.clone()).set(view.last_applied.unwrap_or(0) as f64);
-    metrics::gauge!("moeless_plan_epoch", "node" => id).set(view.epoch as f64);
+    metrics::gauge!("moeless_plan_epoch", "node" => id.clone()).set(view.epoch as f64);
+    let state = node.state_machine().state().await;
+    let views = node.worker_views(&state);
+    for health in [WorkerHealth::Active, WorkerHealth::Draining, WorkerHealth::Dead] {
+        let n = views.iter().filter(|w| w.health == health).count();
+        metrics::gauge!("moeless_workers", "node" => id.clone(), "health" => health.label()).set(n as f64);
+    }
     let text = prometheus().map(|h| h.render()).unwrap_or_default();
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
@@ -398,11 +460,13 @@ pub fn openapi_document() -> serde_json::Value {
             "/v1/policy": {"get": op("Policy configuration"), "put": body_op("Replace the policy configuration", "PolicyConfig")},
             "/v1/placement": {"get": op("Latest committed plan"), "post": body_op("Commit a plan under the next epoch", "PlanIntent")},
             "/v1/placement/{epoch}": {"get": op("Plan by epoch")},
-            "/v1/workers": {"get": op("Registered workers")},
+            "/v1/workers": {"get": op("Registered workers with liveness as seen by this node: health (active, draining, dead), heartbeat_age_ms, applied_epoch, memory used/budget")},
+            "/v1/workers/{id}/instances": {"get": op("Instances the worker's latest heartbeat reported: state, bytes, cold_start_ms, tokens, source")},
+            "/v1/instances": {"get": {"summary": "Reported instances of every worker", "parameters": [{"name": "state", "in": "query", "required": false, "schema": {"type": "string", "enum": ["loading", "warm", "idle", "evicted"]}}], "responses": {"200": {"description": "OK"}, "default": err}}},
             "/v1/workers/{id}/drain": {"post": op("Mark a worker draining")},
             "/v1/models": {"get": op("Registered models"), "post": body_op("Register a model", "ModelSpec")},
             "/v1/predictor": {"get": op("Predictor state"), "put": body_op("New predictor version", "PredictorUpdate")},
-            "/v1/rebalance": {"post": op("Run the placement policy now (not implemented yet: 501)")},
+            "/v1/rebalance": {"post": op("Run one scaling round now on the leader: the policy's placement over the loads reported since the last round; answers the committed epoch or why no plan")},
             "/v1/cost": {"get": op("Cost ledger")},
             "/v1/decisions": {"get": op("Decision log")},
             "/v1/loads": {"get": op("Load reports received by this node")},

@@ -5,8 +5,11 @@
 
 pub mod admin;
 pub mod client;
+pub mod liveness;
 pub mod network;
 pub mod node;
+pub mod placement;
+pub mod reconciler;
 pub mod services;
 pub mod state;
 pub mod store;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::ReadPolicy;
@@ -15,8 +15,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::liveness::{InstanceReport, Liveness, WorkerObservation};
 use crate::network::{raft_client, write_local, ForwardedWrite, GrpcNetwork, RaftServer, MAX_MESSAGE_BYTES};
-use crate::state::ClusterState;
+use crate::state::{ClusterState, WorkerHealth, WorkerSpec};
 use crate::store::{LogStore, RedbBackend, StateMachineStore, StorageBackend};
 use crate::types::{Command, CommandResponse, NodeId, NodeInfo, Raft};
 
@@ -37,6 +38,11 @@ pub struct NodeConfig {
     pub election_timeout_ms: (u64, u64),
     /// Snapshot (and compact the log) after this many applied entries.
     pub snapshot_every: u64,
+    /// A worker without a heartbeat for this long is dead (its instances are re-placed).
+    pub worker_timeout_ms: u64,
+    /// Run the leader's reconciler (dead-worker re-placement, initial plans, the scaling loop).
+    /// Tests that commit every plan by hand turn it off.
+    pub reconciler: bool,
 }
 
 impl NodeConfig {
@@ -52,6 +58,8 @@ impl NodeConfig {
             heartbeat_ms: 50,
             election_timeout_ms: (200, 400),
             snapshot_every: 1000,
+            worker_timeout_ms: 1000,
+            reconciler: true,
         }
     }
 }
@@ -90,6 +98,26 @@ pub struct LoadBoard {
     pub reports: u64,
     /// worker -> epoch it says it has reconciled to.
     pub worker_epochs: BTreeMap<u64, u64>,
+    /// (layer, expert) -> tokens reported since the last scaling round (its load window).
+    pub recent: BTreeMap<(u32, u32), u64>,
+}
+
+/// A worker as this node sees it: the replicated record and the latest heartbeat it received.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerView {
+    #[serde(flatten)]
+    pub spec: WorkerSpec,
+    /// Health as seen by this node (see `Liveness::health`).
+    pub health: WorkerHealth,
+    /// Health in the replicated state.
+    pub replicated_health: WorkerHealth,
+    /// Milliseconds since its last heartbeat reached this node; `None` if none did.
+    pub heartbeat_age_ms: Option<u64>,
+    pub applied_epoch: u64,
+    pub memory_used_bytes: u64,
+    pub memory_budget_bytes: u64,
+    /// Instances its latest heartbeat reported.
+    pub instances: usize,
 }
 
 struct Shared {
@@ -98,6 +126,11 @@ struct Shared {
     raft: Raft,
     sm: StateMachineStore,
     loads: Mutex<LoadBoard>,
+    liveness: Mutex<Liveness>,
+    /// (term, when this node was first seen leading in it).
+    leader_since: Mutex<Option<(u64, Instant)>>,
+    /// Serialises scaling rounds (loop and POST /v1/rebalance); holds when the last one ran.
+    scaling: tokio::sync::Mutex<Instant>,
     admin_token: Option<String>,
 }
 
@@ -167,7 +200,38 @@ impl Node {
         }
     }
 
-    fn leader_error(&self) -> NodeError {
+    /// The leader this node knows of, with its addresses (`None` during an election).
+    pub fn leader_info(&self) -> Option<(NodeId, NodeInfo)> {
+        let m = self.shared.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader?;
+        let info = m
+            .membership_config
+            .membership()
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.clone())?;
+        Some((leader, info))
+    }
+
+    /// When this node became leader of the current term; `None` unless it leads now.
+    pub fn leader_since(&self) -> Option<Instant> {
+        let m = self.shared.raft.metrics().borrow_watched().clone();
+        let mut since = self.shared.leader_since.lock().ok()?;
+        if m.state != ServerState::Leader {
+            *since = None;
+            return None;
+        }
+        match *since {
+            Some((term, at)) if term == m.current_term => Some(at),
+            _ => {
+                let now = Instant::now();
+                *since = Some((m.current_term, now));
+                Some(now)
+            }
+        }
+    }
+
+    pub(crate) fn leader_error(&self) -> NodeError {
         let m = self.shared.raft.metrics().borrow_watched().clone();
         match m.current_leader {
             Some(leader_id) => {
@@ -279,8 +343,68 @@ impl Node {
             board.reports += 1;
             for (key, tokens) in loads {
                 *board.tokens.entry(key).or_default() += tokens;
+                *board.recent.entry(key).or_default() += tokens;
             }
         }
+    }
+
+    /// The loads reported since the last call (the scaling round's window), emptying it.
+    pub fn take_recent_loads(&self) -> BTreeMap<(u32, u32), u64> {
+        self.shared
+            .loads
+            .lock()
+            .map(|mut b| std::mem::take(&mut b.recent))
+            .unwrap_or_default()
+    }
+
+    /// Records a heartbeat that reached this node now.
+    pub fn record_heartbeat(&self, worker: u64, observation: WorkerObservation) {
+        self.record_worker_epoch(worker, observation.applied_epoch);
+        if let Ok(mut l) = self.shared.liveness.lock() {
+            l.record(worker, observation);
+        }
+    }
+
+    /// Runs `f` on this node's heartbeat observations.
+    pub fn with_liveness<T>(&self, f: impl FnOnce(&Liveness) -> T) -> Option<T> {
+        self.shared.liveness.lock().ok().map(|l| f(&l))
+    }
+
+    /// The instances the latest heartbeat of `worker` reported to this node.
+    pub fn worker_instances(&self, worker: u64) -> Option<Vec<InstanceReport>> {
+        self.with_liveness(|l| l.observation(worker).map(|o| o.instances.clone()))
+            .flatten()
+    }
+
+    /// Every registered worker of `state` with its liveness as seen by this node.
+    pub fn worker_views(&self, state: &ClusterState) -> Vec<WorkerView> {
+        let since = self.leader_since();
+        let now = Instant::now();
+        self.with_liveness(|l| {
+            state
+                .workers
+                .values()
+                .map(|w| {
+                    let seen = l.observation(w.spec.id);
+                    WorkerView {
+                        spec: w.spec.clone(),
+                        health: l.health(w.spec.id, w.health, since, now),
+                        replicated_health: w.health,
+                        heartbeat_age_ms: l.age(w.spec.id, now).map(|a| a.as_millis() as u64),
+                        applied_epoch: seen.map_or(0, |o| o.applied_epoch),
+                        memory_used_bytes: seen.map_or(0, |o| o.memory_used_bytes),
+                        memory_budget_bytes: seen.map_or(0, |o| o.memory_budget_bytes),
+                        instances: seen.map_or(0, |o| o.instances.len()),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// Locks the scaling round; holds when the previous round ran.
+    pub(crate) async fn scaling_round(&self) -> tokio::sync::MutexGuard<'_, Instant> {
+        self.shared.scaling.lock().await
     }
 
     pub fn record_worker_epoch(&self, worker: u64, epoch: u64) {
@@ -402,6 +526,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             raft: raft.clone(),
             sm,
             loads: Mutex::new(LoadBoard::default()),
+            liveness: Mutex::new(Liveness::new(Duration::from_millis(config.worker_timeout_ms))),
+            leader_since: Mutex::new(None),
+            scaling: tokio::sync::Mutex::new(Instant::now()),
             admin_token: config.admin_token.clone(),
         }),
     };
@@ -418,10 +545,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(proto::worker::worker_service_server::WorkerServiceServer::new(
-            crate::services::WorkerApi { node: node.clone() },
+            crate::services::WorkerApi::new(node.clone()),
         ))
         .add_service(proto::engine::engine_service_server::EngineServiceServer::new(
-            crate::services::EngineApi { node: node.clone() },
+            crate::services::EngineApi::new(node.clone()),
         ));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(raft_listener);
     tasks.push(tokio::spawn(async move {
@@ -442,6 +569,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             tracing::error!(error = %e, "admin server stopped");
         }
     }));
+
+    if config.reconciler {
+        let (tx, rx) = oneshot::channel::<()>();
+        stop.push(tx);
+        tasks.push(tokio::spawn(crate::reconciler::run(node.clone(), rx)));
+    }
 
     let initialized = raft
         .is_initialized()

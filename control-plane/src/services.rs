@@ -144,60 +144,72 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Metadata key marking a heartbeat relayed by a follower, so it is never relayed again.
+/// Metadata key marking a message relayed by a follower, so it is never relayed again.
 const RELAYED: &str = "x-moeless-relayed";
 const RELAY_TIMEOUT: Duration = Duration::from_millis(500);
 
-type WorkerClient = wpb::worker_service_client::WorkerServiceClient<Channel>;
+/// A lazily connected channel to the current leader's gRPC server. Followers relay heartbeats
+/// and load reports through it, so that the leader's liveness view and load board, which drive
+/// placement, see every report whichever node received it.
+#[derive(Clone, Default)]
+struct LeaderLink {
+    cached: Arc<Mutex<Option<(String, Channel)>>>,
+}
 
+impl LeaderLink {
+    /// The channel to the leader; `None` on the leader itself or while no leader is known.
+    fn channel(&self, node: &Node) -> Option<Channel> {
+        let (leader, info) = node.leader_info()?;
+        if leader == node.id() {
+            return None;
+        }
+        let mut cached = self.cached.lock().ok()?;
+        if let Some((_, c)) = cached.as_ref().filter(|(addr, _)| *addr == info.raft_addr) {
+            return Some(c.clone());
+        }
+        let c = Channel::from_shared(format!("http://{}", info.raft_addr))
+            .ok()?
+            .connect_timeout(RELAY_TIMEOUT)
+            .connect_lazy();
+        *cached = Some((info.raft_addr, c.clone()));
+        Some(c)
+    }
+}
+
+/// `msg` marked as relayed, with the relay timeout.
+fn relayed<T>(msg: T) -> Request<T> {
+    let mut request = Request::new(msg);
+    request
+        .metadata_mut()
+        .insert(RELAYED, tonic::metadata::MetadataValue::from_static("1"));
+    request.set_timeout(RELAY_TIMEOUT);
+    request
+}
+
+/// WorkerService: registration, heartbeats (liveness, instances, loads) and the plan stream.
 pub struct WorkerApi {
     node: Node,
-    /// The leader's WorkerService, keyed by its address, for relaying heartbeats.
-    relay: Arc<Mutex<Option<(String, WorkerClient)>>>,
+    leader: LeaderLink,
 }
 
 impl WorkerApi {
+    /// The service of `node`.
     pub fn new(node: Node) -> Self {
         Self {
             node,
-            relay: Arc::default(),
+            leader: LeaderLink::default(),
         }
     }
 
-    /// A follower passes each heartbeat on to the leader (whose liveness view decides which
-    /// workers are dead), in the background: the worker's answer does not wait for it.
+    /// Passes a heartbeat on to the leader in the background: the worker's answer does not wait.
     fn relay_to_leader(&self, req: wpb::HeartbeatRequest) {
-        let Some((leader, info)) = self.node.leader_info() else {
+        let Some(channel) = self.leader.channel(&self.node) else {
             return;
-        };
-        if leader == self.node.id() {
-            return;
-        }
-        let client = {
-            let Ok(mut cached) = self.relay.lock() else {
-                return;
-            };
-            match cached.as_ref() {
-                Some((addr, c)) if *addr == info.raft_addr => c.clone(),
-                _ => {
-                    let Ok(endpoint) = Channel::from_shared(format!("http://{}", info.raft_addr)) else {
-                        return;
-                    };
-                    let c = WorkerClient::new(endpoint.connect_timeout(RELAY_TIMEOUT).connect_lazy());
-                    *cached = Some((info.raft_addr.clone(), c.clone()));
-                    c
-                }
-            }
         };
         tokio::spawn(async move {
-            let mut client = client;
-            let mut request = Request::new(req);
-            request
-                .metadata_mut()
-                .insert(RELAYED, tonic::metadata::MetadataValue::from_static("1"));
-            request.set_timeout(RELAY_TIMEOUT);
-            if let Err(e) = client.heartbeat(request).await {
-                tracing::debug!(leader, error = %e, "relaying a heartbeat to the leader");
+            let mut client = wpb::worker_service_client::WorkerServiceClient::new(channel);
+            if let Err(e) = client.heartbeat(relayed(req)).await {
+                tracing::debug!(error = %e, "relaying a heartbeat to the leader");
             }
         });
     }
@@ -275,20 +287,6 @@ impl wpb::worker_service_server::WorkerService for WorkerApi {
         }))
     }
 
-    async fn get_model(&self, req: Request<wpb::GetModelRequest>) -> Result<Response<wpb::ModelInfo>, Status> {
-        let name = req.into_inner().name;
-        let model = self.node.state_machine().read(|s| s.models.get(&name).cloned()).await;
-        let m = model.ok_or_else(|| Status::not_found(format!("model {name:?} is not registered")))?;
-        Ok(Response::new(wpb::ModelInfo {
-            name: m.name,
-            architecture: m.architecture,
-            num_layers: m.num_layers,
-            num_experts: m.num_experts,
-            top_k: m.top_k,
-            weights: m.weights,
-        }))
-    }
-
     type WatchPlanStream = PlanStream;
 
     async fn watch_plan(&self, req: Request<wpb::WatchPlanRequest>) -> Result<Response<PlanStream>, Status> {
@@ -299,8 +297,20 @@ impl wpb::worker_service_server::WorkerService for WorkerApi {
     }
 }
 
+/// EngineService: plans, worker liveness and load reports for engines.
 pub struct EngineApi {
-    pub node: Node,
+    node: Node,
+    leader: LeaderLink,
+}
+
+impl EngineApi {
+    /// The service of `node`.
+    pub fn new(node: Node) -> Self {
+        Self {
+            node,
+            leader: LeaderLink::default(),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -358,8 +368,17 @@ impl pb::engine_service_server::EngineService for EngineApi {
         &self,
         req: Request<pb::ReportLoadRequest>,
     ) -> Result<Response<pb::ReportLoadResponse>, Status> {
+        let relay = !req.metadata().contains_key(RELAYED);
         let r = req.into_inner();
         self.node.record_loads(loads(&r.loads));
+        if let Some(channel) = self.leader.channel(&self.node).filter(|_| relay) {
+            tokio::spawn(async move {
+                let mut client = pb::engine_service_client::EngineServiceClient::new(channel);
+                if let Err(e) = client.report_load(relayed(r)).await {
+                    tracing::debug!(error = %e, "relaying a load report to the leader");
+                }
+            });
+        }
         Ok(Response::new(pb::ReportLoadResponse {
             current_epoch: self.node.cluster().epoch,
         }))

@@ -33,6 +33,20 @@ pub struct WorkerSpec {
 pub enum WorkerHealth {
     Active,
     Draining,
+    /// No heartbeat reached the leader within the worker timeout; set by the leader's liveness
+    /// loop so that every replica agrees. A heartbeat or a new registration makes it Active again.
+    Dead,
+}
+
+impl WorkerHealth {
+    /// The label used by the APIs and metrics ("active", "draining", "dead").
+    pub fn label(self) -> &'static str {
+        match self {
+            WorkerHealth::Active => "active",
+            WorkerHealth::Draining => "draining",
+            WorkerHealth::Dead => "dead",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +100,8 @@ pub struct PolicyConfig {
     pub placement: String,
     /// Load predictor name, as in `shared::predict`.
     pub predictor: String,
+    /// How often the leader's scaling loop re-plans from recent loads; 0 never does (the default,
+    /// so that hand-committed plans are left alone unless asked).
     pub rebalance_interval_ms: u64,
     pub keep_alive_ms: u64,
     pub max_replicas_per_expert: u32,
@@ -96,7 +112,7 @@ impl Default for PolicyConfig {
         Self {
             placement: "moeless".into(),
             predictor: "ema".into(),
-            rebalance_interval_ms: 10_000,
+            rebalance_interval_ms: 0,
             keep_alive_ms: 60_000,
             max_replicas_per_expert: 4,
         }
@@ -155,6 +171,11 @@ impl ClusterState {
         self.plans.values().next_back()
     }
 
+    /// The latest committed plan of `model`, if any.
+    pub fn latest_plan_of(&self, model: &str) -> Option<&PlacementPlan> {
+        self.plans.values().rev().find(|p| p.model == model)
+    }
+
     /// Applies one committed command at `log_index`.
     pub fn apply(&mut self, log_index: u64, cmd: Command) -> CommandResponse {
         let what = cmd.to_string();
@@ -191,6 +212,23 @@ impl ClusterState {
             Command::DrainWorker { worker } => match self.workers.get_mut(&worker) {
                 Some(w) => {
                     w.health = WorkerHealth::Draining;
+                    CommandResponse::Applied
+                }
+                None => reject(format!("unknown worker {worker}")),
+            },
+            Command::MarkWorkerDead { worker } => match self.workers.get_mut(&worker) {
+                Some(w) => {
+                    w.health = WorkerHealth::Dead;
+                    CommandResponse::Applied
+                }
+                None => reject(format!("unknown worker {worker}")),
+            },
+            Command::MarkWorkerAlive { worker } => match self.workers.get_mut(&worker) {
+                Some(w) => {
+                    // Only a dead worker comes back; a draining one stays draining.
+                    if w.health == WorkerHealth::Dead {
+                        w.health = WorkerHealth::Active;
+                    }
                     CommandResponse::Applied
                 }
                 None => reject(format!("unknown worker {worker}")),
@@ -379,6 +417,31 @@ mod tests {
         assert!(matches!(r, CommandResponse::Rejected { .. }));
         assert_eq!(s.current_epoch(), 0);
         assert_eq!(s.decisions.len(), 5);
+    }
+
+    #[test]
+    fn dead_workers_come_back_active_but_draining_ones_stay_draining() {
+        let mut s = seeded();
+        assert_eq!(
+            s.apply(3, Command::MarkWorkerDead { worker: 7 }),
+            CommandResponse::Applied
+        );
+        assert_eq!(s.workers[&7].health, WorkerHealth::Dead);
+        assert_eq!(
+            s.apply(4, Command::MarkWorkerAlive { worker: 7 }),
+            CommandResponse::Applied
+        );
+        assert_eq!(s.workers[&7].health, WorkerHealth::Active);
+        assert_eq!(s.apply(5, Command::DrainWorker { worker: 7 }), CommandResponse::Applied);
+        assert_eq!(
+            s.apply(6, Command::MarkWorkerAlive { worker: 7 }),
+            CommandResponse::Applied
+        );
+        assert_eq!(s.workers[&7].health, WorkerHealth::Draining);
+        assert!(matches!(
+            s.apply(7, Command::MarkWorkerDead { worker: 8 }),
+            CommandResponse::Rejected { .. }
+        ));
     }
 
     #[test]

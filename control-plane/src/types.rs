@@ -27,6 +27,14 @@ pub enum Command {
     DrainWorker {
         worker: u64,
     },
+    /// The leader saw no heartbeat from this worker within the timeout.
+    MarkWorkerDead {
+        worker: u64,
+    },
+    /// A dead worker heartbeats again (a draining or active worker is left as it is).
+    MarkWorkerAlive {
+        worker: u64,
+    },
     PutModel(ModelSpec),
     /// Commits a plan under the next epoch. With `expected_epoch`, only if the current epoch is that one.
     CommitPlan {
@@ -49,6 +57,8 @@ impl fmt::Display for Command {
         match self {
             Command::RegisterWorker(w) => write!(f, "register-worker({})", w.id),
             Command::DrainWorker { worker } => write!(f, "drain-worker({worker})"),
+            Command::MarkWorkerDead { worker } => write!(f, "mark-worker-dead({worker})"),
+            Command::MarkWorkerAlive { worker } => write!(f, "mark-worker-alive({worker})"),
             Command::PutModel(m) => write!(f, "put-model({})", m.name),
             Command::CommitPlan { intent, .. } => write!(f, "commit-plan({})", intent.model),
             Command::SetPolicy(_) => write!(f, "set-policy"),

@@ -140,11 +140,25 @@ async fn bad_input_is_rejected_cleanly() {
         .heartbeat(proto::worker::HeartbeatRequest {
             worker_id: 42,
             applied_epoch: 0,
-            loads: vec![],
+            ..Default::default()
         })
         .await
         .expect_err("unknown worker");
     assert_eq!(st.code(), tonic::Code::NotFound);
+    // A registered worker reporting an instance in an unknown state is refused whole.
+    register_worker(node.raft_addr, 42).await;
+    let st = workers
+        .heartbeat(proto::worker::HeartbeatRequest {
+            worker_id: 42,
+            instances: vec![proto::worker::InstanceStatus {
+                state: "hot".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown instance state");
+    assert_eq!(st.code(), tonic::Code::InvalidArgument);
     assert!(node.node.is_leader(), "the node survived all of it");
     node.shutdown().await;
 }

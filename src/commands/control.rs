@@ -35,6 +35,9 @@ pub struct ControlPlaneArgs {
     /// Election timeout range in milliseconds, MIN-MAX.
     #[arg(long, default_value = "200-400")]
     pub election_timeout_ms: String,
+    /// A worker without a heartbeat for this many milliseconds is dead and its instances are re-placed.
+    #[arg(long, env = "MOELESS_WORKER_TIMEOUT_MS", default_value_t = 1000)]
+    pub worker_timeout_ms: u64,
 }
 
 fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -94,6 +97,10 @@ pub fn control_plane(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.peers = peers;
     config.admin_token = a.admin_token.filter(|t| !t.is_empty());
     config.heartbeat_ms = a.heartbeat_ms;
+    if a.worker_timeout_ms == 0 {
+        bail!("--worker-timeout-ms must be non-zero");
+    }
+    config.worker_timeout_ms = a.worker_timeout_ms;
     config.election_timeout_ms = parse_range(&a.election_timeout_ms)?;
     runtime()?.block_on(async move {
         let node = control_plane::start(config)

@@ -14,6 +14,8 @@ pub fn config(dir: &std::path::Path) -> NodeConfig {
     c.admin_token = Some(TOKEN.into());
     c.election_timeout_ms = (150, 300);
     c.heartbeat_ms = 50;
+    // These tests commit every plan by hand; t04 turns the reconciler on.
+    c.reconciler = false;
     c
 }
 
