@@ -376,6 +376,191 @@ impl ScoredTrace {
     }
 }
 
+/// A vLLM FusedMoE route log (JSON lines): a `meta` record (`model_id`, `layers_logged`,
+/// `top_k`, optionally `num_experts`) and then one `route` record per token and logged layer
+/// (`req_id`, `token_idx`, `layer`, `topk_ids`, `topk_weights`), in forward-pass order.
+/// Request boundaries are not kept by these logs, so tokens stay in log order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VllmRoutes {
+    pub model: String,
+    pub layer_ids: Vec<u32>,
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// `routes[token]`: top-k ids per logged layer, layer-major (`layer * k + j`).
+    pub routes: Vec<Vec<u32>>,
+    /// Tokens kept.
+    pub tokens: usize,
+    /// Records dropped as vLLM warm-up passes (runs of identical `topk_ids`).
+    pub dropped_warmup: usize,
+}
+
+impl VllmRoutes {
+    /// Runs of at least this many consecutive tokens with identical routes are vLLM's dummy
+    /// profiling / warm-up passes (thousands of records), not routing, and are dropped.
+    pub const WARMUP_RUN: usize = 32;
+
+    /// Parse the log. `num_experts` overrides the meta record's (which some logs lack; then it
+    /// is required). Warm-up runs (see [`Self::WARMUP_RUN`]) are dropped, wherever they are.
+    pub fn parse_jsonl(input: impl BufRead, num_experts: Option<usize>) -> Result<Self, TraceError> {
+        let mut lines = input.lines().enumerate();
+        let (meta, line_no) = loop {
+            match lines.next() {
+                None => return Err(TraceError::Empty),
+                Some((i, l)) => {
+                    let l = l.map_err(|source| TraceError::Io { line: i + 1, source })?;
+                    if !l.trim().is_empty() {
+                        break (json_line(&l, i + 1)?, i + 1);
+                    }
+                }
+            }
+        };
+        let header = |what: &str| TraceError::Header(format!("vLLM meta record (line {line_no}): {what}"));
+        if meta.get("type").and_then(serde_json::Value::as_str) != Some("meta") {
+            return Err(header("the first record must have \"type\": \"meta\""));
+        }
+        let model = meta
+            .get("model_id")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        let layer_ids: Vec<u32> = meta
+            .get("layers_logged")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+                    .collect()
+            })
+            .ok_or_else(|| header("`layers_logged` must be an array of layer ids"))?;
+        let top_k = meta
+            .get("top_k")
+            .and_then(serde_json::Value::as_u64)
+            .filter(|&k| k > 0)
+            .ok_or_else(|| header("`top_k` must be a positive integer"))? as usize;
+        let num_experts = num_experts
+            .or_else(|| {
+                meta.get("num_experts")
+                    .and_then(serde_json::Value::as_u64)
+                    .map(|n| n as usize)
+            })
+            .ok_or_else(|| header("no `num_experts`: pass the number of experts"))?;
+        if layer_ids.is_empty() || num_experts < top_k {
+            return Err(header("needs at least one logged layer and num_experts >= top_k"));
+        }
+        let mut routes: Vec<Vec<u32>> = Vec::new();
+        let mut current: Vec<u32> = Vec::with_capacity(layer_ids.len() * top_k);
+        let mut last_line = line_no;
+        for (i, l) in lines {
+            let line = i + 1;
+            last_line = line;
+            let l = l.map_err(|source| TraceError::Io { line, source })?;
+            if l.trim().is_empty() {
+                continue;
+            }
+            let v = json_line(&l, line)?;
+            let field = |name: &str, value: &serde_json::Value, reason: &str| TraceError::Field {
+                line,
+                field: name.into(),
+                value: value.to_string(),
+                reason: reason.into(),
+            };
+            let null = serde_json::Value::Null;
+            let ty = v.get("type").unwrap_or(&null);
+            if ty.as_str() != Some("route") {
+                return Err(field("type", ty, "expected `route`"));
+            }
+            let layer = v.get("layer").unwrap_or(&null);
+            let want = layer_ids[current.len() / top_k];
+            if layer.as_u64() != Some(u64::from(want)) {
+                return Err(field(
+                    "layer",
+                    layer,
+                    &format!("expected layer {want} (layers_logged order)"),
+                ));
+            }
+            let ids = v.get("topk_ids").unwrap_or(&null);
+            let arr = ids
+                .as_array()
+                .filter(|a| a.len() == top_k)
+                .ok_or_else(|| field("topk_ids", ids, &format!("expected an array of {top_k} ids")))?;
+            for x in arr {
+                match x.as_u64() {
+                    Some(e) if (e as usize) < num_experts => current.push(e as u32),
+                    _ => return Err(field("topk_ids", ids, &format!("ids must be below {num_experts}"))),
+                }
+            }
+            if current.len() == layer_ids.len() * top_k {
+                routes.push(std::mem::take(&mut current));
+            }
+        }
+        if !current.is_empty() {
+            return Err(TraceError::Field {
+                line: last_line,
+                field: "layer".into(),
+                value: String::new(),
+                reason: "the log ends in the middle of a token (not every logged layer has a record)".into(),
+            });
+        }
+        let before = routes.len();
+        let mut kept = Vec::with_capacity(routes.len());
+        let mut i = 0;
+        while i < routes.len() {
+            let run = routes[i..].iter().take_while(|r| **r == routes[i]).count();
+            if run < Self::WARMUP_RUN {
+                kept.extend_from_slice(&routes[i..i + run]);
+            }
+            i += run;
+        }
+        let routes = kept;
+        let dropped = before - routes.len();
+        Ok(Self {
+            model,
+            tokens: routes.len(),
+            dropped_warmup: dropped * layer_ids.len(),
+            layer_ids,
+            num_experts,
+            top_k,
+            routes,
+        })
+    }
+
+    /// Replay steps of `batch` consecutive tokens (the last step may be smaller), all in one
+    /// group: the log is one stream, so step-to-step predictors carry over.
+    pub fn consecutive_steps(&self, batch: usize) -> Result<Vec<crate::trace::Step>, TraceError> {
+        if batch == 0 {
+            return Err(TraceError::ZeroBatch);
+        }
+        if self.routes.is_empty() {
+            return Err(TraceError::NoTokens(Phase::Decode));
+        }
+        let (l, k) = (self.layer_ids.len(), self.top_k);
+        Ok(self
+            .routes
+            .chunks(batch)
+            .enumerate()
+            .map(|(s, toks)| {
+                let mut per_layer = vec![Vec::with_capacity(toks.len() * k); l];
+                for t in toks {
+                    for (layer, r) in per_layer.iter_mut().enumerate() {
+                        r.extend_from_slice(&t[layer * k..(layer + 1) * k]);
+                    }
+                }
+                crate::trace::Step::new(0, s, per_layer, self.num_experts)
+            })
+            .collect())
+    }
+}
+
+/// One JSON object per line, or an error naming the line.
+fn json_line(text: &str, line: usize) -> Result<serde_json::Value, TraceError> {
+    serde_json::from_str(text).map_err(|e| TraceError::Field {
+        line,
+        field: "json".into(),
+        value: text.chars().take(60).collect(),
+        reason: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,6 +616,55 @@ mod tests {
             "{e}"
         );
         assert!(LayerFractions::parse_csv("Layer,Language,Expert_1\n".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn vllm_log_drops_warm_up_and_batches_in_order() {
+        let meta = r#"{"type": "meta", "model_id": "m", "layers_logged": [0], "top_k": 2, "num_experts": 4}"#;
+        let r = |a: u32, b: u32| {
+            format!(r#"{{"type": "route", "req_id": "r0", "token_idx": 0, "layer": 0, "topk_ids": [{a}, {b}]}}"#)
+        };
+        let warm = vec![r(0, 1); VllmRoutes::WARMUP_RUN];
+        let log = [
+            vec![meta.to_string()],
+            warm.clone(),
+            vec![r(2, 3), r(1, 2)],
+            warm,
+            vec![r(3, 0)],
+        ]
+        .concat()
+        .join("\n");
+        let v = VllmRoutes::parse_jsonl(log.as_bytes(), None).unwrap();
+        assert_eq!(
+            (v.tokens, v.dropped_warmup, v.top_k),
+            (3, 2 * VllmRoutes::WARMUP_RUN, 2)
+        );
+        let steps = v.consecutive_steps(2).unwrap();
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[0].routes[0], vec![2, 3, 1, 2]);
+        assert_eq!(steps[1].counts[0], vec![1, 0, 0, 1]);
+        let bad = [meta.to_string(), r(0, 9)].join("\n");
+        let e = VllmRoutes::parse_jsonl(bad.as_bytes(), None).unwrap_err();
+        assert!(
+            matches!(e, TraceError::Field { line: 2, ref field, .. } if field == "topk_ids"),
+            "{e}"
+        );
+        let trunc = [meta.to_string(), "{\"type\": \"route\", \"lay".to_string()].join("\n");
+        let e = VllmRoutes::parse_jsonl(trunc.as_bytes(), None).unwrap_err();
+        assert!(
+            matches!(e, TraceError::Field { line: 2, ref field, .. } if field == "json"),
+            "{e}"
+        );
+        let no_experts = r#"{"type": "meta", "layers_logged": [0], "top_k": 2}"#;
+        assert!(matches!(
+            VllmRoutes::parse_jsonl(no_experts.as_bytes(), None),
+            Err(TraceError::Header(_))
+        ));
+        assert!(VllmRoutes::parse_jsonl(no_experts.as_bytes(), Some(4)).is_ok());
+        assert!(matches!(
+            VllmRoutes::parse_jsonl("".as_bytes(), None),
+            Err(TraceError::Empty)
+        ));
     }
 
     #[test]
