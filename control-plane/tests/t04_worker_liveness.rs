@@ -124,7 +124,7 @@ async fn wait_for<F: Fn(&Value) -> bool>(api: &AdminClient, path: &str, within: 
     }
 }
 
-fn worker<'a>(workers: &'a Value, id: u64) -> &'a Value {
+fn worker(workers: &Value, id: u64) -> &Value {
     workers
         .as_array()
         .expect("workers")
