@@ -13,7 +13,8 @@ use shared::eplb::{rebalance_experts, EplbShape};
 use shared::plan::{static_ep, LayerPlan, LoadMatrix};
 use shared::predict::PredictorKind;
 use shared::replay::{moeless_plan, replay, PolicyKind, ReplayConfig, ReplayReport};
-use shared::trace::{Phase, Step, TokenTrace};
+use shared::source::{load_steps, RoutingFormat, RoutingSteps, SourceOptions};
+use shared::trace::Phase;
 
 #[derive(Args, Debug)]
 pub struct PlanArgs {
@@ -44,14 +45,44 @@ pub struct PlanArgs {
     pub repeat: usize,
 }
 
-#[derive(Args, Debug)]
-pub struct ReplayArgs {
-    /// Per-token routing trace (Llama-4 top-1 CSV).
+/// Which routing file to read and how to turn it into steps.
+#[derive(Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// Routing data: a per-token trace (Llama-4 top-1 CSV, FLAME-MoE top-k CSV, vLLM route
+    /// JSONL) or aggregate data that calibrates a seeded synthetic trace (expert counts,
+    /// co-activation counts, Qwen3 per-layer fractions).
     #[arg(long, env = "MOELESS_TRACE")]
     pub trace: PathBuf,
-    /// Routed experts of the traced model.
-    #[arg(long, env = "MOELESS_NUM_EXPERTS", default_value_t = 128)]
-    pub num_experts: usize,
+    /// llama4-top1, flame-topk, vllm-jsonl, expert-counts, coactivation or layer-fractions;
+    /// detected from the file name when left out.
+    #[arg(long, env = "MOELESS_TRACE_FORMAT")]
+    pub format: Option<String>,
+    /// Routed experts of the traced model (default: 128 for llama4-top1, 64 for flame-topk,
+    /// from the file otherwise).
+    #[arg(long, env = "MOELESS_NUM_EXPERTS")]
+    pub num_experts: Option<usize>,
+    /// Aggregate data: the series to use, `model,domain,selection` (counts, co-activation) or
+    /// the language (fractions); default the first in sorted order.
+    #[arg(long, env = "MOELESS_TRACE_SERIES")]
+    pub series: Option<String>,
+    /// Aggregate data: routing top-k of the model, where the file does not say it.
+    #[arg(long, env = "MOELESS_TOP_K")]
+    pub top_k: Option<usize>,
+    /// Aggregate data: synthetic groups of `--batch` queries.
+    #[arg(long, env = "MOELESS_SYNTH_GROUPS", default_value_t = 4)]
+    pub synth_groups: usize,
+    /// Aggregate data: decode steps per synthetic group.
+    #[arg(long, env = "MOELESS_SYNTH_STEPS", default_value_t = 100)]
+    pub synth_steps: usize,
+    /// Aggregate data: seed of the synthetic trace.
+    #[arg(long, env = "MOELESS_SEED", default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub source: TraceArgs,
     #[arg(long, env = "MOELESS_GPUS")]
     pub gpus: usize,
     #[arg(long, env = "MOELESS_BATCH")]
@@ -161,10 +192,8 @@ impl TuningArgs {
 
 #[derive(Args, Debug)]
 pub struct PredictEvalArgs {
-    #[arg(long, env = "MOELESS_TRACE")]
-    pub trace: PathBuf,
-    #[arg(long, env = "MOELESS_NUM_EXPERTS", default_value_t = 128)]
-    pub num_experts: usize,
+    #[command(flatten)]
+    pub source: TraceArgs,
     #[arg(long, env = "MOELESS_BATCH")]
     pub batch: usize,
     #[arg(long, env = "MOELESS_PHASE", default_value = "decode")]
@@ -180,10 +209,45 @@ pub struct PredictEvalArgs {
     pub tuning: TuningArgs,
 }
 
-fn read_trace(path: &Path, num_experts: usize) -> Result<TokenTrace> {
+/// Open the routing file in its format (given or detected) and cut it into steps.
+fn read_steps(a: &TraceArgs, phase: &str, batch: usize) -> Result<RoutingSteps> {
+    let path = &a.trace;
+    let format = match &a.format {
+        Some(f) => f.parse::<RoutingFormat>()?,
+        None => {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            RoutingFormat::detect(&name).ok_or(shared::source::SourceError::Undetected(name))?
+        }
+    };
+    let phase: Phase = phase.parse().map_err(anyhow::Error::msg)?;
+    let mut opts = SourceOptions::new(phase, batch);
+    opts.num_experts = a.num_experts.or(match format {
+        RoutingFormat::Llama4Top1 => Some(128),
+        RoutingFormat::FlameTopK => Some(64),
+        _ => None,
+    });
+    opts.series.clone_from(&a.series);
+    opts.top_k = a.top_k;
+    opts.synth_groups = a.synth_groups;
+    opts.synth_steps = a.synth_steps;
+    opts.seed = a.seed;
     let f = File::open(path).with_context(|| format!("opening trace {}", path.display()))?;
-    TokenTrace::parse_top1_csv(BufReader::new(f), num_experts)
-        .with_context(|| format!("reading trace {}", path.display()))
+    let r = load_steps(format, BufReader::new(f), &opts)
+        .with_context(|| format!("reading {} as {}", path.display(), format.label()))?;
+    eprintln!(
+        "{} ({}): {} steps, {} layers, {} experts, top-{}; {}",
+        path.display(),
+        format.label(),
+        r.steps.len(),
+        r.layer_ids.len(),
+        r.num_experts,
+        r.top_k,
+        r.description
+    );
+    Ok(r)
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
@@ -300,11 +364,6 @@ fn parse_policies(names: &[String]) -> Result<Vec<PolicyKind>> {
     Ok(out)
 }
 
-fn steps_of(trace: &TokenTrace, phase: &str, batch: usize) -> Result<Vec<Step>> {
-    let phase: Phase = phase.parse().map_err(anyhow::Error::msg)?;
-    trace.batch_steps(phase, batch).context("batching the trace")
-}
-
 fn totals_json(r: &ReplayReport) -> Value {
     json!({
         "policy": r.policy,
@@ -321,8 +380,8 @@ fn totals_json(r: &ReplayReport) -> Value {
 }
 
 pub fn run_replay(a: ReplayArgs) -> Result<()> {
-    let trace = read_trace(&a.trace, a.num_experts)?;
-    let steps = steps_of(&trace, &a.phase, a.batch)?;
+    let trace = read_steps(&a.source, &a.phase, a.batch)?;
+    let steps = &trace.steps;
     let policies = parse_policies(&a.policy)?;
     let mut cfg = a.tuning.config(a.gpus, a.slots_per_gpu)?;
     cfg.record_plans = a.dump_plans.is_some();
@@ -336,7 +395,7 @@ pub fn run_replay(a: ReplayArgs) -> Result<()> {
     let mut runs: Vec<ReplayReport> = Vec::new();
     for p in policies {
         let start = Instant::now();
-        let r = replay(&steps, trace.num_experts, trace.top_k, p, &cfg)
+        let r = replay(steps, trace.num_experts, trace.top_k, p, &cfg)
             .with_context(|| format!("replaying policy {}", p.label()))?;
         eprintln!(
             "{:8} balancedness {:.4} (fractional {:.4})  layer_time_proxy {:.0}  slot_steps {}  created {}  stalls {}  ({:.2}s)",
@@ -376,7 +435,10 @@ pub fn run_replay(a: ReplayArgs) -> Result<()> {
     write_json(
         &a.out,
         &json!({
-            "trace": a.trace.display().to_string(),
+            "trace": a.source.trace.display().to_string(),
+            "source": trace.description,
+            "num_experts": trace.num_experts,
+            "top_k": trace.top_k,
             "phase": a.phase,
             "batch": a.batch,
             "gpus": a.gpus,
@@ -389,16 +451,16 @@ pub fn run_replay(a: ReplayArgs) -> Result<()> {
 }
 
 pub fn predict_eval(a: PredictEvalArgs) -> Result<()> {
-    let trace = read_trace(&a.trace, a.num_experts)?;
-    let steps = steps_of(&trace, &a.phase, a.batch)?;
+    let trace = read_steps(&a.source, &a.phase, a.batch)?;
+    let steps = &trace.steps;
     let base = a.tuning.config(a.gpus, a.slots_per_gpu)?;
-    let (layers, e) = (trace.num_layers(), trace.num_experts);
+    let (layers, e) = (trace.layer_ids.len(), trace.num_experts);
     let mut out = Vec::new();
     for kind in PredictorKind::ALL {
-        let eval = shared::predict::evaluate(kind, &steps, layers, e, trace.top_k);
+        let eval = shared::predict::evaluate(kind, steps, layers, e, trace.top_k);
         let mut cfg = base.clone();
         cfg.predictor = kind;
-        let r = replay(&steps, e, trace.top_k, PolicyKind::Moeless, &cfg)?;
+        let r = replay(steps, e, trace.top_k, PolicyKind::Moeless, &cfg)?;
         eprintln!(
             "{:9} tv_error {:.4}  hot_recall {:.4}  balancedness {:.4}",
             kind.label(),
@@ -420,7 +482,8 @@ pub fn predict_eval(a: PredictEvalArgs) -> Result<()> {
     write_json(
         &a.out,
         &json!({
-            "trace": a.trace.display().to_string(),
+            "trace": a.source.trace.display().to_string(),
+            "source": trace.description,
             "phase": a.phase,
             "batch": a.batch,
             "gpus": a.gpus,
