@@ -2,6 +2,9 @@
 //! Mixtral-shaped checkpoint, side by side with candle-transformers' Mixtral on the same
 //! checkpoint (with the `candle` feature), and the fraction of the memory-bandwidth roofline
 //! reached at batch 1.
+//!
+//! `moeless bench exchange`: QUIC (the transport crate, mutual TLS) against plain TCP between
+//! two processes, for expert-sized messages.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,6 +23,8 @@ pub enum BenchCommand {
     Engine(EngineBenchArgs),
     /// Load test of an OpenAI-compatible server: throughput, TTFT, TPOT, ITL, E2E, goodput.
     Serve(super::serve::ServeBenchArgs),
+    /// Message exchange between two processes: QUIC with mutual TLS against plain TCP.
+    Exchange(ExchangeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +76,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Engine(a) => engine(a),
         BenchCommand::Serve(a) => super::serve::bench_serve(a),
+        BenchCommand::Exchange(a) => exchange(a),
     }
 }
 
@@ -292,4 +298,159 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
         eprintln!("wrote {}", out.display());
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ExchangeBenchArgs {
+    /// Message sizes in KiB (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096,8192")]
+    pub sizes_kib: Vec<usize>,
+    /// Requests in flight during the throughput runs (streams on one QUIC connection, or TCP
+    /// connections).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Repetitions per size; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Request payload per throughput run and transport, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub mib_per_run: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Internal: run the QUIC and TCP echo servers on this IP (the benchmark starts a copy of
+    /// itself with it), print their addresses and serve until stdin closes.
+    #[arg(long, hide = true)]
+    pub serve_on: Option<std::net::IpAddr>,
+    /// Internal: the certificate directory the serving copy uses.
+    #[arg(long, hide = true)]
+    pub certs: Option<PathBuf>,
+}
+
+/// The serving copy of `moeless bench exchange`: echo servers until stdin closes.
+fn exchange_serve(ip: std::net::IpAddr, certs: &Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let identity = transport::Identity::load(&transport::TlsFiles::in_dir(certs, "bench-server"))?;
+        let servers = transport::bench::serve_echo(ip, &identity, transport::Limits::default()).await?;
+        println!("quic={} tcp={}", servers.quic.local_addr(), servers.tcp_addr);
+        use tokio::io::AsyncReadExt;
+        let mut sink = Vec::new();
+        // Serve until the parent closes our stdin (or dies).
+        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+        servers.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Kills the serving copy if the benchmark ends early.
+struct ServingChild(std::process::Child);
+
+impl Drop for ServingChild {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        if !matches!(self.0.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if !matches!(self.0.try_wait(), Ok(Some(_))) {
+                let _ = self.0.kill();
+            }
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn exchange(a: ExchangeBenchArgs) -> anyhow::Result<()> {
+    if let Some(ip) = a.serve_on {
+        let certs = a.certs.context("--serve-on needs --certs")?;
+        return exchange_serve(ip, &certs);
+    }
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let certs = std::env::temp_dir().join(format!("moeless-bench-exchange-{}", std::process::id()));
+    transport::generate(&certs, &["bench-server", "bench-client"], &[])
+        .with_context(|| format!("generating certificates in {}", certs.display()))?;
+    let exe = std::env::current_exe().context("locating the moeless executable")?;
+    eprintln!("starting the echo servers in a second process ({}) ...", exe.display());
+    let mut child = ServingChild(
+        Command::new(&exe)
+            .args(["bench", "exchange", "--serve-on", "127.0.0.1", "--certs"])
+            .arg(&certs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?,
+    );
+    let stdout = child.0.stdout.take().context("the serving process has no stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the serving process's addresses")?;
+    let (quic_addr, tcp_addr) = parse_serving_line(&line)
+        .with_context(|| format!("the serving process said {line:?} instead of its addresses"))?;
+    eprintln!("  QUIC on {quic_addr}, TCP on {tcp_addr}");
+
+    let config = transport::bench::ExchangeConfig {
+        sizes: a.sizes_kib.iter().map(|k| k << 10).collect(),
+        concurrency: a.concurrency,
+        repeats: a.repeats,
+        bytes_per_run: a.mib_per_run << 20,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rows = rt.block_on(async {
+        let identity = transport::Identity::load(&transport::TlsFiles::in_dir(&certs, "bench-client"))?;
+        let mut progress = |line: String| eprintln!("{line}");
+        transport::bench::run_exchange(&identity, quic_addr, tcp_addr, &config, &mut progress).await
+    })?;
+    drop(child);
+    let _ = std::fs::remove_dir_all(&certs);
+
+    println!(
+        "Throughput with {} requests in flight, p50 round trip at 1; medians of {} runs; response 8 bytes.",
+        a.concurrency, a.repeats
+    );
+    println!("| size | QUIC MB/s | TCP MB/s | QUIC/TCP | QUIC p50 ms | TCP p50 ms | QUIC/TCP p50 |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} KiB | {:.0} | {:.0} | {:.2} | {:.3} | {:.3} | {:.2} |",
+            r.size >> 10,
+            r.quic_mb_s,
+            r.tcp_mb_s,
+            r.throughput_ratio(),
+            r.quic_p50_ms,
+            r.tcp_p50_ms,
+            r.latency_ratio()
+        );
+    }
+    if let Some(out) = &a.json {
+        let results: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({"size_bytes": r.size, "quic_mb_per_s": r.quic_mb_s, "tcp_mb_per_s": r.tcp_mb_s,
+                    "throughput_ratio": r.throughput_ratio(), "quic_p50_ms": r.quic_p50_ms, "tcp_p50_ms": r.tcp_p50_ms,
+                    "latency_ratio": r.latency_ratio(), "quic_mb_per_s_runs": r.quic_mb_s_runs,
+                    "tcp_mb_per_s_runs": r.tcp_mb_s_runs, "quic_p50_ms_runs": r.quic_p50_ms_runs,
+                    "tcp_p50_ms_runs": r.tcp_p50_ms_runs})
+            })
+            .collect();
+        let doc = json!({"concurrency": a.concurrency, "repeats": a.repeats, "mib_per_run": a.mib_per_run,
+            "response_bytes": 8, "results": results});
+        std::fs::write(out, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn parse_serving_line(line: &str) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+    let mut quic = None;
+    let mut tcp = None;
+    for word in line.split_whitespace() {
+        if let Some(v) = word.strip_prefix("quic=") {
+            quic = v.parse().ok();
+        } else if let Some(v) = word.strip_prefix("tcp=") {
+            tcp = v.parse().ok();
+        }
+    }
+    Some((quic?, tcp?))
 }
