@@ -33,6 +33,11 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// The endpoint with everything embedded: without --model, the built-in demo model.
     Up(commands::serve::ServeArgs),
+    /// A data-plane worker: holds expert instances, follows plans, serves expert work over QUIC.
+    Worker(commands::worker::WorkerArgs),
+    /// Certificates for mutual TLS between control plane, workers and engines.
+    #[command(subcommand)]
+    Certs(commands::worker::CertsCommand),
     /// Benchmarks (results belong in docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -52,5 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => commands::serve::serve(a, true),
         Command::Up(a) => commands::serve::serve(a, false),
         Command::Bench(c) => commands::bench::run(c),
+        Command::Worker(a) => commands::worker::worker(a),
+        Command::Certs(c) => commands::worker::certs(c),
     }
 }

@@ -190,6 +190,17 @@ impl Engine {
     /// Greedy decoding with the KV cache; all prompts decode together as one batch.
     /// Returns the new token ids of each prompt, stopping early at an EOS token.
     pub fn generate_greedy(&self, prompts: &[Vec<u32>], max_new_tokens: usize) -> Result<Vec<Vec<u32>>, EngineError> {
+        self.generate_greedy_with(prompts, max_new_tokens, &mut |_| {})
+    }
+
+    /// [`Engine::generate_greedy`], calling `before_step(k)` before decode step `k` (1-based; the
+    /// prompt pass is step 0), e.g. to change the placement plan between steps.
+    pub fn generate_greedy_with(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        before_step: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
         let eos = &self.model.config.eos_token_ids;
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| self.new_cache()).collect();
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -206,7 +217,10 @@ impl Engine {
                 active.push(i);
             }
         }
+        let mut step = 0;
         while !active.is_empty() {
+            step += 1;
+            before_step(step);
             let last: Vec<[u32; 1]> = active.iter().map(|&i| [*out[i].last().unwrap_or(&0)]).collect();
             let toks: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
             // Move the active caches out so the step sees exactly the batch it runs.

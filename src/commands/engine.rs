@@ -10,6 +10,8 @@ use data_plane::engine::Engine;
 use data_plane::expert::UnevenSplit;
 use data_plane::prompts::parse_prompts;
 
+use super::cluster::{LocalCluster, PlanKind};
+
 #[derive(Args, Debug)]
 pub struct ModelArgs {
     /// Hugging Face checkpoint directory (config.json + model.safetensors or a sharded index).
@@ -23,6 +25,15 @@ pub struct ModelArgs {
     /// expert-function seam; outputs do not change).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub experts_split: u32,
+    /// Run every routed expert on N local worker processes over QUIC (0: in this process).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub workers: u64,
+    /// Placement of experts on the workers.
+    #[arg(long, value_enum, default_value = "static")]
+    pub plan: PlanKind,
+    /// Memory budget of each worker for expert instances, in GiB.
+    #[arg(long, default_value_t = 4.0)]
+    pub worker_memory_gb: f64,
 }
 
 #[derive(Args, Debug)]
@@ -44,10 +55,65 @@ pub struct GenerateArgs {
     /// Output JSON `{"prompts": [{"prompt_ids": [...], "new_ids": [...]}]}`; stdout if omitted.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// With --workers: commit a new plan (shifted placement) before every K-th decode step and
+    /// wait until it is active (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub replan_every: usize,
+    /// Fault injection with --workers: SIGKILL worker 1 before this decode step.
+    #[arg(long)]
+    pub kill_worker_at_step: Option<usize>,
 }
 
-fn load(args: &ModelArgs) -> anyhow::Result<(Engine, Vec<Vec<u32>>)> {
-    let prompts = match &args.prompts {
+/// The engine with its experts on a local cluster of worker processes.
+struct Distributed {
+    cluster: LocalCluster,
+    remote: Arc<worker::remote::RemoteExperts>,
+}
+
+impl Distributed {
+    fn report(&self) {
+        eprintln!(
+            "dispatch: {}",
+            serde_json::to_string(&self.remote.stats()).unwrap_or_default()
+        );
+    }
+}
+
+fn load_distributed(args: &ModelArgs) -> anyhow::Result<(Engine, Distributed)> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let dir = args
+        .model
+        .as_ref()
+        .context("--workers needs --model (workers read expert weights from the checkpoint directory)")?;
+    let config = data_plane::engine::read_config(dir)?;
+    let cluster = LocalCluster::start(args.workers as usize, dir, &config, args.worker_memory_gb)?;
+    let epoch = cluster.commit(cluster.plan(args.plan, 0), "cli")?;
+    eprintln!(
+        "local cluster: {} workers, plan epoch {epoch} ({:?}); logs in {}",
+        args.workers,
+        args.plan,
+        cluster.log_dir().display()
+    );
+    let remote = cluster.remote()?;
+    anyhow::ensure!(
+        remote.wait_active(epoch, std::time::Duration::from_secs(120)),
+        "plan {epoch} did not become active"
+    );
+    let backend: Arc<dyn data_plane::backend::Backend> = Arc::new(data_plane::backend::CpuBackend);
+    let ckpt = data_plane::checkpoint::Checkpoint::open(dir)?;
+    let model = data_plane::model::Model::load(&ckpt, config, backend)?;
+    let engine = Engine::new(Arc::new(model), remote.clone(), remote.clone());
+    Ok((engine, Distributed { cluster, remote }))
+}
+
+fn read_prompts(args: &ModelArgs) -> anyhow::Result<Vec<Vec<u32>>> {
+    Ok(match &args.prompts {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("reading prompts file {}", path.display()))?;
@@ -57,7 +123,25 @@ fn load(args: &ModelArgs) -> anyhow::Result<(Engine, Vec<Vec<u32>>)> {
             .iter()
             .map(|s| s.bytes().map(u32::from).collect())
             .collect(),
-    };
+    })
+}
+
+fn load_any(args: &ModelArgs) -> anyhow::Result<(Engine, Vec<Vec<u32>>, Option<Distributed>)> {
+    if args.workers > 0 {
+        anyhow::ensure!(
+            args.experts_split == 1,
+            "--experts-split applies to in-process experts; use --plan"
+        );
+        let prompts = read_prompts(args)?;
+        let (engine, d) = load_distributed(args)?;
+        return Ok((engine, prompts, Some(d)));
+    }
+    let (engine, prompts) = load(args)?;
+    Ok((engine, prompts, None))
+}
+
+fn load(args: &ModelArgs) -> anyhow::Result<(Engine, Vec<Vec<u32>>)> {
+    let prompts = read_prompts(args)?;
     let mut engine = match &args.model {
         Some(dir) => Engine::load_local(dir).with_context(|| format!("loading model from {}", dir.display()))?,
         None => {
@@ -78,7 +162,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 pub fn forward(args: ForwardArgs) -> anyhow::Result<()> {
-    let (engine, prompts) = load(&args.common)?;
+    let (engine, prompts, distributed) = load_any(&args.common)?;
     let out = engine
         .forward_prompts(&prompts, false)
         .context("running the forward pass")?;
@@ -104,6 +188,9 @@ pub fn forward(args: ForwardArgs) -> anyhow::Result<()> {
             ));
         }
     }
+    if let Some(d) = &distributed {
+        d.report();
+    }
     save_safetensors(&args.out, &tensors)?;
     eprintln!(
         "wrote {} tensors for {} prompts to {}",
@@ -115,10 +202,44 @@ pub fn forward(args: ForwardArgs) -> anyhow::Result<()> {
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let (engine, prompts) = load(&args.common)?;
+    let (engine, prompts, mut distributed) = load_any(&args.common)?;
+    anyhow::ensure!(
+        distributed.is_some() || (args.replan_every == 0 && args.kill_worker_at_step.is_none()),
+        "--replan-every and --kill-worker-at-step need --workers"
+    );
+    let mut failure: Option<anyhow::Error> = None;
+    let mut before_step = |step: usize| {
+        let Some(d) = distributed.as_mut() else { return };
+        if failure.is_some() {
+            return;
+        }
+        let result = (|| -> anyhow::Result<()> {
+            if args.kill_worker_at_step == Some(step) {
+                d.cluster.kill_worker(0)?;
+                eprintln!("fault injection: worker 1 killed before step {step}");
+            }
+            if args.replan_every > 0 && step.is_multiple_of(args.replan_every) {
+                let epoch = d.cluster.commit(d.cluster.plan(args.common.plan, step), "replan")?;
+                anyhow::ensure!(
+                    d.remote.wait_active(epoch, std::time::Duration::from_secs(60)),
+                    "plan {epoch} did not become active"
+                );
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            failure = Some(e);
+        }
+    };
     let gen = engine
-        .generate_greedy(&prompts, args.max_new_tokens)
+        .generate_greedy_with(&prompts, args.max_new_tokens, &mut before_step)
         .context("generating")?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if let Some(d) = &distributed {
+        d.report();
+    }
     let items: Vec<serde_json::Value> = prompts
         .iter()
         .zip(&gen)

@@ -1,8 +1,10 @@
 //! One module per subcommand family; each turns parsed arguments into library calls.
 
 pub mod bench;
+pub mod cluster;
 pub mod control;
 pub mod engine;
 pub mod policy;
 pub mod serve;
 pub mod sim;
+pub mod worker;

@@ -1,0 +1,248 @@
+//! A local cluster as separate processes: an in-process single-node control plane, N
+//! `moeless worker` child processes, certificates for mutual TLS, and helpers to register a
+//! model and commit placement plans. Used by `forward/generate --workers N` and `up --workers N`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use control_plane::state::{ExpertInstance, ModelSpec, PlanIntent};
+use control_plane::types::{Command as CpCommand, CommandResponse};
+use data_plane::config::{FfnKind, ModelConfig};
+use transport::{Identity, TlsFiles};
+use worker::remote::{RemoteExperts, RemoteOptions};
+
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+
+/// How experts are placed on the local workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlanKind {
+    /// Every expert once, round-robin over workers (static expert parallelism).
+    Static,
+    /// Every expert split over two workers with uneven shares; the placement shifts with each
+    /// new plan (exercises replication and plan changes).
+    Rotate,
+}
+
+pub struct LocalCluster {
+    pub runtime: tokio::runtime::Runtime,
+    node: Option<control_plane::RunningNode>,
+    pub control_addr: String,
+    workers: Vec<Option<Child>>,
+    pub worker_ids: Vec<u64>,
+    pub dir: tempfile::TempDir,
+    pub model: String,
+    config: ModelConfig,
+}
+
+fn moe_keys(config: &ModelConfig) -> Vec<(u32, u32)> {
+    (0..config.num_layers)
+        .filter(|&l| config.layer_ffn[l] == FfnKind::Moe)
+        .flat_map(|l| (0..config.moe.num_experts).map(move |e| (l as u32, e as u32)))
+        .collect()
+}
+
+impl LocalCluster {
+    /// Starts the control plane and `n` workers for the checkpoint in `model_dir`, registers
+    /// the model, and waits until every worker has registered.
+    pub fn start(n: usize, model_dir: &Path, config: &ModelConfig, worker_memory_gb: f64) -> anyhow::Result<Self> {
+        anyhow::ensure!(n >= 1, "--workers must be at least 1");
+        let mut dir = tempfile::Builder::new().prefix("moeless-cluster").tempdir()?;
+        // Keep certificates, the Raft store and worker logs for a post-mortem.
+        if std::env::var_os("MOELESS_KEEP_CLUSTER_DIR").is_some() {
+            dir.disable_cleanup(true);
+        }
+        let names: Vec<String> = std::iter::once("engine".to_string())
+            .chain((1..=n).map(|i| format!("worker-{i}")))
+            .collect();
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        transport::generate(&dir.path().join("tls"), &name_refs, &[]).context("generating certificates")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let cp_config = control_plane::NodeConfig::new(1, dir.path().join("control-plane"));
+        let node = runtime.block_on(control_plane::start(cp_config))?;
+        let control_addr = node.raft_addr.to_string();
+        let model_dir = std::fs::canonicalize(model_dir)
+            .with_context(|| format!("resolving model directory {}", model_dir.display()))?;
+        let model = model_dir
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model")
+            .to_string();
+        let spec = ModelSpec {
+            name: model.clone(),
+            architecture: config.arch.model_type().to_string(),
+            num_layers: config.num_layers as u32,
+            num_experts: config.moe.num_experts as u32,
+            top_k: config.moe.top_k as u32,
+            weights: model_dir.to_string_lossy().into_owned(),
+        };
+        let n_ = node.node.clone();
+        runtime.block_on(async move {
+            // The single node elects itself; writes before that are retried inside `write`.
+            n_.write(CpCommand::PutModel(spec), Duration::from_secs(10)).await
+        })?;
+        let exe = std::env::current_exe().context("locating the moeless executable")?;
+        let mut workers = Vec::new();
+        let mut worker_ids = Vec::new();
+        for i in 1..=n {
+            let log = std::fs::File::create(dir.path().join(format!("worker-{i}.log")))?;
+            let child = Command::new(&exe)
+                .args(["worker", "--id", &i.to_string(), "--control", &control_addr])
+                .args(["--listen", "127.0.0.1:0", "--heartbeat-ms", "50"])
+                .arg("--memory-gb")
+                .arg(worker_memory_gb.to_string())
+                .arg("--tls-dir")
+                .arg(dir.path().join("tls"))
+                .args(["--tls-name", &format!("worker-{i}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting a worker process")?;
+            workers.push(Some(child));
+            worker_ids.push(i as u64);
+        }
+        let me = Self {
+            runtime,
+            node: Some(node),
+            control_addr,
+            workers,
+            worker_ids,
+            dir,
+            model,
+            config: config.clone(),
+        };
+        me.wait_registered(n, Duration::from_secs(60))?;
+        Ok(me)
+    }
+
+    fn node(&self) -> anyhow::Result<&control_plane::Node> {
+        Ok(&self.node.as_ref().context("control plane stopped")?.node)
+    }
+
+    fn wait_registered(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let node = self.node()?.clone();
+        loop {
+            let count = self.runtime.block_on(node.state_machine().read(|s| s.workers.len()));
+            if count >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {count} of {n} workers registered within {timeout:?}; see the logs in {}",
+                    self.dir.path().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The instances of a plan of `kind`; `round` shifts a rotating placement.
+    pub fn plan(&self, kind: PlanKind, round: usize) -> Vec<ExpertInstance> {
+        let ids = &self.worker_ids;
+        let n = ids.len();
+        let mut out = Vec::new();
+        for (idx, (layer, expert)) in moe_keys(&self.config).into_iter().enumerate() {
+            let first = (idx + round) % n;
+            match kind {
+                PlanKind::Static => out.push(ExpertInstance {
+                    layer,
+                    expert,
+                    worker: ids[idx % n],
+                    gpu: 0,
+                    share: 1.0,
+                }),
+                PlanKind::Rotate if n == 1 => {
+                    // Two replicas on the one worker still exercise the uneven split.
+                    for share in [0.7, 0.3] {
+                        out.push(ExpertInstance {
+                            layer,
+                            expert,
+                            worker: ids[0],
+                            gpu: 0,
+                            share,
+                        });
+                    }
+                }
+                PlanKind::Rotate => {
+                    for (k, share) in [(0, 0.7), (1, 0.3)] {
+                        out.push(ExpertInstance {
+                            layer,
+                            expert,
+                            worker: ids[(first + k) % n],
+                            gpu: 0,
+                            share,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Commits a plan; returns its epoch.
+    pub fn commit(&self, instances: Vec<ExpertInstance>, reason: &str) -> anyhow::Result<u64> {
+        let intent = PlanIntent {
+            model: self.model.clone(),
+            instances,
+            reason: reason.into(),
+        };
+        let node = self.node()?.clone();
+        let (_, resp) = self.runtime.block_on(node.write(
+            CpCommand::CommitPlan {
+                intent,
+                expected_epoch: None,
+            },
+            WRITE_WAIT,
+        ))?;
+        match resp {
+            CommandResponse::PlanCommitted { epoch } => Ok(epoch),
+            other => bail!("plan not committed: {other:?}"),
+        }
+    }
+
+    fn engine_identity(&self) -> anyhow::Result<Identity> {
+        Ok(Identity::load(&TlsFiles::in_dir(
+            &self.dir.path().join("tls"),
+            "engine",
+        ))?)
+    }
+
+    /// The engine's remote expert function, once the current plan is active.
+    pub fn remote(&self) -> anyhow::Result<Arc<RemoteExperts>> {
+        let opts = RemoteOptions::new(vec![self.control_addr.clone()], self.model.clone());
+        RemoteExperts::connect(opts, &self.engine_identity()?, None, Duration::from_secs(120))
+    }
+
+    /// SIGKILLs worker `i` (0-based).
+    pub fn kill_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut c) = self.workers.get_mut(i).and_then(Option::take) {
+            c.kill()?;
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for c in self.workers.iter_mut().filter_map(Option::take) {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(node) = self.node.take() {
+            self.runtime.block_on(node.shutdown());
+        }
+    }
+}

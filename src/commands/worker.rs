@@ -1,0 +1,118 @@
+//! `moeless worker` (a data-plane worker process) and `moeless certs` (a local CA and node
+//! certificates for mutual TLS between planes).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use transport::{Identity, Limits, TlsFiles};
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// This worker's id (non-zero, unique in the cluster).
+    #[arg(long, env = "MOELESS_WORKER_ID")]
+    pub id: u64,
+    /// Control-plane gRPC addresses, HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "MOELESS_CONTROL", value_delimiter = ',', required = true)]
+    pub control: Vec<String>,
+    /// QUIC address for activation exchange (port 0 picks one).
+    #[arg(long, env = "MOELESS_WORKER_LISTEN", default_value = "127.0.0.1:7300")]
+    pub listen: SocketAddr,
+    /// Address engines and peers dial, when it differs from the listen address.
+    #[arg(long, env = "MOELESS_WORKER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Compute device: `cpu` (CUDA workers come with the GPU backend).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Memory budget for expert instances, in GiB.
+    #[arg(long, env = "MOELESS_WORKER_MEMORY_GB", default_value_t = 4.0)]
+    pub memory_gb: f64,
+    /// Compute threads for expert work (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// How long an instance the plan no longer wants stays warm, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub keep_alive_ms: u64,
+    #[arg(long, default_value_t = 200)]
+    pub heartbeat_ms: u64,
+    /// Read weights only from the weight store, never from peers holding the expert warm.
+    #[arg(long)]
+    pub no_peer_fetch: bool,
+    /// Directory of PEM files from `moeless certs generate`; with --tls-name, selects
+    /// DIR/ca.pem, DIR/NAME.pem and DIR/NAME.key.
+    #[arg(long, env = "MOELESS_TLS_DIR")]
+    pub tls_dir: PathBuf,
+    #[arg(long, env = "MOELESS_TLS_NAME")]
+    pub tls_name: String,
+}
+
+pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    if a.device != "cpu" {
+        bail!(
+            "--device {:?} is not available in this build; use --device cpu",
+            a.device
+        );
+    }
+    if !(a.memory_gb > 0.0 && a.memory_gb.is_finite()) {
+        bail!("--memory-gb must be a positive number");
+    }
+    let identity = Identity::load(&TlsFiles::in_dir(&a.tls_dir, &a.tls_name)).context("loading TLS identity")?;
+    let opts = worker::WorkerOptions {
+        id: a.id,
+        control: a.control,
+        listen: a.listen,
+        advertise: a.advertise,
+        memory_bytes: (a.memory_gb * (1u64 << 30) as f64) as u64,
+        threads: a.threads,
+        keep_alive: Duration::from_millis(a.keep_alive_ms),
+        heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),
+        peer_fetch: !a.no_peer_fetch,
+        limits: Limits::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let running = worker::start(opts, &identity).await?;
+        eprintln!("worker listening on {} (QUIC)", running.addr);
+        tokio::signal::ctrl_c().await.ok();
+        running.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Creates a CA (DIR/ca.pem, DIR/ca.key) if absent and a certificate per node name.
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+        /// Node names, comma-separated (e.g. cp-1,cp-2,worker-1,engine).
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+        /// Extra subject alternative names (host names or IPs) for every node certificate.
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
+    },
+}
+
+pub fn certs(c: CertsCommand) -> anyhow::Result<()> {
+    match c {
+        CertsCommand::Generate { out, names, san } => {
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            transport::generate(&out, &refs, &san)?;
+            eprintln!("wrote a CA and {} node certificates to {}", names.len(), out.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! Binary frames exchanged between engines and workers over the transport.
+//!
+//! Every frame starts with a 16-byte header: magic `MOEX`, version, kind, two reserved bytes and
+//! a request id (little endian). Activations travel as raw little-endian f32 or bf16 bytes after a
+//! small per-task table: no per-element encoding. One [`Frame::ExpertRequest`] carries all of one
+//! worker's tokens for one MoE layer.
+//!
+//! Decoding validates everything (magic, version, kind, table sizes, that the payload length is
+//! exactly what the table announces) and answers a typed [`FrameError`]; it never panics and never
+//! allocates more than the frame's own length.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use data_plane::tensor::Tensor;
+use data_plane::weight::bf16_to_f32;
+use shared::ExpertKey;
+
+pub const MAGIC: [u8; 4] = *b"MOEX";
+pub const VERSION: u8 = 1;
+const HEADER: usize = 16;
+/// Largest hidden size a frame may announce.
+pub const MAX_HIDDEN: u32 = 1 << 20;
+/// Most tasks one request may carry.
+pub const MAX_TASKS: u32 = 1 << 16;
+
+/// Element type of activations on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl Dtype {
+    fn code(self) -> u8 {
+        match self {
+            Dtype::F32 => 0,
+            Dtype::Bf16 => 1,
+        }
+    }
+    fn from_code(c: u8) -> Result<Self, FrameError> {
+        match c {
+            0 => Ok(Dtype::F32),
+            1 => Ok(Dtype::Bf16),
+            other => Err(FrameError::Invalid(format!("unknown dtype code {other}"))),
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// Why a worker could not do the work; the engine decides from the code whether to retry elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The request was malformed; retrying it anywhere fails the same way.
+    BadFrame = 1,
+    /// The worker has no model loaded, or another one.
+    WrongModel = 2,
+    /// Not enough memory for the instance.
+    OutOfMemory = 3,
+    /// Loading the weights failed.
+    LoadFailed = 4,
+    /// The instance asked for is not warm here (peer weight fetch).
+    NotWarm = 5,
+    /// The worker is shutting down.
+    Draining = 6,
+    Internal = 7,
+}
+
+impl ErrorCode {
+    fn from_code(c: u16) -> Self {
+        match c {
+            1 => ErrorCode::BadFrame,
+            2 => ErrorCode::WrongModel,
+            3 => ErrorCode::OutOfMemory,
+            4 => ErrorCode::LoadFailed,
+            5 => ErrorCode::NotWarm,
+            6 => ErrorCode::Draining,
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether another worker may succeed where this one failed.
+    pub fn retry_elsewhere(self) -> bool {
+        !matches!(self, ErrorCode::BadFrame)
+    }
+}
+
+/// One expert's share of a layer's tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskData {
+    pub key: ExpertKey,
+    pub replica: u32,
+    /// `[rows, hidden]`.
+    pub input: Tensor,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// Run these experts of `layer` on their tokens.
+    ExpertRequest {
+        id: u64,
+        layer: u32,
+        dtype: Dtype,
+        tasks: Vec<TaskData>,
+    },
+    /// One `[rows, hidden]` output per task, in request order.
+    ExpertResponse {
+        id: u64,
+        outputs: Vec<Tensor>,
+    },
+    Error {
+        id: u64,
+        code: ErrorCode,
+        message: String,
+    },
+    /// Send me the weights of this instance (it is warm on you).
+    FetchExpert {
+        id: u64,
+        key: ExpertKey,
+    },
+    /// `ExpertWeights::encode()` bytes.
+    Weights {
+        id: u64,
+        bytes: Bytes,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("bad magic {0:?}")]
+    Magic([u8; 4]),
+    #[error("unsupported frame version {0} (this build speaks {VERSION})")]
+    Version(u8),
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    #[error("invalid frame: {0}")]
+    Invalid(String),
+}
+
+const K_REQ: u8 = 1;
+const K_RESP: u8 = 2;
+const K_ERR: u8 = 3;
+const K_FETCH: u8 = 4;
+const K_WEIGHTS: u8 = 5;
+
+fn header(buf: &mut BytesMut, kind: u8, id: u64) {
+    buf.put_slice(&MAGIC);
+    buf.put_u8(VERSION);
+    buf.put_u8(kind);
+    buf.put_u16_le(0);
+    buf.put_u64_le(id);
+}
+
+fn put_rows(buf: &mut BytesMut, t: &Tensor, dtype: Dtype) {
+    match dtype {
+        Dtype::F32 => {
+            for v in t.data() {
+                buf.put_f32_le(*v);
+            }
+        }
+        Dtype::Bf16 => {
+            for v in t.data() {
+                buf.put_u16_le(half::bf16::from_f32(*v).to_bits());
+            }
+        }
+    }
+}
+
+/// Encodes an [`Frame::ExpertRequest`] from borrowed tasks `(expert, replica, [rows, hidden])`;
+/// every tensor must have the same number of columns.
+pub fn encode_request(id: u64, layer: u32, dtype: Dtype, tasks: &[(ExpertKey, u32, &Tensor)]) -> Bytes {
+    let hidden = tasks.first().map_or(0, |t| t.2.cols());
+    let rows: usize = tasks.iter().map(|t| t.2.rows()).sum();
+    let mut b = BytesMut::with_capacity(HEADER + 16 + 12 * tasks.len() + rows * hidden * dtype.size());
+    header(&mut b, K_REQ, id);
+    b.put_u32_le(layer);
+    b.put_u32_le(hidden as u32);
+    b.put_u8(dtype.code());
+    b.put_bytes(0, 3);
+    b.put_u32_le(tasks.len() as u32);
+    for (key, replica, input) in tasks {
+        b.put_u32_le(key.expert);
+        b.put_u32_le(*replica);
+        b.put_u32_le(input.rows() as u32);
+    }
+    for (_, _, input) in tasks {
+        put_rows(&mut b, input, dtype);
+    }
+    b.freeze()
+}
+
+impl Frame {
+    pub fn id(&self) -> u64 {
+        match self {
+            Frame::ExpertRequest { id, .. }
+            | Frame::ExpertResponse { id, .. }
+            | Frame::Error { id, .. }
+            | Frame::FetchExpert { id, .. }
+            | Frame::Weights { id, .. } => *id,
+        }
+    }
+
+    /// Encodes the frame. Tensors of a request must all have the same number of columns.
+    pub fn encode(&self) -> Bytes {
+        match self {
+            Frame::ExpertRequest {
+                id,
+                layer,
+                dtype,
+                tasks,
+            } => {
+                let refs: Vec<(ExpertKey, u32, &Tensor)> = tasks.iter().map(|t| (t.key, t.replica, &t.input)).collect();
+                encode_request(*id, *layer, *dtype, &refs)
+            }
+            Frame::ExpertResponse { id, outputs } => {
+                let hidden = outputs.first().map_or(0, |t| t.cols());
+                let rows: usize = outputs.iter().map(|t| t.rows()).sum();
+                let mut b = BytesMut::with_capacity(HEADER + 12 + 4 * outputs.len() + rows * hidden * 4);
+                header(&mut b, K_RESP, *id);
+                b.put_u32_le(hidden as u32);
+                b.put_u32_le(outputs.len() as u32);
+                for t in outputs {
+                    b.put_u32_le(t.rows() as u32);
+                }
+                for t in outputs {
+                    put_rows(&mut b, t, Dtype::F32);
+                }
+                b.freeze()
+            }
+            Frame::Error { id, code, message } => {
+                let mut b = BytesMut::with_capacity(HEADER + 8 + message.len());
+                header(&mut b, K_ERR, *id);
+                b.put_u16_le(*code as u16);
+                b.put_u16_le(0);
+                b.put_u32_le(message.len() as u32);
+                b.put_slice(message.as_bytes());
+                b.freeze()
+            }
+            Frame::FetchExpert { id, key } => {
+                let mut b = BytesMut::with_capacity(HEADER + 8);
+                header(&mut b, K_FETCH, *id);
+                b.put_u32_le(key.layer);
+                b.put_u32_le(key.expert);
+                b.freeze()
+            }
+            Frame::Weights { id, bytes } => {
+                let mut b = BytesMut::with_capacity(HEADER + bytes.len());
+                header(&mut b, K_WEIGHTS, *id);
+                b.put_slice(bytes);
+                b.freeze()
+            }
+        }
+    }
+
+    /// Decodes and validates one frame.
+    pub fn decode(buf: &Bytes) -> Result<Frame, FrameError> {
+        if buf.len() < HEADER {
+            return Err(FrameError::Short(buf.len()));
+        }
+        let mut r = Reader { buf, pos: 0 };
+        let magic: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
+        if magic != MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        r.pos = 4;
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(FrameError::Version(version));
+        }
+        let kind = r.u8()?;
+        let _reserved = r.u16()?;
+        let id = r.u64()?;
+        match kind {
+            K_REQ => {
+                let layer = r.u32()?;
+                let hidden = r.u32()?;
+                let dtype = Dtype::from_code(r.u8()?)?;
+                r.skip(3)?;
+                let n = r.u32()?;
+                if n > MAX_TASKS {
+                    return Err(FrameError::Invalid(format!(
+                        "{n} tasks exceed the limit of {MAX_TASKS}"
+                    )));
+                }
+                if hidden == 0 || hidden > MAX_HIDDEN {
+                    return Err(FrameError::Invalid(format!("hidden size {hidden} out of range")));
+                }
+                let mut table = Vec::with_capacity((n as usize).min(r.remaining() / 12));
+                for _ in 0..n {
+                    let expert = r.u32()?;
+                    let replica = r.u32()?;
+                    let rows = r.u32()?;
+                    table.push((ExpertKey::new(layer as usize, expert as usize), replica, rows as usize));
+                }
+                let tensors = r.tensors(table.iter().map(|t| t.2), hidden as usize, dtype)?;
+                let tasks = table
+                    .into_iter()
+                    .zip(tensors)
+                    .map(|((key, replica, _), input)| TaskData { key, replica, input })
+                    .collect();
+                Ok(Frame::ExpertRequest {
+                    id,
+                    layer,
+                    dtype,
+                    tasks,
+                })
+            }
+            K_RESP => {
+                let hidden = r.u32()?;
+                let n = r.u32()?;
+                if n > MAX_TASKS || hidden > MAX_HIDDEN {
+                    return Err(FrameError::Invalid(format!(
+                        "{n} outputs of hidden size {hidden} out of range"
+                    )));
+                }
+                let mut rows = Vec::with_capacity((n as usize).min(r.remaining() / 4));
+                for _ in 0..n {
+                    rows.push(r.u32()? as usize);
+                }
+                let outputs = r.tensors(rows.into_iter(), hidden as usize, Dtype::F32)?;
+                Ok(Frame::ExpertResponse { id, outputs })
+            }
+            K_ERR => {
+                let code = ErrorCode::from_code(r.u16()?);
+                let _ = r.u16()?;
+                let len = r.u32()? as usize;
+                let bytes = r.take(len)?;
+                r.end()?;
+                let message = String::from_utf8_lossy(bytes).into_owned();
+                Ok(Frame::Error { id, code, message })
+            }
+            K_FETCH => {
+                let layer = r.u32()?;
+                let expert = r.u32()?;
+                r.end()?;
+                Ok(Frame::FetchExpert {
+                    id,
+                    key: ExpertKey::new(layer as usize, expert as usize),
+                })
+            }
+            K_WEIGHTS => Ok(Frame::Weights {
+                id,
+                bytes: buf.slice(HEADER..),
+            }),
+            other => Err(FrameError::Kind(other)),
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if n > self.remaining() {
+            return Err(FrameError::Invalid(format!(
+                "needs {n} more bytes at offset {}, frame has {}",
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn skip(&mut self, n: usize) -> Result<(), FrameError> {
+        self.take(n).map(|_| ())
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn end(&self) -> Result<(), FrameError> {
+        if self.remaining() != 0 {
+            return Err(FrameError::Invalid(format!("{} trailing bytes", self.remaining())));
+        }
+        Ok(())
+    }
+
+    /// Reads one tensor per row count; the payload must be exactly their total size.
+    fn tensors(
+        &mut self,
+        rows: impl Iterator<Item = usize> + Clone,
+        hidden: usize,
+        dtype: Dtype,
+    ) -> Result<Vec<Tensor>, FrameError> {
+        let total_rows = rows
+            .clone()
+            .try_fold(0usize, |a, r| a.checked_add(r))
+            .ok_or_else(|| FrameError::Invalid("row counts overflow".into()))?;
+        let expected = total_rows
+            .checked_mul(hidden)
+            .and_then(|x| x.checked_mul(dtype.size()))
+            .ok_or_else(|| FrameError::Invalid("payload size overflows".into()))?;
+        if expected != self.remaining() {
+            return Err(FrameError::Invalid(format!(
+                "payload is {} bytes, the task table announces {expected}",
+                self.remaining()
+            )));
+        }
+        let mut out = Vec::new();
+        for r in rows {
+            let bytes = self.take(r * hidden * dtype.size())?;
+            let data: Vec<f32> = match dtype {
+                Dtype::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::Bf16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+            };
+            out.push(Tensor::matrix(r, hidden, data));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Frame {
+        Frame::ExpertRequest {
+            id: 7,
+            layer: 3,
+            dtype: Dtype::F32,
+            tasks: vec![
+                TaskData {
+                    key: ExpertKey::new(3, 1),
+                    replica: 0,
+                    input: Tensor::matrix(2, 4, (0..8).map(|x| x as f32 * 0.5).collect()),
+                },
+                TaskData {
+                    key: ExpertKey::new(3, 5),
+                    replica: 2,
+                    input: Tensor::matrix(1, 4, vec![1.0, -2.0, 3.5, 1e-8]),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = vec![
+            request(),
+            Frame::ExpertResponse {
+                id: 9,
+                outputs: vec![Tensor::matrix(1, 2, vec![1.0, 2.0]), Tensor::matrix(0, 2, vec![])],
+            },
+            Frame::Error {
+                id: 1,
+                code: ErrorCode::OutOfMemory,
+                message: "no room".into(),
+            },
+            Frame::FetchExpert {
+                id: 2,
+                key: ExpertKey::new(1, 2),
+            },
+            Frame::Weights {
+                id: 3,
+                bytes: Bytes::from_static(b"abc"),
+            },
+        ];
+        for f in frames {
+            assert_eq!(Frame::decode(&f.encode()), Ok(f));
+        }
+    }
+
+    #[test]
+    fn bf16_frames_round_to_bf16() {
+        let Frame::ExpertRequest { id, layer, tasks, .. } = request() else {
+            unreachable!()
+        };
+        let f = Frame::ExpertRequest {
+            id,
+            layer,
+            dtype: Dtype::Bf16,
+            tasks,
+        };
+        let Ok(Frame::ExpertRequest { tasks, .. }) = Frame::decode(&f.encode()) else {
+            panic!("decode failed")
+        };
+        assert_eq!(tasks[0].input.data()[3], 1.5);
+        assert!((tasks[1].input.data()[2] - 3.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_rejected() {
+        let bytes = request().encode();
+        for len in 0..bytes.len() {
+            assert!(
+                Frame::decode(&bytes.slice(..len)).is_err(),
+                "truncated to {len} accepted"
+            );
+        }
+        let mut longer = BytesMut::from(&bytes[..]);
+        longer.put_u8(0);
+        assert!(Frame::decode(&longer.freeze()).is_err());
+    }
+
+    #[test]
+    fn forged_headers_are_rejected() {
+        let bytes = request().encode();
+        let forge = |at: usize, v: &[u8]| {
+            let mut b = BytesMut::from(&bytes[..]);
+            b[at..at + v.len()].copy_from_slice(v);
+            Frame::decode(&b.freeze())
+        };
+        assert!(matches!(forge(0, b"XXXX"), Err(FrameError::Magic(_))));
+        assert!(matches!(forge(4, &[9]), Err(FrameError::Version(9))));
+        assert!(matches!(forge(5, &[99]), Err(FrameError::Kind(99))));
+        // hidden = 0, huge hidden, unknown dtype, huge task count, huge row count.
+        assert!(forge(20, &0u32.to_le_bytes()).is_err());
+        assert!(forge(20, &u32::MAX.to_le_bytes()).is_err());
+        assert!(forge(24, &[7]).is_err());
+        assert!(forge(28, &u32::MAX.to_le_bytes()).is_err());
+        assert!(forge(40, &u32::MAX.to_le_bytes()).is_err());
+    }
+}
