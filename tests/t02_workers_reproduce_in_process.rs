@@ -150,3 +150,61 @@ fn workers_need_a_model_directory_and_say_so() {
     assert!(err.contains("--model"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `moeless up --workers 2` serves the OpenAI API with its experts on worker processes, and
+/// its workers exit with it.
+#[test]
+fn up_with_workers_serves_completions_and_takes_its_workers_down() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moeless"))
+        .args(["up", "--workers", "2", "--port", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split_once("at http://").map(|x| x.1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("server address");
+    let body = r#"{"model":"moeless-builtin","prompt":[1,2,3],"max_tokens":4}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"completion_tokens\":4"), "{resp}");
+    let pid = child.id();
+    // The endpoint's own children are the workers.
+    let children = || {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let workers = children();
+    assert_eq!(workers.len(), 2, "expected two worker processes, found {workers:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while workers.iter().any(|w| Path::new(&format!("/proc/{w}")).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers outlived their parent: {workers:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

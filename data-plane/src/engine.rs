@@ -30,6 +30,26 @@ pub struct PromptForward {
     pub hidden: Vec<Tensor>,
 }
 
+/// Seed of the built-in model's random weights.
+pub const BUILTIN_SEED: u64 = 20261125;
+
+/// Shape of the built-in model: a small Mixtral-shaped MoE with a 256-token (byte) vocabulary.
+pub fn builtin_shape() -> crate::testing::ModelShape {
+    crate::testing::ModelShape {
+        vocab: 256,
+        hidden: 64,
+        layers: 4,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        experts: 8,
+        top_k: 2,
+        expert_intermediate: 128,
+        dense_intermediate: 128,
+        max_positions: 2048,
+    }
+}
+
 /// Reads `config.json` of a checkpoint directory.
 pub fn read_config(dir: &Path) -> Result<ModelConfig, LoadError> {
     let path = dir.join("config.json");
@@ -82,24 +102,26 @@ impl Engine {
     /// no meaningful text; it exists so every command works on a fresh machine.
     pub fn builtin() -> Result<Self, LoadError> {
         let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
-        let shape = crate::testing::ModelShape {
-            vocab: 256,
-            hidden: 64,
-            layers: 4,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 16,
-            experts: 8,
-            top_k: 2,
-            expert_intermediate: 128,
-            dense_intermediate: 128,
-            max_positions: 2048,
-        };
-        let config = ModelConfig::from_value(&crate::testing::config_json(crate::config::Arch::Mixtral, &shape))?;
-        let weights = crate::testing::RandomWeights::new(20261125);
+        let config = ModelConfig::from_value(&crate::testing::config_json(
+            crate::config::Arch::Mixtral,
+            &builtin_shape(),
+        ))?;
+        let weights = crate::testing::RandomWeights::new(BUILTIN_SEED);
         let experts = LocalExperts::load_all(&weights, &config, backend.clone())?;
         let model = Model::load(&weights, config, backend)?;
         Ok(Self::new(Arc::new(model), Arc::new(experts), Arc::new(SingleInstance)))
+    }
+
+    /// Writes the built-in model as a Hugging Face checkpoint (for workers, which read expert
+    /// weights from a directory); the weights are the ones [`Engine::builtin`] builds.
+    pub fn write_builtin(dir: &Path) -> Result<ModelConfig, LoadError> {
+        crate::testing::write_random_checkpoint(
+            dir,
+            crate::config::Arch::Mixtral,
+            &builtin_shape(),
+            BUILTIN_SEED,
+            crate::testing::SaveDtype::F32,
+        )
     }
 
     pub fn with_shares(mut self, shares: Arc<dyn ShareSource>) -> Self {

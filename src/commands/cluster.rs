@@ -98,8 +98,8 @@ impl LocalCluster {
                 .arg(worker_memory_gb.to_string())
                 .arg("--tls-dir")
                 .arg(dir.path().join("tls"))
-                .args(["--tls-name", &format!("worker-{i}")])
-                .stdin(Stdio::null())
+                .args(["--tls-name", &format!("worker-{i}"), "--exit-on-stdin-close"])
+                .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -245,4 +245,31 @@ impl Drop for LocalCluster {
             self.runtime.block_on(node.shutdown());
         }
     }
+}
+
+/// An engine whose routed experts run on a fresh local cluster of `workers` processes, reading
+/// weights from `dir`, with the first plan of `kind` active.
+pub fn distributed_engine(
+    dir: &Path,
+    workers: usize,
+    kind: PlanKind,
+    worker_memory_gb: f64,
+) -> anyhow::Result<(data_plane::engine::Engine, LocalCluster, Arc<RemoteExperts>)> {
+    let config = data_plane::engine::read_config(dir)?;
+    let cluster = LocalCluster::start(workers, dir, &config, worker_memory_gb)?;
+    let epoch = cluster.commit(cluster.plan(kind, 0), "local cluster")?;
+    eprintln!(
+        "local cluster: {workers} worker processes, plan epoch {epoch} ({kind:?}); logs in {}",
+        cluster.log_dir().display()
+    );
+    let remote = cluster.remote()?;
+    anyhow::ensure!(
+        remote.wait_active(epoch, Duration::from_secs(120)),
+        "plan {epoch} did not become active"
+    );
+    let backend: Arc<dyn data_plane::backend::Backend> = Arc::new(data_plane::backend::CpuBackend);
+    let ckpt = data_plane::checkpoint::Checkpoint::open(dir)?;
+    let model = data_plane::model::Model::load(&ckpt, config, backend)?;
+    let engine = data_plane::engine::Engine::new(Arc::new(model), remote.clone(), remote.clone());
+    Ok((engine, cluster, remote))
 }

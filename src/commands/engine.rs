@@ -91,24 +91,8 @@ fn load_distributed(args: &ModelArgs) -> anyhow::Result<(Engine, Distributed)> {
         .model
         .as_ref()
         .context("--workers needs --model (workers read expert weights from the checkpoint directory)")?;
-    let config = data_plane::engine::read_config(dir)?;
-    let cluster = LocalCluster::start(args.workers as usize, dir, &config, args.worker_memory_gb)?;
-    let epoch = cluster.commit(cluster.plan(args.plan, 0), "cli")?;
-    eprintln!(
-        "local cluster: {} workers, plan epoch {epoch} ({:?}); logs in {}",
-        args.workers,
-        args.plan,
-        cluster.log_dir().display()
-    );
-    let remote = cluster.remote()?;
-    anyhow::ensure!(
-        remote.wait_active(epoch, std::time::Duration::from_secs(120)),
-        "plan {epoch} did not become active"
-    );
-    let backend: Arc<dyn data_plane::backend::Backend> = Arc::new(data_plane::backend::CpuBackend);
-    let ckpt = data_plane::checkpoint::Checkpoint::open(dir)?;
-    let model = data_plane::model::Model::load(&ckpt, config, backend)?;
-    let engine = Engine::new(Arc::new(model), remote.clone(), remote.clone());
+    let (engine, cluster, remote) =
+        super::cluster::distributed_engine(dir, args.workers as usize, args.plan, args.worker_memory_gb)?;
     Ok((engine, Distributed { cluster, remote }))
 }
 

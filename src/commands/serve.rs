@@ -53,6 +53,16 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before they are aborted.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Run every routed expert on N local worker processes over QUIC, with a local control
+    /// plane (0: experts in this process).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub workers: u64,
+    /// Placement of experts on the workers.
+    #[arg(long, value_enum, default_value = "static")]
+    pub plan: super::cluster::PlanKind,
+    /// Memory budget of each worker for expert instances, in GiB.
+    #[arg(long, default_value_t = 4.0)]
+    pub worker_memory_gb: f64,
 }
 
 /// `require_model`: `serve` needs --model; `up` falls back to the built-in model.
@@ -60,13 +70,25 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         .try_init();
+    // With --workers: the local cluster lives as long as the server.
+    let mut cluster = None;
+    let mut builtin_dir = None;
+    let mut load = |dir: &std::path::Path| -> anyhow::Result<Engine> {
+        if args.workers == 0 {
+            return Engine::load_local(dir).with_context(|| format!("loading model from {}", dir.display()));
+        }
+        let (engine, c, remote) =
+            super::cluster::distributed_engine(dir, args.workers as usize, args.plan, args.worker_memory_gb)?;
+        cluster = Some((c, remote));
+        Ok(engine)
+    };
     let (engine, tokenizer, default_name) = match &args.model {
         Some(dir) => {
-            let engine = Engine::load_local(dir).with_context(|| format!("loading model from {}", dir.display()))?;
+            let engine = load(dir)?;
             let tok_dir = args.tokenizer.clone().unwrap_or_else(|| dir.clone());
             let tokenizer = if tok_dir.join("tokenizer.json").exists() {
                 Some(
@@ -92,7 +114,16 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
                 "no --model given: serving the built-in random-weight demo model with a byte-level \
                  tokenizer; its output is NOT meaningful text"
             );
-            let engine = Engine::builtin().context("building the built-in model")?;
+            let engine = if args.workers == 0 {
+                Engine::builtin().context("building the built-in model")?
+            } else {
+                // Workers read expert weights from a checkpoint directory: write the built-in one.
+                let dir = tempfile::Builder::new().prefix("moeless-builtin").tempdir()?;
+                let path = dir.path().join("moeless-builtin");
+                Engine::write_builtin(&path).context("writing the built-in model")?;
+                builtin_dir = Some(dir);
+                load(&path)?
+            };
             (engine, Some(TextTokenizer::bytes()), "moeless-builtin".to_string())
         }
     };
@@ -135,7 +166,10 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
             } => eprintln!("the engine stopped: shutting down"),
         }
         server.shutdown().await.context("shutting down")
-    })
+    })?;
+    drop(cluster);
+    drop(builtin_dir);
+    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -46,6 +46,10 @@ pub struct WorkerArgs {
     pub tls_dir: PathBuf,
     #[arg(long, env = "MOELESS_TLS_NAME")]
     pub tls_name: String,
+    /// Exit when standard input closes (a local cluster's parent holds the other end, so its
+    /// workers do not outlive it).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_close: bool,
 }
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
@@ -66,6 +70,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         bail!("--memory-gb must be a positive number");
     }
     let identity = Identity::load(&TlsFiles::in_dir(&a.tls_dir, &a.tls_name)).context("loading TLS identity")?;
+    let exit_on_stdin_close = a.exit_on_stdin_close;
     let opts = worker::WorkerOptions {
         id: a.id,
         control: a.control,
@@ -85,7 +90,19 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let running = worker::start(opts, &identity).await?;
         eprintln!("worker listening on {} (QUIC)", running.addr);
-        tokio::signal::ctrl_c().await.ok();
+        let parent_gone = async {
+            if exit_on_stdin_close {
+                use tokio::io::AsyncReadExt;
+                let mut sink = Vec::new();
+                let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = parent_gone => eprintln!("parent closed stdin: exiting"),
+        }
         running.shutdown().await;
         anyhow::Ok(())
     })
