@@ -33,6 +33,13 @@ const SEND_WINDOW: u64 = 64 << 20;
 /// kernel caps the request at net.core.rmem_max / wmem_max.
 const SOCKET_BUFFER: usize = 16 << 20;
 
+/// Largest UDP payload advertised, and the ceiling of path MTU discovery (quinn's defaults are
+/// 1472 and 1452). Quinn hands the kernel up to 10 packets per GSO send, which must total at most
+/// 64 KiB, so above about 6.5 KB every batch is refused, counted as loss, and black-hole detection
+/// drops the path to 1200 bytes. At 6500 loopback and jumbo-frame links carry ~4x fewer, larger
+/// packets; on 1500-byte links discovery simply stops lower.
+const MAX_UDP_PAYLOAD: u16 = 6500;
+
 /// How long [`Server::shutdown`] waits for closed connections to drain.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
@@ -60,6 +67,9 @@ fn transport_config(limits: &Limits, keep_alive: bool) -> Result<TransportConfig
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    config.mtu_discovery_config(Some(mtu));
     if keep_alive {
         // The client keeps cached connections from idling out between requests.
         config.keep_alive_interval(Some(limits.idle_timeout / 3));
@@ -289,7 +299,11 @@ fn endpoint_on(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<
             "no tokio runtime: create endpoints from inside one",
         ))
     })?;
-    Endpoint::new(quinn::EndpointConfig::default(), server, socket.into(), runtime).map_err(io)
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| io(std::io::Error::other(e)))?;
+    Endpoint::new(config, server, socket.into(), runtime).map_err(io)
 }
 
 fn client_endpoint(bind: SocketAddr, config: &quinn::ClientConfig) -> Result<Endpoint, TransportError> {
