@@ -375,10 +375,14 @@ async fn reconcile(
     let epoch = plan.epoch;
     let st = state.clone();
     tokio::task::spawn_blocking(move || {
+        let mut started = wanted.clone();
         for e in exec.instances.set_wanted(&wanted) {
             tracing::warn!(error = %e, "instance could not start");
+            started.remove(&e.key());
         }
-        exec.instances.wait_warm(&wanted, Duration::from_secs(300));
+        // Only the instances that started: one that never will (out of memory) would end the
+        // wait at once, reporting the epoch applied while the others are still loading.
+        exec.instances.wait_warm(&started, Duration::from_secs(300));
         // Applied even if some instance failed to load: work for it cold-starts on demand or
         // is re-dispatched by the engine.
         if st.latest_epoch.load(Ordering::SeqCst) == epoch {
