@@ -200,6 +200,15 @@ pub struct Model {
     lm_head: Linear,
     rope: Rope,
     attn_scale: f32,
+    routing_override: Option<Arc<dyn RoutingOverride>>,
+}
+
+/// Forces the experts a MoE layer routes to (trace replay in benchmarks): when it answers, its
+/// ids replace the router's top-k and every chosen expert gets the combine weight `1 / k`.
+pub trait RoutingOverride: Send + Sync + std::fmt::Debug {
+    /// The `k` expert ids of each of `tokens` tokens at decoder layer `layer` (`tokens * k` ids,
+    /// token-major; ids are taken modulo the layer's expert count), or `None` to keep the router.
+    fn route(&self, layer: usize, tokens: usize, k: usize) -> Option<Vec<u32>>;
 }
 
 fn top_k_desc(scores: &[f32], k: usize) -> Vec<usize> {
@@ -475,7 +484,13 @@ impl Model {
             lm_head,
             rope,
             attn_scale,
+            routing_override: None,
         })
+    }
+
+    /// Replaces routing by `o` (trace replay); `None` (the default) routes by the router.
+    pub fn set_routing_override(&mut self, o: Option<Arc<dyn RoutingOverride>>) {
+        self.routing_override = o;
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -735,13 +750,22 @@ impl Model {
         let mut weights = Vec::with_capacity(n * k);
         // Per expert: (token row, combine weight), in token order.
         let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+        let forced = (self.routing_override.as_ref())
+            .and_then(|o| o.route(li, n, k))
+            .filter(|f| f.len() == n * k);
         for t in 0..n {
-            let (ti, tw) = route(
-                &c.moe.router,
-                k,
-                logits.row(t),
-                moe.correction_bias.as_ref().map(|b| b.data()),
-            );
+            let (ti, tw) = match &forced {
+                Some(f) => (
+                    f[t * k..(t + 1) * k].iter().map(|&i| i as usize % e).collect(),
+                    vec![1.0 / k as f32; k],
+                ),
+                None => route(
+                    &c.moe.router,
+                    k,
+                    logits.row(t),
+                    moe.correction_bias.as_ref().map(|b| b.data()),
+                ),
+            };
             for (&i, &w) in ti.iter().zip(&tw) {
                 per_expert[i].push((t, w));
                 ids.push(i as u32);

@@ -25,6 +25,12 @@ pub enum BenchCommand {
     Serve(super::serve::ServeBenchArgs),
     /// Message exchange between two processes: QUIC with mutual TLS against plain TCP.
     Exchange(ExchangeBenchArgs),
+    /// One MoE layer's expert call in process against remote workers (dispatch overhead).
+    Dispatch(super::bench_dp::DispatchBenchArgs),
+    /// Raw read bandwidth against expert instance cold starts.
+    ColdStart(super::bench_dp::ColdStartBenchArgs),
+    /// Decode tokens/s over 1, 2, 4 workers with trace-replayed routing: static vs MoEless placement.
+    DecodeWorkers(super::bench_dp::DecodeWorkersBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -77,10 +83,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Engine(a) => engine(a),
         BenchCommand::Serve(a) => super::serve::bench_serve(a),
         BenchCommand::Exchange(a) => exchange(a),
+        BenchCommand::Dispatch(a) => super::bench_dp::dispatch(a),
+        BenchCommand::ColdStart(a) => super::bench_dp::cold_start(a),
+        BenchCommand::DecodeWorkers(a) => super::bench_dp::decode_workers(a),
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;
@@ -122,7 +131,7 @@ fn shape_of(a: &EngineBenchArgs) -> ModelShape {
 }
 
 /// Generates the checkpoint unless one of the same shape is already there.
-fn ensure_checkpoint(dir: &Path, shape: &ModelShape, dtype: SaveDtype) -> anyhow::Result<()> {
+pub(super) fn ensure_checkpoint(dir: &Path, shape: &ModelShape, dtype: SaveDtype) -> anyhow::Result<()> {
     if let Ok(cfg) = read_config(dir) {
         if cfg.hidden_size == shape.hidden
             && cfg.num_layers == shape.layers

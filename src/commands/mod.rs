@@ -1,6 +1,7 @@
 //! One module per subcommand family; each turns parsed arguments into library calls.
 
 pub mod bench;
+pub mod bench_dp;
 pub mod cluster;
 pub mod control;
 pub mod engine;
