@@ -4,6 +4,9 @@
 //! Reads `$MOELESS_SHARED_DIR` (default `../shared`); a missing directory fails unless
 //! `MOELESS_SKIP_REFERENCE=1`.
 
+mod common;
+use common::routing_dir;
+
 use std::fs::File;
 use std::io::BufReader;
 use std::path::PathBuf;
@@ -12,24 +15,6 @@ use shared::replay::{replay, PolicyKind, ReplayConfig};
 use shared::synth::{generate, SynthConfig};
 use shared::trace::Phase;
 use shared::trace_formats::{CoActivation, ExpertCounts, LayerFractions, ScoredTrace};
-
-fn routing_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("MOELESS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")))
-        .join("data/routing");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("MOELESS_SKIP_REFERENCE").as_deref() == Ok("1") {
-        eprintln!("skipping: {} missing and MOELESS_SKIP_REFERENCE=1", dir.display());
-        return None;
-    }
-    panic!(
-        "reference data {} is missing: set MOELESS_SHARED_DIR or MOELESS_SKIP_REFERENCE=1",
-        dir.display()
-    );
-}
 
 fn open(p: PathBuf) -> BufReader<File> {
     BufReader::new(File::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))

@@ -6,29 +6,14 @@
 //! Reads `$MOELESS_SHARED_DIR` (default `../shared`); a missing directory fails unless
 //! `MOELESS_SKIP_REFERENCE=1`.
 
+mod common;
+use common::routing_dir;
+
 use std::path::{Path, PathBuf};
 
 use shared::replay::{replay, PolicyKind, ReplayConfig};
 use shared::source::{load_steps, RoutingFormat, SourceError, SourceOptions};
 use shared::trace::Phase;
-
-fn routing_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("MOELESS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")))
-        .join("data/routing");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("MOELESS_SKIP_REFERENCE").as_deref() == Ok("1") {
-        eprintln!("skipping: {} missing and MOELESS_SKIP_REFERENCE=1", dir.display());
-        return None;
-    }
-    panic!(
-        "reference data {} is missing: set MOELESS_SHARED_DIR or MOELESS_SKIP_REFERENCE=1",
-        dir.display()
-    );
-}
 
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
