@@ -298,7 +298,17 @@ async fn follow_plans(
         })
         .await?
         .into_inner();
-    while let Some(plan) = stream.message().await? {
+    while let Some(mut plan) = stream.message().await? {
+        // Plans already queued (history replayed to a fresh or restarted worker): only the
+        // newest is reconciled; the one before it says where experts are warm.
+        loop {
+            use futures_util::FutureExt;
+            match stream.message().now_or_never() {
+                Some(Ok(Some(next))) => *previous = Some(std::mem::replace(&mut plan, next)),
+                Some(Ok(None)) | None => break,
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
         if plan.epoch <= state.latest_epoch.load(Ordering::SeqCst) {
             continue;
         }
