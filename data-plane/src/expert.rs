@@ -528,12 +528,16 @@ impl LocalExperts {
     }
 }
 
+/// How a layer's expert tasks should run: with few tokens per expert (decode), experts side by
+/// side; with many (prefill), one expert at a time, each matrix product parallel inside.
+pub fn run_side_by_side(tasks: usize, rows: usize) -> bool {
+    tasks > 1 && rows <= 4 * tasks
+}
+
 impl ExpertFunction for LocalExperts {
     fn execute(&self, _layer: usize, tasks: Vec<ExpertTask>) -> Result<Vec<Tensor>, ExpertError> {
         let rows: usize = tasks.iter().map(|t| t.input.rows()).sum();
-        // Few tokens per expert (decode): run experts side by side; many tokens (prefill):
-        // one expert at a time, each matrix product parallel inside.
-        if tasks.len() > 1 && rows <= 4 * tasks.len() {
+        if run_side_by_side(tasks.len(), rows) {
             tasks.par_iter().map(|t| self.run(t)).collect()
         } else {
             tasks.iter().map(|t| self.run(t)).collect()

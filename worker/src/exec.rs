@@ -113,9 +113,7 @@ impl Executor {
         }
         let rows: usize = tasks.iter().map(|t| t.1.rows()).sum();
         let go = || -> Result<Vec<Tensor>, ExecError> {
-            // Few tokens per expert (decode): experts side by side; many (prefill): one at a
-            // time with each product parallel inside.
-            if tasks.len() > 1 && rows <= 4 * tasks.len() {
+            if data_plane::expert::run_side_by_side(tasks.len(), rows) {
                 tasks.par_iter().map(|(k, x)| self.run_one(*k, x)).collect()
             } else {
                 tasks.iter().map(|(k, x)| self.run_one(*k, x)).collect()

@@ -314,13 +314,12 @@ impl ExpertFunction for RemoteExperts {
     fn execute(&self, layer: usize, tasks: Vec<ExpertTask>) -> Result<Vec<Tensor>, ExpertError> {
         self.counters.layer_calls.fetch_add(1, Ordering::Relaxed);
         let (plan, workers) = self.snapshot();
-        let mut outputs: Vec<Option<Tensor>> = vec![None; tasks.len()];
-        let mut pending: Vec<usize> = (0..tasks.len()).filter(|&i| tasks[i].input.rows() > 0).collect();
-        for &i in (0..tasks.len()).collect::<Vec<_>>().iter() {
-            if tasks[i].input.rows() == 0 {
-                outputs[i] = Some(Tensor::matrix(0, tasks[i].input.cols(), vec![]));
-            }
-        }
+        // Tasks without tokens are answered here; the rest wait for a worker.
+        let mut outputs: Vec<Option<Tensor>> = tasks
+            .iter()
+            .map(|t| (t.input.rows() == 0).then(|| Tensor::matrix(0, t.input.cols(), vec![])))
+            .collect();
+        let mut pending: Vec<usize> = (0..tasks.len()).filter(|&i| outputs[i].is_none()).collect();
         let mut failed: HashSet<u64> = HashSet::new();
         let mut last_error = String::new();
         for round in 0..MAX_ROUNDS {
