@@ -45,12 +45,16 @@ struct Fleet {
     live: Vec<u64>,
     /// Dead (silent past the timeout, or marked dead and still silent): instances leave them.
     lost: BTreeSet<u64>,
+    /// Draining (asked to leave, still serving): instances leave them too, and they keep serving
+    /// the old plan until engines have moved on.
+    draining: BTreeSet<u64>,
 }
 
 fn fleet(node: &Node, state: &ClusterState, since: Instant, now: Instant) -> Fleet {
     let mut f = Fleet {
         live: Vec::new(),
         lost: BTreeSet::new(),
+        draining: BTreeSet::new(),
     };
     node.with_liveness(|l| {
         for w in state.workers.values() {
@@ -59,7 +63,9 @@ fn fleet(node: &Node, state: &ClusterState, since: Instant, now: Instant) -> Fle
                 WorkerHealth::Dead => {
                     f.lost.insert(w.spec.id);
                 }
-                WorkerHealth::Draining => {}
+                WorkerHealth::Draining => {
+                    f.draining.insert(w.spec.id);
+                }
             }
         }
     });
@@ -90,24 +96,27 @@ async fn tick(node: &Node) -> Result<(), NodeError> {
         node.write(cmd, WRITE_WAIT).await?;
     }
 
-    // One plan per tick at most: the next tick starts from the new epoch.
+    // One plan per tick at most: the next tick starts from the new epoch. Instances leave dead
+    // workers and draining ones alike.
     let current = state.current_epoch();
+    let leaving: BTreeSet<u64> = fleet.lost.union(&fleet.draining).copied().collect();
     for model in state.models.values() {
         let intent = match state.latest_plan_of(&model.name) {
-            Some(plan) => match replace_lost_workers(&plan.instances, &fleet.lost, &fleet.live) {
+            Some(plan) => match replace_lost_workers(&plan.instances, &leaving, &fleet.live) {
                 Ok(Some(instances)) => {
-                    let gone: BTreeSet<u64> = plan
-                        .instances
-                        .iter()
-                        .map(|i| i.worker)
-                        .filter(|w| fleet.lost.contains(w))
-                        .collect();
-                    let gone: Vec<String> = gone.iter().map(u64::to_string).collect();
-                    let noun = if gone.len() == 1 { "worker" } else { "workers" };
+                    let held: BTreeSet<u64> = plan.instances.iter().map(|i| i.worker).collect();
+                    let mut why = Vec::new();
+                    for (set, what) in [(&fleet.lost, "lost"), (&fleet.draining, "draining")] {
+                        let ids: Vec<String> = set.intersection(&held).map(u64::to_string).collect();
+                        if !ids.is_empty() {
+                            let noun = if ids.len() == 1 { "worker" } else { "workers" };
+                            why.push(format!("{noun} {} {what}", ids.join(", ")));
+                        }
+                    }
                     PlanIntent {
                         model: model.name.clone(),
                         instances,
-                        reason: format!("{noun} {} lost", gone.join(", ")),
+                        reason: why.join("; "),
                     }
                 }
                 Ok(None) => continue,

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::liveness::{InstanceReport, InstanceState, WorkerObservation};
 use crate::node::{Node, NodeError};
-use crate::state::{Device, ExpertInstance, PlacementPlan, WorkerSpec};
+use crate::state::{Device, ExpertInstance, ModelSpec, PlacementPlan, WorkerSpec};
 use crate::types::Command;
 
 const WRITE_WAIT: Duration = Duration::from_secs(3);
@@ -295,6 +295,14 @@ impl wpb::worker_service_server::WorkerService for WorkerApi {
             req.into_inner().after_epoch,
         )))
     }
+
+    async fn drain(&self, req: Request<wpb::DrainRequest>) -> Result<Response<wpb::DrainResponse>, Status> {
+        let worker = req.into_inner().worker_id;
+        self.node.write(Command::DrainWorker { worker }, WRITE_WAIT).await?;
+        Ok(Response::new(wpb::DrainResponse {
+            current_epoch: *self.node.state_machine().watch_epoch().borrow(),
+        }))
+    }
 }
 
 /// EngineService: plans, worker liveness and load reports for engines.
@@ -315,6 +323,49 @@ impl EngineApi {
 
 #[tonic::async_trait]
 impl pb::engine_service_server::EngineService for EngineApi {
+    async fn register_model(
+        &self,
+        req: Request<pb::RegisterModelRequest>,
+    ) -> Result<Response<pb::RegisterModelResponse>, Status> {
+        let r = req.into_inner();
+        let spec = ModelSpec {
+            name: r.name,
+            architecture: r.architecture,
+            num_layers: r.num_layers,
+            num_experts: r.num_experts,
+            top_k: r.top_k,
+            weights: r.weights,
+        };
+        // Decided on the leader's applied state, so two engines racing see one outcome.
+        let state = self.node.linearizable_state().await?;
+        let created = match state.models.get(&spec.name) {
+            Some(existing) if *existing == spec => false,
+            Some(existing)
+                if (
+                    &existing.architecture,
+                    existing.num_layers,
+                    existing.num_experts,
+                    existing.top_k,
+                ) != (&spec.architecture, spec.num_layers, spec.num_experts, spec.top_k) =>
+            {
+                return Err(Status::failed_precondition(format!(
+                    "model {:?} is registered with another shape ({} layers x {} experts, top-{} {}); \
+                     serve it under another name",
+                    spec.name, existing.num_layers, existing.num_experts, existing.top_k, existing.architecture
+                )));
+            }
+            // New, or the same shape with new weights.
+            _ => {
+                self.node.write(Command::PutModel(spec), WRITE_WAIT).await?;
+                true
+            }
+        };
+        Ok(Response::new(pb::RegisterModelResponse {
+            created,
+            current_epoch: self.node.cluster().epoch,
+        }))
+    }
+
     /// Linearizable: served by the leader after a ReadIndex round; a follower answers UNAVAILABLE
     /// naming the leader.
     async fn get_plan(&self, req: Request<pb::GetPlanRequest>) -> Result<Response<pb::GetPlanResponse>, Status> {

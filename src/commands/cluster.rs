@@ -273,3 +273,94 @@ pub fn distributed_engine(
     let engine = data_plane::engine::Engine::new(Arc::new(model), remote.clone(), remote.clone());
     Ok((engine, cluster, remote))
 }
+
+/// Where an engine finds an external cluster (`serve --control`).
+pub struct ExternalCluster<'a> {
+    /// Control-plane gRPC addresses (any or all voters).
+    pub control: Vec<String>,
+    /// The engine's TLS identity: DIR/ca.pem, DIR/NAME.pem, DIR/NAME.key.
+    pub tls_dir: &'a Path,
+    pub tls_name: &'a str,
+    /// The model name plans and workers use.
+    pub model: String,
+    /// Where workers read the expert weights (default: this engine's checkpoint directory).
+    pub worker_weights: Option<String>,
+    /// How long to wait for the control plane and a first active plan.
+    pub wait: Duration,
+}
+
+/// An engine whose routed experts run on the workers of an external cluster: registers the
+/// model with its control plane (idempotent), then follows the plans the control plane commits
+/// for it (the reconciler places a new model on the live workers).
+pub fn external_engine(
+    dir: &Path,
+    ext: ExternalCluster<'_>,
+) -> anyhow::Result<(data_plane::engine::Engine, Arc<RemoteExperts>)> {
+    anyhow::ensure!(!ext.control.is_empty(), "--control needs at least one address");
+    let config = data_plane::engine::read_config(dir)?;
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("resolving model directory {}", dir.display()))?;
+    let identity = Identity::load(&TlsFiles::in_dir(ext.tls_dir, ext.tls_name)).context("loading the TLS identity")?;
+    let request = proto::engine::RegisterModelRequest {
+        name: ext.model.clone(),
+        architecture: config.arch.model_type().to_string(),
+        num_layers: config.num_layers as u32,
+        num_experts: config.moe.num_experts as u32,
+        top_k: config.moe.top_k as u32,
+        weights: ext
+            .worker_weights
+            .clone()
+            .unwrap_or_else(|| dir.to_string_lossy().into_owned()),
+    };
+    let client = worker::control::ControlClient::new(ext.control.clone());
+    let deadline = Instant::now() + ext.wait;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let created = rt.block_on(async {
+        loop {
+            let attempt = async {
+                client
+                    .engine()
+                    .await?
+                    .register_model(request.clone())
+                    .await
+                    .map_err(anyhow::Error::from)
+            };
+            match attempt.await {
+                Ok(r) => return anyhow::Ok(r.into_inner().created),
+                // A shape conflict will not go away by retrying.
+                Err(e)
+                    if e.downcast_ref::<tonic::Status>()
+                        .is_some_and(|s| s.code() == tonic::Code::FailedPrecondition) =>
+                {
+                    return Err(e.context("registering the model"));
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context(format!("registering the model with {:?}", ext.control)));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "registering the model; retrying");
+                    client.rotate();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    })?;
+    eprintln!(
+        "control plane {:?}: model `{}` {}; waiting for its placement plan",
+        ext.control,
+        ext.model,
+        if created { "registered" } else { "already registered" }
+    );
+    let opts = RemoteOptions::new(ext.control.clone(), ext.model.clone());
+    let remote = RemoteExperts::connect(
+        opts,
+        &identity,
+        None,
+        deadline.saturating_duration_since(Instant::now()),
+    )?;
+    eprintln!("plan epoch {} active", remote.active_epoch());
+    let backend: Arc<dyn data_plane::backend::Backend> = Arc::new(data_plane::backend::CpuBackend);
+    let ckpt = data_plane::checkpoint::Checkpoint::open(&dir)?;
+    let model = data_plane::model::Model::load(&ckpt, config, backend)?;
+    let engine = data_plane::engine::Engine::new(Arc::new(model), remote.clone(), remote.clone());
+    Ok((engine, remote))
+}

@@ -63,6 +63,23 @@ pub struct ServeArgs {
     /// Memory budget of each worker for expert instances, in GiB.
     #[arg(long, default_value_t = 4.0)]
     pub worker_memory_gb: f64,
+    /// Run the routed experts on the workers of an external cluster: its control-plane gRPC
+    /// addresses, HOST:PORT[,HOST:PORT...]. The model is registered there and served on the
+    /// plans its control plane commits. Needs --model and --tls-dir.
+    #[arg(long, env = "MOELESS_CONTROL", value_delimiter = ',', conflicts_with = "workers")]
+    pub control: Vec<String>,
+    /// With --control: directory of PEM files from `moeless certs generate`.
+    #[arg(long, env = "MOELESS_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --control: this engine's certificate name in --tls-dir.
+    #[arg(long, env = "MOELESS_TLS_NAME", default_value = "engine")]
+    pub tls_name: String,
+    /// With --control: the checkpoint path as the workers see it (default: --model, resolved).
+    #[arg(long, env = "MOELESS_WORKER_WEIGHTS")]
+    pub worker_weights: Option<PathBuf>,
+    /// With --control: how long to wait for the control plane and a first placement plan.
+    #[arg(long, default_value_t = 120)]
+    pub cluster_wait_s: u64,
 }
 
 /// `require_model`: `serve` needs --model; `up` falls back to the built-in model.
@@ -77,7 +94,31 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
     // With --workers: the local cluster lives as long as the server.
     let mut cluster = None;
     let mut builtin_dir = None;
+    let model_name = args.served_model_name.clone().or_else(|| {
+        args.model
+            .as_ref()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+    });
+    let mut external = None;
     let mut load = |dir: &std::path::Path| -> anyhow::Result<Engine> {
+        if !args.control.is_empty() {
+            let tls_dir = args
+                .tls_dir
+                .as_deref()
+                .context("--control needs --tls-dir (the engine's certificate for mutual TLS)")?;
+            let ext = super::cluster::ExternalCluster {
+                control: args.control.clone(),
+                tls_dir,
+                tls_name: &args.tls_name,
+                model: model_name.clone().unwrap_or_else(|| "moeless".into()),
+                worker_weights: args.worker_weights.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                wait: Duration::from_secs(args.cluster_wait_s),
+            };
+            let (engine, remote) = super::cluster::external_engine(dir, ext)?;
+            external = Some(remote);
+            return Ok(engine);
+        }
         if args.workers == 0 {
             return Engine::load_local(dir).with_context(|| format!("loading model from {}", dir.display()));
         }
@@ -109,6 +150,9 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
             (engine, tokenizer, name)
         }
         None if require_model => anyhow::bail!("`moeless serve` needs --model DIR (or use `moeless up`)"),
+        None if !args.control.is_empty() => {
+            anyhow::bail!("--control needs --model DIR: a checkpoint the workers can read too")
+        }
         None => {
             eprintln!(
                 "no --model given: serving the built-in random-weight demo model with a byte-level \
@@ -168,6 +212,7 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
         server.shutdown().await.context("shutting down")
     })?;
     drop(cluster);
+    drop(external);
     drop(builtin_dir);
     Ok(())
 }

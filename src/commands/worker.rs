@@ -46,6 +46,11 @@ pub struct WorkerArgs {
     pub tls_dir: PathBuf,
     #[arg(long, env = "MOELESS_TLS_NAME")]
     pub tls_name: String,
+    /// On SIGTERM or Ctrl-C: how long a graceful drain may take (instances move to other
+    /// workers, engines stop sending here) before the worker exits anyway. A second signal
+    /// exits at once.
+    #[arg(long, default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
     /// Exit when standard input closes (a local cluster's parent holds the other end, so its
     /// workers do not outlive it).
     #[arg(long, hide = true)]
@@ -71,6 +76,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     }
     let identity = Identity::load(&TlsFiles::in_dir(&a.tls_dir, &a.tls_name)).context("loading TLS identity")?;
     let exit_on_stdin_close = a.exit_on_stdin_close;
+    let drain_timeout = Duration::from_millis(a.drain_timeout_ms);
     let opts = worker::WorkerOptions {
         id: a.id,
         control: a.control,
@@ -99,13 +105,47 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
                 std::future::pending::<()>().await;
             }
         };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = parent_gone => eprintln!("parent closed stdin: exiting"),
+        let mut terminate = terminate_signal()?;
+        let graceful = tokio::select! {
+            _ = terminate.recv() => true,
+            _ = parent_gone => {
+                eprintln!("parent closed stdin: exiting");
+                false
+            }
+        };
+        if graceful {
+            eprintln!("draining (a second signal exits at once)");
+            tokio::select! {
+                outcome = running.drain(Duration::from_secs(1), drain_timeout) => match outcome {
+                    worker::DrainOutcome::Drained => eprintln!("drained: exiting"),
+                    worker::DrainOutcome::TimedOut { why } => eprintln!("drain timed out ({why}): exiting"),
+                },
+                _ = terminate.recv() => eprintln!("second signal: exiting without draining"),
+            }
         }
         running.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// SIGTERM and SIGINT as one stream of shutdown requests.
+fn terminate_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 #[derive(Subcommand, Debug)]

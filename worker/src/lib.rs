@@ -12,4 +12,4 @@ pub mod node;
 pub mod remote;
 pub mod wire;
 
-pub use node::{start, RunningWorker, WorkerOptions};
+pub use node::{start, DrainOutcome, RunningWorker, WorkerOptions};

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,13 @@ struct State {
     active: RwLock<Option<Active>>,
     applied_epoch: AtomicU64,
     latest_epoch: AtomicU64,
+    /// Whether the newest plan seen places any instance here.
+    named_in_latest: AtomicBool,
+    /// Set once a graceful drain starts: the worker no longer (re-)registers, which would mark
+    /// it active again.
+    draining: AtomicBool,
+    /// When the worker last received work (expert requests or weight fetches).
+    last_request: Mutex<Instant>,
     peers: Client,
 }
 
@@ -141,6 +148,9 @@ impl WorkerHandler {
             }
         };
         let id = frame.id();
+        if let Ok(mut last) = self.state.last_request.lock() {
+            *last = Instant::now();
+        }
         let Some(exec) = self.state.executor() else {
             return error_frame(id, ExecError::new(ErrorCode::WrongModel, "no model is loaded yet"));
         };
@@ -199,9 +209,71 @@ pub struct RunningWorker {
     server: Server,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     stop: watch::Sender<bool>,
+    state: Arc<State>,
+    control: ControlClient,
+}
+
+/// How a graceful drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// A committed plan no longer names this worker and no work arrived for the quiet period.
+    Drained,
+    /// The deadline passed first; `why` says which step was still pending.
+    TimedOut { why: String },
 }
 
 impl RunningWorker {
+    /// Gracefully leaves the cluster: asks the control plane to drain this worker (its instances
+    /// move elsewhere in a new plan), keeps serving while engines still use plans that name it,
+    /// and returns once the newest plan does not name it and no work has arrived for `quiet`,
+    /// or at `timeout`. The caller then shuts the worker down.
+    pub async fn drain(&self, quiet: Duration, timeout: Duration) -> DrainOutcome {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let state = &self.state;
+        state.draining.store(true, Ordering::SeqCst);
+        let drain_epoch = loop {
+            let req = wpb::DrainRequest {
+                worker_id: state.opts.id,
+            };
+            match self.control.worker().await {
+                Ok(mut c) => match c.drain(req).await {
+                    Ok(r) => break r.into_inner().current_epoch,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "asking the control plane to drain this worker");
+                        self.control.rotate();
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "reaching the control plane to drain"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return DrainOutcome::TimedOut {
+                    why: "the control plane did not accept the drain".into(),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        tracing::info!(epoch = drain_epoch, "draining: waiting for a plan without this worker");
+        loop {
+            // The plan stream has caught up with the drain and the newest plan leaves us out.
+            let moved = state.latest_epoch.load(Ordering::SeqCst) >= drain_epoch
+                && !state.named_in_latest.load(Ordering::SeqCst);
+            let idle_for = state.last_request.lock().map(|t| t.elapsed()).unwrap_or_default();
+            if moved && idle_for >= quiet {
+                tracing::info!("drained: no plan names this worker and no work arrives");
+                return DrainOutcome::Drained;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let why = if moved {
+                    format!("work still arrived {} ms ago", idle_for.as_millis())
+                } else {
+                    "no plan without this worker was committed".into()
+                };
+                return DrainOutcome::TimedOut { why };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in &self.tasks {
@@ -221,6 +293,9 @@ pub async fn start(opts: WorkerOptions, identity: &Identity) -> anyhow::Result<R
         active: RwLock::new(None),
         applied_epoch: AtomicU64::new(0),
         latest_epoch: AtomicU64::new(0),
+        named_in_latest: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        last_request: Mutex::new(Instant::now()),
         peers,
     });
     let server = Server::bind(
@@ -239,7 +314,12 @@ pub async fn start(opts: WorkerOptions, identity: &Identity) -> anyhow::Result<R
         control.clone(),
         advertise.clone(),
     )));
-    tasks.push(tokio::spawn(heartbeat_loop(state.clone(), control, advertise, stop_rx)));
+    tasks.push(tokio::spawn(heartbeat_loop(
+        state.clone(),
+        control.clone(),
+        advertise,
+        stop_rx,
+    )));
     let ticker = state.clone();
     tasks.push(tokio::spawn(async move {
         loop {
@@ -255,6 +335,8 @@ pub async fn start(opts: WorkerOptions, identity: &Identity) -> anyhow::Result<R
         server,
         tasks,
         stop,
+        state,
+        control,
     })
 }
 
@@ -289,7 +371,9 @@ async fn follow_plans(
     previous: &mut Option<epb::PlacementPlan>,
 ) -> anyhow::Result<()> {
     let mut wc = control.worker().await?;
-    wc.register(register_request(&state.opts, advertise)).await?;
+    if !state.draining.load(Ordering::SeqCst) {
+        wc.register(register_request(&state.opts, advertise)).await?;
+    }
     let after = state.latest_epoch.load(Ordering::SeqCst);
     let mut stream = wc
         .watch_plan(wpb::WatchPlanRequest {
@@ -312,6 +396,10 @@ async fn follow_plans(
         if plan.epoch <= state.latest_epoch.load(Ordering::SeqCst) {
             continue;
         }
+        let me = state.opts.id;
+        state
+            .named_in_latest
+            .store(plan.instances.iter().any(|i| i.worker_id == me), Ordering::SeqCst);
         state.latest_epoch.store(plan.epoch, Ordering::SeqCst);
         if let Err(e) = reconcile(state, control, &plan, previous.as_ref()).await {
             tracing::warn!(epoch = plan.epoch, error = %e, "reconciling to plan");
@@ -496,7 +584,7 @@ async fn heartbeat_loop(state: Arc<State>, control: ControlClient, advertise: St
             };
             match c.heartbeat(hb.clone()).await {
                 Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::NotFound => {
+                Err(s) if s.code() == tonic::Code::NotFound && !state.draining.load(Ordering::SeqCst) => {
                     let _ = c.register(register_request(&state.opts, &advertise)).await;
                 }
                 Err(s) => tracing::debug!(%addr, error = %s, "heartbeat"),
