@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::failpoint::FailpointError;
 use crate::liveness::InstanceState;
 use crate::node::{Node, NodeError};
 use crate::state::{ModelSpec, PlanIntent, PolicyConfig, PredictorUpdate, WorkerHealth};
@@ -85,7 +86,7 @@ impl From<NodeError> for ApiError {
             NodeError::Rejected(_) => "rejected",
             NodeError::NotLeader { .. } => "not_leader",
             NodeError::NoLeader => "no_leader",
-            NodeError::Storage(_) => "storage_error",
+            NodeError::Storage(_) | NodeError::Fatal(_) => "storage_error",
             _ => "raft_error",
         };
         ApiError::new(status, kind, e.to_string())
@@ -169,6 +170,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/loads", get(loads))
         .route("/v1/members", post(add_member))
         .route("/v1/members/{id}", delete(remove_member))
+        .route("/v1/debug/failpoints", get(get_failpoints).put(put_failpoints))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
@@ -418,6 +420,33 @@ async fn remove_member(State(node): State<Node>, Path(id): Path<String>) -> ApiR
     ok(node.cluster())
 }
 
+async fn get_failpoints(State(node): State<Node>) -> ApiResult {
+    let fp = node.failpoints();
+    if !fp.is_enabled() {
+        return Err(ApiError::not_found(FailpointError::Disabled.to_string()));
+    }
+    ok(fp.list())
+}
+
+/// Sets failpoints on this node only: `{"append-before-flush": "abort", ...}`; answers the armed
+/// points. All settings are checked before any is applied.
+async fn put_failpoints(State(node): State<Node>, body: Bytes) -> ApiResult {
+    let fp = node.failpoints();
+    if !fp.is_enabled() {
+        return Err(ApiError::not_found(FailpointError::Disabled.to_string()));
+    }
+    let wanted: std::collections::BTreeMap<String, String> = parse(&body)?;
+    let settings = wanted
+        .iter()
+        .map(|(name, action)| crate::failpoint::parse_setting(name, action))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    for (name, action) in settings {
+        fp.set(name, action).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    ok(fp.list())
+}
+
 async fn render_metrics(State(node): State<Node>) -> ApiResult {
     let view = node.cluster();
     let id = view.id.to_string();
@@ -472,6 +501,7 @@ pub fn openapi_document() -> serde_json::Value {
             "/v1/loads": {"get": op("Load reports received by this node")},
             "/v1/members": {"post": body_op("Add a voter", "Member")},
             "/v1/members/{id}": {"delete": op("Remove a voter")},
+            "/v1/debug/failpoints": {"get": op("Armed failpoints of this node (404 unless it was started with MOELESS_FAILPOINTS set)"), "put": body_op("Arm failpoints on this node: {\"append-before-flush\": \"abort\"}; actions off, abort, error, sleep(MS)", "Failpoints")},
             "/metrics": {"get": op("Prometheus metrics")},
             "/openapi.json": {"get": op("This document")}
         },
@@ -484,7 +514,8 @@ pub fn openapi_document() -> serde_json::Value {
                 "PlanIntent": {"type": "object", "required": ["model", "instances"], "properties": {"expected_epoch": {"type": "integer"}}},
                 "ModelSpec": {"type": "object", "required": ["name", "architecture", "num_layers", "num_experts", "top_k", "weights"]},
                 "PredictorUpdate": {"type": "object", "required": ["name", "parameters"]},
-                "Member": {"type": "object", "required": ["id", "raft_addr"], "properties": {"admin_addr": {"type": "string"}}}
+                "Member": {"type": "object", "required": ["id", "raft_addr"], "properties": {"admin_addr": {"type": "string"}}},
+                "Failpoints": {"type": "object", "additionalProperties": {"type": "string"}}
             }
         }
     })

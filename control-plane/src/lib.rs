@@ -1,10 +1,11 @@
-//! The MoEless control plane: a Raft-replicated metadata store (openraft 0.10 on redb), the
+//! The MoEless control plane: a Raft-replicated metadata store (openraft 0.10 on redb or sled), the
 //! worker and engine gRPC services, and the admin REST API.
 //!
 //! Never touches tensors; protobuf types stop at `services` and `network`.
 
 pub mod admin;
 pub mod client;
+pub mod failpoint;
 pub mod liveness;
 pub mod network;
 pub mod node;
@@ -15,5 +16,7 @@ pub mod state;
 pub mod store;
 pub mod types;
 
+pub use failpoint::Failpoints;
 pub use node::{start, Node, NodeConfig, NodeError, RunningNode};
+pub use store::StorageKind;
 pub use types::{Command, CommandResponse, NodeInfo, TypeConfig};

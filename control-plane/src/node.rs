@@ -12,13 +12,14 @@ use openraft::raft::ReadPolicy;
 use openraft::{ChangeMembers, Config, ServerState};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::failpoint::Failpoints;
 use crate::liveness::{InstanceReport, Liveness, WorkerObservation};
 use crate::network::{raft_client, write_local, ForwardedWrite, GrpcNetwork, RaftServer, MAX_MESSAGE_BYTES};
 use crate::state::{ClusterState, WorkerHealth, WorkerSpec};
-use crate::store::{LogStore, RedbBackend, StateMachineStore, StorageBackend};
+use crate::store::{open_backend, LogStore, StateMachineStore, StorageKind};
 use crate::types::{Command, CommandResponse, NodeId, NodeInfo, Raft};
 
 /// How a node is started. Built by the CLI (`moeless control-plane`) or by tests.
@@ -43,6 +44,10 @@ pub struct NodeConfig {
     /// Run the leader's reconciler (dead-worker re-placement, initial plans, the scaling loop).
     /// Tests that commit every plan by hand turn it off.
     pub reconciler: bool,
+    /// Where the log, vote and state machine live (`--storage`).
+    pub storage: StorageKind,
+    /// Crash, I/O-error and stall injection on the storage path (disabled by default).
+    pub failpoints: Failpoints,
 }
 
 impl NodeConfig {
@@ -60,6 +65,8 @@ impl NodeConfig {
             snapshot_every: 1000,
             worker_timeout_ms: 1000,
             reconciler: true,
+            storage: StorageKind::default(),
+            failpoints: Failpoints::default(),
         }
     }
 }
@@ -81,6 +88,9 @@ pub enum NodeError {
     Raft(String),
     #[error("storage: {0}")]
     Storage(String),
+    /// Raft stopped on this node (a storage write failed); it serves nothing until restarted.
+    #[error("raft stopped on a fatal error: {0}; restart the node so it recovers from what its disk holds")]
+    Fatal(String),
     #[error("binding {what} on {addr}: {message}")]
     Bind {
         what: &'static str,
@@ -132,6 +142,7 @@ struct Shared {
     /// Serialises scaling rounds (loop and POST /v1/rebalance); holds when the last one ran.
     scaling: tokio::sync::Mutex<Instant>,
     admin_token: Option<String>,
+    failpoints: Failpoints,
 }
 
 /// A cheap handle to a running node, used by the admin API and the gRPC services.
@@ -174,6 +185,9 @@ impl Node {
     }
     pub fn admin_token(&self) -> Option<&str> {
         self.shared.admin_token.as_deref()
+    }
+    pub fn failpoints(&self) -> &Failpoints {
+        &self.shared.failpoints
     }
 
     pub fn cluster(&self) -> ClusterView {
@@ -444,6 +458,8 @@ pub struct RunningNode {
     pub admin_addr: SocketAddr,
     stop: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// Set once if Raft stops on a fatal error.
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl RunningNode {
@@ -460,12 +476,54 @@ impl RunningNode {
         }
     }
 
-    /// Waits until the servers stop (they run until `shutdown` or process exit).
-    pub async fn wait(mut self) {
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
+    /// Resolves when Raft has stopped on a fatal error (a storage write failed): the node can
+    /// no longer persist anything, so the caller should exit and let a supervisor restart it.
+    pub fn fatal(&self) -> impl std::future::Future<Output = NodeError> + Send + 'static {
+        let mut rx = self.fatal.clone();
+        async move {
+            let reason = rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|r| r.clone().unwrap_or_default());
+            match reason {
+                Ok(reason) => NodeError::Fatal(reason),
+                // Raft stopped normally (shutdown): never fatal.
+                Err(_) => std::future::pending().await,
+            }
         }
     }
+
+    /// Runs until Raft stops on a fatal error (returned) or the servers stop.
+    pub async fn wait(mut self) -> Result<(), NodeError> {
+        let fatal = self.fatal();
+        let tasks = futures_util::future::join_all(self.tasks.drain(..));
+        tokio::select! {
+            e = fatal => Err(e),
+            _ = tasks => Ok(()),
+        }
+    }
+}
+
+/// Watches Raft's metrics and reports a fatal stop (anything but a requested shutdown).
+fn watch_fatal(raft: &Raft, id: NodeId) -> watch::Receiver<Option<String>> {
+    let (tx, rx) = watch::channel(None);
+    let mut metrics = raft.metrics();
+    tokio::spawn(async move {
+        loop {
+            let running = metrics.borrow_watched().running_state.clone();
+            if let Err(fatal) = running {
+                if !matches!(fatal, openraft::errors::Fatal::Stopped) {
+                    tracing::error!(id, error = %fatal, "raft stopped on a fatal error");
+                    let _ = tx.send(Some(fatal.to_string()));
+                }
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Opens storage, starts Raft and both servers, and bootstraps a new group if this node is the
@@ -491,15 +549,15 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let admin_addr = local(&admin_listener, "admin API", config.admin_addr)?;
 
     let dir = config.data_dir.clone();
-    let backend = tokio::task::spawn_blocking(move || RedbBackend::open(&dir))
+    let (kind, failpoints) = (config.storage, config.failpoints.clone());
+    let backend = tokio::task::spawn_blocking(move || open_backend(kind, &dir, failpoints))
         .await
         .map_err(|e| NodeError::Storage(e.to_string()))?
         .map_err(|e| NodeError::Storage(e.to_string()))?;
-    let backend: Arc<dyn StorageBackend> = Arc::new(backend);
-    let sm = StateMachineStore::open(Arc::clone(&backend))
+    let sm = StateMachineStore::open(Arc::clone(&backend), config.failpoints.clone())
         .await
         .map_err(|e| NodeError::Storage(e.to_string()))?;
-    let log = LogStore::new(backend);
+    let log = LogStore::new(backend, config.failpoints.clone());
 
     let raft_config = Config {
         cluster_name: "moeless".into(),
@@ -514,6 +572,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let raft = Raft::new(config.id, raft_config, GrpcNetwork, log, sm.clone())
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let fatal = watch_fatal(&raft, config.id);
 
     let info = NodeInfo {
         raft_addr: raft_addr.to_string(),
@@ -530,6 +589,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             leader_since: Mutex::new(None),
             scaling: tokio::sync::Mutex::new(Instant::now()),
             admin_token: config.admin_token.clone(),
+            failpoints: config.failpoints.clone(),
         }),
     };
 
@@ -603,12 +663,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
                 .map_err(|e| NodeError::Raft(e.to_string()))?;
         }
     }
-    tracing::info!(id = config.id, %raft_addr, %admin_addr, "control-plane node started");
+    tracing::info!(id = config.id, %raft_addr, %admin_addr, storage = %config.storage, "control-plane node started");
     Ok(RunningNode {
         node,
         raft_addr,
         admin_addr,
         stop,
         tasks,
+        fatal,
     })
 }

@@ -26,6 +26,10 @@ pub struct ControlPlaneArgs {
     /// Directory of the durable Raft store.
     #[arg(long, env = "MOELESS_DATA_DIR", default_value = "moeless-data")]
     pub data_dir: PathBuf,
+    /// Storage backend of the Raft log, vote and state machine: redb (default) or sled.
+    /// A data directory keeps the backend it was created with.
+    #[arg(long, env = "MOELESS_STORAGE", default_value = "redb")]
+    pub storage: control_plane::StorageKind,
     /// Bearer token required by the admin API (every route but /health).
     #[arg(long, env = "MOELESS_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
@@ -102,6 +106,12 @@ pub fn control_plane(a: ControlPlaneArgs) -> anyhow::Result<()> {
     }
     config.worker_timeout_ms = a.worker_timeout_ms;
     config.election_timeout_ms = parse_range(&a.election_timeout_ms)?;
+    config.storage = a.storage;
+    // MOELESS_FAILPOINTS (fault injection, see control_plane::failpoint); unset in production.
+    config.failpoints = control_plane::Failpoints::from_env().context("reading MOELESS_FAILPOINTS")?;
+    if config.failpoints.is_enabled() {
+        tracing::warn!(armed = ?config.failpoints.list(), "failpoints enabled");
+    }
     runtime()?.block_on(async move {
         let node = control_plane::start(config)
             .await
@@ -111,8 +121,12 @@ pub fn control_plane(a: ControlPlaneArgs) -> anyhow::Result<()> {
             "{}",
             json!({"event": "listening", "id": a.id, "raft_addr": node.raft_addr, "admin_addr": node.admin_addr})
         );
+        let fatal = node.fatal();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { node.shutdown().await; }
+            // A node that can no longer persist must not go on answering: exit non-zero so a
+            // supervisor restarts it, and it recovers from what its disk holds.
+            e = fatal => return Err(anyhow::Error::from(e).context(format!("control-plane node {} stopped", a.id))),
         }
         Ok(())
     })

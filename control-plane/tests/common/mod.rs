@@ -1,6 +1,8 @@
 //! Helpers shared by the control-plane integration tests: real nodes on loopback, real disks.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::time::{Duration, Instant};
 
 use control_plane::client::AdminClient;
