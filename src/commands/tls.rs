@@ -13,6 +13,9 @@ pub fn is_loopback(addr: &str) -> bool {
     if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
         return sa.ip().is_loopback();
     }
+    if let Ok(ip) = addr.parse::<IpAddr>() {
+        return ip.is_loopback();
+    }
     let host = match addr.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() => host,
         _ => addr,
