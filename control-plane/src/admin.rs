@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +24,13 @@ use crate::state::{ModelSpec, PlanIntent, PolicyConfig, PredictorUpdate, WorkerH
 use crate::types::{Command, CommandResponse, NodeInfo};
 
 const WRITE_WAIT: Duration = Duration::from_secs(3);
+
+/// Largest request body accepted (a plan for every expert of a large model fits easily);
+/// bodies over it are refused with 413 while being read, never buffered whole.
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+
+/// A request body, or why it could not be read (too large, cut off).
+type Body = Result<Bytes, BytesRejection>;
 
 /// An API error with its HTTP status and stable type label.
 #[derive(Debug)]
@@ -95,12 +103,24 @@ impl From<NodeError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-/// Parses a JSON body, answering 400 with a JSON error on malformed input.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// Parses a JSON body, answering 413 over [`MAX_BODY_BYTES`] and 400 on malformed input,
+/// both as JSON errors.
+fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::bad_request(format!("reading the request body: {}", e.body_text()))
+        }
+    })?;
     if body.is_empty() {
         return Err(ApiError::bad_request("request body is empty; expected JSON"));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
 }
 
 fn ok<T: Serialize>(value: T) -> ApiResult {
@@ -120,17 +140,6 @@ fn prometheus() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Compares without an early exit, so response timing does not reveal a token prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0xff);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
 async fn require_token(State(node): State<Node>, req: Request, next: Next) -> Response {
     if let Some(token) = node.admin_token() {
         let given = req
@@ -138,7 +147,7 @@ async fn require_token(State(node): State<Node>, req: Request, next: Next) -> Re
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let valid = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
+        let valid = given.is_some_and(|g| shared::secret::constant_time_eq(g.as_bytes(), token.as_bytes()));
         if !valid {
             let message = if given.is_some() {
                 "invalid bearer token"
@@ -178,6 +187,7 @@ pub fn router(node: Node) -> Router {
         .route("/health", get(health))
         .merge(protected)
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(node)
 }
 
@@ -201,8 +211,8 @@ async fn write(node: &Node, cmd: Command) -> Result<(u64, CommandResponse), ApiE
     Ok(r?)
 }
 
-async fn put_policy(State(node): State<Node>, body: Bytes) -> ApiResult {
-    let policy: PolicyConfig = parse(&body)?;
+async fn put_policy(State(node): State<Node>, body: Body) -> ApiResult {
+    let policy: PolicyConfig = parse(body)?;
     let (log_index, _) = write(&node, Command::SetPolicy(policy.clone())).await?;
     ok(json!({"log_index": log_index, "policy": policy}))
 }
@@ -232,8 +242,8 @@ struct CommitPlanBody {
     expected_epoch: Option<u64>,
 }
 
-async fn commit_plan(State(node): State<Node>, body: Bytes) -> ApiResult {
-    let b: CommitPlanBody = parse(&body)?;
+async fn commit_plan(State(node): State<Node>, body: Body) -> ApiResult {
+    let b: CommitPlanBody = parse(body)?;
     let (log_index, resp) = write(
         &node,
         Command::CommitPlan {
@@ -331,8 +341,8 @@ async fn models(State(node): State<Node>) -> ApiResult {
     ok(node.read_state().await.models.into_values().collect::<Vec<_>>())
 }
 
-async fn put_model(State(node): State<Node>, body: Bytes) -> ApiResult {
-    let model: ModelSpec = parse(&body)?;
+async fn put_model(State(node): State<Node>, body: Body) -> ApiResult {
+    let model: ModelSpec = parse(body)?;
     let (log_index, _) = write(&node, Command::PutModel(model.clone())).await?;
     Ok((
         StatusCode::CREATED,
@@ -348,8 +358,8 @@ async fn get_predictor(State(node): State<Node>) -> ApiResult {
     }
 }
 
-async fn put_predictor(State(node): State<Node>, body: Bytes) -> ApiResult {
-    let update: PredictorUpdate = parse(&body)?;
+async fn put_predictor(State(node): State<Node>, body: Body) -> ApiResult {
+    let update: PredictorUpdate = parse(body)?;
     let (log_index, resp) = write(&node, Command::UpdatePredictor(update)).await?;
     let version = match resp {
         CommandResponse::PredictorVersion { version } => Some(version),
@@ -393,8 +403,8 @@ struct AddMemberBody {
     admin_addr: String,
 }
 
-async fn add_member(State(node): State<Node>, body: Bytes) -> ApiResult {
-    let b: AddMemberBody = parse(&body)?;
+async fn add_member(State(node): State<Node>, body: Body) -> ApiResult {
+    let b: AddMemberBody = parse(body)?;
     if b.raft_addr.parse::<std::net::SocketAddr>().is_err() {
         return Err(ApiError::bad_request(format!(
             "raft_addr {:?} is not HOST:PORT",
@@ -430,12 +440,12 @@ async fn get_failpoints(State(node): State<Node>) -> ApiResult {
 
 /// Sets failpoints on this node only: `{"append-before-flush": "abort", ...}`; answers the armed
 /// points. All settings are checked before any is applied.
-async fn put_failpoints(State(node): State<Node>, body: Bytes) -> ApiResult {
+async fn put_failpoints(State(node): State<Node>, body: Body) -> ApiResult {
     let fp = node.failpoints();
     if !fp.is_enabled() {
         return Err(ApiError::not_found(FailpointError::Disabled.to_string()));
     }
-    let wanted: std::collections::BTreeMap<String, String> = parse(&body)?;
+    let wanted: std::collections::BTreeMap<String, String> = parse(body)?;
     let settings = wanted
         .iter()
         .map(|(name, action)| crate::failpoint::parse_setting(name, action))
@@ -519,17 +529,4 @@ pub fn openapi_document() -> serde_json::Value {
             }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn token_compare() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
 }

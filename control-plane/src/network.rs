@@ -10,6 +10,7 @@ use openraft::network::RPCOption;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::type_config::alias::VoteOf;
 use openraft::{OptionalSend, RaftNetworkFactory};
+use pki::grpc::GrpcTls;
 use proto::raft::raft_service_client::RaftServiceClient;
 use proto::raft::raft_service_server::RaftService;
 use proto::raft::RaftMessage;
@@ -31,22 +32,28 @@ fn from_bytes<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<
     serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("malformed {what}: {e}")))
 }
 
-/// A lazily connected gRPC client to `addr` (HOST:PORT); connection errors surface per call.
-pub fn raft_client(addr: &str) -> Result<RaftServiceClient<Channel>, String> {
-    let endpoint =
-        Channel::from_shared(format!("http://{addr}")).map_err(|e| format!("invalid peer address {addr:?}: {e}"))?;
-    let channel = endpoint
-        .connect_timeout(Duration::from_millis(500))
+/// A lazily connected channel to another control-plane node at `addr` (HOST:PORT), with mutual
+/// TLS when `tls` is given; connection errors surface per call.
+pub fn peer_channel(addr: &str, tls: Option<&GrpcTls>, connect_timeout: Duration) -> Result<Channel, String> {
+    Ok(pki::grpc::endpoint(addr, tls)?
+        .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
-        .connect_lazy();
+        .connect_lazy())
+}
+
+/// A lazily connected Raft client to `addr` (HOST:PORT); connection errors surface per call.
+pub fn raft_client(addr: &str, tls: Option<&GrpcTls>) -> Result<RaftServiceClient<Channel>, String> {
+    let channel = peer_channel(addr, tls, Duration::from_millis(500))?;
     Ok(RaftServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-/// Creates one gRPC connection per peer.
+/// Creates one gRPC connection per peer, with mutual TLS when `tls` is set.
 #[derive(Clone, Default)]
-pub struct GrpcNetwork;
+pub struct GrpcNetwork {
+    pub tls: Option<GrpcTls>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = GrpcConnection;
@@ -55,6 +62,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
         GrpcConnection {
             target,
             addr: node.raft_addr.clone(),
+            tls: self.tls.clone(),
             client: None,
         }
     }
@@ -63,6 +71,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
 pub struct GrpcConnection {
     target: NodeId,
     addr: String,
+    tls: Option<GrpcTls>,
     client: Option<RaftServiceClient<Channel>>,
 }
 
@@ -79,7 +88,8 @@ fn status_to_rpc(target: NodeId, s: Status) -> RPCError<TypeConfig> {
 impl GrpcConnection {
     fn client(&mut self) -> Result<RaftServiceClient<Channel>, RPCError<TypeConfig>> {
         if self.client.is_none() {
-            let c = raft_client(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
+            let c = raft_client(&self.addr, self.tls.as_ref())
+                .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
             self.client = Some(c);
         }
         self.client

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::ReadPolicy;
 use openraft::{ChangeMembers, Config, ServerState};
+use pki::grpc::GrpcTls;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -48,6 +49,10 @@ pub struct NodeConfig {
     pub storage: StorageKind,
     /// Crash, I/O-error and stall injection on the storage path (disabled by default).
     pub failpoints: Failpoints,
+    /// Mutual TLS on the gRPC listener (clients must present a certificate from the cluster
+    /// CA) and on every gRPC client this node opens to its peers. `None` is plaintext, which
+    /// the CLI allows only on loopback unless told `--insecure`.
+    pub tls: Option<GrpcTls>,
 }
 
 impl NodeConfig {
@@ -67,6 +72,7 @@ impl NodeConfig {
             reconciler: true,
             storage: StorageKind::default(),
             failpoints: Failpoints::default(),
+            tls: None,
         }
     }
 }
@@ -91,6 +97,8 @@ pub enum NodeError {
     /// Raft stopped on this node (a storage write failed); it serves nothing until restarted.
     #[error("raft stopped on a fatal error: {0}; restart the node so it recovers from what its disk holds")]
     Fatal(String),
+    #[error("TLS on the gRPC listener: {0}")]
+    Tls(String),
     #[error("binding {what} on {addr}: {message}")]
     Bind {
         what: &'static str,
@@ -143,6 +151,7 @@ struct Shared {
     scaling: tokio::sync::Mutex<Instant>,
     admin_token: Option<String>,
     failpoints: Failpoints,
+    tls: Option<GrpcTls>,
 }
 
 /// A cheap handle to a running node, used by the admin API and the gRPC services.
@@ -188,6 +197,10 @@ impl Node {
     }
     pub fn failpoints(&self) -> &Failpoints {
         &self.shared.failpoints
+    }
+    /// The TLS settings of this node's gRPC links (`None`: plaintext).
+    pub fn grpc_tls(&self) -> Option<&GrpcTls> {
+        self.shared.tls.as_ref()
     }
 
     pub fn cluster(&self) -> ClusterView {
@@ -274,9 +287,13 @@ impl Node {
             let outcome = match write_local(&self.shared.raft, cmd.clone()).await {
                 ForwardedWrite::NotLeader {
                     leader: Some((leader_id, info)),
-                } if leader_id != self.shared.id => forward(&info, &cmd).await.unwrap_or(ForwardedWrite::NotLeader {
-                    leader: Some((leader_id, info)),
-                }),
+                } if leader_id != self.shared.id => {
+                    forward(&info, &cmd, self.grpc_tls())
+                        .await
+                        .unwrap_or(ForwardedWrite::NotLeader {
+                            leader: Some((leader_id, info)),
+                        })
+                }
                 other => other,
             };
             match outcome {
@@ -437,8 +454,8 @@ impl Node {
     }
 }
 
-async fn forward(leader: &NodeInfo, cmd: &Command) -> Option<ForwardedWrite> {
-    let mut client = raft_client(&leader.raft_addr).ok()?;
+async fn forward(leader: &NodeInfo, cmd: &Command, tls: Option<&GrpcTls>) -> Option<ForwardedWrite> {
+    let mut client = raft_client(&leader.raft_addr, tls).ok()?;
     let payload = serde_json::to_vec(cmd).ok()?;
     let msg = proto::raft::RaftMessage {
         payload,
@@ -569,7 +586,10 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         ..Default::default()
     };
     let raft_config = Arc::new(raft_config.validate().map_err(|e| NodeError::Raft(e.to_string()))?);
-    let raft = Raft::new(config.id, raft_config, GrpcNetwork, log, sm.clone())
+    let network = GrpcNetwork {
+        tls: config.tls.clone(),
+    };
+    let raft = Raft::new(config.id, raft_config, network, log, sm.clone())
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     let fatal = watch_fatal(&raft, config.id);
@@ -590,6 +610,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             scaling: tokio::sync::Mutex::new(Instant::now()),
             admin_token: config.admin_token.clone(),
             failpoints: config.failpoints.clone(),
+            tls: config.tls.clone(),
         }),
     };
 
@@ -598,18 +619,32 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let (tx, rx) = oneshot::channel::<()>();
     stop.push(tx);
-    let grpc = tonic::transport::Server::builder()
+    let mut grpc = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        grpc = grpc
+            .tls_config(tls.server_config())
+            .map_err(|e| NodeError::Tls(e.to_string()))?;
+    }
+    let grpc = grpc
         .add_service(
             proto::raft::raft_service_server::RaftServiceServer::new(RaftServer { raft: raft.clone() })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(proto::worker::worker_service_server::WorkerServiceServer::new(
-            crate::services::WorkerApi::new(node.clone()),
-        ))
-        .add_service(proto::engine::engine_service_server::EngineServiceServer::new(
-            crate::services::EngineApi::new(node.clone()),
-        ));
+        .add_service(
+            proto::worker::worker_service_server::WorkerServiceServer::new(crate::services::WorkerApi::new(
+                node.clone(),
+            ))
+            .max_decoding_message_size(proto::MAX_SERVICE_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_SERVICE_MESSAGE_BYTES),
+        )
+        .add_service(
+            proto::engine::engine_service_server::EngineServiceServer::new(crate::services::EngineApi::new(
+                node.clone(),
+            ))
+            .max_decoding_message_size(proto::MAX_SERVICE_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_SERVICE_MESSAGE_BYTES),
+        );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(raft_listener);
     tasks.push(tokio::spawn(async move {
         if let Err(e) = grpc

@@ -167,10 +167,7 @@ impl LeaderLink {
         if let Some((_, c)) = cached.as_ref().filter(|(addr, _)| *addr == info.raft_addr) {
             return Some(c.clone());
         }
-        let c = Channel::from_shared(format!("http://{}", info.raft_addr))
-            .ok()?
-            .connect_timeout(RELAY_TIMEOUT)
-            .connect_lazy();
+        let c = crate::network::peer_channel(&info.raft_addr, node.grpc_tls(), RELAY_TIMEOUT).ok()?;
         *cached = Some((info.raft_addr, c.clone()));
         Some(c)
     }
@@ -207,7 +204,8 @@ impl WorkerApi {
             return;
         };
         tokio::spawn(async move {
-            let mut client = wpb::worker_service_client::WorkerServiceClient::new(channel);
+            let mut client = wpb::worker_service_client::WorkerServiceClient::new(channel)
+                .max_decoding_message_size(proto::MAX_SERVICE_MESSAGE_BYTES);
             if let Err(e) = client.heartbeat(relayed(req)).await {
                 tracing::debug!(error = %e, "relaying a heartbeat to the leader");
             }
@@ -424,7 +422,8 @@ impl pb::engine_service_server::EngineService for EngineApi {
         self.node.record_loads(loads(&r.loads));
         if let Some(channel) = self.leader.channel(&self.node).filter(|_| relay) {
             tokio::spawn(async move {
-                let mut client = pb::engine_service_client::EngineServiceClient::new(channel);
+                let mut client = pb::engine_service_client::EngineServiceClient::new(channel)
+                    .max_decoding_message_size(proto::MAX_SERVICE_MESSAGE_BYTES);
                 if let Err(e) = client.report_load(relayed(r)).await {
                     tracing::debug!(error = %e, "relaying a load report to the leader");
                 }

@@ -240,15 +240,6 @@ fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Compares without an early exit, so the time taken does not reveal how much of a key matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, x) in a.iter().enumerate() {
-        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
-    }
-    diff == 0
-}
-
 async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
         let given = req
@@ -257,7 +248,7 @@ async fn require_api_key(State(st): State<Arc<AppState>>, req: Request, next: Ne
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
+        if !shared::secret::constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
             return ApiError::unauthorized().into_response();
         }
     }

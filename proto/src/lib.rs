@@ -15,3 +15,9 @@ pub mod engine {
 pub mod worker {
     tonic::include_proto!("moeless.worker");
 }
+
+/// Largest message a WorkerService or EngineService server or client accepts (either way): a
+/// plan for every expert of a large model fits with room to spare; larger messages are refused
+/// with `OUT_OF_RANGE` from their length prefix, before they are buffered. (Raft traffic,
+/// which carries whole snapshots, has its own larger limit in the control plane.)
+pub const MAX_SERVICE_MESSAGE_BYTES: usize = 16 << 20;

@@ -7,6 +7,7 @@ pub mod eplb;
 pub mod plan;
 pub mod predict;
 pub mod replay;
+pub mod secret;
 pub mod source;
 pub mod synth;
 pub mod trace;

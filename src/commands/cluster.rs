@@ -54,7 +54,9 @@ impl LocalCluster {
         if std::env::var_os("MOELESS_KEEP_CLUSTER_DIR").is_some() {
             dir.disable_cleanup(true);
         }
-        let names: Vec<String> = std::iter::once("engine".to_string())
+        let names: Vec<String> = ["engine", "control-plane"]
+            .into_iter()
+            .map(String::from)
             .chain((1..=n).map(|i| format!("worker-{i}")))
             .collect();
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -63,7 +65,9 @@ impl LocalCluster {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let cp_config = control_plane::NodeConfig::new(1, dir.path().join("control-plane"));
+        let mut cp_config = control_plane::NodeConfig::new(1, dir.path().join("control-plane"));
+        // Workers and the engine reach the control plane over mutual TLS too.
+        cp_config.tls = Some(crate::commands::tls::load(&dir.path().join("tls"), "control-plane")?);
         let node = runtime.block_on(control_plane::start(cp_config))?;
         let control_addr = node.raft_addr.to_string();
         let model_dir = std::fs::canonicalize(model_dir)
@@ -216,7 +220,8 @@ impl LocalCluster {
 
     /// The engine's remote expert function, once the current plan is active.
     pub fn remote(&self) -> anyhow::Result<Arc<RemoteExperts>> {
-        let opts = RemoteOptions::new(vec![self.control_addr.clone()], self.model.clone());
+        let mut opts = RemoteOptions::new(vec![self.control_addr.clone()], self.model.clone());
+        opts.control_tls = Some(crate::commands::tls::load(&self.dir.path().join("tls"), "engine")?);
         RemoteExperts::connect(opts, &self.engine_identity()?, None, Duration::from_secs(120))
     }
 
@@ -278,6 +283,8 @@ pub fn distributed_engine(
 pub struct ExternalCluster<'a> {
     /// Control-plane gRPC addresses (any or all voters).
     pub control: Vec<String>,
+    /// Mutual TLS to the control plane (`None`: plaintext, checked by the caller).
+    pub control_tls: Option<pki::grpc::GrpcTls>,
     /// The engine's TLS identity: DIR/ca.pem, DIR/NAME.pem, DIR/NAME.key.
     pub tls_dir: &'a Path,
     pub tls_name: &'a str,
@@ -311,7 +318,7 @@ pub fn external_engine(
             .clone()
             .unwrap_or_else(|| dir.to_string_lossy().into_owned()),
     };
-    let client = worker::control::ControlClient::new(ext.control.clone());
+    let client = worker::control::ControlClient::new(ext.control.clone(), ext.control_tls.clone());
     let deadline = Instant::now() + ext.wait;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let created = rt.block_on(async {
@@ -350,7 +357,8 @@ pub fn external_engine(
         ext.model,
         if created { "registered" } else { "already registered" }
     );
-    let opts = RemoteOptions::new(ext.control.clone(), ext.model.clone());
+    let mut opts = RemoteOptions::new(ext.control.clone(), ext.model.clone());
+    opts.control_tls = ext.control_tls;
     let remote = RemoteExperts::connect(
         opts,
         &identity,

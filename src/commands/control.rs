@@ -42,6 +42,18 @@ pub struct ControlPlaneArgs {
     /// A worker without a heartbeat for this many milliseconds is dead and its instances are re-placed.
     #[arg(long, env = "MOELESS_WORKER_TIMEOUT_MS", default_value_t = 1000)]
     pub worker_timeout_ms: u64,
+    /// Directory of PEM files from `moeless certs generate`: mutual TLS on the gRPC listener
+    /// (clients must present a certificate from DIR/ca.pem) and to Raft peers, as DIR/NAME.pem.
+    /// Without it, gRPC is plaintext and allowed only on loopback (see --insecure).
+    #[arg(long, env = "MOELESS_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// This node's certificate name in --tls-dir [default: cp-ID].
+    #[arg(long, env = "MOELESS_TLS_NAME")]
+    pub tls_name: Option<String>,
+    /// Accept plaintext gRPC (no --tls-dir) on addresses other than loopback, and an admin API
+    /// off loopback without --admin-token.
+    #[arg(long, env = "MOELESS_INSECURE")]
+    pub insecure: bool,
 }
 
 fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
@@ -111,6 +123,21 @@ pub fn control_plane(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.failpoints = control_plane::Failpoints::from_env().context("reading MOELESS_FAILPOINTS")?;
     if config.failpoints.is_enabled() {
         tracing::warn!(armed = ?config.failpoints.list(), "failpoints enabled");
+    }
+    config.tls = match &a.tls_dir {
+        Some(dir) => Some(crate::commands::tls::load(
+            dir,
+            &a.tls_name.clone().unwrap_or_else(|| format!("cp-{}", a.id)),
+        )?),
+        None => {
+            let raft_addr = a.raft_addr.to_string();
+            let addrs = std::iter::once(raft_addr.as_str()).chain(config.peers.values().map(String::as_str));
+            crate::commands::tls::check_plaintext("gRPC (Raft, workers, engines)", addrs, a.insecure)?;
+            None
+        }
+    };
+    if config.admin_token.is_none() {
+        crate::commands::tls::check_admin_open(a.admin_addr, a.insecure)?;
     }
     runtime()?.block_on(async move {
         let node = control_plane::start(config)

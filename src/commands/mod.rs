@@ -8,4 +8,5 @@ pub mod engine;
 pub mod policy;
 pub mod serve;
 pub mod sim;
+pub mod tls;
 pub mod worker;

@@ -80,6 +80,13 @@ pub struct ServeArgs {
     /// With --control: how long to wait for the control plane and a first placement plan.
     #[arg(long, default_value_t = 120)]
     pub cluster_wait_s: u64,
+    /// With --control: talk to a control plane started without --tls-dir in plaintext;
+    /// refused unless every --control address is loopback or --insecure is given.
+    #[arg(long, env = "MOELESS_CONTROL_PLAINTEXT")]
+    pub control_plaintext: bool,
+    /// Accept --control-plaintext to control-plane addresses other than loopback.
+    #[arg(long, env = "MOELESS_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `require_model`: `serve` needs --model; `up` falls back to the built-in model.
@@ -107,8 +114,16 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
                 .tls_dir
                 .as_deref()
                 .context("--control needs --tls-dir (the engine's certificate for mutual TLS)")?;
+            let control_tls = if args.control_plaintext {
+                let addrs = args.control.iter().map(String::as_str);
+                super::tls::check_plaintext("control-plane gRPC", addrs, args.insecure)?;
+                None
+            } else {
+                Some(super::tls::load(tls_dir, &args.tls_name)?)
+            };
             let ext = super::cluster::ExternalCluster {
                 control: args.control.clone(),
+                control_tls,
                 tls_dir,
                 tls_name: &args.tls_name,
                 model: model_name.clone().unwrap_or_else(|| "moeless".into()),

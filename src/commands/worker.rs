@@ -51,6 +51,14 @@ pub struct WorkerArgs {
     /// exits at once.
     #[arg(long, default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
+    /// Talk to the control plane in plaintext (one started without --tls-dir); refused unless
+    /// every --control address is loopback or --insecure is given. Otherwise the control-plane
+    /// link uses mutual TLS with the --tls-dir certificate, like the QUIC links.
+    #[arg(long, env = "MOELESS_CONTROL_PLAINTEXT")]
+    pub control_plaintext: bool,
+    /// Accept --control-plaintext to control-plane addresses other than loopback.
+    #[arg(long, env = "MOELESS_INSECURE")]
+    pub insecure: bool,
     /// Exit when standard input closes (a local cluster's parent holds the other end, so its
     /// workers do not outlive it).
     #[arg(long, hide = true)]
@@ -75,6 +83,12 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         bail!("--memory-gb must be a positive number");
     }
     let identity = Identity::load(&TlsFiles::in_dir(&a.tls_dir, &a.tls_name)).context("loading TLS identity")?;
+    let control_tls = if a.control_plaintext {
+        crate::commands::tls::check_plaintext("control-plane gRPC", a.control.iter().map(String::as_str), a.insecure)?;
+        None
+    } else {
+        Some(crate::commands::tls::load(&a.tls_dir, &a.tls_name)?)
+    };
     let exit_on_stdin_close = a.exit_on_stdin_close;
     let drain_timeout = Duration::from_millis(a.drain_timeout_ms);
     let opts = worker::WorkerOptions {
@@ -88,6 +102,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         heartbeat: Duration::from_millis(a.heartbeat_ms.max(10)),
         peer_fetch: !a.no_peer_fetch,
         limits: Limits::default(),
+        control_tls,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -45,6 +45,16 @@ pub enum TransportError {
     Protocol { addr: SocketAddr, reason: String },
 }
 
+impl From<pki::CertError> for TransportError {
+    fn from(e: pki::CertError) -> Self {
+        match e {
+            pki::CertError::Cert { path, reason } => Self::Cert { path, reason },
+            pki::CertError::Tls { reason } => Self::Tls { reason },
+            pki::CertError::Io { context, source } => Self::Io { context, source },
+        }
+    }
+}
+
 impl TransportError {
     /// True when another attempt (possibly against another instance) may succeed: the peer was
     /// unreachable, slow, or went away. Errors about the message itself are not retryable.

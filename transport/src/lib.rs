@@ -7,15 +7,15 @@
 //! [`SERVER_NAME`] under the same CA.
 
 pub mod bench;
-pub mod certs;
 mod error;
 mod quic;
 
 use std::time::Duration;
 
 pub use bytes::Bytes;
-pub use certs::{generate, Identity, TlsFiles, SERVER_NAME};
+// Certificates live in `pki`, shared with the control plane's gRPC links.
 pub use error::TransportError;
+pub use pki::{generate, CertError, Identity, TlsFiles, SERVER_NAME};
 pub use quic::{Client, Handler, Server, SHUTDOWN_GRACE};
 
 /// Application error codes sent when a stream or connection is abandoned.

@@ -129,19 +129,19 @@ impl Server {
         limits: Limits,
         handler: Arc<dyn Handler>,
     ) -> Result<Server, TransportError> {
-        let Some((chain, key)) = &identity.own else {
+        let Some((chain, key)) = identity.own() else {
             return Err(TransportError::tls(
                 "a server needs a certificate of its own, not only CA roots",
             ));
         };
-        let verifier = WebPkiClientVerifier::builder_with_provider(identity.roots.clone(), provider())
+        let verifier = WebPkiClientVerifier::builder_with_provider(identity.roots(), provider())
             .build()
             .map_err(TransportError::tls)?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TransportError::tls)?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
+            .with_single_cert(chain.to_vec(), key.clone_key())
             .map_err(TransportError::tls)?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = QuicServerConfig::try_from(tls).map_err(TransportError::tls)?;
@@ -319,10 +319,10 @@ impl Client {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TransportError::tls)?
-            .with_root_certificates(identity.roots.clone());
-        let mut tls = match &identity.own {
+            .with_root_certificates(identity.roots());
+        let mut tls = match identity.own() {
             Some((chain, key)) => builder
-                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .with_client_auth_cert(chain.to_vec(), key.clone_key())
                 .map_err(TransportError::tls)?,
             None => builder.with_no_client_auth(),
         };

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use transport::{codes, generate, Client, Handler, Identity, Limits, Server, TlsFiles, TransportError};
+use transport::{codes, generate, CertError, Client, Handler, Identity, Limits, Server, TlsFiles, TransportError};
 
 /// Echoes the request; requests starting with `hang` are never answered, `slow` ones after 50 ms.
 #[derive(Default)]
@@ -335,7 +335,7 @@ fn missing_and_garbage_pem_are_typed_errors_naming_the_file() {
         ..good.clone()
     };
     match Identity::load(&missing) {
-        Err(TransportError::Cert { path, .. }) => assert_eq!(path, missing.cert),
+        Err(CertError::Cert { path, .. }) => assert_eq!(path, missing.cert),
         other => panic!("expected a Cert error, got {other:?}"),
     }
 
@@ -363,7 +363,7 @@ fn missing_and_garbage_pem_are_typed_errors_naming_the_file() {
             },
         ] {
             match Identity::load(&files) {
-                Err(TransportError::Cert { path, reason }) => {
+                Err(CertError::Cert { path, reason }) => {
                     assert_eq!(&path, bad, "{reason}");
                 }
                 other => panic!("expected a Cert error for {}, got {other:?}", bad.display()),
@@ -375,5 +375,5 @@ fn missing_and_garbage_pem_are_typed_errors_naming_the_file() {
         key: good.cert.clone(),
         ..good.clone()
     };
-    assert!(matches!(Identity::load(&swapped), Err(TransportError::Cert { path, .. }) if path == good.cert));
+    assert!(matches!(Identity::load(&swapped), Err(CertError::Cert { path, .. }) if path == good.cert));
 }

@@ -1,28 +1,33 @@
 //! gRPC clients of the control plane for workers and engines: any of several addresses, with
-//! channels cached per address.
+//! channels cached per address, over mutual TLS when the cluster's certificates are given.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pki::grpc::GrpcTls;
 use proto::engine::engine_service_client::EngineServiceClient;
 use proto::worker::worker_service_client::WorkerServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use proto::MAX_SERVICE_MESSAGE_BYTES;
+use tonic::transport::Channel;
 
 #[derive(Clone)]
 pub struct ControlClient {
     addrs: Arc<Vec<String>>,
+    tls: Option<GrpcTls>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// Index of the address that answered last.
     preferred: Arc<Mutex<usize>>,
 }
 
 impl ControlClient {
-    /// `addrs`: HOST:PORT of control-plane nodes.
-    pub fn new(addrs: Vec<String>) -> Self {
+    /// `addrs`: HOST:PORT of control-plane nodes; `tls`: this node's certificate for mutual TLS
+    /// (`None`: plaintext, for a control plane on loopback without certificates).
+    pub fn new(addrs: Vec<String>, tls: Option<GrpcTls>) -> Self {
         Self {
             addrs: Arc::new(addrs),
+            tls,
             channels: Arc::default(),
             preferred: Arc::default(),
         }
@@ -36,7 +41,8 @@ impl ControlClient {
         if let Some(c) = self.channels.lock().ok().and_then(|c| c.get(addr).cloned()) {
             return Ok(c);
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        let endpoint = pki::grpc::endpoint(addr, self.tls.as_ref())
+            .map_err(anyhow::Error::msg)?
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await?;
@@ -74,15 +80,15 @@ impl ControlClient {
     }
 
     pub async fn worker(&self) -> anyhow::Result<WorkerServiceClient<Channel>> {
-        Ok(WorkerServiceClient::new(self.any().await?))
+        Ok(WorkerServiceClient::new(self.any().await?).max_decoding_message_size(MAX_SERVICE_MESSAGE_BYTES))
     }
 
     pub async fn worker_at(&self, addr: String) -> anyhow::Result<WorkerServiceClient<Channel>> {
-        Ok(WorkerServiceClient::new(self.channel(&addr).await?))
+        Ok(WorkerServiceClient::new(self.channel(&addr).await?).max_decoding_message_size(MAX_SERVICE_MESSAGE_BYTES))
     }
 
     pub async fn engine(&self) -> anyhow::Result<EngineServiceClient<Channel>> {
-        Ok(EngineServiceClient::new(self.any().await?))
+        Ok(EngineServiceClient::new(self.any().await?).max_decoding_message_size(MAX_SERVICE_MESSAGE_BYTES))
     }
 
     /// QUIC addresses by id of the registered workers that are not dead.

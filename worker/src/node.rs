@@ -18,6 +18,7 @@ use data_plane::error::LoadError;
 use data_plane::expert::ExpertWeights;
 use data_plane::instances::InstanceManager;
 use data_plane::store::{FallbackStore, LoadedExpert, LocalStore, WeightStore};
+use pki::grpc::GrpcTls;
 use proto::engine as epb;
 use proto::worker as wpb;
 use shared::ExpertKey;
@@ -49,6 +50,8 @@ pub struct WorkerOptions {
     /// Fetch weights from a peer that holds the expert warm before reading the weight store.
     pub peer_fetch: bool,
     pub limits: Limits,
+    /// Mutual TLS to the control plane (`None`: plaintext, loopback development only).
+    pub control_tls: Option<GrpcTls>,
 }
 
 /// Weights from a peer worker that holds the expert warm (after a plan moved it away from it).
@@ -306,7 +309,7 @@ pub async fn start(opts: WorkerOptions, identity: &Identity) -> anyhow::Result<R
     )?;
     let addr = server.local_addr();
     let advertise = opts.advertise.clone().unwrap_or_else(|| addr.to_string());
-    let control = ControlClient::new(opts.control.clone());
+    let control = ControlClient::new(opts.control.clone(), opts.control_tls.clone());
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(plan_loop(

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use data_plane::expert::{ExpertError, ExpertFunction, ExpertTask, ShareSource};
 use data_plane::tensor::Tensor;
+use pki::grpc::GrpcTls;
 use proto::engine as epb;
 use serde::Serialize;
 use shared::{ExpertKey, InstanceId};
@@ -45,6 +46,8 @@ pub struct RemoteOptions {
     /// How long a worker that failed a request is avoided.
     pub suspect_for: Duration,
     pub limits: Limits,
+    /// Mutual TLS to the control plane (`None`: plaintext, loopback development only).
+    pub control_tls: Option<GrpcTls>,
 }
 
 impl RemoteOptions {
@@ -58,6 +61,7 @@ impl RemoteOptions {
             activation_timeout: Duration::from_secs(60),
             suspect_for: Duration::from_secs(2),
             limits: Limits::default(),
+            control_tls: None,
         }
     }
 }
@@ -180,7 +184,7 @@ impl RemoteExperts {
             counters: Arc::default(),
             next_id: AtomicU64::new(1),
         });
-        let control = ControlClient::new(me.opts.control.clone());
+        let control = ControlClient::new(me.opts.control.clone(), me.opts.control_tls.clone());
         me.runtime
             .spawn(follow(control, me.opts.clone(), me.view.clone(), me.counters.clone()));
         anyhow::ensure!(

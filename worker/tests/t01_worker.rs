@@ -104,6 +104,9 @@ impl Cluster {
             heartbeat: Duration::from_millis(50),
             peer_fetch: true,
             limits: Limits::default(),
+            // The control plane here listens in plaintext on loopback; the CP link's mTLS is
+            // tested in control-plane/tests/t05 and end to end by the local cluster.
+            control_tls: None,
         }
     }
 

@@ -11,7 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 
-use crate::TransportError;
+use crate::CertError;
 
 /// The name clients verify servers against: membership in the private CA is the identity,
 /// so every node certificate carries this one name whatever its address.
@@ -58,12 +58,25 @@ fn ca_params() -> CertificateParams {
     params
 }
 
-fn write_file(path: &Path, contents: &str) -> Result<(), TransportError> {
-    std::fs::write(path, contents).map_err(|e| TransportError::io(format!("writing {}", path.display()), e))
+fn write_file(path: &Path, contents: &str) -> Result<(), CertError> {
+    std::fs::write(path, contents).map_err(|e| CertError::io(format!("writing {}", path.display()), e))
 }
 
-fn read_text(path: &Path) -> Result<String, TransportError> {
-    std::fs::read_to_string(path).map_err(|e| TransportError::Cert {
+/// Private keys are readable by their owner only.
+fn write_key(path: &Path, contents: &str) -> Result<(), CertError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .map_err(|e| CertError::io(format!("writing {}", path.display()), e))?;
+    std::io::Write::write_all(&mut file, contents.as_bytes())
+        .map_err(|e| CertError::io(format!("writing {}", path.display()), e))
+}
+
+fn read_text(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(|e| CertError::Cert {
         path: path.to_path_buf(),
         reason: format!("reading: {e}"),
     })
@@ -74,20 +87,20 @@ fn read_text(path: &Path) -> Result<String, TransportError> {
 ///
 /// Every node certificate carries the SANs: the name itself, `localhost`, `127.0.0.1`, `::1`
 /// and [`SERVER_NAME`], plus `extra_sans` (DNS names or IP addresses).
-pub fn generate(dir: &Path, names: &[&str], extra_sans: &[String]) -> Result<(), TransportError> {
-    std::fs::create_dir_all(dir).map_err(|e| TransportError::io(format!("creating {}", dir.display()), e))?;
+pub fn generate(dir: &Path, names: &[&str], extra_sans: &[String]) -> Result<(), CertError> {
+    std::fs::create_dir_all(dir).map_err(|e| CertError::io(format!("creating {}", dir.display()), e))?;
     let ca_pem_path = dir.join("ca.pem");
     let ca_key_path = dir.join("ca.key");
     let ca_key = if ca_pem_path.exists() && ca_key_path.exists() {
         let text = read_text(&ca_key_path)?;
-        KeyPair::from_pem(&text).map_err(|e| TransportError::Cert {
+        KeyPair::from_pem(&text).map_err(|e| CertError::Cert {
             path: ca_key_path.clone(),
             reason: format!("not a usable key: {e}"),
         })?
     } else {
-        let key = KeyPair::generate().map_err(TransportError::tls)?;
-        let cert = ca_params().self_signed(&key).map_err(TransportError::tls)?;
-        write_file(&ca_key_path, &key.serialize_pem())?;
+        let key = KeyPair::generate().map_err(CertError::tls)?;
+        let cert = ca_params().self_signed(&key).map_err(CertError::tls)?;
+        write_key(&ca_key_path, &key.serialize_pem())?;
         write_file(&ca_pem_path, &cert.pem())?;
         key
     };
@@ -99,8 +112,8 @@ pub fn generate(dir: &Path, names: &[&str], extra_sans: &[String]) -> Result<(),
             .collect();
         sans.extend(extra_sans.iter().cloned());
         sans.dedup();
-        let mut params = CertificateParams::new(sans)
-            .map_err(|e| TransportError::tls(format!("certificate names for {name}: {e}")))?;
+        let mut params =
+            CertificateParams::new(sans).map_err(|e| CertError::tls(format!("certificate names for {name}: {e}")))?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, *name);
         params.distinguished_name = dn;
@@ -108,12 +121,12 @@ pub fn generate(dir: &Path, names: &[&str], extra_sans: &[String]) -> Result<(),
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().map_err(TransportError::tls)?;
+        let key = KeyPair::generate().map_err(CertError::tls)?;
         let cert = params
             .signed_by(&key, &issuer)
-            .map_err(|e| TransportError::tls(format!("signing {name}: {e}")))?;
+            .map_err(|e| CertError::tls(format!("signing {name}: {e}")))?;
         let files = TlsFiles::in_dir(dir, name);
-        write_file(&files.key, &key.serialize_pem())?;
+        write_key(&files.key, &key.serialize_pem())?;
         write_file(&files.cert, &cert.pem())?;
     }
     Ok(())
@@ -121,8 +134,8 @@ pub fn generate(dir: &Path, names: &[&str], extra_sans: &[String]) -> Result<(),
 
 /// The trust roots and, for a full identity, this node's certificate chain and key.
 pub struct Identity {
-    pub(crate) roots: Arc<RootCertStore>,
-    pub(crate) own: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    roots: Arc<RootCertStore>,
+    own: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -143,16 +156,16 @@ impl Clone for Identity {
     }
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let text = read_text(path)?;
     let certs = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TransportError::Cert {
+        .map_err(|e| CertError::Cert {
             path: path.to_path_buf(),
             reason: format!("bad PEM: {e}"),
         })?;
     if certs.is_empty() {
-        return Err(TransportError::Cert {
+        return Err(CertError::Cert {
             path: path.to_path_buf(),
             reason: "no certificate in the file".into(),
         });
@@ -160,10 +173,10 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportErro
     Ok(certs)
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, TransportError> {
+fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots.add(cert).map_err(|e| TransportError::Cert {
+        roots.add(cert).map_err(|e| CertError::Cert {
             path: path.to_path_buf(),
             reason: format!("not a usable CA certificate: {e}"),
         })?;
@@ -172,12 +185,22 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TransportError> {
 }
 
 impl Identity {
+    /// The CA certificates peers must be signed by.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
+    /// This node's certificate chain and key; `None` for [`Identity::roots_only`].
+    pub fn own(&self) -> Option<(&[CertificateDer<'static>], &PrivateKeyDer<'static>)> {
+        self.own.as_ref().map(|(chain, key)| (chain.as_slice(), key))
+    }
+
     /// Loads the CA certificate, this node's chain and its key.
-    pub fn load(files: &TlsFiles) -> Result<Identity, TransportError> {
+    pub fn load(files: &TlsFiles) -> Result<Identity, CertError> {
         let roots = load_roots(&files.ca)?;
         let chain = load_certs(&files.cert)?;
         let text = read_text(&files.key)?;
-        let key = PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|e| TransportError::Cert {
+        let key = PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|e| CertError::Cert {
             path: files.key.clone(),
             reason: format!("no private key: {e}"),
         })?;
@@ -189,7 +212,7 @@ impl Identity {
 
     /// Only the trust roots, no certificate of its own: a client built from it presents no
     /// certificate (servers refuse it; useful to check that they do). Servers need [`Identity::load`].
-    pub fn roots_only(ca: &Path) -> Result<Identity, TransportError> {
+    pub fn roots_only(ca: &Path) -> Result<Identity, CertError> {
         Ok(Identity {
             roots: Arc::new(load_roots(ca)?),
             own: None,

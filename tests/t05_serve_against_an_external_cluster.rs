@@ -115,6 +115,8 @@ fn serve_against_an_external_cluster_matches_in_process_and_survives_a_graceful_
             d.join("cp").to_str().unwrap(),
             "--worker-timeout-ms",
             "1000",
+            "--tls-dir",
+            tls.to_str().unwrap(),
         ],
         &d.join("cp.log"),
     );

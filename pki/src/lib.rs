@@ -1,0 +1,15 @@
+//! Cluster identity for every link between planes: a private certificate authority, node
+//! certificates signed by it (`moeless certs generate`), and the TLS settings built from them.
+//!
+//! Membership in the CA is a node's identity: servers accept only clients whose certificate
+//! the CA signed, and clients verify servers against [`SERVER_NAME`] under the same CA. The
+//! data plane's QUIC links (`transport`) and, with the `grpc` feature, the control plane's
+//! gRPC links (Raft peers, workers, engines) load the same files.
+
+mod certs;
+mod error;
+#[cfg(feature = "grpc")]
+pub mod grpc;
+
+pub use certs::{generate, Identity, TlsFiles, SERVER_NAME};
+pub use error::CertError;

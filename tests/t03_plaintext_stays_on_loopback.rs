@@ -1,0 +1,98 @@
+//! The CLI refuses plaintext control-plane gRPC off loopback: `moeless control-plane` without
+//! `--tls-dir` on a non-loopback address, and `moeless worker --control-plaintext` to a
+//! non-loopback control plane, exit with an error that says what to do; with certificates
+//! (or `--insecure`) the same control plane starts.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+
+fn moeless() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moeless"));
+    for var in [
+        "MOELESS_TLS_DIR",
+        "MOELESS_TLS_NAME",
+        "MOELESS_INSECURE",
+        "MOELESS_CONTROL_PLAINTEXT",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn refused(out: Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{what} started: {stderr}");
+    assert!(stderr.contains("refusing plaintext"), "{what}: {stderr}");
+    assert!(stderr.contains("--tls-dir"), "{what}: {stderr}");
+}
+
+/// Starts a control plane, waits for its "listening" line, then kills it.
+fn starts(args: &[&str]) {
+    let mut child = moeless()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("\"listening\""), "{args:?}: {line:?}");
+}
+
+#[test]
+fn plaintext_grpc_is_refused_off_loopback_unless_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let base = [
+        "control-plane",
+        "--id",
+        "1",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+    ];
+
+    let out = moeless()
+        .args(base)
+        .args(["--raft-addr", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    refused(out, "control plane on 0.0.0.0 without --tls-dir");
+    let out = moeless()
+        .args(base)
+        .args(["--raft-addr", "127.0.0.1:0", "--peers", "1=127.0.0.1:1,2=10.0.0.7:7100"])
+        .output()
+        .unwrap();
+    refused(out, "control plane with a remote peer without --tls-dir");
+
+    let certs = dir.path().join("certs");
+    let certs = certs.to_str().unwrap();
+    let out = moeless()
+        .args(["certs", "generate", "--out", certs, "--names", "cp-1,worker-1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    starts(&[&base[..], &["--raft-addr", "0.0.0.0:0", "--tls-dir", certs]].concat());
+    starts(&[&base[..], &["--raft-addr", "0.0.0.0:0", "--insecure"]].concat());
+
+    let out = moeless()
+        .args([
+            "worker",
+            "--id",
+            "1",
+            "--control",
+            "10.0.0.7:7100",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--tls-dir", certs, "--tls-name", "worker-1", "--control-plaintext"])
+        .output()
+        .unwrap();
+    refused(out, "worker --control-plaintext to a remote control plane");
+}
