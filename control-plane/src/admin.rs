@@ -188,8 +188,33 @@ async fn cluster(State(node): State<Node>) -> ApiResult {
     ok(node.cluster())
 }
 
+/// The state for a read: linearizable on the leader, else this node's applied state, which may
+/// lag. The `x-moeless-read` header (`linearizable` or `local`) tells clients which they got.
+async fn read(node: &Node) -> (crate::state::ClusterState, ReadKind) {
+    match node.linearizable_state().await {
+        Ok(s) => (s, ReadKind("linearizable")),
+        Err(_) => (node.state_machine().state().await, ReadKind("local")),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct ReadKind(&'static str);
+
+impl ReadKind {
+    fn answer(self, r: ApiResult) -> ApiResult {
+        let mut resp = match r {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
+        };
+        resp.headers_mut()
+            .insert("x-moeless-read", header::HeaderValue::from_static(self.0));
+        Ok(resp)
+    }
+}
+
 async fn get_policy(State(node): State<Node>) -> ApiResult {
-    ok(node.read_state().await.policy)
+    let (state, kind) = read(&node).await;
+    kind.answer(ok(state.policy))
 }
 
 async fn write(node: &Node, cmd: Command) -> Result<(u64, CommandResponse), ApiError> {
@@ -206,20 +231,22 @@ async fn put_policy(State(node): State<Node>, body: Bytes) -> ApiResult {
 }
 
 async fn latest_plan(State(node): State<Node>) -> ApiResult {
-    match node.read_state().await.latest_plan() {
+    let (state, kind) = read(&node).await;
+    kind.answer(match state.latest_plan() {
         Some(p) => ok(p),
         None => Err(ApiError::not_found("no plan has been committed yet")),
-    }
+    })
 }
 
 async fn plan_by_epoch(State(node): State<Node>, Path(epoch): Path<String>) -> ApiResult {
     let epoch: u64 = epoch
         .parse()
         .map_err(|_| ApiError::bad_request(format!("epoch {epoch:?} is not an integer")))?;
-    match node.read_state().await.plans.get(&epoch) {
+    let (state, kind) = read(&node).await;
+    kind.answer(match state.plans.get(&epoch) {
         Some(p) => ok(p),
         None => Err(ApiError::not_found(format!("no plan with epoch {epoch}"))),
-    }
+    })
 }
 
 #[derive(Deserialize)]
