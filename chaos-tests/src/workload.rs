@@ -251,12 +251,17 @@ impl AdminClient {
         Ok(())
     }
 
-    /// GETs `path` from whichever node answers linearizably; `None` for a 404.
-    pub async fn http_get_linearizable(&self, path: &str, deadline: Instant) -> anyhow::Result<Option<Value>> {
-        let mut k = 0;
+    /// GETs `path` from whichever node answers linearizably, starting at node `*k` and leaving
+    /// `*k` at the node that answered; `None` for a 404.
+    pub async fn http_get_linearizable(
+        &self,
+        path: &str,
+        within: Duration,
+        k: &mut usize,
+    ) -> anyhow::Result<Option<Value>> {
+        let deadline = Instant::now() + within;
         loop {
-            let node = self.nodes[k % self.nodes.len()];
-            k += 1;
+            let node = self.nodes[*k % self.nodes.len()];
             let resp = self
                 .http
                 .get(format!("http://{node}{path}"))
@@ -277,6 +282,7 @@ impl AdminClient {
                     return Ok(Some(r.json().await?));
                 }
             }
+            *k += 1;
             anyhow::ensure!(Instant::now() < deadline, "no linearizable answer to GET {path}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
