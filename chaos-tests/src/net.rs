@@ -22,8 +22,12 @@ pub enum Network {
 }
 
 impl Network {
-    /// Namespaces when `ip netns` works here (root), loopback otherwise.
+    /// Namespaces when `ip netns` works here (root), loopback otherwise, or loopback when
+    /// `MOELESS_CHAOS_NETWORK=loopback` asks for it (to exercise the unprivileged path).
     pub fn best(nodes: usize) -> Network {
+        if std::env::var("MOELESS_CHAOS_NETWORK").is_ok_and(|v| v == "loopback") {
+            return Network::Loopback;
+        }
         match Namespaces::create(nodes) {
             Ok(n) => Network::Namespaces(n),
             Err(e) => {

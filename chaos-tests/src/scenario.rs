@@ -698,3 +698,100 @@ fn analyse(events: &[Event], initial: &Snapshot, last: &Snapshot, budget: Durati
         check_ms,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(client: u64, op: AdminOp, call: u64, ret: u64, outcome: Outcome) -> Event {
+        Event {
+            client,
+            op,
+            call,
+            ret,
+            outcome,
+            attempts: 1,
+        }
+    }
+
+    fn commit(client: u64, reason: &str, call: u64, ret: u64, epoch: u64) -> Event {
+        ev(
+            client,
+            AdminOp::CommitPlan(reason.into()),
+            call,
+            ret,
+            Outcome::Ok(OpResult::Committed(epoch)),
+        )
+    }
+
+    fn snapshot(policy: u64, plans: &[(u64, &str)]) -> Snapshot {
+        Snapshot {
+            policy,
+            latest_epoch: plans.last().map_or(0, |p| p.0),
+            plans: plans.iter().map(|(e, r)| (*e, Some(r.to_string()))).collect(),
+        }
+    }
+
+    const BUDGET: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_clean_history_passes() {
+        let events = [
+            ev(1, AdminOp::PutPolicy(7), 0, 10, Outcome::Ok(OpResult::Written)),
+            commit(2, "a", 5, 15, 1),
+            ev(3, AdminOp::GetPolicy, 20, 30, Outcome::Ok(OpResult::Policy(7))),
+            // Unknown and never observed: may not have happened.
+            ev(
+                1,
+                AdminOp::CommitPlan("b".into()),
+                40,
+                50,
+                Outcome::Unknown("reset".into()),
+            ),
+        ];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(7, &[(1, "a")]), BUDGET);
+        assert!(a.verdict.is_linearizable(), "{}", a.verdict_text);
+        assert_eq!((a.lost, a.duplicate_epochs, a.applied_twice), (0, 0, 0));
+    }
+
+    #[test]
+    fn an_acknowledged_commit_missing_from_the_final_log_is_lost() {
+        let events = [commit(2, "a", 5, 15, 1), commit(2, "b", 20, 30, 2)];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(0, &[(1, "a")]), BUDGET);
+        assert_eq!(a.lost, 1);
+    }
+
+    #[test]
+    fn an_overwritten_acknowledged_policy_write_is_lost() {
+        // 8 was acknowledged after 7 returned, yet the final value is 7.
+        let events = [
+            ev(1, AdminOp::PutPolicy(7), 0, 10, Outcome::Ok(OpResult::Written)),
+            ev(1, AdminOp::PutPolicy(8), 20, 30, Outcome::Ok(OpResult::Written)),
+        ];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(7, &[]), BUDGET);
+        assert_eq!(a.lost, 1);
+    }
+
+    #[test]
+    fn a_plan_applied_twice_and_a_duplicate_epoch_are_caught() {
+        // One request's plan under epochs 1 and 2 (the client was answered 2).
+        let events = [commit(2, "a", 5, 50, 2)];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(0, &[(1, "a"), (2, "a")]), BUDGET);
+        assert_eq!(a.applied_twice, 1);
+        assert!(!a.verdict.is_linearizable());
+        // Two commits answered the same epoch.
+        let events = [commit(2, "a", 5, 15, 1), commit(3, "b", 6, 16, 1)];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(0, &[(1, "b")]), BUDGET);
+        assert_eq!(a.duplicate_epochs, 1);
+        assert_eq!(a.lost, 1);
+        assert!(!a.verdict.is_linearizable());
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let xs: Vec<f64> = (1..=50).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 99.0), 50.0);
+        assert_eq!(percentile(&xs, 50.0), 25.0);
+        assert_eq!(percentile(&[], 99.0), 0.0);
+    }
+}
