@@ -38,6 +38,9 @@ enum Command {
     /// Certificates for mutual TLS between control plane, workers and engines.
     #[command(subcommand)]
     Certs(commands::worker::CertsCommand),
+    /// Fault injection against a real local cluster (results belong in docs/RELIABILITY.md).
+    #[command(subcommand)]
+    Chaos(commands::chaos::ChaosCommand),
     /// Benchmarks (results belong in docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(a) => commands::serve::serve(a, true),
         Command::Up(a) => commands::serve::serve(a, false),
         Command::Bench(c) => commands::bench::run(c),
+        Command::Chaos(c) => commands::chaos::run(c),
         Command::Worker(a) => commands::worker::worker(a),
         Command::Certs(c) => commands::worker::certs(c),
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -200,38 +200,89 @@ async fn cluster(State(node): State<Node>) -> ApiResult {
     ok(node.cluster())
 }
 
-async fn get_policy(State(node): State<Node>) -> ApiResult {
-    ok(node.read_state().await.policy)
+/// The state for a read: linearizable on the leader, else this node's applied state, which may
+/// lag. The `x-moeless-read` header (`linearizable` or `local`) tells clients which they got.
+async fn read(node: &Node) -> (crate::state::ClusterState, ReadKind) {
+    match node.linearizable_state().await {
+        Ok(s) => (s, ReadKind("linearizable")),
+        Err(_) => (node.state_machine().state().await, ReadKind("local")),
+    }
 }
 
-async fn write(node: &Node, cmd: Command) -> Result<(u64, CommandResponse), ApiError> {
+#[derive(Clone, Copy)]
+struct ReadKind(&'static str);
+
+impl ReadKind {
+    fn answer(self, r: ApiResult) -> ApiResult {
+        let mut resp = match r {
+            Ok(resp) => resp,
+            Err(e) => e.into_response(),
+        };
+        resp.headers_mut()
+            .insert("x-moeless-read", header::HeaderValue::from_static(self.0));
+        Ok(resp)
+    }
+}
+
+async fn get_policy(State(node): State<Node>) -> ApiResult {
+    let (state, kind) = read(&node).await;
+    kind.answer(ok(state.policy))
+}
+
+/// The `Idempotency-Key` of a write: a client that retries a write after an ambiguous answer
+/// (a timeout, a 503) sends the same key and the command is applied once, answering what the
+/// first application answered. Without it, a retried write may apply twice.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 200;
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_BYTES && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters"
+            ))
+        })?;
+    // Client keys live in their own namespace, apart from the keys nodes draw for themselves.
+    Ok(Some(format!("client-{key}")))
+}
+
+async fn write(node: &Node, headers: &HeaderMap, cmd: Command) -> Result<(u64, CommandResponse), ApiError> {
+    let key = idempotency_key(headers)?;
     let started = std::time::Instant::now();
-    let r = node.write(cmd, WRITE_WAIT).await;
+    let r = node.write_keyed(key, cmd, WRITE_WAIT).await;
     metrics::histogram!("moeless_commit_seconds").record(started.elapsed().as_secs_f64());
     Ok(r?)
 }
 
-async fn put_policy(State(node): State<Node>, body: Body) -> ApiResult {
+async fn put_policy(State(node): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let policy: PolicyConfig = parse(body)?;
-    let (log_index, _) = write(&node, Command::SetPolicy(policy.clone())).await?;
+    let (log_index, _) = write(&node, &headers, Command::SetPolicy(policy.clone())).await?;
     ok(json!({"log_index": log_index, "policy": policy}))
 }
 
 async fn latest_plan(State(node): State<Node>) -> ApiResult {
-    match node.read_state().await.latest_plan() {
+    let (state, kind) = read(&node).await;
+    kind.answer(match state.latest_plan() {
         Some(p) => ok(p),
         None => Err(ApiError::not_found("no plan has been committed yet")),
-    }
+    })
 }
 
 async fn plan_by_epoch(State(node): State<Node>, Path(epoch): Path<String>) -> ApiResult {
     let epoch: u64 = epoch
         .parse()
         .map_err(|_| ApiError::bad_request(format!("epoch {epoch:?} is not an integer")))?;
-    match node.read_state().await.plans.get(&epoch) {
+    let (state, kind) = read(&node).await;
+    kind.answer(match state.plans.get(&epoch) {
         Some(p) => ok(p),
         None => Err(ApiError::not_found(format!("no plan with epoch {epoch}"))),
-    }
+    })
 }
 
 #[derive(Deserialize)]
@@ -242,10 +293,11 @@ struct CommitPlanBody {
     expected_epoch: Option<u64>,
 }
 
-async fn commit_plan(State(node): State<Node>, body: Body) -> ApiResult {
+async fn commit_plan(State(node): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let b: CommitPlanBody = parse(body)?;
     let (log_index, resp) = write(
         &node,
+        &headers,
         Command::CommitPlan {
             intent: b.intent,
             expected_epoch: b.expected_epoch,
@@ -331,9 +383,9 @@ async fn instances(State(node): State<Node>, RawQuery(query): RawQuery) -> ApiRe
     ok(all)
 }
 
-async fn drain_worker(State(node): State<Node>, Path(id): Path<String>) -> ApiResult {
+async fn drain_worker(State(node): State<Node>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
     let worker = worker_id(&id)?;
-    let (log_index, _) = write(&node, Command::DrainWorker { worker }).await?;
+    let (log_index, _) = write(&node, &headers, Command::DrainWorker { worker }).await?;
     ok(json!({"worker": worker, "health": "draining", "log_index": log_index}))
 }
 
@@ -341,9 +393,9 @@ async fn models(State(node): State<Node>) -> ApiResult {
     ok(node.read_state().await.models.into_values().collect::<Vec<_>>())
 }
 
-async fn put_model(State(node): State<Node>, body: Body) -> ApiResult {
+async fn put_model(State(node): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let model: ModelSpec = parse(body)?;
-    let (log_index, _) = write(&node, Command::PutModel(model.clone())).await?;
+    let (log_index, _) = write(&node, &headers, Command::PutModel(model.clone())).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"log_index": log_index, "model": model})),
@@ -358,9 +410,9 @@ async fn get_predictor(State(node): State<Node>) -> ApiResult {
     }
 }
 
-async fn put_predictor(State(node): State<Node>, body: Body) -> ApiResult {
+async fn put_predictor(State(node): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let update: PredictorUpdate = parse(body)?;
-    let (log_index, resp) = write(&node, Command::UpdatePredictor(update)).await?;
+    let (log_index, resp) = write(&node, &headers, Command::UpdatePredictor(update)).await?;
     let version = match resp {
         CommandResponse::PredictorVersion { version } => Some(version),
         _ => None,
@@ -482,9 +534,15 @@ async fn openapi() -> ApiResult {
 pub fn openapi_document() -> serde_json::Value {
     let err = json!({"$ref": "#/components/responses/Error"});
     let op = |summary: &str| json!({"summary": summary, "responses": {"200": {"description": "OK"}, "default": err}});
+    let idempotency = json!({
+        "name": "Idempotency-Key", "in": "header", "required": false,
+        "description": "Retrying a write with the same key applies it at most once and answers the first result",
+        "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY_BYTES}
+    });
     let body_op = |summary: &str, schema: &str| {
         json!({
             "summary": summary,
+            "parameters": [idempotency],
             "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}},
             "responses": {"200": {"description": "OK"}, "201": {"description": "Created"}, "default": err}
         })

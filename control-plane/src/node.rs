@@ -150,6 +150,10 @@ struct Shared {
     /// Serialises scaling rounds (loop and POST /v1/rebalance); holds when the last one ran.
     scaling: tokio::sync::Mutex<Instant>,
     admin_token: Option<String>,
+    /// Fresh idempotency keys: `node-ID-NONCE-SEQ`, the nonce drawn at start so a restarted
+    /// node never reuses its previous keys.
+    boot_nonce: u64,
+    write_seq: std::sync::atomic::AtomicU64,
     failpoints: Failpoints,
     tls: Option<GrpcTls>,
 }
@@ -282,6 +286,24 @@ impl Node {
     /// Commits `cmd` through Raft: locally on the leader, forwarded over gRPC from a follower.
     /// Waits up to `wait` for a leader when an election is in progress.
     pub async fn write(&self, cmd: Command, wait: Duration) -> Result<(u64, CommandResponse), NodeError> {
+        self.write_keyed(None, cmd, wait).await
+    }
+
+    /// [`Node::write`] under an idempotency key: `None` draws a fresh one, so this call's own
+    /// retries (after a forward that timed out, or a leader that lost its term after appending)
+    /// apply the command once; a client that retries across calls passes its own key
+    /// (`Idempotency-Key` on the admin API) and gets the first answer back.
+    pub async fn write_keyed(
+        &self,
+        key: Option<String>,
+        cmd: Command,
+        wait: Duration,
+    ) -> Result<(u64, CommandResponse), NodeError> {
+        let key = key.unwrap_or_else(|| {
+            let seq = self.shared.write_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("node-{}-{}-{seq}", self.shared.id, self.shared.boot_nonce)
+        });
+        let cmd = cmd.keyed(key);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let outcome = match write_local(&self.shared.raft, cmd.clone()).await {
@@ -448,11 +470,54 @@ impl Node {
         self.shared.loads.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
+    /// If this node leads: transfers leadership to the voter with the most replicated log and
+    /// waits until another node leads (or `wait` passes). Answers whether leadership moved.
+    pub async fn step_down(&self, wait: Duration) -> bool {
+        let raft = &self.shared.raft;
+        let m = raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            return false;
+        }
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let target = m.replication.as_ref().and_then(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != self.shared.id && voters.contains(id))
+                .max_by_key(|(_, matched)| matched.as_ref().map(|l| l.index()))
+                .map(|(id, _)| *id)
+        });
+        let Some(target) = target else {
+            return false;
+        };
+        tracing::info!(
+            id = self.shared.id,
+            to = target,
+            "stepping down: transferring leadership"
+        );
+        if let Err(e) = raft.trigger().transfer_leader(target).await {
+            tracing::warn!(error = %e, "leadership transfer");
+            return false;
+        }
+        let moved = raft
+            .wait(Some(wait))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != self.shared.id),
+                "another node leads",
+            )
+            .await
+            .is_ok();
+        if !moved {
+            tracing::warn!(to = target, "leadership did not move within {wait:?}; stopping anyway");
+        }
+        moved
+    }
+
     pub fn is_leader(&self) -> bool {
         let m = self.shared.raft.metrics().borrow_watched().clone();
         m.state == ServerState::Leader
     }
 }
+
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
 async fn forward(leader: &NodeInfo, cmd: &Command, tls: Option<&GrpcTls>) -> Option<ForwardedWrite> {
     let mut client = raft_client(&leader.raft_addr, tls).ok()?;
@@ -461,7 +526,9 @@ async fn forward(leader: &NodeInfo, cmd: &Command, tls: Option<&GrpcTls>) -> Opt
         payload,
         data: Vec::new(),
     };
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.forward_write(msg))
+    // Shorter than a failover: a write stuck on a leader that died is retried on the new one
+    // (safe, the command is keyed) instead of outliving the election.
+    let resp = tokio::time::timeout(FORWARD_TIMEOUT, client.forward_write(msg))
         .await
         .ok()?
         .ok()?;
@@ -481,6 +548,15 @@ pub struct RunningNode {
 
 impl RunningNode {
     /// Stops the servers and Raft and releases the storage files.
+    /// A graceful stop (SIGTERM, SIGINT, a rolling restart): a leader first hands leadership
+    /// to the most caught-up voter and waits (up to `wait`) until it has, so the group does not
+    /// sit through an election timeout and writes in flight here are forwarded to the new
+    /// leader (they are keyed, so none applies twice); then [`RunningNode::shutdown`].
+    pub async fn stop_gracefully(self, wait: Duration) {
+        self.node.step_down(wait).await;
+        self.shutdown().await
+    }
+
     pub async fn shutdown(mut self) {
         for s in self.stop.drain(..) {
             let _ = s.send(());
@@ -594,8 +670,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     let fatal = watch_fatal(&raft, config.id);
 
+    // How peers, workers and engines reach this node: its own --peers entry when there is one
+    // (a DNS name, or an address other than a wildcard bind such as 0.0.0.0), else the bound one.
     let info = NodeInfo {
-        raft_addr: raft_addr.to_string(),
+        raft_addr: config
+            .peers
+            .get(&config.id)
+            .cloned()
+            .unwrap_or_else(|| raft_addr.to_string()),
         admin_addr: admin_addr.to_string(),
     };
     let node = Node {
@@ -609,6 +691,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             leader_since: Mutex::new(None),
             scaling: tokio::sync::Mutex::new(Instant::now()),
             admin_token: config.admin_token.clone(),
+            boot_nonce: rand::random(),
+            write_seq: std::sync::atomic::AtomicU64::new(0),
             failpoints: config.failpoints.clone(),
             tls: config.tls.clone(),
         }),

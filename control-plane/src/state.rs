@@ -10,6 +10,9 @@ use crate::types::{Command, CommandResponse};
 
 /// How many decisions the log keeps; older ones are dropped (the plans themselves stay).
 pub const DECISION_LOG_LIMIT: usize = 1000;
+/// How many idempotency keys the state machine remembers (oldest forgotten first). A retry
+/// arrives within seconds; this many writes take far longer on any real control plane.
+pub const REQUEST_KEY_LIMIT: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Device {
@@ -160,6 +163,43 @@ pub struct ClusterState {
     pub predictor: Option<PredictorState>,
     pub decisions: Vec<Decision>,
     pub cost: Vec<CostEntry>,
+    /// Answers of the last keyed commands (see `Command::Keyed`), for at-most-once retries.
+    #[serde(default)]
+    pub requests: RequestLog,
+}
+
+/// The answers of the most recent keyed commands, in the order they were applied.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RequestLog {
+    answers: BTreeMap<String, KeyedAnswer>,
+    order: std::collections::VecDeque<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct KeyedAnswer {
+    digest: u64,
+    log_index: u64,
+    response: CommandResponse,
+}
+
+impl RequestLog {
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn remember(&mut self, key: String, answer: KeyedAnswer) {
+        self.order.push_back(key.clone());
+        self.answers.insert(key, answer);
+        while self.order.len() > REQUEST_KEY_LIMIT {
+            if let Some(old) = self.order.pop_front() {
+                self.answers.remove(&old);
+            }
+        }
+    }
 }
 
 impl ClusterState {
@@ -178,6 +218,32 @@ impl ClusterState {
 
     /// Applies one committed command at `log_index`.
     pub fn apply(&mut self, log_index: u64, cmd: Command) -> CommandResponse {
+        let Command::Keyed { key, digest, command } = cmd else {
+            return self.apply_once(log_index, cmd);
+        };
+        if let Some(seen) = self.requests.answers.get(&key) {
+            return if seen.digest == digest {
+                seen.response.clone()
+            } else {
+                CommandResponse::Rejected {
+                    reason: format!(
+                        "idempotency key {key:?} was used for a different command (applied at log index {})",
+                        seen.log_index
+                    ),
+                }
+            };
+        }
+        let response = self.apply_once(log_index, *command);
+        let answer = KeyedAnswer {
+            digest,
+            log_index,
+            response: response.clone(),
+        };
+        self.requests.remember(key, answer);
+        response
+    }
+
+    fn apply_once(&mut self, log_index: u64, cmd: Command) -> CommandResponse {
         let what = cmd.to_string();
         let resp = self.apply_inner(cmd);
         let what = match &resp {
@@ -297,6 +363,8 @@ impl ClusterState {
                 });
                 CommandResponse::Applied
             }
+            // `apply` unwraps one level; a second one is refused there.
+            Command::Keyed { .. } => reject("a keyed command may not hold another keyed command".into()),
         }
     }
 
@@ -386,6 +454,62 @@ mod tests {
             assert_eq!(r, CommandResponse::PlanCommitted { epoch: n });
         }
         assert_eq!(s.plans.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_keyed_command_applies_once_and_replays_its_first_answer() {
+        let mut s = seeded();
+        let commit = || Command::CommitPlan {
+            intent: intent(1.0),
+            expected_epoch: None,
+        };
+        let first = s.apply(3, commit().keyed("k1".into()));
+        assert_eq!(first, CommandResponse::PlanCommitted { epoch: 1 });
+        // The same write retried (a forward that timed out, a leader that lost its term).
+        assert_eq!(s.apply(4, commit().keyed("k1".into())), first);
+        assert_eq!(s.plans.len(), 1);
+        // Another key is another write.
+        assert_eq!(
+            s.apply(5, commit().keyed("k2".into())),
+            CommandResponse::PlanCommitted { epoch: 2 }
+        );
+        // A key reused for a different command is refused, and changes nothing.
+        let other = Command::CommitPlan {
+            intent: intent(0.5),
+            expected_epoch: None,
+        };
+        assert!(
+            matches!(s.apply(6, other.keyed("k1".into())), CommandResponse::Rejected { reason } if reason.contains("different command"))
+        );
+        assert_eq!(s.plans.len(), 2);
+        // Nested keys are refused.
+        let nested = Command::Keyed {
+            key: "outer".into(),
+            digest: 0,
+            command: Box::new(commit().keyed("inner".into())),
+        };
+        assert!(matches!(s.apply(7, nested), CommandResponse::Rejected { .. }));
+        assert_eq!(s.plans.len(), 2);
+        // The remembered keys survive a snapshot round trip.
+        let restored: ClusterState = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(restored, s);
+    }
+
+    #[test]
+    fn the_request_log_forgets_the_oldest_keys_first() {
+        let mut s = seeded();
+        for i in 0..REQUEST_KEY_LIMIT + 1 {
+            let cmd = Command::DrainWorker { worker: 7 }.keyed(format!("k{i}"));
+            assert_eq!(s.apply(3 + i as u64, cmd), CommandResponse::Applied);
+        }
+        assert_eq!(s.requests.len(), REQUEST_KEY_LIMIT);
+        // k0 is forgotten: applying it again is a new write (answered Applied, logged again).
+        s.apply(1_000_000, Command::DrainWorker { worker: 7 }.keyed("k0".into()));
+        assert_eq!(s.decisions.last().unwrap().log_index, 1_000_000);
+        // k5 is still remembered: no new decision.
+        let before = s.decisions.clone();
+        s.apply(1_000_001, Command::DrainWorker { worker: 7 }.keyed("k5".into()));
+        assert_eq!(s.decisions, before);
     }
 
     #[test]

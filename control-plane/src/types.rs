@@ -50,6 +50,39 @@ pub enum Command {
         cold_starts: u64,
         note: String,
     },
+    /// `command` at most once per `key`: applying a key seen among the last
+    /// [`crate::state::REQUEST_KEY_LIMIT`] keys answers what the first application answered and
+    /// changes nothing. Every write goes through [`crate::Node::write`] wrapped in one, so a
+    /// write retried after an ambiguous failure (a forward that timed out, a leader that lost
+    /// its term after appending) is applied once. `digest` (of the serialized command) catches
+    /// a client that reuses a key for a different command.
+    Keyed {
+        key: String,
+        digest: u64,
+        command: Box<Command>,
+    },
+}
+
+impl Command {
+    /// `self` under an idempotency key (unchanged if it already has one).
+    pub fn keyed(self, key: String) -> Command {
+        match self {
+            keyed @ Command::Keyed { .. } => keyed,
+            command => Command::Keyed {
+                digest: command.digest(),
+                key,
+                command: Box::new(command),
+            },
+        }
+    }
+
+    /// FNV-1a of the JSON encoding: the same on every replica and every build.
+    pub fn digest(&self) -> u64 {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
 }
 
 impl fmt::Display for Command {
@@ -64,6 +97,7 @@ impl fmt::Display for Command {
             Command::SetPolicy(_) => write!(f, "set-policy"),
             Command::UpdatePredictor(p) => write!(f, "update-predictor({})", p.name),
             Command::RecordCost { window_end_ms, .. } => write!(f, "record-cost({window_end_ms})"),
+            Command::Keyed { command, .. } => command.fmt(f),
         }
     }
 }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -67,8 +68,16 @@ fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
             .parse()
             .with_context(|| format!("peer id {id:?} is not an integer"))?;
         let addr = addr.trim();
-        addr.parse::<SocketAddr>()
-            .with_context(|| format!("peer address {addr:?} is not HOST:PORT"))?;
+        // An IP or a DNS name (a Kubernetes pod's stable name): resolved when dialled.
+        let valid = match addr.rsplit_once(':') {
+            Some((host, port)) => {
+                !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p != 0)
+            }
+            None => false,
+        };
+        if !valid {
+            bail!("peer address {addr:?} is not HOST:PORT");
+        }
         if peers.insert(id, addr.to_string()).is_some() {
             bail!("peer id {id} appears twice");
         }
@@ -150,7 +159,10 @@ pub fn control_plane(a: ControlPlaneArgs) -> anyhow::Result<()> {
         );
         let fatal = node.fatal();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => { node.shutdown().await; }
+            _ = super::signals::wait_for_signal() => {
+                eprintln!("stopping: handing leadership over first");
+                node.stop_gracefully(Duration::from_secs(3)).await;
+            }
             // A node that can no longer persist must not go on answering: exit non-zero so a
             // supervisor restarts it, and it recovers from what its disk holds.
             e = fatal => return Err(anyhow::Error::from(e).context(format!("control-plane node {} stopped", a.id))),
@@ -263,6 +275,12 @@ mod tests {
         assert!(parse_peers("x=127.0.0.1:1").is_err());
         assert!(parse_peers("1=127.0.0.1:1,1=127.0.0.1:2").is_err());
         assert!(parse_peers("").unwrap().is_empty());
+        // Kubernetes: stable pod names behind a headless service.
+        let p = parse_peers("1=moeless-cp-0.moeless-cp:7100,2=[::1]:7100").unwrap();
+        assert_eq!(p[&1], "moeless-cp-0.moeless-cp:7100");
+        for bad in ["1=:7100", "1=host:0", "1=host:port", "1=host", "1=a b:1"] {
+            assert!(parse_peers(bad).is_err(), "{bad}");
+        }
         assert!(parse_range("400-800").is_ok());
         assert!(parse_range("800-400").is_err());
     }

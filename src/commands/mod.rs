@@ -2,11 +2,13 @@
 
 pub mod bench;
 pub mod bench_dp;
+pub mod chaos;
 pub mod cluster;
 pub mod control;
 pub mod engine;
 pub mod policy;
 pub mod serve;
+pub mod signals;
 pub mod sim;
 pub mod tls;
 pub mod worker;

@@ -217,7 +217,7 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
         );
         let stats = server.stats().clone();
         tokio::select! {
-            _ = wait_for_signal() => eprintln!("shutting down: finishing in-flight requests"),
+            _ = super::signals::wait_for_signal() => eprintln!("shutting down: finishing in-flight requests"),
             _ = async {
                 while !stats.dead.load(std::sync::atomic::Ordering::Relaxed) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -230,28 +230,6 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
     drop(external);
     drop(builtin_dir);
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 #[derive(Args, Debug)]

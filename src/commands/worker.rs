@@ -120,7 +120,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
                 std::future::pending::<()>().await;
             }
         };
-        let mut terminate = terminate_signal()?;
+        let mut terminate = super::signals::terminate_signal()?;
         let graceful = tokio::select! {
             _ = terminate.recv() => true,
             _ = parent_gone => {
@@ -141,26 +141,6 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         running.shutdown().await;
         anyhow::Ok(())
     })
-}
-
-/// SIGTERM and SIGINT as one stream of shutdown requests.
-fn terminate_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            if tx.send(()).await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,0 +1,797 @@
+//! Scenarios: start a cluster, drive load, inject one fault per trial, heal, and check the
+//! invariants over the recorded history.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::cluster::{ControlPlane, RaftTiming};
+use crate::linearizability::{
+    check, Operation, PlanInput, PlanLog, PlanOutput, Register, RegisterInput, RegisterOutput, Verdict,
+};
+use crate::net::Network;
+use crate::workload::{model_spec, probe_write, AdminClient, AdminOp, Event, History, Load, OpResult, Outcome};
+
+/// The faults of issue 8. Worker and endpoint scenarios need `moeless serve --control` and the
+/// failpoints; they are named here so that `all` and the report know about them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scenario {
+    LeaderKill,
+    FollowerKill,
+    LeaderPause,
+    LeaderPartition,
+    RollingRestart,
+    WorkerKill,
+    WorkerDrain,
+    /// Slot for the failpoint facility (`MOELESS_FAILPOINTS="name=action;..."`, actions
+    /// abort/error/sleep(ms)/off): inject `error` into the store's fsync on the leader, expect it
+    /// to step down or fail the write without acknowledging it, and nothing acknowledged lost.
+    FsyncFailure,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 8] = [
+        Scenario::LeaderKill,
+        Scenario::FollowerKill,
+        Scenario::LeaderPause,
+        Scenario::LeaderPartition,
+        Scenario::RollingRestart,
+        Scenario::WorkerKill,
+        Scenario::WorkerDrain,
+        Scenario::FsyncFailure,
+    ];
+
+    /// The scenarios that run today (the control plane's).
+    pub const CONTROL_PLANE: [Scenario; 5] = [
+        Scenario::LeaderKill,
+        Scenario::FollowerKill,
+        Scenario::LeaderPause,
+        Scenario::LeaderPartition,
+        Scenario::RollingRestart,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::LeaderKill => "leader-kill",
+            Scenario::FollowerKill => "follower-kill",
+            Scenario::LeaderPause => "leader-pause",
+            Scenario::LeaderPartition => "leader-partition",
+            Scenario::RollingRestart => "rolling-restart",
+            Scenario::WorkerKill => "worker-kill",
+            Scenario::WorkerDrain => "worker-drain",
+            Scenario::FsyncFailure => "fsync-failure",
+        }
+    }
+
+    /// Graceful events must fail no request; kills may fail at most 0.1%.
+    pub fn graceful(self) -> bool {
+        matches!(self, Scenario::RollingRestart | Scenario::WorkerDrain)
+    }
+
+    /// Why the scenario cannot run yet, if it cannot.
+    pub fn unavailable(self) -> Option<&'static str> {
+        match self {
+            Scenario::WorkerKill | Scenario::WorkerDrain => {
+                Some("needs the endpoint against an external control plane (`moeless serve --control`), not built yet")
+            }
+            Scenario::FsyncFailure => Some("needs the failpoint facility (MOELESS_FAILPOINTS), not built yet"),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Scenario::ALL.into_iter().find(|sc| sc.name() == s).with_context(|| {
+            let names: Vec<_> = Scenario::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown scenario {s:?}; one of {} or all", names.join(", "))
+        })
+    }
+}
+
+/// How a scenario run is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The `moeless` binary that runs the nodes.
+    pub binary: PathBuf,
+    pub trials: usize,
+    /// How long leader-pause keeps the leader stopped (issue: 10 s).
+    pub pause: Duration,
+    /// How long leader-partition keeps the leader cut off.
+    pub partition: Duration,
+    /// Load before each fault.
+    pub warmup: Duration,
+    /// Load kept up after writes succeed again, before healing.
+    pub after_failover: Duration,
+    pub clients: u64,
+    /// Pause between one client's operations.
+    pub think: Duration,
+    pub timing: RaftTiming,
+    /// Budget of the linearizability search.
+    pub check_budget: Duration,
+    /// Keep node logs and data of a failed scenario (path in the report).
+    pub keep_failed: bool,
+}
+
+impl Config {
+    pub fn new(binary: PathBuf) -> Self {
+        Self {
+            binary,
+            trials: 1,
+            pause: Duration::from_secs(10),
+            partition: Duration::from_secs(10),
+            warmup: Duration::from_millis(500),
+            after_failover: Duration::from_millis(500),
+            clients: 4,
+            think: Duration::from_millis(5),
+            timing: RaftTiming::default(),
+            check_budget: Duration::from_secs(60),
+            keep_failed: true,
+        }
+    }
+}
+
+/// The report of one scenario (one entry of REPORT.json).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    pub scenario: String,
+    pub trials: usize,
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    /// Over every fault: time from the fault to the first acknowledged write after it.
+    pub failover_ms_max: f64,
+    pub failover_ms_p99: f64,
+    pub lost_acknowledged_writes: u64,
+    pub linearizable: bool,
+    /// The longest time from healing to every node up, agreeing on one leader and term, and
+    /// caught up with the leader's log as it was at healing.
+    pub recovery_ms: f64,
+    /// Below here: detail beyond the issue's fields.
+    pub success_rate: f64,
+    /// Acknowledged plan commits that were answered an epoch another commit was also answered,
+    /// or that the final log holds under another plan.
+    pub duplicate_plan_epochs: u64,
+    /// Plans (by unique reason) found under more than one epoch: one request applied twice.
+    pub plans_applied_twice: u64,
+    pub failover_ms: Vec<f64>,
+    pub recovery_ms_all: Vec<f64>,
+    pub history_ops: usize,
+    pub unknown_ops: usize,
+    pub check_ms: f64,
+    /// "linearizable", "not linearizable: ...", "timeout".
+    pub verdict: String,
+    pub network: String,
+    pub passed: bool,
+    /// Why the scenario failed, if it did (every violated check).
+    pub failures: Vec<String>,
+    /// Node logs and data kept for a failed scenario.
+    pub kept: Option<String>,
+}
+
+impl ScenarioReport {
+    fn skipped(s: Scenario, why: &str) -> Self {
+        Self {
+            scenario: s.name().into(),
+            trials: 0,
+            requests_ok: 0,
+            requests_failed: 0,
+            failover_ms_max: 0.0,
+            failover_ms_p99: 0.0,
+            lost_acknowledged_writes: 0,
+            linearizable: false,
+            recovery_ms: 0.0,
+            success_rate: 0.0,
+            duplicate_plan_epochs: 0,
+            plans_applied_twice: 0,
+            failover_ms: vec![],
+            recovery_ms_all: vec![],
+            history_ops: 0,
+            unknown_ops: 0,
+            check_ms: 0.0,
+            verdict: format!("not run: {why}"),
+            network: String::new(),
+            passed: false,
+            failures: vec![format!("not run: {why}")],
+            kept: None,
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// The nearest-rank percentile of `xs`.
+pub fn percentile(xs: &[f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Runs one scenario. Errors are setup failures (no cluster, no leader); violated invariants
+/// are in the report.
+pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
+    if let Some(why) = scenario.unavailable() {
+        return Ok(ScenarioReport::skipped(scenario, why));
+    }
+    let network = Network::best(3);
+    if scenario == Scenario::LeaderPartition && !network.supports_partitions() {
+        return Ok(ScenarioReport::skipped(
+            scenario,
+            "partitions need network namespaces (root or CAP_NET_ADMIN)",
+        ));
+    }
+    let network_name = network.describe();
+    let mut cp = ControlPlane::new(&cfg.binary, 3, network, cfg.timing.clone())?;
+    cp.start_all()?;
+    cp.wait_leader(Duration::from_secs(20)).await?;
+    let nodes: Vec<_> = cp.admin_addrs().into_values().collect();
+    let client = AdminClient::new(nodes.clone())?;
+    register_model(&client).await?;
+
+    let history = History::new();
+    let initial = read_final(&client, &history)
+        .await
+        .context("reading the initial state")?;
+    let load = Load::start(&client, &history, cfg.clients, cfg.think);
+
+    let mut failover = Vec::new();
+    let mut recovery = Vec::new();
+    let mut failures = Vec::new();
+    // Probe client ids start above every load client's.
+    let mut probe_id = 1000.max(cfg.clients);
+    for trial in 0..cfg.trials {
+        tokio::time::sleep(cfg.warmup).await;
+        let events = match inject(scenario, cfg, &mut cp, &client, &history, &mut probe_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                failures.push(format!("trial {}: {e:#}", trial + 1));
+                break;
+            }
+        };
+        for (f, r) in events {
+            match f {
+                Some(f) => failover.push(ms(f)),
+                None => failures.push(format!("trial {}: no write succeeded after the fault", trial + 1)),
+            }
+            recovery.push(ms(r));
+        }
+    }
+    load.stop().await;
+    if let Err(e) = cp.wait_converged(Duration::from_secs(20)).await {
+        failures.push(format!("the cluster did not return to health: {e:#}"));
+    }
+    let last = read_final(&client, &history).await.context("reading the final state")?;
+
+    let events = history.events();
+    let analysis = analyse(&events, &initial, &last, cfg.check_budget);
+    // Requests are the load clients' operations; the harness' own probes (sent every 50 ms
+    // into the fault, many of them stuck by design) and state reads are in the history only.
+    let load: Vec<&Event> = events.iter().filter(|e| e.client <= cfg.clients).collect();
+    let requests_ok = load.iter().filter(|e| matches!(e.outcome, Outcome::Ok(_))).count() as u64;
+    let requests_failed = load.len() as u64 - requests_ok;
+    let success_rate = requests_ok as f64 / (load.len().max(1)) as f64;
+    if !analysis.verdict.is_linearizable() {
+        failures.push(format!("history: {}", analysis.verdict_text));
+    }
+    if analysis.lost > 0 {
+        failures.push(format!("{} acknowledged writes lost", analysis.lost));
+    }
+    if analysis.duplicate_epochs > 0 || analysis.applied_twice > 0 {
+        failures.push(format!(
+            "{} plan epochs answered twice, {} plans applied twice {:?}",
+            analysis.duplicate_epochs, analysis.applied_twice, analysis.twice
+        ));
+    }
+    if scenario.graceful() && requests_failed > 0 {
+        failures.push(format!("{requests_failed} requests failed in a graceful event"));
+    } else if success_rate < 0.999 {
+        failures.push(format!("success rate {:.4} below 0.999", success_rate));
+    }
+    let failover_ms_max = failover.iter().copied().fold(0.0, f64::max);
+    if failover_ms_max > 2000.0 {
+        failures.push(format!("failover took {failover_ms_max} ms (> 2000)"));
+    }
+    let passed = failures.is_empty();
+    let kept = (!passed && cfg.keep_failed).then(|| {
+        let dir = cp.keep_logs();
+        let lines: Vec<String> = events.iter().filter_map(|e| serde_json::to_string(e).ok()).collect();
+        if let Err(e) = std::fs::write(dir.join("history.jsonl"), lines.join("\n")) {
+            tracing::warn!(error = %e, "history not kept");
+        }
+        dir.display().to_string()
+    });
+    Ok(ScenarioReport {
+        scenario: scenario.name().into(),
+        trials: cfg.trials,
+        requests_ok,
+        requests_failed,
+        failover_ms_max,
+        failover_ms_p99: percentile(&failover, 99.0),
+        lost_acknowledged_writes: analysis.lost,
+        linearizable: analysis.verdict.is_linearizable(),
+        recovery_ms: recovery.iter().copied().fold(0.0, f64::max),
+        success_rate,
+        duplicate_plan_epochs: analysis.duplicate_epochs,
+        plans_applied_twice: analysis.applied_twice,
+        failover_ms: failover,
+        recovery_ms_all: recovery,
+        history_ops: events.len(),
+        unknown_ops: events
+            .iter()
+            .filter(|e| matches!(e.outcome, Outcome::Unknown(_)))
+            .count(),
+        check_ms: analysis.check_ms,
+        verdict: analysis.verdict_text,
+        network: network_name,
+        passed,
+        failures,
+        kept,
+    })
+}
+
+async fn register_model(client: &AdminClient) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client.http_post_json(0, "/v1/models", &model_spec()).await;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e.context("registering the model")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// One fault and its healing. Returns, per fault event, the failover time (`None` if no write
+/// succeeded) and the recovery time.
+async fn inject(
+    scenario: Scenario,
+    cfg: &Config,
+    cp: &mut ControlPlane,
+    client: &AdminClient,
+    history: &Arc<History>,
+    probe_id: &mut u64,
+) -> Result<Vec<(Option<Duration>, Duration)>> {
+    let n = cp.len();
+    let leader = cp.wait_leader(Duration::from_secs(10)).await?;
+    let others = |x: usize| (0..n).filter(|&j| j != x).collect::<Vec<_>>();
+    *probe_id += 1;
+    let probe_client = *probe_id;
+    let probe_for = Duration::from_secs(15);
+    match scenario {
+        Scenario::LeaderKill | Scenario::FollowerKill => {
+            let victim = if scenario == Scenario::LeaderKill {
+                leader
+            } else {
+                (leader + 1) % n
+            };
+            let at = Instant::now();
+            cp.kill(victim);
+            let ok = probe_write(client, history, probe_client, &others(victim), probe_for).await;
+            tokio::time::sleep(cfg.after_failover).await;
+            let target = leader_log(cp, &others(victim)).await;
+            let healed = Instant::now();
+            cp.start(victim)?;
+            let r = wait_recovered(cp, target, healed).await?;
+            Ok(vec![(ok.map(|t| t - at), r)])
+        }
+        Scenario::LeaderPause => {
+            let at = Instant::now();
+            cp.pause(leader)?;
+            let survivors = others(leader);
+            let probe = probe_write(client, history, probe_client, &survivors, probe_for);
+            let (ok, ()) = tokio::join!(probe, tokio::time::sleep(cfg.pause));
+            let until = at + cfg.pause;
+            tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+            let target = leader_log(cp, &others(leader)).await;
+            let healed = Instant::now();
+            cp.resume(leader)?;
+            let r = wait_recovered(cp, target, healed).await?;
+            Ok(vec![(ok.map(|t| t - at), r)])
+        }
+        Scenario::LeaderPartition => {
+            let at = Instant::now();
+            cp.set_isolated(leader, true)?;
+            let survivors = others(leader);
+            let probe = probe_write(client, history, probe_client, &survivors, probe_for);
+            let (ok, ()) = tokio::join!(probe, tokio::time::sleep(cfg.partition));
+            let target = leader_log(cp, &others(leader)).await;
+            let healed = Instant::now();
+            cp.set_isolated(leader, false)?;
+            let r = wait_recovered(cp, target, healed).await?;
+            Ok(vec![(ok.map(|t| t - at), r)])
+        }
+        Scenario::RollingRestart => {
+            let mut out = Vec::new();
+            for i in 0..n {
+                *probe_id += 1;
+                let at = Instant::now();
+                cp.stop(i, Duration::from_secs(10))?;
+                let ok = probe_write(client, history, *probe_id, &others(i), probe_for).await;
+                let target = leader_log(cp, &others(i)).await;
+                let healed = Instant::now();
+                cp.start(i)?;
+                let r = wait_recovered(cp, target, healed).await?;
+                out.push((ok.map(|t| t - at), r));
+                tokio::time::sleep(cfg.after_failover).await;
+            }
+            Ok(out)
+        }
+        other => bail!("{} cannot run yet", other.name()),
+    }
+}
+
+/// The highest applied index among `nodes` (the leader's, or close to it).
+async fn leader_log(cp: &ControlPlane, nodes: &[usize]) -> u64 {
+    let mut best = 0;
+    for &i in nodes {
+        if let Some(v) = cp.view(i).await {
+            best = best.max(v.last_applied.unwrap_or(0));
+        }
+    }
+    best
+}
+
+/// Waits until every node runs, agrees on one leader and term, and has applied `target`.
+async fn wait_recovered(cp: &ControlPlane, target: u64, healed: Instant) -> Result<Duration> {
+    let deadline = healed + Duration::from_secs(30);
+    loop {
+        let mut views = Vec::new();
+        for i in 0..cp.len() {
+            views.push(cp.view(i).await);
+        }
+        let all: Option<Vec<_>> = views.into_iter().collect();
+        if let Some(vs) = all {
+            let first = &vs[0];
+            if first.leader.is_some()
+                && vs
+                    .iter()
+                    .all(|v| v.leader == first.leader && v.term == first.term && v.last_applied.unwrap_or(0) >= target)
+            {
+                return Ok(healed.elapsed());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("not recovered within 30 s of healing");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The state read linearizably through the leader: the policy tag, and every plan by epoch.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub policy: u64,
+    pub latest_epoch: u64,
+    pub plans: BTreeMap<u64, Option<String>>,
+}
+
+async fn read_final(client: &AdminClient, history: &History) -> Result<Snapshot> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut node = 0;
+    let reader = u64::MAX;
+    let policy = loop {
+        if let Outcome::Ok(OpResult::Policy(p)) = client.run(history, reader, AdminOp::GetPolicy, node).await {
+            break p;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no linearizable policy read");
+        node += 1;
+    };
+    let latest = loop {
+        if let Outcome::Ok(OpResult::Latest { epoch, .. }) =
+            client.run(history, reader, AdminOp::GetLatestPlan, node).await
+        {
+            break epoch;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no linearizable plan read");
+        node += 1;
+    };
+    let mut plans = BTreeMap::new();
+    for epoch in 1..=latest {
+        let v = client
+            .http_get_linearizable(&format!("/v1/placement/{epoch}"), Duration::from_secs(10), &mut node)
+            .await
+            .with_context(|| format!("reading plan {epoch}"))?;
+        plans.insert(epoch, v.and_then(|v| v["reason"].as_str().map(String::from)));
+    }
+    Ok(Snapshot {
+        policy,
+        latest_epoch: latest,
+        plans,
+    })
+}
+
+struct Analysis {
+    verdict: Verdict,
+    verdict_text: String,
+    lost: u64,
+    duplicate_epochs: u64,
+    applied_twice: u64,
+    /// The plans applied twice, with their epochs.
+    twice: Vec<String>,
+    check_ms: f64,
+}
+
+type PolicyOp = Operation<RegisterInput<u64>, RegisterOutput<u64>>;
+type PlanOp = Operation<PlanInput<String>, PlanOutput<String>>;
+
+/// Checks the history against the register and plan-log models, and the final state against
+/// every acknowledged write.
+fn analyse(events: &[Event], initial: &Snapshot, last: &Snapshot, budget: Duration) -> Analysis {
+    // Where each plan reason ended up in the final log.
+    let mut epochs_of: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (e, r) in &last.plans {
+        if let Some(r) = r {
+            epochs_of.entry(r.as_str()).or_default().push(*e);
+        }
+    }
+    let observed: HashSet<u64> = events
+        .iter()
+        .filter_map(|e| match e.outcome {
+            Outcome::Ok(OpResult::Policy(p)) => Some(p),
+            _ => None,
+        })
+        .collect();
+
+    let mut policy_ops: Vec<PolicyOp> = Vec::new();
+    let mut plan_ops: Vec<PlanOp> = Vec::new();
+    let mut lost = 0;
+    let mut acked_epochs: HashMap<u64, u64> = HashMap::new();
+    for e in events {
+        match (&e.op, &e.outcome) {
+            (AdminOp::PutPolicy(v), Outcome::Ok(_)) => policy_ops.push(Operation::ok(
+                e.client,
+                RegisterInput::Write(*v),
+                RegisterOutput::Written,
+                e.call,
+                e.ret,
+            )),
+            // An unknown write no read observed may be taken as never applied (values are unique).
+            (AdminOp::PutPolicy(v), Outcome::Unknown(_)) if observed.contains(v) => {
+                policy_ops.push(Operation::unknown(e.client, RegisterInput::Write(*v), e.call))
+            }
+            (AdminOp::GetPolicy, Outcome::Ok(OpResult::Policy(p))) => policy_ops.push(Operation::ok(
+                e.client,
+                RegisterInput::Read,
+                RegisterOutput::Read(*p),
+                e.call,
+                e.ret,
+            )),
+            (AdminOp::CommitPlan(r), Outcome::Ok(OpResult::Committed(epoch))) => {
+                *acked_epochs.entry(*epoch).or_default() += 1;
+                if last.plans.get(epoch).and_then(|p| p.as_deref()) != Some(r.as_str()) {
+                    lost += 1;
+                }
+                plan_ops.push(Operation::ok(
+                    e.client,
+                    PlanInput::Commit(r.clone()),
+                    PlanOutput::Committed { epoch: *epoch },
+                    e.call,
+                    e.ret,
+                ))
+            }
+            // The final log is complete: an unknown commit took effect iff it is there.
+            (AdminOp::CommitPlan(r), Outcome::Unknown(_)) => {
+                if let Some(&[epoch]) = epochs_of.get(r.as_str()).map(Vec::as_slice) {
+                    plan_ops.push(Operation {
+                        client: e.client,
+                        input: PlanInput::Commit(r.clone()),
+                        output: Some(PlanOutput::Committed { epoch }),
+                        call: e.call,
+                        ret: None,
+                    })
+                }
+            }
+            (AdminOp::GetLatestPlan, Outcome::Ok(OpResult::Latest { epoch, reason })) => plan_ops.push(Operation::ok(
+                e.client,
+                PlanInput::ReadLatest,
+                PlanOutput::Latest {
+                    epoch: *epoch,
+                    plan: reason.clone(),
+                },
+                e.call,
+                e.ret,
+            )),
+            _ => {}
+        }
+    }
+    // A lost policy write: acknowledged, yet the final value was written (and acknowledged)
+    // entirely before it was even sent.
+    let final_writer = events.iter().find(|e| e.op == AdminOp::PutPolicy(last.policy));
+    match final_writer {
+        Some(w) => {
+            if let Outcome::Ok(_) = w.outcome {
+                lost += events
+                    .iter()
+                    .filter(|e| matches!(e.op, AdminOp::PutPolicy(_)) && matches!(e.outcome, Outcome::Ok(_)))
+                    .filter(|e| e.call > w.ret)
+                    .count() as u64;
+            }
+        }
+        None if last.policy != initial.policy => lost += 1,
+        None => {
+            // Still the initial value: every acknowledged write was lost.
+            lost += events
+                .iter()
+                .filter(|e| matches!(e.op, AdminOp::PutPolicy(_)) && matches!(e.outcome, Outcome::Ok(_)))
+                .count() as u64;
+        }
+    }
+    let duplicate_epochs = acked_epochs.values().filter(|&&c| c > 1).map(|c| c - 1).sum();
+    let mut twice: Vec<String> = epochs_of
+        .iter()
+        .filter(|(_, e)| e.len() > 1)
+        .map(|(r, e)| format!("{r} at epochs {e:?}"))
+        .collect();
+    twice.sort();
+    let applied_twice = twice.len() as u64;
+
+    let started = Instant::now();
+    let initial_reason = initial.plans.get(&initial.latest_epoch).cloned().flatten();
+    let policy_verdict = check(
+        &Register {
+            initial: initial.policy,
+        },
+        &policy_ops,
+        budget,
+    );
+    let plan_verdict = check(
+        &PlanLog {
+            initial_epoch: initial.latest_epoch,
+            initial_latest: initial_reason,
+        },
+        &plan_ops,
+        budget,
+    );
+    let check_ms = ms(started.elapsed());
+    let describe = |what: &str, v: &Verdict| match v {
+        Verdict::Linearizable => None,
+        Verdict::Timeout => Some(format!("{what}: linearizability check timed out")),
+        Verdict::NotLinearizable { partition, longest } => Some(format!(
+            "{what}: not linearizable ({} ops, longest linearizable prefix {})",
+            partition.len(),
+            longest.len()
+        )),
+    };
+    let problems: Vec<String> = [
+        describe("policy register", &policy_verdict),
+        describe("plan log", &plan_verdict),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let verdict = if problems.is_empty() {
+        Verdict::Linearizable
+    } else if matches!(policy_verdict, Verdict::NotLinearizable { .. }) {
+        policy_verdict
+    } else if matches!(plan_verdict, Verdict::NotLinearizable { .. }) {
+        plan_verdict
+    } else {
+        Verdict::Timeout
+    };
+    let verdict_text = if problems.is_empty() {
+        format!(
+            "linearizable ({} policy ops, {} plan ops)",
+            policy_ops.len(),
+            plan_ops.len()
+        )
+    } else {
+        problems.join("; ")
+    };
+    Analysis {
+        verdict,
+        verdict_text,
+        lost,
+        duplicate_epochs,
+        applied_twice,
+        twice,
+        check_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(client: u64, op: AdminOp, call: u64, ret: u64, outcome: Outcome) -> Event {
+        Event {
+            client,
+            op,
+            call,
+            ret,
+            outcome,
+            attempts: 1,
+        }
+    }
+
+    fn commit(client: u64, reason: &str, call: u64, ret: u64, epoch: u64) -> Event {
+        ev(
+            client,
+            AdminOp::CommitPlan(reason.into()),
+            call,
+            ret,
+            Outcome::Ok(OpResult::Committed(epoch)),
+        )
+    }
+
+    fn snapshot(policy: u64, plans: &[(u64, &str)]) -> Snapshot {
+        Snapshot {
+            policy,
+            latest_epoch: plans.last().map_or(0, |p| p.0),
+            plans: plans.iter().map(|(e, r)| (*e, Some(r.to_string()))).collect(),
+        }
+    }
+
+    const BUDGET: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_clean_history_passes() {
+        let events = [
+            ev(1, AdminOp::PutPolicy(7), 0, 10, Outcome::Ok(OpResult::Written)),
+            commit(2, "a", 5, 15, 1),
+            ev(3, AdminOp::GetPolicy, 20, 30, Outcome::Ok(OpResult::Policy(7))),
+            // Unknown and never observed: may not have happened.
+            ev(
+                1,
+                AdminOp::CommitPlan("b".into()),
+                40,
+                50,
+                Outcome::Unknown("reset".into()),
+            ),
+        ];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(7, &[(1, "a")]), BUDGET);
+        assert!(a.verdict.is_linearizable(), "{}", a.verdict_text);
+        assert_eq!((a.lost, a.duplicate_epochs, a.applied_twice), (0, 0, 0));
+    }
+
+    #[test]
+    fn an_acknowledged_commit_missing_from_the_final_log_is_lost() {
+        let events = [commit(2, "a", 5, 15, 1), commit(2, "b", 20, 30, 2)];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(0, &[(1, "a")]), BUDGET);
+        assert_eq!(a.lost, 1);
+    }
+
+    #[test]
+    fn an_overwritten_acknowledged_policy_write_is_lost() {
+        // 8 was acknowledged after 7 returned, yet the final value is 7.
+        let events = [
+            ev(1, AdminOp::PutPolicy(7), 0, 10, Outcome::Ok(OpResult::Written)),
+            ev(1, AdminOp::PutPolicy(8), 20, 30, Outcome::Ok(OpResult::Written)),
+        ];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(7, &[]), BUDGET);
+        assert_eq!(a.lost, 1);
+    }
+
+    #[test]
+    fn a_plan_applied_twice_and_a_duplicate_epoch_are_caught() {
+        // One request's plan under epochs 1 and 2 (the client was answered 2).
+        let events = [commit(2, "a", 5, 50, 2)];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(0, &[(1, "a"), (2, "a")]), BUDGET);
+        assert_eq!(a.applied_twice, 1);
+        assert!(!a.verdict.is_linearizable());
+        // Two commits answered the same epoch.
+        let events = [commit(2, "a", 5, 15, 1), commit(3, "b", 6, 16, 1)];
+        let a = analyse(&events, &snapshot(0, &[]), &snapshot(0, &[(1, "b")]), BUDGET);
+        assert_eq!(a.duplicate_epochs, 1);
+        assert_eq!(a.lost, 1);
+        assert!(!a.verdict.is_linearizable());
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let xs: Vec<f64> = (1..=50).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 99.0), 50.0);
+        assert_eq!(percentile(&xs, 50.0), 25.0);
+        assert_eq!(percentile(&[], 99.0), 0.0);
+    }
+}
