@@ -183,6 +183,8 @@ impl ControlPlane {
         );
         let child = Command::new(&argv[0])
             .args(&argv[1..])
+            // The failpoint facility on, nothing armed: fsync-failure arms it over the admin API.
+            .env("MOELESS_FAILPOINTS", "")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -232,6 +234,34 @@ impl ControlPlane {
         }
         self.kill(i);
         bail!("node {} did not stop within {grace:?} of SIGINT", i + 1)
+    }
+
+    /// Waits up to `within` for node `i` to exit on its own; its exit status if it did.
+    pub fn wait_exit(&mut self, i: usize, within: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let Some(c) = self.children[i].as_mut() else {
+                bail!("node {} is not running", i + 1);
+            };
+            if let Some(status) = c.try_wait()? {
+                self.children[i] = None;
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(None)
+    }
+
+    /// PUTs `body` to `path` on node `i` with the admin token.
+    pub async fn put(&self, i: usize, path: &str, body: &Value) -> Result<Value> {
+        let url = format!("http://{}{path}", self.admin[i]);
+        let resp = self.http.put(&url).bearer_auth(ADMIN_TOKEN).json(body).send().await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("{status} from {url}: {body}");
+        }
+        Ok(body)
     }
 
     /// SIGSTOP: the process is frozen, its sockets stay open.
@@ -346,6 +376,20 @@ impl ControlPlane {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The nodes' gRPC addresses (what workers and engines dial).
+    pub fn raft_addrs(&self) -> Vec<SocketAddr> {
+        self.raft.clone()
+    }
+
+    /// Where `moeless certs generate` put the cluster's CA and certificates.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
     }
 
     /// Per node, its Raft id and admin address (for clients).

@@ -7,6 +7,7 @@
 //! REST API and the kernel, so it tests what operators run.
 
 pub mod cluster;
+pub mod data_plane;
 pub mod linearizability;
 pub mod net;
 pub mod scenario;

@@ -11,14 +11,14 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::cluster::{ControlPlane, RaftTiming};
+use crate::data_plane::{plan_holders, worker_health, Fleet, InferenceLoad};
 use crate::linearizability::{
     check, Operation, PlanInput, PlanLog, PlanOutput, Register, RegisterInput, RegisterOutput, Verdict,
 };
 use crate::net::Network;
 use crate::workload::{model_spec, probe_write, AdminClient, AdminOp, Event, History, Load, OpResult, Outcome};
 
-/// The faults of issue 8. Worker and endpoint scenarios need `moeless serve --control` and the
-/// failpoints; they are named here so that `all` and the report know about them.
+/// The faults of issue 8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scenario {
     LeaderKill,
@@ -28,9 +28,9 @@ pub enum Scenario {
     RollingRestart,
     WorkerKill,
     WorkerDrain,
-    /// Slot for the failpoint facility (`MOELESS_FAILPOINTS="name=action;..."`, actions
-    /// abort/error/sleep(ms)/off): inject `error` into the store's fsync on the leader, expect it
-    /// to step down or fail the write without acknowledging it, and nothing acknowledged lost.
+    /// The leader's disk fails to flush (failpoint `append-before-flush=error`, armed over
+    /// `PUT /v1/debug/failpoints`): the leader must stop (exit non-zero) without acknowledging
+    /// the write, the others take over, and the restarted node rejoins from its disk.
     FsyncFailure,
 }
 
@@ -47,12 +47,13 @@ impl Scenario {
     ];
 
     /// The scenarios that run today (the control plane's).
-    pub const CONTROL_PLANE: [Scenario; 5] = [
+    pub const CONTROL_PLANE: [Scenario; 6] = [
         Scenario::LeaderKill,
         Scenario::FollowerKill,
         Scenario::LeaderPause,
         Scenario::LeaderPartition,
         Scenario::RollingRestart,
+        Scenario::FsyncFailure,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,13 +74,15 @@ impl Scenario {
         matches!(self, Scenario::RollingRestart | Scenario::WorkerDrain)
     }
 
+    /// Faults of the data plane: workers and an endpoint run beside the control plane, and the
+    /// load is inference requests through the endpoint.
+    pub fn data_plane(self) -> bool {
+        matches!(self, Scenario::WorkerKill | Scenario::WorkerDrain)
+    }
+
     /// Why the scenario cannot run yet, if it cannot.
     pub fn unavailable(self) -> Option<&'static str> {
         match self {
-            Scenario::WorkerKill | Scenario::WorkerDrain => {
-                Some("needs the endpoint against an external control plane (`moeless serve --control`), not built yet")
-            }
-            Scenario::FsyncFailure => Some("needs the failpoint facility (MOELESS_FAILPOINTS), not built yet"),
             _ => None,
         }
     }
@@ -172,6 +175,11 @@ pub struct ScenarioReport {
     pub failures: Vec<String>,
     /// Node logs and data kept for a failed scenario.
     pub kept: Option<String>,
+    /// The first few failed inference requests, as the client saw them (data-plane scenarios).
+    pub request_errors: Vec<String>,
+    /// Latency of successful inference requests: median and max, ms (data-plane scenarios).
+    pub request_ms_p50: f64,
+    pub request_ms_max: f64,
 }
 
 impl ScenarioReport {
@@ -199,6 +207,9 @@ impl ScenarioReport {
             passed: false,
             failures: vec![format!("not run: {why}")],
             kept: None,
+            request_errors: Vec::new(),
+            request_ms_p50: 0.0,
+            request_ms_max: 0.0,
         }
     }
 }
@@ -237,13 +248,32 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
     cp.wait_leader(Duration::from_secs(20)).await?;
     let nodes: Vec<_> = cp.admin_addrs().into_values().collect();
     let client = AdminClient::new(nodes.clone())?;
-    register_model(&client).await?;
+    // Data-plane scenarios: 4 workers and an endpoint serving the built-in model, whose plans
+    // the admin load's plan commits and policy writes would disturb; their load is inference.
+    let mut fleet = None;
+    let mut inference = None;
+    if scenario.data_plane() {
+        let dir = cp.data_dir().to_path_buf();
+        let f = {
+            let cp = &cp;
+            tokio::task::block_in_place(|| Fleet::start(cp, WORKERS, &dir))?
+        };
+        wait_for(Duration::from_secs(30), "the model placed on every worker", || async {
+            plan_holders(&cp).await.is_some_and(|h| h.len() == WORKERS)
+        })
+        .await?;
+        inference = Some(InferenceLoad::start(&f.endpoint_addr, 4)?);
+        fleet = Some(f);
+    } else {
+        register_model(&client).await?;
+    }
+    let admin_clients = if scenario.data_plane() { 0 } else { cfg.clients };
 
     let history = History::new();
     let initial = read_final(&client, &history)
         .await
         .context("reading the initial state")?;
-    let load = Load::start(&client, &history, cfg.clients, cfg.think);
+    let load = Load::start(&client, &history, admin_clients, cfg.think);
 
     let mut failover = Vec::new();
     let mut recovery = Vec::new();
@@ -252,7 +282,11 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
     let mut probe_id = 1000.max(cfg.clients);
     for trial in 0..cfg.trials {
         tokio::time::sleep(cfg.warmup).await;
-        let events = match inject(scenario, cfg, &mut cp, &client, &history, &mut probe_id).await {
+        let fault = match fleet.as_mut() {
+            Some(fleet) => inject_data_plane(scenario, cfg, &cp, fleet, trial).await,
+            None => inject(scenario, cfg, &mut cp, &client, &history, &mut probe_id).await,
+        };
+        let events = match fault {
             Ok(e) => e,
             Err(e) => {
                 failures.push(format!("trial {}: {e:#}", trial + 1));
@@ -268,19 +302,36 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
         }
     }
     load.stop().await;
+    let mut inference_counts = None;
+    let mut request_errors = Vec::new();
+    let mut request_ms = Vec::new();
+    if let Some(l) = inference {
+        let out = l.stop().await;
+        request_errors = out.errors.into_iter().take(5).collect();
+        request_ms = out.latencies_ms;
+        inference_counts = Some((out.ok, out.failed));
+    }
+    drop(fleet);
     if let Err(e) = cp.wait_converged(Duration::from_secs(20)).await {
         failures.push(format!("the cluster did not return to health: {e:#}"));
     }
     let last = read_final(&client, &history).await.context("reading the final state")?;
 
-    let events = history.events();
+    let mut events = history.events();
+    if scenario.data_plane() {
+        // The reconciler commits plans there (that is the point); the harness' reads of the
+        // latest plan before and after are not a history of client operations to check.
+        events.retain(|e| e.op != AdminOp::GetLatestPlan);
+    }
     let analysis = analyse(&events, &initial, &last, cfg.check_budget);
     // Requests are the load clients' operations; the harness' own probes (sent every 50 ms
     // into the fault, many of them stuck by design) and state reads are in the history only.
-    let load: Vec<&Event> = events.iter().filter(|e| e.client <= cfg.clients).collect();
-    let requests_ok = load.iter().filter(|e| matches!(e.outcome, Outcome::Ok(_))).count() as u64;
-    let requests_failed = load.len() as u64 - requests_ok;
-    let success_rate = requests_ok as f64 / (load.len().max(1)) as f64;
+    let load: Vec<&Event> = events.iter().filter(|e| e.client <= admin_clients).collect();
+    let (requests_ok, requests_failed) = inference_counts.unwrap_or_else(|| {
+        let ok = load.iter().filter(|e| matches!(e.outcome, Outcome::Ok(_))).count() as u64;
+        (ok, load.len() as u64 - ok)
+    });
+    let success_rate = requests_ok as f64 / ((requests_ok + requests_failed).max(1)) as f64;
     if !analysis.verdict.is_linearizable() {
         failures.push(format!("history: {}", analysis.verdict_text));
     }
@@ -337,6 +388,9 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
         passed,
         failures,
         kept,
+        request_errors,
+        request_ms_p50: percentile(&request_ms, 50.0),
+        request_ms_max: request_ms.iter().copied().fold(0.0, f64::max),
     })
 }
 
@@ -427,8 +481,117 @@ async fn inject(
             }
             Ok(out)
         }
+        Scenario::FsyncFailure => {
+            let at = Instant::now();
+            cp.put(
+                leader,
+                "/v1/debug/failpoints",
+                &serde_json::json!({"append-before-flush": "error"}),
+            )
+            .await
+            .context("arming the failpoint")?;
+            let ok = probe_write(client, history, probe_client, &others(leader), probe_for).await;
+            // A node that cannot persist must stop, not go on answering from memory.
+            match cp.wait_exit(leader, Duration::from_secs(10))? {
+                Some(status) if !status.success() => {}
+                Some(status) => bail!("node {} exited with {status} after its flush failed", leader + 1),
+                None => {
+                    cp.kill(leader);
+                    bail!("node {} kept running for 10 s after its flush failed", leader + 1)
+                }
+            }
+            tokio::time::sleep(cfg.after_failover).await;
+            let target = leader_log(cp, &others(leader)).await;
+            let healed = Instant::now();
+            cp.start(leader)?;
+            let r = wait_recovered(cp, target, healed).await?;
+            Ok(vec![(ok.map(|t| t - at), r)])
+        }
         other => bail!("{} cannot run yet", other.name()),
     }
+}
+
+/// Workers of the data-plane scenarios.
+const WORKERS: usize = 4;
+
+async fn wait_for<F, Fut>(within: Duration, what: &str, mut cond: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if cond().await {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One worker fault (trial `trial` picks the worker) while inference load runs. Failover: from
+/// the fault to the first plan that places nothing on the worker (every expert again has an
+/// instance on a live worker); recovery: from the restart to the worker heartbeating as active.
+async fn inject_data_plane(
+    scenario: Scenario,
+    cfg: &Config,
+    cp: &ControlPlane,
+    fleet: &mut Fleet,
+    trial: usize,
+) -> Result<Vec<(Option<Duration>, Duration)>> {
+    // The victim holds experts: a worker back from an earlier trial may hold none (plans do not
+    // move experts back to it until a rebalance), so take the trial's turn among the holders.
+    let holders: Vec<u64> = plan_holders(cp)
+        .await
+        .context("reading the latest plan")?
+        .into_iter()
+        .collect();
+    if holders.is_empty() {
+        bail!("the latest plan places nothing");
+    }
+    let id = holders[trial % holders.len()];
+    let i = (id - 1) as usize;
+    let replaced = || async { plan_holders(cp).await.is_some_and(|h| !h.contains(&id)) };
+    let failover = match scenario {
+        Scenario::WorkerKill => {
+            fleet.kill_worker(i);
+            wait_for(Duration::from_secs(15), "the dead worker's experts re-placed", replaced)
+                .await
+                .ok()
+        }
+        Scenario::WorkerDrain => {
+            let at = Instant::now();
+            fleet.terminate_worker(i)?;
+            let mut moved = None;
+            let exit = loop {
+                if moved.is_none() && replaced().await {
+                    moved = Some(at.elapsed());
+                }
+                if let Some(status) = fleet.try_exit(i)? {
+                    break status;
+                }
+                if at.elapsed() > Duration::from_secs(40) {
+                    fleet.kill_worker(i);
+                    bail!("worker {id} did not exit within 40 s of SIGTERM");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if !exit.success() {
+                bail!("worker {id} exited with {exit} after SIGTERM (a drain must exit 0)");
+            }
+            moved
+        }
+        other => bail!("{} is not a data-plane scenario", other.name()),
+    };
+    tokio::time::sleep(cfg.after_failover).await;
+    let healed = Instant::now();
+    fleet.start_worker(i)?;
+    let active = || async { worker_health(cp, id).await.as_deref() == Some("active") };
+    // A drained worker is first seen draining, then registers afresh.
+    wait_for(Duration::from_secs(30), "the restarted worker active", active).await?;
+    Ok(vec![(failover, healed.elapsed())])
 }
 
 /// The highest applied index among `nodes` (the leader's, or close to it).
@@ -628,9 +791,17 @@ fn analyse(events: &[Event], initial: &Snapshot, last: &Snapshot, budget: Durati
         }
     }
     let duplicate_epochs = acked_epochs.values().filter(|&&c| c > 1).map(|c| c - 1).sum();
+    // Only the clients' plans carry unique reasons (the reconciler's repeat, e.g. "worker 1 lost").
+    let committed: HashSet<&str> = events
+        .iter()
+        .filter_map(|e| match &e.op {
+            AdminOp::CommitPlan(r) => Some(r.as_str()),
+            _ => None,
+        })
+        .collect();
     let mut twice: Vec<String> = epochs_of
         .iter()
-        .filter(|(_, e)| e.len() > 1)
+        .filter(|(r, e)| e.len() > 1 && committed.contains(*r))
         .map(|(r, e)| format!("{r} at epochs {e:?}"))
         .collect();
     twice.sort();

@@ -65,7 +65,8 @@ pub struct ServeArgs {
     pub worker_memory_gb: f64,
     /// Run the routed experts on the workers of an external cluster: its control-plane gRPC
     /// addresses, HOST:PORT[,HOST:PORT...]. The model is registered there and served on the
-    /// plans its control plane commits. Needs --model and --tls-dir.
+    /// plans its control plane commits. Needs --tls-dir; `up` without --model serves the
+    /// built-in model from a temporary directory (for workers on this machine).
     #[arg(long, env = "MOELESS_CONTROL", value_delimiter = ',', conflicts_with = "workers")]
     pub control: Vec<String>,
     /// With --control: directory of PEM files from `moeless certs generate`.
@@ -165,18 +166,16 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
             (engine, tokenizer, name)
         }
         None if require_model => anyhow::bail!("`moeless serve` needs --model DIR (or use `moeless up`)"),
-        None if !args.control.is_empty() => {
-            anyhow::bail!("--control needs --model DIR: a checkpoint the workers can read too")
-        }
         None => {
             eprintln!(
                 "no --model given: serving the built-in random-weight demo model with a byte-level \
                  tokenizer; its output is NOT meaningful text"
             );
-            let engine = if args.workers == 0 {
+            let engine = if args.workers == 0 && args.control.is_empty() {
                 Engine::builtin().context("building the built-in model")?
             } else {
-                // Workers read expert weights from a checkpoint directory: write the built-in one.
+                // Workers read expert weights from a checkpoint directory: write the built-in one
+                // (with --control, a temporary directory: only workers on this machine read it).
                 let dir = tempfile::Builder::new().prefix("moeless-builtin").tempdir()?;
                 let path = dir.path().join("moeless-builtin");
                 Engine::write_builtin(&path).context("writing the built-in model")?;
