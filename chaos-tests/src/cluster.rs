@@ -254,14 +254,52 @@ impl ControlPlane {
 
     /// PUTs `body` to `path` on node `i` with the admin token.
     pub async fn put(&self, i: usize, path: &str, body: &Value) -> Result<Value> {
+        self.request(reqwest::Method::PUT, i, path, Some(body), Duration::from_millis(500))
+            .await
+    }
+
+    /// One admin request to node `i` with the admin token; a non-2xx answer is an error.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        i: usize,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
         let url = format!("http://{}{path}", self.admin[i]);
-        let resp = self.http.put(&url).bearer_auth(ADMIN_TOKEN).json(body).send().await?;
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(ADMIN_TOKEN)
+            .timeout(timeout);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await?;
         let status = resp.status();
         let body: Value = resp.json().await?;
         if !status.is_success() {
             bail!("{status} from {url}: {body}");
         }
         Ok(body)
+    }
+
+    /// Deletes node `i`'s data directory (it must be stopped): it restarts as a blank node.
+    pub fn wipe(&mut self, i: usize) -> Result<()> {
+        if self.is_running(i) {
+            bail!("node {} is running", i + 1);
+        }
+        let dir = self.dir.path().join(format!("node{}", i + 1));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Node `i` as the admin API's `POST /v1/members` takes it.
+    pub fn member(&self, i: usize) -> Value {
+        serde_json::json!({"id": i + 1, "raft_addr": self.raft[i].to_string(), "admin_addr": self.admin[i].to_string()})
     }
 
     /// SIGSTOP: the process is frozen, its sockets stay open.

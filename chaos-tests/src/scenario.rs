@@ -32,10 +32,13 @@ pub enum Scenario {
     /// `PUT /v1/debug/failpoints`): the leader must stop (exit non-zero) without acknowledging
     /// the write, the others take over, and the restarted node rejoins from its disk.
     FsyncFailure,
+    /// Membership change under load: remove a follower from the voters, wipe its disk, start it
+    /// blank and add it back (`DELETE`/`POST /v1/members`) while clients keep writing.
+    MembershipChange,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::LeaderKill,
         Scenario::FollowerKill,
         Scenario::LeaderPause,
@@ -44,16 +47,18 @@ impl Scenario {
         Scenario::WorkerKill,
         Scenario::WorkerDrain,
         Scenario::FsyncFailure,
+        Scenario::MembershipChange,
     ];
 
     /// The scenarios that run today (the control plane's).
-    pub const CONTROL_PLANE: [Scenario; 6] = [
+    pub const CONTROL_PLANE: [Scenario; 7] = [
         Scenario::LeaderKill,
         Scenario::FollowerKill,
         Scenario::LeaderPause,
         Scenario::LeaderPartition,
         Scenario::RollingRestart,
         Scenario::FsyncFailure,
+        Scenario::MembershipChange,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,12 +71,16 @@ impl Scenario {
             Scenario::WorkerKill => "worker-kill",
             Scenario::WorkerDrain => "worker-drain",
             Scenario::FsyncFailure => "fsync-failure",
+            Scenario::MembershipChange => "membership-change",
         }
     }
 
     /// Graceful events must fail no request; kills may fail at most 0.1%.
     pub fn graceful(self) -> bool {
-        matches!(self, Scenario::RollingRestart | Scenario::WorkerDrain)
+        matches!(
+            self,
+            Scenario::RollingRestart | Scenario::WorkerDrain | Scenario::MembershipChange
+        )
     }
 
     /// Faults of the data plane: workers and an endpoint run beside the control plane, and the
@@ -354,7 +363,9 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
         failures.push(format!("failover took {failover_ms_max} ms (> 2000)"));
     }
     let passed = failures.is_empty();
-    let kept = (!passed && cfg.keep_failed).then(|| {
+    // MOELESS_CHAOS_KEEP=1 keeps the logs of a passing run too.
+    let keep_anyway = std::env::var("MOELESS_CHAOS_KEEP").is_ok_and(|v| v == "1");
+    let kept = ((!passed && cfg.keep_failed) || keep_anyway).then(|| {
         let dir = cp.keep_logs();
         let lines: Vec<String> = events.iter().filter_map(|e| serde_json::to_string(e).ok()).collect();
         if let Err(e) = std::fs::write(dir.join("history.jsonl"), lines.join("\n")) {
@@ -504,6 +515,34 @@ async fn inject(
             let target = leader_log(cp, &others(leader)).await;
             let healed = Instant::now();
             cp.start(leader)?;
+            let r = wait_recovered(cp, target, healed).await?;
+            Ok(vec![(ok.map(|t| t - at), r)])
+        }
+        Scenario::MembershipChange => {
+            // A follower other than node 1: node 1 initializes the group when it starts with an
+            // empty store, so wiping it would found a second group (see docs/RELIABILITY.md).
+            let victim = (1..n)
+                .rev()
+                .find(|&j| j != leader)
+                .context("no follower besides node 1")?;
+            let path = format!("/v1/members/{}", victim + 1);
+            let long = Duration::from_secs(10);
+            let at = Instant::now();
+            cp.request(reqwest::Method::DELETE, leader, &path, None, long)
+                .await
+                .context("removing the voter")?;
+            cp.stop(victim, Duration::from_secs(10))?;
+            cp.wipe(victim)?;
+            let ok = probe_write(client, history, probe_client, &others(victim), probe_for).await;
+            tokio::time::sleep(cfg.after_failover).await;
+            let target = leader_log(cp, &others(victim)).await;
+            let healed = Instant::now();
+            cp.start(victim)?;
+            let member = cp.member(victim);
+            let leader = cp.wait_leader(long).await?;
+            cp.request(reqwest::Method::POST, leader, "/v1/members", Some(&member), long)
+                .await
+                .context("adding the blank node back")?;
             let r = wait_recovered(cp, target, healed).await?;
             Ok(vec![(ok.map(|t| t - at), r)])
         }

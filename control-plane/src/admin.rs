@@ -457,7 +457,7 @@ struct AddMemberBody {
 
 async fn add_member(State(node): State<Node>, body: Body) -> ApiResult {
     let b: AddMemberBody = parse(body)?;
-    if b.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+    if !crate::types::is_host_port(&b.raft_addr) {
         return Err(ApiError::bad_request(format!(
             "raft_addr {:?} is not HOST:PORT",
             b.raft_addr

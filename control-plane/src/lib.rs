@@ -19,4 +19,4 @@ pub mod types;
 pub use failpoint::Failpoints;
 pub use node::{start, Node, NodeConfig, NodeError, RunningNode};
 pub use store::StorageKind;
-pub use types::{Command, CommandResponse, NodeInfo, TypeConfig};
+pub use types::{is_host_port, Command, CommandResponse, NodeInfo, TypeConfig};

@@ -13,6 +13,17 @@ pub struct NodeInfo {
     pub admin_addr: String,
 }
 
+/// `HOST:PORT` where HOST is an IP (`[v6]` in brackets) or a DNS name, resolved when dialled,
+/// and PORT is not 0: what a Raft peer address may be (`--peers`, `POST /v1/members`).
+pub fn is_host_port(addr: &str) -> bool {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    }
+}
+
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "raft={} admin={}", self.raft_addr, self.admin_addr)

@@ -69,13 +69,7 @@ fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
             .with_context(|| format!("peer id {id:?} is not an integer"))?;
         let addr = addr.trim();
         // An IP or a DNS name (a Kubernetes pod's stable name): resolved when dialled.
-        let valid = match addr.rsplit_once(':') {
-            Some((host, port)) => {
-                !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p != 0)
-            }
-            None => false,
-        };
-        if !valid {
+        if !control_plane::is_host_port(addr) {
             bail!("peer address {addr:?} is not HOST:PORT");
         }
         if peers.insert(id, addr.to_string()).is_some() {
