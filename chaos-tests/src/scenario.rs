@@ -88,13 +88,6 @@ impl Scenario {
     pub fn data_plane(self) -> bool {
         matches!(self, Scenario::WorkerKill | Scenario::WorkerDrain)
     }
-
-    /// Why the scenario cannot run yet, if it cannot.
-    pub fn unavailable(self) -> Option<&'static str> {
-        match self {
-            _ => None,
-        }
-    }
 }
 
 impl FromStr for Scenario {
@@ -241,9 +234,6 @@ pub fn percentile(xs: &[f64], p: f64) -> f64 {
 /// Runs one scenario. Errors are setup failures (no cluster, no leader); violated invariants
 /// are in the report.
 pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
-    if let Some(why) = scenario.unavailable() {
-        return Ok(ScenarioReport::skipped(scenario, why));
-    }
     let network = Network::best(3);
     if scenario == Scenario::LeaderPartition && !network.supports_partitions() {
         return Ok(ScenarioReport::skipped(
@@ -546,7 +536,7 @@ async fn inject(
             let r = wait_recovered(cp, target, healed).await?;
             Ok(vec![(ok.map(|t| t - at), r)])
         }
-        other => bail!("{} cannot run yet", other.name()),
+        other => bail!("{} is a data-plane scenario (see inject_data_plane)", other.name()),
     }
 }
 
