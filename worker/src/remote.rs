@@ -314,6 +314,9 @@ impl RemoteExperts {
 /// Most rounds of re-dispatch for one layer before giving up.
 const MAX_ROUNDS: usize = 6;
 
+/// How often a layer waiting on workers looks at whether the control plane declared one dead.
+const DEAD_WORKER_CHECK: Duration = Duration::from_millis(20);
+
 impl ExpertFunction for RemoteExperts {
     fn execute(&self, layer: usize, tasks: Vec<ExpertTask>) -> Result<Vec<Tensor>, ExpertError> {
         self.counters.layer_calls.fetch_add(1, Ordering::Relaxed);
@@ -349,7 +352,8 @@ impl ExpertFunction for RemoteExperts {
             }
             let (tx, rx) = mpsc::channel::<(u64, Vec<usize>, Outcome)>();
             let mut local_group = None;
-            let mut in_flight = 0;
+            // Per worker, the tasks sent to it this round and not answered yet.
+            let mut outstanding: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
             for (w, idx) in groups {
                 if self.local.as_ref().is_some_and(|(id, _)| *id == w) {
                     local_group = Some((w, idx));
@@ -371,11 +375,11 @@ impl ExpertFunction for RemoteExperts {
                 self.counters.messages.fetch_add(1, Ordering::Relaxed);
                 let (client, timeout, tx) = (self.client.clone(), self.opts.request_timeout, tx.clone());
                 let n = idx.len();
+                outstanding.insert(w, idx.clone());
                 self.runtime.spawn(async move {
                     let out = Self::send(client, addr, request, timeout, n).await;
                     let _ = tx.send((w, idx, out));
                 });
-                in_flight += 1;
             }
             let mut next = Vec::new();
             if let Some((w, idx)) = local_group {
@@ -402,10 +406,36 @@ impl ExpertFunction for RemoteExperts {
                 }
             }
             drop(tx);
-            for _ in 0..in_flight {
-                let Ok((w, idx, outcome)) = rx.recv() else {
-                    break;
+            while !outstanding.is_empty() {
+                let (w, idx, outcome) = match rx.recv_timeout(DEAD_WORKER_CHECK) {
+                    Ok(answer) => answer,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // A worker killed mid-request sends no reset over QUIC; rather than wait
+                        // out the request timeout, give up on it as soon as the control plane
+                        // declares it dead (its answer, should one still come, is ignored).
+                        let (_, now) = self.snapshot();
+                        let dead: Vec<u64> = outstanding
+                            .keys()
+                            .copied()
+                            .filter(|w| now.get(w).is_some_and(|v| !v.alive))
+                            .collect();
+                        for w in dead {
+                            if let Some(idx) = outstanding.remove(&w) {
+                                tracing::warn!(worker = w, layer, "worker declared dead mid-request; re-dispatching");
+                                self.counters.failed_messages.fetch_add(1, Ordering::Relaxed);
+                                self.mark_suspect(w);
+                                failed.insert(w);
+                                last_error = format!("worker {w} declared dead by the control plane");
+                                next.extend(idx);
+                            }
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 };
+                if outstanding.remove(&w).is_none() {
+                    continue; // given up on already
+                }
                 match outcome {
                     Outcome::Done(outs) => {
                         for (i, o) in idx.into_iter().zip(outs) {
