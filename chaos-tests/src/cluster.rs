@@ -44,6 +44,20 @@ pub struct ControlPlane {
     http: reqwest::Client,
 }
 
+/// `moeless certs generate`: a CA in `dir` (kept if there) and a certificate per name.
+pub fn generate_certs(binary: &Path, dir: &Path, names: &[String]) -> Result<()> {
+    let out = Command::new(binary)
+        .args(["certs", "generate", "--out"])
+        .arg(dir)
+        .args(["--names", &names.join(",")])
+        .output()
+        .context("running moeless certs generate")?;
+    if !out.status.success() {
+        bail!("moeless certs generate: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 fn free_port(ip: std::net::IpAddr) -> Result<u16> {
     let l = TcpListener::bind((ip, 0)).context("binding a free port")?;
     Ok(l.local_addr()?.port())
@@ -92,16 +106,8 @@ impl ControlPlane {
         let dir = tempfile::Builder::new().prefix("moeless-chaos-").tempdir()?;
         // Every gRPC link runs over mutual TLS, as in a deployment (nodes in namespaces have
         // addresses other than loopback, where plaintext is refused anyway).
-        let names = (1..=n).map(|i| format!("cp-{i}")).collect::<Vec<_>>().join(",");
-        let certs = Command::new(binary)
-            .args(["certs", "generate", "--out"])
-            .arg(dir.path().join("tls"))
-            .args(["--names", &names])
-            .output()
-            .context("running moeless certs generate")?;
-        if !certs.status.success() {
-            bail!("moeless certs generate: {}", String::from_utf8_lossy(&certs.stderr));
-        }
+        let names: Vec<String> = (1..=n).map(|i| format!("cp-{i}")).collect();
+        generate_certs(binary, &dir.path().join("tls"), &names)?;
         Ok(Self {
             binary: binary.to_path_buf(),
             network,
@@ -220,17 +226,9 @@ impl ControlPlane {
 
     /// SIGINT, the graceful stop `moeless control-plane` handles; SIGKILL after `grace`.
     pub fn stop(&mut self, i: usize, grace: Duration) -> Result<()> {
-        let pid = self.pid(i)?;
-        signal(pid, "INT")?;
-        let deadline = Instant::now() + grace;
-        if let Some(c) = self.children[i].as_mut() {
-            while Instant::now() < deadline {
-                if c.try_wait()?.is_some() {
-                    self.children[i] = None;
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+        signal(self.pid(i)?, "INT")?;
+        if self.wait_exit(i, grace)?.is_some() {
+            return Ok(());
         }
         self.kill(i);
         bail!("node {} did not stop within {grace:?} of SIGINT", i + 1)
@@ -320,6 +318,16 @@ impl ControlPlane {
             Network::Namespaces(n) => n.set_isolated(i, isolated),
             Network::Loopback => bail!("partitions need network namespaces (run as root)"),
         }
+    }
+
+    /// GET `path` on the first node that answers it.
+    pub async fn get_any(&self, path: &str) -> Option<Value> {
+        for i in 0..self.len() {
+            if let Ok(v) = self.get(i, path).await {
+                return Some(v);
+            }
+        }
+        None
     }
 
     /// GET `path` on node `i` with the admin token.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::cluster::ControlPlane;
+use crate::cluster::{generate_certs, ControlPlane};
 
 /// Workers and one endpoint, all on this machine's loopback (the control plane may sit in
 /// network namespaces; its addresses are reachable from here).
@@ -35,15 +35,7 @@ impl Fleet {
         let mut names: Vec<String> = (1..=n).map(|i| format!("worker-{i}")).collect();
         names.push("engine".into());
         // Adds certificates under the control plane's CA.
-        let certs = Command::new(cp.binary())
-            .args(["certs", "generate", "--out"])
-            .arg(cp.tls_dir())
-            .args(["--names", &names.join(",")])
-            .output()
-            .context("running moeless certs generate")?;
-        if !certs.status.success() {
-            bail!("moeless certs generate: {}", String::from_utf8_lossy(&certs.stderr));
-        }
+        generate_certs(cp.binary(), &cp.tls_dir(), &names)?;
         let control = cp
             .raft_addrs()
             .iter()
@@ -197,33 +189,25 @@ impl Drop for Fleet {
 
 /// The health the control plane reports for worker `id` (`active`, `draining`, `dead`).
 pub async fn worker_health(cp: &ControlPlane, id: u64) -> Option<String> {
-    for i in 0..cp.len() {
-        if let Ok(ws) = cp.get(i, "/v1/workers").await {
-            return ws
-                .as_array()?
-                .iter()
-                .find(|w| w["id"].as_u64() == Some(id))
-                .and_then(|w| w["health"].as_str())
-                .map(String::from);
-        }
-    }
-    None
+    cp.get_any("/v1/workers")
+        .await?
+        .as_array()?
+        .iter()
+        .find(|w| w["id"].as_u64() == Some(id))
+        .and_then(|w| w["health"].as_str())
+        .map(String::from)
 }
 
 /// Which workers the latest plan places instances on (GET /v1/placement through any node).
 pub async fn plan_holders(cp: &ControlPlane) -> Option<std::collections::BTreeSet<u64>> {
-    for i in 0..cp.len() {
-        if let Ok(p) = cp.get(i, "/v1/placement").await {
-            return Some(
-                p["instances"]
-                    .as_array()?
-                    .iter()
-                    .filter_map(|x| x["worker"].as_u64())
-                    .collect(),
-            );
-        }
-    }
-    None
+    let plan = cp.get_any("/v1/placement").await?;
+    Some(
+        plan["instances"]
+            .as_array()?
+            .iter()
+            .filter_map(|x| x["worker"].as_u64())
+            .collect(),
+    )
 }
 
 /// Prompts for the load: ShareGPT's first human turns from the reference data when it is

@@ -334,7 +334,9 @@ impl pb::engine_service_server::EngineService for EngineApi {
             top_k: r.top_k,
             weights: r.weights,
         };
-        // Decided on the leader's applied state, so two engines racing see one outcome.
+        // Decided on the leader's applied state. The check and the write are two steps: two
+        // engines registering different shapes at the same instant can both pass the check (the
+        // later write wins); a conditional command in the state machine would close that.
         let state = self.node.linearizable_state().await?;
         let created = match state.models.get(&spec.name) {
             Some(existing) if *existing == spec => false,

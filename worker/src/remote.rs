@@ -413,12 +413,14 @@ impl ExpertFunction for RemoteExperts {
                         // A worker killed mid-request sends no reset over QUIC; rather than wait
                         // out the request timeout, give up on it as soon as the control plane
                         // declares it dead (its answer, should one still come, is ignored).
-                        let (_, now) = self.snapshot();
-                        let dead: Vec<u64> = outstanding
-                            .keys()
-                            .copied()
-                            .filter(|w| now.get(w).is_some_and(|v| !v.alive))
-                            .collect();
+                        let dead: Vec<u64> = match self.view.read() {
+                            Ok(v) => outstanding
+                                .keys()
+                                .copied()
+                                .filter(|w| v.workers.get(w).is_some_and(|wv| !wv.alive))
+                                .collect(),
+                            Err(_) => Vec::new(),
+                        };
                         for w in dead {
                             if let Some(idx) = outstanding.remove(&w) {
                                 tracing::warn!(worker = w, layer, "worker declared dead mid-request; re-dispatching");
