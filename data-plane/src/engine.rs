@@ -89,7 +89,11 @@ impl Engine {
 
     /// Loads a Hugging Face checkpoint directory with every expert in this process.
     pub fn load_local(dir: &Path) -> Result<Self, LoadError> {
-        let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
+        Self::load_local_with(dir, Arc::new(CpuBackend))
+    }
+
+    /// As [`Engine::load_local`], on the given backend (e.g. the CUDA backend).
+    pub fn load_local_with(dir: &Path, backend: Arc<dyn Backend>) -> Result<Self, LoadError> {
         let config = read_config(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let experts = LocalExperts::load_all(&ckpt, &config, backend.clone())?;
@@ -101,7 +105,11 @@ impl Engine {
     /// 256-token (byte-level) vocabulary, built in memory. It needs no download and produces
     /// no meaningful text; it exists so every command works on a fresh machine.
     pub fn builtin() -> Result<Self, LoadError> {
-        let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
+        Self::builtin_with(Arc::new(CpuBackend))
+    }
+
+    /// As [`Engine::builtin`], on the given backend.
+    pub fn builtin_with(backend: Arc<dyn Backend>) -> Result<Self, LoadError> {
         let config = ModelConfig::from_value(&crate::testing::config_json(
             crate::config::Arch::Mixtral,
             &builtin_shape(),

@@ -4,6 +4,9 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod expert;

@@ -229,8 +229,9 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Routes one token: returns `(ids, weights)` in canonical order.
-fn route(router: &RouterKind, k: usize, logits: &[f32], correction_bias: Option<&[f32]>) -> (Vec<usize>, Vec<f32>) {
+/// Routes one token: returns `(ids, weights)` in canonical order (ties go to the lower id).
+/// Public so the GPU router kernels can be checked against it.
+pub fn route(router: &RouterKind, k: usize, logits: &[f32], correction_bias: Option<&[f32]>) -> (Vec<usize>, Vec<f32>) {
     match router {
         RouterKind::SoftmaxTopK { renormalize } => {
             let p = softmax(logits);

@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Dispatch(super::bench_dp::DispatchBenchArgs),
     /// Raw read bandwidth against expert instance cold starts.
     ColdStart(super::bench_dp::ColdStartBenchArgs),
+    /// GPU data plane: expert FFN and MoE layer TFLOP/s against the device's GEMM peak, cold starts.
+    Gpu(super::bench_gpu::GpuBenchArgs),
     /// Decode tokens/s over 1, 2, 4 workers with trace-replayed routing: static vs MoEless placement.
     DecodeWorkers(super::bench_dp::DecodeWorkersBenchArgs),
 }
@@ -70,6 +72,9 @@ pub struct EngineBenchArgs {
     /// Where generated checkpoints are kept (reused when the shape matches).
     #[arg(long, default_value = "target/bench-models")]
     pub dir: PathBuf,
+    /// Where the engine runs: cpu, cuda, cuda:N, or auto (CUDA when usable).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Skip the candle-transformers peer even when it is compiled in.
     #[arg(long)]
     pub no_peer: bool,
@@ -86,7 +91,15 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Dispatch(a) => super::bench_dp::dispatch(a),
         BenchCommand::ColdStart(a) => super::bench_dp::cold_start(a),
         BenchCommand::DecodeWorkers(a) => super::bench_dp::decode_workers(a),
+        BenchCommand::Gpu(a) => super::bench_gpu::run(a),
     }
+}
+
+/// The engine backend a `--device` names.
+pub(super) fn backend_for(device: &str) -> anyhow::Result<std::sync::Arc<dyn data_plane::backend::Backend>> {
+    let d = data_plane::device::select(device)?;
+    eprintln!("device: {}", d.description);
+    Ok(d.backend)
 }
 
 pub(super) fn median(mut v: Vec<f64>) -> f64 {
@@ -236,6 +249,9 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
     }
     eprintln!("measuring memory copy bandwidth ...");
     let bw = memcpy_bandwidth();
+    let backend = backend_for(&a.device)?;
+    // The roofline compares weight bytes per token with host memory bandwidth: CPU only.
+    let host_roofline = backend.name() == "cpu";
     eprintln!("  {:.2} GB/s (read + write)", bw / 1e9);
     let (non_expert, expert) = params_per_token(&shape);
     let mut results = Vec::new();
@@ -254,7 +270,8 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
         ));
         ensure_checkpoint(&dir, &shape, dtype)?;
         eprintln!("[{dt}] loading MoEless engine ...");
-        let engine = Engine::load_local(&dir).with_context(|| format!("loading {}", dir.display()))?;
+        let engine =
+            Engine::load_local_with(&dir, backend.clone()).with_context(|| format!("loading {}", dir.display()))?;
         let bytes_per_param = if dtype == SaveDtype::Bf16 { 2.0 } else { 4.0 };
         let mut measures: Vec<(String, usize, bool)> =
             a.batches.iter().map(|&b| (format!("decode b={b}"), b, false)).collect();
@@ -286,7 +303,7 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
             );
             let mut row = json!({"dtype": dt, "measure": name, "batch": batch, "moeless_tokens_per_s": ours,
                 "candle_tokens_per_s": theirs, "ratio": ratio});
-            if !is_prefill && batch == 1 {
+            if !is_prefill && batch == 1 && host_roofline {
                 let bytes_per_token = (non_expert + expert) * bytes_per_param;
                 let frac = bytes_per_token * ours / bw;
                 row["bytes_per_token"] = json!(bytes_per_token);
@@ -302,7 +319,7 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(out) = &a.out {
-        let doc = json!({"memcpy_bytes_per_s": bw, "shape": format!("{shape:?}"), "results": results});
+        let doc = json!({"device": backend.name(), "memcpy_bytes_per_s": bw, "shape": format!("{shape:?}"), "results": results});
         std::fs::write(out, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }

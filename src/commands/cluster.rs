@@ -259,6 +259,7 @@ pub fn distributed_engine(
     workers: usize,
     kind: PlanKind,
     worker_memory_gb: f64,
+    backend: Arc<dyn data_plane::backend::Backend>,
 ) -> anyhow::Result<(data_plane::engine::Engine, LocalCluster, Arc<RemoteExperts>)> {
     let config = data_plane::engine::read_config(dir)?;
     let cluster = LocalCluster::start(workers, dir, &config, worker_memory_gb)?;
@@ -272,7 +273,6 @@ pub fn distributed_engine(
         remote.wait_active(epoch, Duration::from_secs(120)),
         "plan {epoch} did not become active"
     );
-    let backend: Arc<dyn data_plane::backend::Backend> = Arc::new(data_plane::backend::CpuBackend);
     let ckpt = data_plane::checkpoint::Checkpoint::open(dir)?;
     let model = data_plane::model::Model::load(&ckpt, config, backend)?;
     let engine = data_plane::engine::Engine::new(Arc::new(model), remote.clone(), remote.clone());
@@ -302,6 +302,7 @@ pub struct ExternalCluster<'a> {
 pub fn external_engine(
     dir: &Path,
     ext: ExternalCluster<'_>,
+    backend: Arc<dyn data_plane::backend::Backend>,
 ) -> anyhow::Result<(data_plane::engine::Engine, Arc<RemoteExperts>)> {
     anyhow::ensure!(!ext.control.is_empty(), "--control needs at least one address");
     let config = data_plane::engine::read_config(dir)?;
@@ -366,7 +367,6 @@ pub fn external_engine(
         deadline.saturating_duration_since(Instant::now()),
     )?;
     eprintln!("plan epoch {} active", remote.active_epoch());
-    let backend: Arc<dyn data_plane::backend::Backend> = Arc::new(data_plane::backend::CpuBackend);
     let ckpt = data_plane::checkpoint::Checkpoint::open(&dir)?;
     let model = data_plane::model::Model::load(&ckpt, config, backend)?;
     let engine = data_plane::engine::Engine::new(Arc::new(model), remote.clone(), remote.clone());

@@ -34,6 +34,10 @@ pub struct ModelArgs {
     /// Memory budget of each worker for expert instances, in GiB.
     #[arg(long, default_value_t = 4.0)]
     pub worker_memory_gb: f64,
+    /// Where the engine's tensor math runs: auto (GPU 0 when CUDA is usable, else CPU), cpu,
+    /// cuda, cuda:N.
+    #[arg(long, env = "MOELESS_DEVICE", default_value = "auto")]
+    pub device: String,
 }
 
 #[derive(Args, Debug)]
@@ -91,9 +95,20 @@ fn load_distributed(args: &ModelArgs) -> anyhow::Result<(Engine, Distributed)> {
         .model
         .as_ref()
         .context("--workers needs --model (workers read expert weights from the checkpoint directory)")?;
-    let (engine, cluster, remote) =
-        super::cluster::distributed_engine(dir, args.workers as usize, args.plan, args.worker_memory_gb)?;
+    let (engine, cluster, remote) = super::cluster::distributed_engine(
+        dir,
+        args.workers as usize,
+        args.plan,
+        args.worker_memory_gb,
+        select_device(args)?,
+    )?;
     Ok((engine, Distributed { cluster, remote }))
+}
+
+fn select_device(args: &ModelArgs) -> anyhow::Result<Arc<dyn data_plane::backend::Backend>> {
+    let d = data_plane::device::select(&args.device)?;
+    eprintln!("device: {}", d.description);
+    Ok(d.backend)
 }
 
 fn read_prompts(args: &ModelArgs) -> anyhow::Result<Vec<Vec<u32>>> {
@@ -126,13 +141,16 @@ fn load_any(args: &ModelArgs) -> anyhow::Result<(Engine, Vec<Vec<u32>>, Option<D
 
 fn load(args: &ModelArgs) -> anyhow::Result<(Engine, Vec<Vec<u32>>)> {
     let prompts = read_prompts(args)?;
+    let backend = select_device(args)?;
     let mut engine = match &args.model {
-        Some(dir) => Engine::load_local(dir).with_context(|| format!("loading model from {}", dir.display()))?,
+        Some(dir) => {
+            Engine::load_local_with(dir, backend).with_context(|| format!("loading model from {}", dir.display()))?
+        }
         None => {
             eprintln!(
                 "no --model given: using the built-in random-weight demo model (its output is not meaningful text)"
             );
-            Engine::builtin().context("building the built-in model")?
+            Engine::builtin_with(backend).context("building the built-in model")?
         }
     };
     if args.experts_split > 1 {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_dp;
+pub mod bench_gpu;
 pub mod chaos;
 pub mod cluster;
 pub mod control;

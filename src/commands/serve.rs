@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// Model id clients send and /v1/models lists (default: the model directory's name).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Where the engine's tensor math runs: auto (GPU 0 when CUDA is usable, else CPU), cpu,
+    /// cuda, cuda:N.
+    #[arg(long, env = "MOELESS_DEVICE", default_value = "auto")]
+    pub device: String,
     #[arg(long, env = "MOELESS_HOST", default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, env = "MOELESS_PORT", default_value_t = 8000)]
@@ -109,6 +113,9 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
     });
     let mut external = None;
+    let device = data_plane::device::select(&args.device)?;
+    eprintln!("device: {}", device.description);
+    let backend = device.backend;
     let mut load = |dir: &std::path::Path| -> anyhow::Result<Engine> {
         if !args.control.is_empty() {
             let tls_dir = args
@@ -131,15 +138,21 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
                 worker_weights: args.worker_weights.as_ref().map(|p| p.to_string_lossy().into_owned()),
                 wait: Duration::from_secs(args.cluster_wait_s),
             };
-            let (engine, remote) = super::cluster::external_engine(dir, ext)?;
+            let (engine, remote) = super::cluster::external_engine(dir, ext, backend.clone())?;
             external = Some(remote);
             return Ok(engine);
         }
         if args.workers == 0 {
-            return Engine::load_local(dir).with_context(|| format!("loading model from {}", dir.display()));
+            return Engine::load_local_with(dir, backend.clone())
+                .with_context(|| format!("loading model from {}", dir.display()));
         }
-        let (engine, c, remote) =
-            super::cluster::distributed_engine(dir, args.workers as usize, args.plan, args.worker_memory_gb)?;
+        let (engine, c, remote) = super::cluster::distributed_engine(
+            dir,
+            args.workers as usize,
+            args.plan,
+            args.worker_memory_gb,
+            backend.clone(),
+        )?;
         cluster = Some((c, remote));
         Ok(engine)
     };
@@ -172,7 +185,7 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
                  tokenizer; its output is NOT meaningful text"
             );
             let engine = if args.workers == 0 && args.control.is_empty() {
-                Engine::builtin().context("building the built-in model")?
+                Engine::builtin_with(backend.clone()).context("building the built-in model")?
             } else {
                 // Workers read expert weights from a checkpoint directory: write the built-in one
                 // (with --control, a temporary directory: only workers on this machine read it).

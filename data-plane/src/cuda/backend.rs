@@ -1,0 +1,416 @@
+//! The engine's [`Backend`] on a GPU.
+//!
+//! Every model and expert function runs on CUDA unchanged: each operation uploads its
+//! activations, runs cuBLAS or a kernel of the `kernels` crate, and downloads the result.
+//! Weights are uploaded once and kept on the device, keyed by the address and length of their
+//! host buffer plus a fingerprint of sampled values (so a freed-and-reused host buffer holding
+//! other weights is uploaded again, never mistaken for the old one).
+//!
+//! This is the parity path (f32 weights give the CPU engine's expert ids exactly) and what
+//! `--device cuda` runs today. Activations cross PCIe at every operation, so decode speed is
+//! bounded by launch and copy latency; the device-resident path is
+//! [`super::experts::DeviceExpertLayer`].
+//!
+//! The trait's operations are infallible: a CUDA failure after [`Gpu::open`] succeeded (device
+//! lost, out of memory) panics with the driver's message.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{dptr, elementwise_cfg, CudaError, GemmTypes, Gpu};
+use crate::backend::{AttentionShape, Backend, CpuBackend};
+use crate::tensor::Tensor;
+use crate::weight::Weight;
+
+enum DeviceWeight {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+struct Cached {
+    fingerprint: u64,
+    weight: Arc<DeviceWeight>,
+}
+
+pub struct CudaBackend {
+    gpu: Arc<Gpu>,
+    weights: Mutex<HashMap<(usize, usize), Cached>>,
+    max_shared_bytes: usize,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend({})", self.gpu.info.name)
+    }
+}
+
+/// Up to 64 sampled values and the length.
+fn fingerprint<T: Copy + Into<f64>>(data: &[T]) -> u64 {
+    let step = (data.len() / 64).max(1);
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ data.len() as u64;
+    for v in data.iter().step_by(step).take(64) {
+        h = (h ^ (*v).into().to_bits()).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn fail(op: &str, e: impl std::fmt::Display) -> ! {
+    panic!("CUDA backend: {op} failed: {e}")
+}
+
+impl CudaBackend {
+    pub fn new(gpu: Arc<Gpu>) -> Result<Self, CudaError> {
+        let max_shared_bytes = gpu
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+            as usize;
+        Ok(Self {
+            gpu,
+            weights: Mutex::new(HashMap::new()),
+            max_shared_bytes,
+        })
+    }
+
+    /// Opens device `ordinal` and wraps it.
+    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+        Self::new(Gpu::open(ordinal)?)
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Bytes of weights now resident on the device.
+    pub fn resident_weight_bytes(&self) -> usize {
+        let w = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        w.values()
+            .map(|c| match &*c.weight {
+                DeviceWeight::F32(s) => s.len() * 4,
+                DeviceWeight::Bf16(s) => s.len() * 2,
+            })
+            .sum()
+    }
+
+    fn device_weight(&self, w: &Weight) -> Result<Arc<DeviceWeight>, CudaError> {
+        let (key, fp) = match w {
+            Weight::F32(t) => ((t.data().as_ptr() as usize, t.len()), fingerprint(t.data())),
+            Weight::Bf16 { data, .. } => ((data.as_ptr() as usize, data.len()), fingerprint(data)),
+        };
+        let mut cache = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            if c.fingerprint == fp {
+                return Ok(c.weight.clone());
+            }
+        }
+        let s = &self.gpu.stream;
+        let dw = Arc::new(match w {
+            Weight::F32(t) => DeviceWeight::F32(s.clone_htod(t.data())?),
+            Weight::Bf16 { data, .. } => DeviceWeight::Bf16(s.clone_htod(data.as_slice())?),
+        });
+        cache.insert(
+            key,
+            Cached {
+                fingerprint: fp,
+                weight: dw.clone(),
+            },
+        );
+        Ok(dw)
+    }
+
+    fn device_vector(&self, t: &Tensor) -> Result<Arc<DeviceWeight>, CudaError> {
+        // Norm weights and biases: the same cache, as f32 "weights".
+        let key = (t.data().as_ptr() as usize, t.len());
+        let fp = fingerprint(t.data());
+        let mut cache = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            if c.fingerprint == fp {
+                return Ok(c.weight.clone());
+            }
+        }
+        let dw = Arc::new(DeviceWeight::F32(self.gpu.stream.clone_htod(t.data())?));
+        cache.insert(
+            key,
+            Cached {
+                fingerprint: fp,
+                weight: dw.clone(),
+            },
+        );
+        Ok(dw)
+    }
+
+    fn f32_of(w: &DeviceWeight) -> &CudaSlice<f32> {
+        match w {
+            DeviceWeight::F32(s) => s,
+            DeviceWeight::Bf16(_) => unreachable!("vectors are cached as f32"),
+        }
+    }
+
+    fn try_linear(&self, x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Result<Tensor, CudaError> {
+        let (n, inp, out) = (x.rows(), x.cols(), w.rows());
+        if w.cols() != inp {
+            return Err(CudaError::Shape(format!(
+                "linear: weight {w:?} vs input {:?}",
+                x.shape()
+            )));
+        }
+        let dw = self.device_weight(w)?;
+        let bias = bias.map(|b| self.device_vector(b)).transpose()?;
+        let _g = self.gpu.exclusive();
+        let s = &self.gpu.stream;
+        let xd = s.clone_htod(x.data())?;
+        let mut y = s.alloc_zeros::<f32>(n * out)?;
+        match &*dw {
+            DeviceWeight::F32(wd) => {
+                // SAFETY: wd is [out, inp], xd [n, inp], y [n, out], all f32.
+                unsafe {
+                    self.gpu
+                        .gemm_xwt(n, inp, out, dptr(wd, s), dptr(&xd, s), dptr(&y, s), GemmTypes::F32, 0.0)?
+                };
+            }
+            DeviceWeight::Bf16(wd) => {
+                let mut xb = s.alloc_zeros::<u16>(n * inp)?;
+                let len = (n * inp) as i64;
+                // SAFETY: f32_to_bf16_kernel(const float*, bf16*, long long).
+                unsafe {
+                    s.launch_builder(self.gpu.func("f32_to_bf16_kernel"))
+                        .arg(&xd)
+                        .arg(&mut xb)
+                        .arg(&len)
+                        .launch(elementwise_cfg(n * inp))?;
+                }
+                // SAFETY: wd is [out, inp] bf16, xb [n, inp] bf16, y [n, out] f32.
+                unsafe {
+                    self.gpu.gemm_xwt(
+                        n,
+                        inp,
+                        out,
+                        dptr(wd, s),
+                        dptr(&xb, s),
+                        dptr(&y, s),
+                        GemmTypes::BF16_TO_F32,
+                        0.0,
+                    )?
+                };
+            }
+        }
+        if let Some(b) = &bias {
+            let (rows, cols) = (n as i32, out as i32);
+            // SAFETY: add_bias_f32(float* y, const float* bias, int rows, int cols).
+            unsafe {
+                s.launch_builder(self.gpu.func("add_bias_f32"))
+                    .arg(&mut y)
+                    .arg(Self::f32_of(b))
+                    .arg(&rows)
+                    .arg(&cols)
+                    .launch(elementwise_cfg(n * out))?;
+            }
+        }
+        Ok(Tensor::matrix(n, out, s.clone_dtoh(&y)?))
+    }
+
+    fn row_cfg(rows: usize, cols: usize) -> LaunchConfig {
+        let threads = cols.next_multiple_of(32).clamp(32, 1024) as u32;
+        LaunchConfig {
+            grid_dim: (rows.max(1) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn try_norm(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f32) -> Result<Tensor, CudaError> {
+        let (rows, cols) = (x.rows(), x.cols());
+        if rows == 0 {
+            return Ok(x.clone());
+        }
+        let wd = self.device_vector(w)?;
+        let bd = b.map(|b| self.device_vector(b)).transpose()?;
+        let _g = self.gpu.exclusive();
+        let s = &self.gpu.stream;
+        let xd = s.clone_htod(x.data())?;
+        let mut y = s.alloc_zeros::<f32>(rows * cols)?;
+        let c = cols as i32;
+        // SAFETY: (layer|rms)_norm_f32(x, w, [b,] y, cols, eps), one block per row.
+        unsafe {
+            match &bd {
+                None => s
+                    .launch_builder(self.gpu.func("rms_norm_f32"))
+                    .arg(&xd)
+                    .arg(Self::f32_of(&wd))
+                    .arg(&mut y)
+                    .arg(&c)
+                    .arg(&eps)
+                    .launch(Self::row_cfg(rows, cols))?,
+                Some(bd) => s
+                    .launch_builder(self.gpu.func("layer_norm_f32"))
+                    .arg(&xd)
+                    .arg(Self::f32_of(&wd))
+                    .arg(Self::f32_of(bd))
+                    .arg(&mut y)
+                    .arg(&c)
+                    .arg(&eps)
+                    .launch(Self::row_cfg(rows, cols))?,
+            };
+        }
+        Ok(Tensor::new(x.shape().to_vec(), s.clone_dtoh(&y)?).expect("same shape"))
+    }
+
+    fn try_gated(&self, gate: &Tensor, up: &Tensor, clamp: Option<(f32, f32)>) -> Result<Tensor, CudaError> {
+        if gate.shape() != up.shape() {
+            return Err(CudaError::Shape(format!(
+                "gate {:?} vs up {:?}",
+                gate.shape(),
+                up.shape()
+            )));
+        }
+        let n = gate.len();
+        let _g = self.gpu.exclusive();
+        let s = &self.gpu.stream;
+        let gd = s.clone_htod(gate.data())?;
+        let ud = s.clone_htod(up.data())?;
+        let mut y = s.alloc_zeros::<f32>(n.max(1))?;
+        let len = n as i64;
+        // SAFETY: silu_mul_f32(g, u, y, n) / clamped_swiglu_f32(g, u, y, n, limit, alpha).
+        unsafe {
+            match clamp {
+                None => s
+                    .launch_builder(self.gpu.func("silu_mul_f32"))
+                    .arg(&gd)
+                    .arg(&ud)
+                    .arg(&mut y)
+                    .arg(&len)
+                    .launch(elementwise_cfg(n))?,
+                Some((limit, alpha)) => s
+                    .launch_builder(self.gpu.func("clamped_swiglu_f32"))
+                    .arg(&gd)
+                    .arg(&ud)
+                    .arg(&mut y)
+                    .arg(&len)
+                    .arg(&limit)
+                    .arg(&alpha)
+                    .launch(elementwise_cfg(n))?,
+            };
+        }
+        let mut out = s.clone_dtoh(&y)?;
+        out.truncate(n);
+        Ok(Tensor::new(gate.shape().to_vec(), out).expect("same shape"))
+    }
+
+    fn try_attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        q_start: usize,
+        sinks: Option<&[f32]>,
+        sh: &AttentionShape,
+    ) -> Result<Option<Tensor>, CudaError> {
+        let t = q.len() / (sh.heads * sh.qk_dim);
+        let positions = q_start + t;
+        let shared = positions * 4;
+        if shared > self.max_shared_bytes {
+            return Ok(None);
+        }
+        let _g = self.gpu.exclusive();
+        let s = &self.gpu.stream;
+        let f = self.gpu.func("attention_f32");
+        if shared > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared as i32,
+            )?;
+        }
+        let qd = s.clone_htod(q)?;
+        let kd = s.clone_htod(k)?;
+        let vd = s.clone_htod(v)?;
+        let sinks_d = sinks.map(|x| s.clone_htod(x)).transpose()?;
+        let mut out = s.alloc_zeros::<f32>((t * sh.heads * sh.v_dim).max(1))?;
+        let (heads, kvh, qk, vdim, qs) = (
+            sh.heads as i32,
+            sh.kv_heads as i32,
+            sh.qk_dim as i32,
+            sh.v_dim as i32,
+            q_start as i32,
+        );
+        let window = sh.window.unwrap_or(0) as i32;
+        let null: u64 = 0;
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, sh.heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        // SAFETY: attention_f32(q, k, v, out, heads, kv_heads, qk_dim, v_dim, q_start, scale,
+        // window, sinks) with the shapes documented in the kernel; sinks is null or [heads].
+        unsafe {
+            let mut b = s.launch_builder(f);
+            b.arg(&qd)
+                .arg(&kd)
+                .arg(&vd)
+                .arg(&mut out)
+                .arg(&heads)
+                .arg(&kvh)
+                .arg(&qk)
+                .arg(&vdim)
+                .arg(&qs)
+                .arg(&sh.scale)
+                .arg(&window);
+            match &sinks_d {
+                Some(sd) => b.arg(sd),
+                None => b.arg(&null),
+            };
+            b.launch(cfg)?;
+        }
+        let mut o = s.clone_dtoh(&out)?;
+        o.truncate(t * sh.heads * sh.v_dim);
+        Ok(Some(Tensor::matrix(t, sh.heads * sh.v_dim, o)))
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn linear(&self, x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Tensor {
+        if x.rows() == 0 || w.rows() == 0 {
+            return Tensor::matrix(x.rows(), w.rows(), vec![0.0; x.rows() * w.rows()]);
+        }
+        self.try_linear(x, w, bias).unwrap_or_else(|e| fail("linear", e))
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Tensor {
+        self.try_norm(x, w, None, eps).unwrap_or_else(|e| fail("rms_norm", e))
+    }
+
+    fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Tensor {
+        self.try_norm(x, w, Some(b), eps)
+            .unwrap_or_else(|e| fail("layer_norm", e))
+    }
+
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Tensor {
+        self.try_gated(gate, up, None).unwrap_or_else(|e| fail("silu_mul", e))
+    }
+
+    fn clamped_swiglu(&self, gate: &Tensor, up: &Tensor, limit: f32, alpha: f32) -> Tensor {
+        self.try_gated(gate, up, Some((limit, alpha)))
+            .unwrap_or_else(|e| fail("clamped_swiglu", e))
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        q_start: usize,
+        sinks: Option<&[f32]>,
+        shape: &AttentionShape,
+    ) -> Tensor {
+        match self.try_attention(q, k, v, q_start, sinks, shape) {
+            Ok(Some(t)) => t,
+            // Longer than one block's shared memory holds: the host computes it.
+            Ok(None) => CpuBackend.attention(q, k, v, q_start, sinks, shape),
+            Err(e) => fail("attention", e),
+        }
+    }
+}
