@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 9, on a machine with an NVIDIA GPU, PyTorch and transformers, from the
 # repository root: scripts/gpu/check.sh [PREPARED_DIR] [OUT_DIR]. PREPARED_DIR is what
-# scripts/gpu/prepare.sh made (default .gpu); results and logs go to OUT_DIR.
+# scripts/gpu/prepare.sh made (default .gpu); OUT_DIR gets results.tgz (every log and JSON)
+# and summary.txt. RUNS (default 3) repeats the GPU and PyTorch benchmarks; SKIP_ENGINE=1 skips
+# the decode comparison.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 P="${1:-.gpu}"
-OUT="${2:-gpu-results}"
-mkdir -p "$OUT" /tmp/moeless-gpu/bin /tmp/moeless-gpu/lib
+FINAL="${2:-gpu-results}"
+RUNS="${RUNS:-3}"
+OUT=/tmp/moeless-gpu/out
+mkdir -p "$FINAL" "$OUT" /tmp/moeless-gpu/bin /tmp/moeless-gpu/lib
 for f in "$P"/*.gz; do gunzip -c "$f" > "/tmp/moeless-gpu/bin/$(basename "$f" .gz)"; done
 chmod +x /tmp/moeless-gpu/bin/*
 B=/tmp/moeless-gpu/bin
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/summary.txt"
 
 # cuBLAS, NVRTC and NCCL from the CUDA toolkit or the Python wheels. NCCL ships as
 # libnccl.so.2, a name cudarc's loader does not try: give it an unversioned link.
@@ -28,18 +32,31 @@ step "kernels compile with NVRTC"
 timeout 120 $B/t01_nvrtc --test-threads=1 2>&1 | tee "$OUT/t01_nvrtc.log" | tail -3 || status=1
 step "CUDA parity tests (golden models, kernels, expert layer, cold start, NCCL)"
 timeout 300 $B/t05_cuda --test-threads=1 --nocapture 2>&1 | tee "$OUT/t05_cuda.log" | grep -E "^test |test result|panicked|verified|matches" || status=1
-step "moeless bench gpu"
-timeout 240 $B/moeless bench gpu --out "$OUT/gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" || status=1
-step "PyTorch on the same shapes and weights"
-PYTHONUNBUFFERED=1 timeout 240 python3 scripts/gpu/torch_expert_bench.py --ours "$OUT/gpu.json" --out "$OUT/torch.json" 2>&1 \
-  | tee "$OUT/torch.log" | grep -v '^{' || status=1
+for run in $(seq 1 "$RUNS"); do
+  step "moeless bench gpu, run $run"
+  timeout 240 $B/moeless bench gpu --out "$OUT/gpu.$run.json" 2>&1 | tee "$OUT/bench_gpu.$run.log" | grep -v '^\[' || status=1
+  step "PyTorch on the same shapes and weights, run $run"
+  PYTHONUNBUFFERED=1 timeout 240 python3 scripts/gpu/torch_expert_bench.py --ours "$OUT/gpu.$run.json" --out "$OUT/torch.$run.json" 2>&1 \
+    | tee "$OUT/torch.$run.log" | grep -v '^{' || status=1
+done
 if [ "${SKIP_ENGINE:-0}" != 1 ]; then
-  step "decode step: moeless bench engine --device cuda vs transformers on the same checkpoint"
-  EARGS="--hidden 1024 --ffn 3584 --layers 8 --experts 8 --vocab 32000 --heads 16 --kv-heads 4 --dtypes bf16 --batches 1 --decode-steps 16 --repeats 3 --no-peer --dir /tmp/moeless-gpu/models"
-  timeout 300 $B/moeless bench engine --device cuda $EARGS --out "$OUT/engine_cuda.json" 2>&1 | tee "$OUT/engine_cuda.log" | grep -v '^\[' || status=1
-  ck=$(ls -d /tmp/moeless-gpu/models/mixtral-* | head -1)
-  PYTHONUNBUFFERED=1 timeout 240 python3 scripts/gpu/hf_decode_bench.py --checkpoint "$ck" --prompt-len 16 --steps 16 --out "$OUT/hf_decode.json" 2>&1 \
-    | tail -3 | tee "$OUT/hf_decode.log" || status=1
+  # name: engine shape flags (Mixtral-shaped: 8 experts, top-2, GQA)
+  for shape in "h1024-l8:--hidden 1024 --ffn 3584 --layers 8 --heads 16 --kv-heads 4" \
+               "h4096-l2:--hidden 4096 --ffn 14336 --layers 2 --heads 32 --kv-heads 8"; do
+    name=${shape%%:*}; flags=${shape#*:}
+    step "decode b=1 ($name): moeless bench engine --device cuda vs transformers on the same checkpoint"
+    EARGS="$flags --experts 8 --vocab 32000 --dtypes bf16 --batches 1 --decode-steps 16 --repeats 3 --no-peer --dir /tmp/moeless-gpu/models/$name"
+    timeout 300 $B/moeless bench engine --device cuda $EARGS --out "$OUT/engine_cuda.$name.json" 2>&1 | tee "$OUT/engine_cuda.$name.log" | grep '^|' || status=1
+    ck=$(ls -d /tmp/moeless-gpu/models/$name/mixtral-* | head -1)
+    PYTHONUNBUFFERED=1 timeout 240 python3 scripts/gpu/hf_decode_bench.py --checkpoint "$ck" --prompt-len 16 --steps 16 --repeats 5 --out "$OUT/hf_decode.$name.json" 2>&1 \
+      | tail -1 | tee "$OUT/hf_decode.$name.log" || status=1
+    rm -rf "/tmp/moeless-gpu/models/$name"
+  done
 fi
+step "the CLI picks the GPU by itself (--device auto)"
+timeout 60 $B/moeless generate --model "$P/shared/golden/mixtral" --prompts "$P/shared/golden/mixtral/prompts.json" \
+  --max-new-tokens 12 --out "$OUT/generate_auto.json" 2>&1 | grep -E '^device' | tee -a "$OUT/summary.txt" || status=1
 step "exit $status"
+tar czf "$FINAL/results.tgz" -C "$OUT" .
+cp "$OUT/summary.txt" "$FINAL/summary.txt"
 exit $status
