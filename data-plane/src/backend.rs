@@ -36,6 +36,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// `silu(gate) * up`, element-wise.
     fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Tensor;
 
+    /// `down(silu(x @ gate^T) * (x @ up^T))`, a SwiGLU FFN without biases (routed and shared
+    /// experts, dense MLPs). A backend that keeps activations on a device overrides it so the
+    /// intermediates never leave the device.
+    fn swiglu_ffn(&self, x: &Tensor, gate: &Weight, up: &Weight, down: &Weight) -> Tensor {
+        let a = self.silu_mul(&self.linear(x, gate, None), &self.linear(x, up, None));
+        self.linear(&a, down, None)
+    }
+
     /// GPT-OSS's clamped gated activation: `(clamp(up) + 1) * g * sigmoid(alpha * g)` with
     /// `g = min(gate, limit)`, `up` clamped to `[-limit, limit]`.
     fn clamped_swiglu(&self, gate: &Tensor, up: &Tensor, limit: f32, alpha: f32) -> Tensor;

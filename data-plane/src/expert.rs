@@ -125,11 +125,7 @@ impl ExpertWeights {
     /// Runs the expert on `x: [n, hidden]`.
     pub fn forward(&self, backend: &dyn Backend, x: &Tensor) -> Tensor {
         match self {
-            ExpertWeights::SwiGlu { gate, up, down } => {
-                let g = backend.linear(x, gate, None);
-                let u = backend.linear(x, up, None);
-                backend.linear(&backend.silu_mul(&g, &u), down, None)
-            }
+            ExpertWeights::SwiGlu { gate, up, down } => backend.swiglu_ffn(x, gate, up, down),
             ExpertWeights::Clamped {
                 gate,
                 gate_bias,

@@ -86,8 +86,13 @@ impl Mlp {
     }
 
     fn apply(&self, be: &dyn Backend, x: &Tensor) -> Tensor {
-        let a = be.silu_mul(&self.gate.apply(be, x), &self.up.apply(be, x));
-        self.down.apply(be, &a)
+        match (&self.gate.b, &self.up.b, &self.down.b) {
+            (None, None, None) => be.swiglu_ffn(x, &self.gate.w, &self.up.w, &self.down.w),
+            _ => {
+                let a = be.silu_mul(&self.gate.apply(be, x), &self.up.apply(be, x));
+                self.down.apply(be, &a)
+            }
+        }
     }
 }
 

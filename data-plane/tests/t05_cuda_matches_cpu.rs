@@ -100,6 +100,39 @@ fn backend_operations_match_the_cpu_backend() {
     let gpu = be.linear(&x, &wb, None);
     data_plane::reference::assert_close("linear bf16", gpu.data(), cpu.data(), 1e-3, 1e-3);
 
+    // The fused SwiGLU FFN, f32 and bf16 weights (gate/up [80, 96], down [96, 80]).
+    let up_w = Tensor::matrix(80, 96, randn(&mut r, 80 * 96, 0.2));
+    let down_w = Tensor::matrix(96, 80, randn(&mut r, 96 * 80, 0.2));
+    let (gw, uw, dw) = (
+        Weight::F32(w.clone()),
+        Weight::F32(up_w.clone()),
+        Weight::F32(down_w.clone()),
+    );
+    let cpu = CpuBackend.swiglu_ffn(&x, &gw, &uw, &dw);
+    data_plane::reference::assert_close(
+        "swiglu_ffn f32",
+        be.swiglu_ffn(&x, &gw, &uw, &dw).data(),
+        cpu.data(),
+        1e-4,
+        1e-4,
+    );
+    let bf = |t: &Tensor| Weight::Bf16 {
+        rows: t.rows(),
+        cols: t.cols(),
+        data: t.data().iter().map(|&v| f2bf(v)).collect(),
+    };
+    let (gb, ub, db) = (bf(&w), bf(&up_w), bf(&down_w));
+    let cpu = CpuBackend.swiglu_ffn(&x, &gb, &ub, &db);
+    let scale = cpu.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // The GPU rounds the input and the activation to bf16 before each bf16 product.
+    data_plane::reference::assert_close(
+        "swiglu_ffn bf16",
+        be.swiglu_ffn(&x, &gb, &ub, &db).data(),
+        cpu.data(),
+        0.02 * scale,
+        0.02,
+    );
+
     let g = Tensor::new(vec![96], randn(&mut r, 96, 1.0)).unwrap();
     let cpu = CpuBackend.rms_norm(&x, &g, 1e-6);
     data_plane::reference::assert_close("rms_norm", be.rms_norm(&x, &g, 1e-6).data(), cpu.data(), 1e-5, 1e-5);

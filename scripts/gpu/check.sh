@@ -56,6 +56,7 @@ fi
 step "the CLI picks the GPU by itself (--device auto)"
 timeout 60 $B/moeless generate --model "$P/shared/golden/mixtral" --prompts "$P/shared/golden/mixtral/prompts.json" \
   --max-new-tokens 12 --out "$OUT/generate_auto.json" 2>&1 | grep -E '^device' | tee -a "$OUT/summary.txt" || status=1
+[ "$RUNS" -gt 0 ] && python3 scripts/gpu/plot.py "$OUT/expert_ffn_tflops.svg" "$OUT"/gpu.*.json -- "$OUT"/torch.*.json
 step "exit $status"
 tar czf "$FINAL/results.tgz" -C "$OUT" .
 cp "$OUT/summary.txt" "$FINAL/summary.txt"

@@ -147,6 +147,62 @@ impl CudaBackend {
         }
     }
 
+    /// `y[n, out] = x @ w^T` with `x` already on the device as f32; a bf16 weight converts `x`
+    /// to bf16 once (kept in `xb` for further products of the same input).
+    fn linear_dev(
+        &self,
+        xd: &CudaSlice<f32>,
+        xb: &mut Option<CudaSlice<u16>>,
+        n: usize,
+        inp: usize,
+        w: &DeviceWeight,
+        out: usize,
+    ) -> Result<CudaSlice<f32>, CudaError> {
+        let s = &self.gpu.stream;
+        // SAFETY: the GEMM (beta = 0) writes every element of y.
+        let y = unsafe { s.alloc::<f32>((n * out).max(1))? };
+        match w {
+            DeviceWeight::F32(wd) => {
+                // SAFETY: wd is [out, inp], xd [n, inp], y [n, out], all f32.
+                unsafe {
+                    self.gpu
+                        .gemm_xwt(n, inp, out, dptr(wd, s), dptr(xd, s), dptr(&y, s), GemmTypes::F32, 0.0)?
+                };
+            }
+            DeviceWeight::Bf16(wd) => {
+                if xb.is_none() {
+                    // SAFETY: the conversion writes every element.
+                    let mut b = unsafe { s.alloc::<u16>((n * inp).max(1))? };
+                    let len = (n * inp) as i64;
+                    // SAFETY: f32_to_bf16_kernel(const float*, bf16*, long long).
+                    unsafe {
+                        s.launch_builder(self.gpu.func("f32_to_bf16_kernel"))
+                            .arg(xd)
+                            .arg(&mut b)
+                            .arg(&len)
+                            .launch(elementwise_cfg(n * inp))?;
+                    }
+                    *xb = Some(b);
+                }
+                let b = xb.as_ref().expect("converted above");
+                // SAFETY: wd is [out, inp] bf16, b [n, inp] bf16, y [n, out] f32.
+                unsafe {
+                    self.gpu.gemm_xwt(
+                        n,
+                        inp,
+                        out,
+                        dptr(wd, s),
+                        dptr(b, s),
+                        dptr(&y, s),
+                        GemmTypes::BF16_TO_F32,
+                        0.0,
+                    )?
+                };
+            }
+        }
+        Ok(y)
+    }
+
     fn try_linear(&self, x: &Tensor, w: &Weight, bias: Option<&Tensor>) -> Result<Tensor, CudaError> {
         let (n, inp, out) = (x.rows(), x.cols(), w.rows());
         if w.cols() != inp {
@@ -160,41 +216,7 @@ impl CudaBackend {
         let _g = self.gpu.exclusive();
         let s = &self.gpu.stream;
         let xd = s.clone_htod(x.data())?;
-        let mut y = s.alloc_zeros::<f32>(n * out)?;
-        match &*dw {
-            DeviceWeight::F32(wd) => {
-                // SAFETY: wd is [out, inp], xd [n, inp], y [n, out], all f32.
-                unsafe {
-                    self.gpu
-                        .gemm_xwt(n, inp, out, dptr(wd, s), dptr(&xd, s), dptr(&y, s), GemmTypes::F32, 0.0)?
-                };
-            }
-            DeviceWeight::Bf16(wd) => {
-                let mut xb = s.alloc_zeros::<u16>(n * inp)?;
-                let len = (n * inp) as i64;
-                // SAFETY: f32_to_bf16_kernel(const float*, bf16*, long long).
-                unsafe {
-                    s.launch_builder(self.gpu.func("f32_to_bf16_kernel"))
-                        .arg(&xd)
-                        .arg(&mut xb)
-                        .arg(&len)
-                        .launch(elementwise_cfg(n * inp))?;
-                }
-                // SAFETY: wd is [out, inp] bf16, xb [n, inp] bf16, y [n, out] f32.
-                unsafe {
-                    self.gpu.gemm_xwt(
-                        n,
-                        inp,
-                        out,
-                        dptr(wd, s),
-                        dptr(&xb, s),
-                        dptr(&y, s),
-                        GemmTypes::BF16_TO_F32,
-                        0.0,
-                    )?
-                };
-            }
-        }
+        let mut y = self.linear_dev(&xd, &mut None, n, inp, &dw, out)?;
         if let Some(b) = &bias {
             let (rows, cols) = (n as i32, out as i32);
             // SAFETY: add_bias_f32(float* y, const float* bias, int rows, int cols).
@@ -207,7 +229,48 @@ impl CudaBackend {
                     .launch(elementwise_cfg(n * out))?;
             }
         }
-        Ok(Tensor::matrix(n, out, s.clone_dtoh(&y)?))
+        let mut o = s.clone_dtoh(&y)?;
+        o.truncate(n * out);
+        Ok(Tensor::matrix(n, out, o))
+    }
+
+    /// The whole SwiGLU FFN on the device: one upload, three GEMMs, one download.
+    fn try_swiglu_ffn(&self, x: &Tensor, gate: &Weight, up: &Weight, down: &Weight) -> Result<Tensor, CudaError> {
+        let (n, h, i) = (x.rows(), x.cols(), gate.rows());
+        if gate.cols() != h || up.cols() != h || up.rows() != i || down.cols() != i {
+            return Err(CudaError::Shape(format!(
+                "swiglu_ffn: x {:?}, gate {gate:?}, up {up:?}, down {down:?}",
+                x.shape()
+            )));
+        }
+        let out = down.rows();
+        let (dg, du, dd) = (
+            self.device_weight(gate)?,
+            self.device_weight(up)?,
+            self.device_weight(down)?,
+        );
+        let _g = self.gpu.exclusive();
+        let s = &self.gpu.stream;
+        let xd = s.clone_htod(x.data())?;
+        let mut xb = None;
+        let g = self.linear_dev(&xd, &mut xb, n, h, &dg, i)?;
+        let u = self.linear_dev(&xd, &mut xb, n, h, &du, i)?;
+        // SAFETY: silu_mul_f32 writes every element.
+        let mut a = unsafe { s.alloc::<f32>((n * i).max(1))? };
+        let len = (n * i) as i64;
+        // SAFETY: silu_mul_f32(g, u, y, n).
+        unsafe {
+            s.launch_builder(self.gpu.func("silu_mul_f32"))
+                .arg(&g)
+                .arg(&u)
+                .arg(&mut a)
+                .arg(&len)
+                .launch(elementwise_cfg(n * i))?;
+        }
+        let y = self.linear_dev(&a, &mut None, n, i, &dd, out)?;
+        let mut o = s.clone_dtoh(&y)?;
+        o.truncate(n * out);
+        Ok(Tensor::matrix(n, out, o))
     }
 
     fn row_cfg(rows: usize, cols: usize) -> LaunchConfig {
@@ -229,7 +292,8 @@ impl CudaBackend {
         let _g = self.gpu.exclusive();
         let s = &self.gpu.stream;
         let xd = s.clone_htod(x.data())?;
-        let mut y = s.alloc_zeros::<f32>(rows * cols)?;
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { s.alloc::<f32>(rows * cols)? };
         let c = cols as i32;
         // SAFETY: (layer|rms)_norm_f32(x, w, [b,] y, cols, eps), one block per row.
         unsafe {
@@ -269,7 +333,8 @@ impl CudaBackend {
         let s = &self.gpu.stream;
         let gd = s.clone_htod(gate.data())?;
         let ud = s.clone_htod(up.data())?;
-        let mut y = s.alloc_zeros::<f32>(n.max(1))?;
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { s.alloc::<f32>(n.max(1))? };
         let len = n as i64;
         // SAFETY: silu_mul_f32(g, u, y, n) / clamped_swiglu_f32(g, u, y, n, limit, alpha).
         unsafe {
@@ -325,7 +390,8 @@ impl CudaBackend {
         let kd = s.clone_htod(k)?;
         let vd = s.clone_htod(v)?;
         let sinks_d = sinks.map(|x| s.clone_htod(x)).transpose()?;
-        let mut out = s.alloc_zeros::<f32>((t * sh.heads * sh.v_dim).max(1))?;
+        // SAFETY: every (query, head) block writes its v_dim outputs.
+        let mut out = unsafe { s.alloc::<f32>((t * sh.heads * sh.v_dim).max(1))? };
         let (heads, kvh, qk, vdim, qs) = (
             sh.heads as i32,
             sh.kv_heads as i32,
@@ -377,6 +443,14 @@ impl Backend for CudaBackend {
             return Tensor::matrix(x.rows(), w.rows(), vec![0.0; x.rows() * w.rows()]);
         }
         self.try_linear(x, w, bias).unwrap_or_else(|e| fail("linear", e))
+    }
+
+    fn swiglu_ffn(&self, x: &Tensor, gate: &Weight, up: &Weight, down: &Weight) -> Tensor {
+        if x.rows() == 0 {
+            return Tensor::matrix(0, down.rows(), Vec::new());
+        }
+        self.try_swiglu_ffn(x, gate, up, down)
+            .unwrap_or_else(|e| fail("swiglu_ffn", e))
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Tensor {

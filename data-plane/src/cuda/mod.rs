@@ -140,6 +140,11 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        // cudarc's per-argument event tracking costs driver calls on every launch. Each of our
+        // buffers is used on one stream, and the one cross-stream hand-off (a cold start's copy
+        // stream to the compute stream) is ordered by an explicit event, so it is switched off.
+        // SAFETY: see above: no buffer is used on two streams without an event between them.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability()?;
         let info = DeviceInfo {
             ordinal,
