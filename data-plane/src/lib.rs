@@ -12,6 +12,7 @@ pub mod error;
 pub mod expert;
 pub mod instances;
 pub mod kv_cache;
+pub mod lru;
 pub mod model;
 pub mod prompts;
 pub mod reference;

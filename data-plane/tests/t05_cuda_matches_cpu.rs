@@ -79,6 +79,24 @@ fn every_golden_architecture_matches_transformers_through_the_cuda_backend() {
 }
 
 #[test]
+fn a_small_weight_budget_evicts_and_still_matches_transformers() {
+    let Some(g) = gpu() else { return };
+    let Some(shared) = shared_dir() else { return };
+    // 256 KiB: the largest single tensor of the golden Mixtral (embeddings, 131 KB) fits, the
+    // model (about 1 MB) does not, so every forward pass evicts and re-uploads.
+    let budget = 256 << 10;
+    let be = Arc::new(CudaBackend::with_budget(g, budget).unwrap());
+    let dir = shared.join("golden").join("mixtral");
+    let engine = Engine::load_local_with(&dir, be.clone()).unwrap();
+    check_engine_against_golden("mixtral", &dir, &engine, 10.0);
+    let resident = be.resident_weight_bytes();
+    assert!(
+        resident > 0 && resident <= budget,
+        "{resident} bytes resident, budget {budget}"
+    );
+}
+
+#[test]
 fn backend_operations_match_the_cpu_backend() {
     let Some(be) = backend() else { return };
     let mut r = rng(1);

@@ -56,6 +56,15 @@ fi
 step "the CLI picks the GPU by itself (--device auto)"
 timeout 60 $B/moeless generate --model "$P/shared/golden/mixtral" --prompts "$P/shared/golden/mixtral/prompts.json" \
   --max-new-tokens 12 --out "$OUT/generate_auto.json" 2>&1 | grep -E '^device' | tee -a "$OUT/summary.txt" || status=1
+step "expert instances on GPU workers: generate --workers 2 --device cuda gives the CPU's tokens"
+G="$P/shared/golden/mixtral"
+timeout 120 $B/moeless generate --model "$G" --prompts "$G/prompts.json" --max-new-tokens 12 --device cpu \
+  --out "$OUT/generate_cpu.json" > "$OUT/generate_cpu.log" 2>&1 || status=1
+MOELESS_KEEP_CLUSTER_DIR=1 TMPDIR=/tmp/moeless-gpu timeout 180 $B/moeless generate --model "$G" --prompts "$G/prompts.json" \
+  --max-new-tokens 12 --workers 2 --device cuda --out "$OUT/generate_gpu_workers.json" > "$OUT/generate_gpu_workers.log" 2>&1 || status=1
+grep -h '^device' /tmp/moeless-gpu/moeless-cluster*/worker-*.log | sort | uniq -c | tee -a "$OUT/summary.txt"
+python3 -c "import json,sys; a=json.load(open(sys.argv[1])); b=json.load(open(sys.argv[2])); print('same tokens' if a==b else 'DIFFERENT'); sys.exit(a!=b)" \
+  "$OUT/generate_cpu.json" "$OUT/generate_gpu_workers.json" 2>&1 | tee -a "$OUT/summary.txt" || status=1
 [ "$RUNS" -gt 0 ] && python3 scripts/gpu/plot.py "$OUT/expert_ffn_tflops.svg" "$OUT"/gpu.*.json -- "$OUT"/torch.*.json
 step "exit $status"
 tar czf "$FINAL/results.tgz" -C "$OUT" .

@@ -132,7 +132,7 @@ fn start_cluster(
     config: &ModelConfig,
     memory_gb: f64,
 ) -> anyhow::Result<(LocalCluster, Arc<RemoteExperts>)> {
-    let cluster = LocalCluster::start(n, dir, config, memory_gb)?;
+    let cluster = LocalCluster::start(n, dir, config, memory_gb, "cpu")?;
     let epoch = cluster.commit(cluster.plan(PlanKind::Static, 0), "bench")?;
     let remote = cluster.remote()?;
     anyhow::ensure!(

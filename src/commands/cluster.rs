@@ -47,7 +47,13 @@ fn moe_keys(config: &ModelConfig) -> Vec<(u32, u32)> {
 impl LocalCluster {
     /// Starts the control plane and `n` workers for the checkpoint in `model_dir`, registers
     /// the model, and waits until every worker has registered.
-    pub fn start(n: usize, model_dir: &Path, config: &ModelConfig, worker_memory_gb: f64) -> anyhow::Result<Self> {
+    pub fn start(
+        n: usize,
+        model_dir: &Path,
+        config: &ModelConfig,
+        worker_memory_gb: f64,
+        device: &str,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(n >= 1, "--workers must be at least 1");
         let mut dir = tempfile::Builder::new().prefix("moeless-cluster").tempdir()?;
         // Keep certificates, the Raft store and worker logs for a post-mortem.
@@ -103,6 +109,7 @@ impl LocalCluster {
                 .arg("--tls-dir")
                 .arg(dir.path().join("tls"))
                 .args(["--tls-name", &format!("worker-{i}"), "--exit-on-stdin-close"])
+                .args(["--device", device])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -262,7 +269,8 @@ pub fn distributed_engine(
     backend: Arc<dyn data_plane::backend::Backend>,
 ) -> anyhow::Result<(data_plane::engine::Engine, LocalCluster, Arc<RemoteExperts>)> {
     let config = data_plane::engine::read_config(dir)?;
-    let cluster = LocalCluster::start(workers, dir, &config, worker_memory_gb)?;
+    // Workers compute where the engine does.
+    let cluster = LocalCluster::start(workers, dir, &config, worker_memory_gb, backend.name())?;
     let epoch = cluster.commit(cluster.plan(kind, 0), "local cluster")?;
     eprintln!(
         "local cluster: {workers} worker processes, plan epoch {epoch} ({kind:?}); logs in {}",

@@ -23,8 +23,9 @@ pub struct WorkerArgs {
     /// Address engines and peers dial, when it differs from the listen address.
     #[arg(long, env = "MOELESS_WORKER_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Compute device: `cpu` (CUDA workers come with the GPU backend).
-    #[arg(long, default_value = "cpu")]
+    /// Where expert instances compute: auto (GPU 0 when CUDA is usable, else CPU), cpu, cuda,
+    /// cuda:N.
+    #[arg(long, env = "MOELESS_DEVICE", default_value = "auto")]
     pub device: String,
     /// Memory budget for expert instances, in GiB.
     #[arg(long, env = "MOELESS_WORKER_MEMORY_GB", default_value_t = 4.0)]
@@ -73,12 +74,8 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    if a.device != "cpu" {
-        bail!(
-            "--device {:?} is not available in this build; use --device cpu",
-            a.device
-        );
-    }
+    let device = data_plane::device::select(&a.device)?;
+    eprintln!("device: {} (expert instances compute here)", device.description);
     if !(a.memory_gb > 0.0 && a.memory_gb.is_finite()) {
         bail!("--memory-gb must be a positive number");
     }
@@ -103,6 +100,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         peer_fetch: !a.no_peer_fetch,
         limits: Limits::default(),
         control_tls,
+        backend: device.backend,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

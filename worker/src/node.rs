@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use data_plane::backend::CpuBackend;
 use data_plane::engine::read_config;
 use data_plane::error::LoadError;
 use data_plane::expert::ExpertWeights;
@@ -52,6 +51,8 @@ pub struct WorkerOptions {
     pub limits: Limits,
     /// Mutual TLS to the control plane (`None`: plaintext, loopback development only).
     pub control_tls: Option<GrpcTls>,
+    /// Where expert instances compute (`data_plane::device::select`: CPU or a CUDA device).
+    pub backend: Arc<dyn data_plane::backend::Backend>,
 }
 
 /// Weights from a peer worker that holds the expert warm (after a plan moved it away from it).
@@ -529,7 +530,7 @@ async fn load_model(state: &Arc<State>, model: wpb::ModelInfo) -> anyhow::Result
             name,
             config,
             instances,
-            Arc::new(CpuBackend),
+            state.opts.backend.clone(),
             state.opts.threads,
         )),
         hints,

@@ -94,6 +94,7 @@ impl Cluster {
 
     fn options(&self, id: u64) -> WorkerOptions {
         WorkerOptions {
+            backend: std::sync::Arc::new(CpuBackend),
             id,
             control: vec![self.node().raft_addr.to_string()],
             listen: "127.0.0.1:0".parse().unwrap(),

@@ -4,7 +4,9 @@
 //! activations, runs cuBLAS or a kernel of the `kernels` crate, and downloads the result.
 //! Weights are uploaded once and kept on the device, keyed by the address and length of their
 //! host buffer plus a fingerprint of sampled values (so a freed-and-reused host buffer holding
-//! other weights is uploaded again, never mistaken for the old one).
+//! other weights is uploaded again, never mistaken for the old one), in a least-recently-used
+//! cache bounded in bytes (by default 90% of the memory free when the backend is created), so
+//! weights of instances that scaled to zero leave the device as new ones arrive.
 //!
 //! This is the parity path (f32 weights give the CPU engine's expert ids exactly) and what
 //! `--device cuda` runs today. Activations cross PCIe at every operation, so decode speed is
@@ -14,13 +16,13 @@
 //! The trait's operations are infallible: a CUDA failure after [`Gpu::open`] succeeded (device
 //! lost, out of memory) panics with the driver's message.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{dptr, elementwise_cfg, CudaError, GemmTypes, Gpu};
 use crate::backend::{AttentionShape, Backend, CpuBackend};
+use crate::lru::LruBytes;
 use crate::tensor::Tensor;
 use crate::weight::Weight;
 
@@ -29,14 +31,21 @@ enum DeviceWeight {
     Bf16(CudaSlice<u16>),
 }
 
-struct Cached {
-    fingerprint: u64,
-    weight: Arc<DeviceWeight>,
+impl DeviceWeight {
+    fn bytes(&self) -> usize {
+        match self {
+            DeviceWeight::F32(s) => s.len() * 4,
+            DeviceWeight::Bf16(s) => s.len() * 2,
+        }
+    }
 }
+
+type Key = (usize, usize, u64);
 
 pub struct CudaBackend {
     gpu: Arc<Gpu>,
-    weights: Mutex<HashMap<(usize, usize), Cached>>,
+    /// (host address, length, fingerprint) -> device copy.
+    weights: Mutex<LruBytes<Key, Arc<DeviceWeight>>>,
     max_shared_bytes: usize,
 }
 
@@ -66,11 +75,23 @@ impl CudaBackend {
             .ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
             as usize;
-        Ok(Self {
+        gpu.ctx.bind_to_thread()?;
+        let free = cudarc::driver::result::mem_get_info()?.0;
+        Ok(Self::with_weight_budget(gpu, free / 10 * 9, max_shared_bytes))
+    }
+
+    fn with_weight_budget(gpu: Arc<Gpu>, budget: usize, max_shared_bytes: usize) -> Self {
+        Self {
             gpu,
-            weights: Mutex::new(HashMap::new()),
+            weights: Mutex::new(LruBytes::new(budget)),
             max_shared_bytes,
-        })
+        }
+    }
+
+    /// As [`CudaBackend::new`] with at most `budget` bytes of weights resident.
+    pub fn with_budget(gpu: Arc<Gpu>, budget: usize) -> Result<Self, CudaError> {
+        let b = Self::new(gpu)?;
+        Ok(Self::with_weight_budget(b.gpu, budget, b.max_shared_bytes))
     }
 
     /// Opens device `ordinal` and wraps it.
@@ -82,62 +103,52 @@ impl CudaBackend {
         &self.gpu
     }
 
-    /// Bytes of weights now resident on the device.
+    /// Bytes of weights now resident on the device (cached; in-flight operations may hold
+    /// evicted ones a moment longer).
     pub fn resident_weight_bytes(&self) -> usize {
-        let w = self.weights.lock().unwrap_or_else(|p| p.into_inner());
-        w.values()
-            .map(|c| match &*c.weight {
-                DeviceWeight::F32(s) => s.len() * 4,
-                DeviceWeight::Bf16(s) => s.len() * 2,
-            })
-            .sum()
+        self.weights.lock().unwrap_or_else(|p| p.into_inner()).used_bytes()
+    }
+
+    /// Looks up or uploads one weight.
+    fn cached(
+        &self,
+        key: Key,
+        bytes: usize,
+        upload: impl FnOnce() -> Result<DeviceWeight, CudaError>,
+    ) -> Result<Arc<DeviceWeight>, CudaError> {
+        let mut cache = self.weights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = cache.get(&key) {
+            return Ok(w);
+        }
+        // Free least recently used weights first, so the upload has the room.
+        cache.make_room(bytes);
+        let dw = Arc::new(upload()?);
+        debug_assert_eq!(dw.bytes(), bytes);
+        cache.insert(key, dw.clone(), bytes);
+        Ok(dw)
     }
 
     fn device_weight(&self, w: &Weight) -> Result<Arc<DeviceWeight>, CudaError> {
-        let (key, fp) = match w {
-            Weight::F32(t) => ((t.data().as_ptr() as usize, t.len()), fingerprint(t.data())),
-            Weight::Bf16 { data, .. } => ((data.as_ptr() as usize, data.len()), fingerprint(data)),
-        };
-        let mut cache = self.weights.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(&key) {
-            if c.fingerprint == fp {
-                return Ok(c.weight.clone());
+        let s = &self.gpu.stream;
+        match w {
+            Weight::F32(t) => {
+                let key = (t.data().as_ptr() as usize, t.len(), fingerprint(t.data()));
+                self.cached(key, t.len() * 4, || Ok(DeviceWeight::F32(s.clone_htod(t.data())?)))
+            }
+            Weight::Bf16 { data, .. } => {
+                let key = (data.as_ptr() as usize, data.len(), fingerprint(data));
+                self.cached(key, data.len() * 2, || {
+                    Ok(DeviceWeight::Bf16(s.clone_htod(data.as_slice())?))
+                })
             }
         }
-        let s = &self.gpu.stream;
-        let dw = Arc::new(match w {
-            Weight::F32(t) => DeviceWeight::F32(s.clone_htod(t.data())?),
-            Weight::Bf16 { data, .. } => DeviceWeight::Bf16(s.clone_htod(data.as_slice())?),
-        });
-        cache.insert(
-            key,
-            Cached {
-                fingerprint: fp,
-                weight: dw.clone(),
-            },
-        );
-        Ok(dw)
     }
 
+    /// Norm weights and biases: the same cache, as f32.
     fn device_vector(&self, t: &Tensor) -> Result<Arc<DeviceWeight>, CudaError> {
-        // Norm weights and biases: the same cache, as f32 "weights".
-        let key = (t.data().as_ptr() as usize, t.len());
-        let fp = fingerprint(t.data());
-        let mut cache = self.weights.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(&key) {
-            if c.fingerprint == fp {
-                return Ok(c.weight.clone());
-            }
-        }
-        let dw = Arc::new(DeviceWeight::F32(self.gpu.stream.clone_htod(t.data())?));
-        cache.insert(
-            key,
-            Cached {
-                fingerprint: fp,
-                weight: dw.clone(),
-            },
-        );
-        Ok(dw)
+        let s = &self.gpu.stream;
+        let key = (t.data().as_ptr() as usize, t.len(), fingerprint(t.data()));
+        self.cached(key, t.len() * 4, || Ok(DeviceWeight::F32(s.clone_htod(t.data())?)))
     }
 
     fn f32_of(w: &DeviceWeight) -> &CudaSlice<f32> {
