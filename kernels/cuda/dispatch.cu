@@ -17,9 +17,13 @@ extern "C" __global__ void permute_rows_bf16(const bf16_t* x, bf16_t* out, const
 }
 
 // out[t, :] = sum_j weights[t, j] * y[pos[t, j], :] (f32 accumulation; pos < 0 skips a slot).
-// y: [permuted rows, cols] bf16; out: [tokens, cols] bf16. One block per token.
-extern "C" __global__ void unpermute_combine_bf16(const bf16_t* y, const int* pos, const float* weights,
-                                                  bf16_t* out, int tokens, int k, int cols) {
+// y: [permuted rows, cols] bf16; out: [tokens, cols]. One block per token.
+__device__ __forceinline__ void store(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+
+template <typename Out>
+__device__ void unpermute_combine(const bf16_t* y, const int* pos, const float* weights, Out* out, int tokens, int k,
+                                  int cols) {
     int t = blockIdx.x;
     if (t >= tokens) return;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -28,21 +32,18 @@ extern "C" __global__ void unpermute_combine_bf16(const bf16_t* y, const int* po
             int p = pos[t * k + j];
             if (p >= 0) acc += weights[t * k + j] * bf16_to_f32(y[(long long)p * cols + c]);
         }
-        out[(long long)t * cols + c] = f32_to_bf16(acc);
+        store(out + (long long)t * cols + c, acc);
     }
 }
 
-// As unpermute_combine_bf16 with an f32 output (the residual stream).
+// bf16 output (the next layer's input on the device).
+extern "C" __global__ void unpermute_combine_bf16(const bf16_t* y, const int* pos, const float* weights,
+                                                  bf16_t* out, int tokens, int k, int cols) {
+    unpermute_combine(y, pos, weights, out, tokens, k, cols);
+}
+
+// f32 output (the residual stream).
 extern "C" __global__ void unpermute_combine_f32(const bf16_t* y, const int* pos, const float* weights, float* out,
                                                  int tokens, int k, int cols) {
-    int t = blockIdx.x;
-    if (t >= tokens) return;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < k; ++j) {
-            int p = pos[t * k + j];
-            if (p >= 0) acc += weights[t * k + j] * bf16_to_f32(y[(long long)p * cols + c]);
-        }
-        out[(long long)t * cols + c] = acc;
-    }
+    unpermute_combine(y, pos, weights, out, tokens, k, cols);
 }

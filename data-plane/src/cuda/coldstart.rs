@@ -31,15 +31,8 @@ impl PinnedExpert {
         w3: &[u16],
         w2: &[u16],
     ) -> Result<Self, CudaError> {
+        super::experts::check_expert_shapes(hidden, inter, w1, w3, w2)?;
         let (a, b) = (inter * hidden, hidden * inter);
-        if w1.len() != a || w3.len() != a || w2.len() != b {
-            return Err(CudaError::Shape(format!(
-                "expert weights: w1 {} / w3 {} / w2 {} values, expected {a} / {a} / {b}",
-                w1.len(),
-                w3.len(),
-                w2.len()
-            )));
-        }
         // SAFETY: both buffers are fully written below before any copy reads them.
         let (mut h13, mut h2) = unsafe { (gpu.ctx.alloc_pinned::<u16>(2 * a)?, gpu.ctx.alloc_pinned::<u16>(b)?) };
         let dst = h13.as_mut_slice()?;

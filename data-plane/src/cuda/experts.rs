@@ -18,6 +18,20 @@ pub struct DeviceExpert {
     pub w2: CudaSlice<u16>,
 }
 
+/// Checks HF-layout expert weights: `w1`, `w3` `[I, H]`, `w2` `[H, I]`.
+pub fn check_expert_shapes(hidden: usize, inter: usize, w1: &[u16], w3: &[u16], w2: &[u16]) -> Result<(), CudaError> {
+    let n = inter * hidden;
+    if w1.len() != n || w3.len() != n || w2.len() != n {
+        return Err(CudaError::Shape(format!(
+            "expert weights: w1 {} / w3 {} / w2 {} values, expected {n} each for hidden {hidden}, inter {inter}",
+            w1.len(),
+            w3.len(),
+            w2.len()
+        )));
+    }
+    Ok(())
+}
+
 impl DeviceExpert {
     /// Uploads host bf16 bit patterns: `w1`, `w3` `[I, H]`, `w2` `[H, I]` (HF's layout).
     pub fn upload(
@@ -28,15 +42,8 @@ impl DeviceExpert {
         w3: &[u16],
         w2: &[u16],
     ) -> Result<Self, CudaError> {
-        let (a, b) = (inter * hidden, hidden * inter);
-        if w1.len() != a || w3.len() != a || w2.len() != b {
-            return Err(CudaError::Shape(format!(
-                "expert weights: w1 {} / w3 {} / w2 {} values, expected {a} / {a} / {b} for hidden {hidden}, inter {inter}",
-                w1.len(),
-                w3.len(),
-                w2.len()
-            )));
-        }
+        check_expert_shapes(hidden, inter, w1, w3, w2)?;
+        let a = inter * hidden;
         let s = &gpu.stream;
         let mut w13 = Vec::with_capacity(2 * a);
         w13.extend_from_slice(w1);
