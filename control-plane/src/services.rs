@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::liveness::{InstanceReport, InstanceState, WorkerObservation};
 use crate::node::{Node, NodeError};
 use crate::state::{Device, ExpertInstance, ModelSpec, PlacementPlan, WorkerSpec};
-use crate::types::Command;
+use crate::types::{Command, CommandResponse};
 
 const WRITE_WAIT: Duration = Duration::from_secs(3);
 
@@ -334,30 +334,14 @@ impl pb::engine_service_server::EngineService for EngineApi {
             top_k: r.top_k,
             weights: r.weights,
         };
-        // Decided on the leader's applied state. The check and the write are two steps: two
-        // engines registering different shapes at the same instant can both pass the check (the
-        // later write wins); a conditional command in the state machine would close that.
-        let state = self.node.linearizable_state().await?;
-        let created = match state.models.get(&spec.name) {
-            Some(existing) if *existing == spec => false,
-            Some(existing)
-                if (
-                    &existing.architecture,
-                    existing.num_layers,
-                    existing.num_experts,
-                    existing.top_k,
-                ) != (&spec.architecture, spec.num_layers, spec.num_experts, spec.top_k) =>
-            {
-                return Err(Status::failed_precondition(format!(
-                    "model {:?} is registered with another shape ({} layers x {} experts, top-{} {}); \
-                     serve it under another name",
-                    spec.name, existing.num_layers, existing.num_experts, existing.top_k, existing.architecture
-                )));
-            }
-            // New, or the same shape with new weights.
-            _ => {
-                self.node.write(Command::PutModel(spec), WRITE_WAIT).await?;
-                true
+        // One command: the state machine compares with what is registered and writes (or
+        // rejects: FAILED_PRECONDITION, which engines do not retry) in the same step.
+        let created = match self.node.write(Command::RegisterModel(spec), WRITE_WAIT).await? {
+            (_, CommandResponse::ModelRegistered { created }) => created,
+            (_, other) => {
+                return Err(Status::internal(format!(
+                    "unexpected answer to register-model: {other:?}"
+                )))
             }
         };
         Ok(Response::new(pb::RegisterModelResponse {

@@ -202,6 +202,17 @@ impl RequestLog {
     }
 }
 
+/// What every model write requires.
+fn check_model(m: &ModelSpec) -> Result<(), String> {
+    if m.name.is_empty() || m.num_layers == 0 || m.num_experts == 0 || m.top_k == 0 {
+        return Err("model needs a name and non-zero layers, experts and top_k".into());
+    }
+    if m.top_k > m.num_experts {
+        return Err(format!("top_k {} exceeds num_experts {}", m.top_k, m.num_experts));
+    }
+    Ok(())
+}
+
 impl ClusterState {
     pub fn current_epoch(&self) -> u64 {
         self.plans.keys().next_back().copied().unwrap_or(0)
@@ -300,14 +311,35 @@ impl ClusterState {
                 None => reject(format!("unknown worker {worker}")),
             },
             Command::PutModel(m) => {
-                if m.name.is_empty() || m.num_layers == 0 || m.num_experts == 0 || m.top_k == 0 {
-                    return reject("model needs a name and non-zero layers, experts and top_k".into());
-                }
-                if m.top_k > m.num_experts {
-                    return reject(format!("top_k {} exceeds num_experts {}", m.top_k, m.num_experts));
+                if let Err(reason) = check_model(&m) {
+                    return reject(reason);
                 }
                 self.models.insert(m.name.clone(), m);
                 CommandResponse::Applied
+            }
+            Command::RegisterModel(m) => {
+                if let Err(reason) = check_model(&m) {
+                    return reject(reason);
+                }
+                let created = match self.models.get(&m.name) {
+                    Some(existing) if *existing == m => false,
+                    Some(e)
+                        if (&e.architecture, e.num_layers, e.num_experts, e.top_k)
+                            != (&m.architecture, m.num_layers, m.num_experts, m.top_k) =>
+                    {
+                        return reject(format!(
+                            "model {:?} is registered with another shape ({} layers x {} experts, top-{} {}); \
+                             serve it under another name",
+                            m.name, e.num_layers, e.num_experts, e.top_k, e.architecture
+                        ));
+                    }
+                    // New, or the same shape with a new weights path.
+                    _ => true,
+                };
+                if created {
+                    self.models.insert(m.name.clone(), m);
+                }
+                CommandResponse::ModelRegistered { created }
             }
             Command::CommitPlan { intent, expected_epoch } => {
                 let current = self.current_epoch();
@@ -424,6 +456,43 @@ mod tests {
         };
         assert_eq!(s.apply(2, Command::PutModel(m)), CommandResponse::Applied);
         s
+    }
+
+    #[test]
+    fn register_model_creates_updates_weights_and_rejects_other_shapes() {
+        let mut s = seeded();
+        let m = s.models["m"].clone();
+        let same = s.apply(3, Command::RegisterModel(m.clone()));
+        assert_eq!(same, CommandResponse::ModelRegistered { created: false });
+        let moved = ModelSpec {
+            weights: "/elsewhere".into(),
+            ..m.clone()
+        };
+        let r = s.apply(4, Command::RegisterModel(moved));
+        assert_eq!(r, CommandResponse::ModelRegistered { created: true });
+        assert_eq!(s.models["m"].weights, "/elsewhere");
+        let wider = ModelSpec {
+            num_experts: 8,
+            ..m.clone()
+        };
+        assert!(matches!(
+            s.apply(5, Command::RegisterModel(wider)),
+            CommandResponse::Rejected { reason } if reason.contains("another shape")
+        ));
+        assert_eq!(s.models["m"].num_experts, 4, "a rejected registration changes nothing");
+        let new = ModelSpec {
+            name: "n".into(),
+            ..m.clone()
+        };
+        assert_eq!(
+            s.apply(6, Command::RegisterModel(new)),
+            CommandResponse::ModelRegistered { created: true }
+        );
+        let bad = ModelSpec { top_k: 9, ..m };
+        assert!(matches!(
+            s.apply(7, Command::RegisterModel(bad)),
+            CommandResponse::Rejected { .. }
+        ));
     }
 
     fn intent(share: f64) -> PlanIntent {

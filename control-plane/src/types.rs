@@ -47,6 +47,11 @@ pub enum Command {
         worker: u64,
     },
     PutModel(ModelSpec),
+    /// An engine registers the model it serves (EngineService.RegisterModel): created if new,
+    /// its weights path updated if the shape matches, rejected if a model of that name has
+    /// another shape. Decided in one step of the state machine, so two engines registering
+    /// different shapes at once cannot both succeed.
+    RegisterModel(ModelSpec),
     /// Commits a plan under the next epoch. With `expected_epoch`, only if the current epoch is that one.
     CommitPlan {
         intent: PlanIntent,
@@ -104,6 +109,7 @@ impl fmt::Display for Command {
             Command::MarkWorkerDead { worker } => write!(f, "mark-worker-dead({worker})"),
             Command::MarkWorkerAlive { worker } => write!(f, "mark-worker-alive({worker})"),
             Command::PutModel(m) => write!(f, "put-model({})", m.name),
+            Command::RegisterModel(m) => write!(f, "register-model({})", m.name),
             Command::CommitPlan { intent, .. } => write!(f, "commit-plan({})", intent.model),
             Command::SetPolicy(_) => write!(f, "set-policy"),
             Command::UpdatePredictor(p) => write!(f, "update-predictor({})", p.name),
@@ -122,6 +128,10 @@ pub enum CommandResponse {
     },
     PredictorVersion {
         version: u64,
+    },
+    /// RegisterModel: whether the model (or its new weights path) was written.
+    ModelRegistered {
+        created: bool,
     },
     /// The command was valid to replicate but not to apply (unknown worker, stale epoch, ...).
     Rejected {
