@@ -71,10 +71,17 @@ impl From<StoreError> for io::Error {
 }
 
 /// What the Raft layer needs from a disk: a log keyed by index and a few named values
-/// (vote, committed id, purge point, snapshot). All writes are durable when they return.
+/// (vote, committed id, purge point, snapshot). All writes are durable when they return, except
+/// [`StorageBackend::put_meta_relaxed`].
 pub trait StorageBackend: Send + Sync + 'static {
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// A named value that may be lost in a crash (it becomes durable with the next durable
+    /// write): only for values whose loss is safe, i.e. the committed log id, which Raft
+    /// re-learns from the leader and which only spares re-applying entries after a restart.
+    fn put_meta_relaxed(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.put_meta(key, value)
+    }
     fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StoreError>;
     /// Entries with index in `[start, end)`, in order.
     fn range(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
@@ -271,7 +278,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
-        self.put_meta(KEY_COMMITTED, &committed).await
+        // Not fsynced: it was one of the two fsyncs of every write on every node, and losing it
+        // in a crash is safe (the id is never ahead of what is committed, and Raft re-learns
+        // it). Acknowledged writes stay durable through the log append.
+        let bytes = encode(&committed)?;
+        blocking(&self.backend, move |b| b.put_meta_relaxed(KEY_COMMITTED, &bytes)).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {

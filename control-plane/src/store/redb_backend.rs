@@ -76,6 +76,16 @@ impl StorageBackend for RedbBackend {
         })
     }
 
+    fn put_meta_relaxed(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(StoreError::io)?;
+        txn.set_durability(redb::Durability::None).map_err(StoreError::io)?;
+        {
+            let mut table = txn.open_table(META).map_err(StoreError::io)?;
+            table.insert(key, value).map_err(StoreError::io)?;
+        }
+        txn.commit().map_err(StoreError::io)
+    }
+
     fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         self.write(Some(failpoint::APPEND_BEFORE_FLUSH), |txn| {
             let mut table = txn.open_table(LOG)?;

@@ -101,6 +101,11 @@ impl StorageBackend for SledBackend {
         self.flush()
     }
 
+    fn put_meta_relaxed(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        // Reaches the disk with the next flush (every append flushes).
+        self.meta.insert(key, value).map_err(StoreError::io).map(|_| ())
+    }
+
     fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (index, bytes) in entries {
