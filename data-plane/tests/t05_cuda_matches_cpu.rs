@@ -78,6 +78,85 @@ fn every_golden_architecture_matches_transformers_through_the_cuda_backend() {
     assert!(be.resident_weight_bytes() > 0);
 }
 
+/// The golden checkpoint with every tensor rounded to bf16 (config.json copied).
+fn bf16_copy(src: &std::path::Path, dst: &std::path::Path) {
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut map = std::collections::BTreeMap::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        map.insert(name, Tensor::new(view.shape().to_vec(), data).unwrap());
+    }
+    data_plane::testing::write_safetensors(
+        &dst.join("model.safetensors"),
+        &map,
+        data_plane::testing::SaveDtype::Bf16,
+    )
+    .unwrap();
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+}
+
+#[test]
+fn bf16_checkpoints_of_every_golden_architecture_match_the_cpu_engine() {
+    let Some(be) = backend() else { return };
+    let Some(shared) = shared_dir() else { return };
+    for arch in ARCHS {
+        let golden = shared.join("golden").join(arch);
+        let dir = tempfile::tempdir().unwrap();
+        bf16_copy(&golden, dir.path());
+        let prompts = data_plane::reference::read_prompts(&golden);
+        let cpu = Engine::load_local(dir.path()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let gpu = Engine::load_local_with(dir.path(), be.clone()).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let a = cpu.forward_prompts(&prompts, false).unwrap();
+        let b = gpu.forward_prompts(&prompts, false).unwrap();
+        let (mut same, mut total, mut compared) = (0usize, 0usize, 0usize);
+        for (p, (x, y)) in a.iter().zip(&b).enumerate() {
+            let k = x.routing.first().map(|r| r.ids.len() / prompts[p].len()).unwrap_or(1);
+            let v = x.logits.cols();
+            let scale = x.logits.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let n = prompts[p].len();
+            let routes_alike = |t: usize| {
+                x.routing
+                    .iter()
+                    .zip(&y.routing)
+                    .all(|(rx, ry)| rx.ids[t * k..(t + 1) * k] == ry.ids[t * k..(t + 1) * k])
+            };
+            // A near-tie between two experts may flip under bf16 rounding: from that token on
+            // (later tokens attend to it) the two runs went through different weights.
+            let first_flip = (0..n).find(|&t| !routes_alike(t)).unwrap_or(n);
+            total += n;
+            same += (0..n).filter(|&t| routes_alike(t)).count();
+            for t in 0..first_flip {
+                compared += 1;
+                // bf16 weights on both sides; the GPU also rounds each product's input to bf16
+                // (cuBLAS bf16 x bf16 -> f32) where the CPU keeps f32 activations.
+                data_plane::reference::assert_close(
+                    &format!("{arch} bf16 p{p} token {t} logits"),
+                    &y.logits.data()[t * v..(t + 1) * v],
+                    &x.logits.data()[t * v..(t + 1) * v],
+                    0.05 * scale,
+                    0.05,
+                );
+            }
+        }
+        assert!(compared > 0);
+        // Near-ties may flip a token's experts; nearly all tokens must route identically.
+        assert!(
+            same * 10 >= total * 9,
+            "{arch}: {same} of {total} tokens route identically"
+        );
+        eprintln!(
+            "{arch}: bf16 on CUDA matches the CPU engine ({same}/{total} tokens route identically, \
+             {compared} compared before any flip)"
+        );
+    }
+}
+
 #[test]
 fn a_small_weight_budget_evicts_and_still_matches_transformers() {
     let Some(g) = gpu() else { return };

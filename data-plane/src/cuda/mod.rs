@@ -283,17 +283,3 @@ pub fn dptr<T>(s: &cudarc::driver::CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _sync) = s.device_ptr(stream);
     p
 }
-
-/// `CUDA on <name>` or `CPU (<why>)`: what a command should print about where it runs.
-pub fn describe_availability() -> String {
-    match Gpu::open(0) {
-        Ok(g) => format!(
-            "CUDA on {} (sm_{}{}, {} GiB)",
-            g.info.name,
-            g.info.compute_capability.0,
-            g.info.compute_capability.1,
-            g.info.memory_bytes >> 30
-        ),
-        Err(e) => format!("CPU ({e})"),
-    }
-}
