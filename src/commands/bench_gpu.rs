@@ -67,7 +67,7 @@ mod imp {
     use cudarc::driver::CudaStream;
     use data_plane::cuda::coldstart::{pinned_h2d_gbps, PinnedExpert};
     use data_plane::cuda::experts::{DeviceExpert, DeviceExpertLayer};
-    use data_plane::cuda::{dptr, GemmTypes, Gpu};
+    use data_plane::cuda::{dptr, median_event_ms, GemmTypes, Gpu};
     use serde_json::json;
 
     use super::{formula, GpuBenchArgs};
@@ -79,21 +79,9 @@ mod imp {
             .collect()
     }
 
-    /// Median milliseconds of `f` over `reps` runs (after two warm-ups), timed with events.
-    fn time_ms(s: &Arc<CudaStream>, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-        for _ in 0..2 {
-            f()?;
-        }
-        s.synchronize()?;
-        let mut v = Vec::with_capacity(reps);
-        for _ in 0..reps.max(1) {
-            let t0 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            f()?;
-            let t1 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            t1.synchronize()?;
-            v.push(t0.elapsed_ms(&t1)? as f64);
-        }
-        Ok(median(v))
+    /// Median milliseconds of `f` over `reps` runs after two warm-ups, timed with events.
+    fn time_ms(s: &Arc<CudaStream>, reps: usize, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+        median_event_ms(s, 2, reps, f)
     }
 
     pub fn run(a: GpuBenchArgs) -> anyhow::Result<()> {

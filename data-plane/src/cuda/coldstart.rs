@@ -73,16 +73,9 @@ pub fn pinned_h2d_gbps(gpu: &Gpu, bytes: usize, reps: usize) -> Result<f64, Cuda
     let s = gpu.ctx.new_stream()?;
     // SAFETY: as above.
     let mut dev = unsafe { s.alloc::<u16>(n)? };
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps.max(1) + 1 {
-        let t0 = s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+    let ms = super::median_event_ms(&s, 1, reps, || -> Result<(), CudaError> {
         s.memcpy_htod(&host, &mut dev)?;
-        let t1 = s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-        t1.synchronize()?;
-        times.push(t0.elapsed_ms(&t1)? as f64);
-    }
-    times.remove(0);
-    times.sort_by(f64::total_cmp);
-    let ms = times[times.len() / 2];
+        Ok(())
+    })?;
     Ok(bytes as f64 / (ms / 1e3) / 1e9)
 }

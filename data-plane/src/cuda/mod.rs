@@ -283,3 +283,29 @@ pub fn dptr<T>(s: &cudarc::driver::CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _sync) = s.device_ptr(stream);
     p
 }
+
+/// Median milliseconds of `f` on `stream` over `reps` runs after `warmups` untimed ones, each
+/// run between two CUDA events (device time, not host time).
+pub fn median_event_ms<E: From<CudaError>>(
+    stream: &CudaStream,
+    warmups: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<(), E>,
+) -> Result<f64, E> {
+    let timed = |e: cudarc::driver::DriverError| E::from(CudaError::from(e));
+    for _ in 0..warmups {
+        f()?;
+    }
+    stream.synchronize().map_err(timed)?;
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut v = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t0 = stream.record_event(flags).map_err(timed)?;
+        f()?;
+        let t1 = stream.record_event(flags).map_err(timed)?;
+        t1.synchronize().map_err(timed)?;
+        v.push(t0.elapsed_ms(&t1).map_err(timed)? as f64);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
