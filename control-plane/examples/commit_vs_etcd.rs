@@ -16,22 +16,16 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
 use control_plane::state::{ExpertInstance, ModelSpec, PlanIntent, WorkerSpec};
-use control_plane::{Command, NodeConfig, RunningNode};
+use control_plane::{Command, RunningNode, StorageKind};
+
+mod common;
+use common::{free_port, percentile_ms, three_nodes};
 use serde_json::{json, Value};
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let rank = ((sorted.len() as f64) * p).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
-}
 
 fn stats(mut v: Vec<Duration>) -> Value {
     v.sort();
     let mean = v.iter().sum::<Duration>().as_secs_f64() * 1e3 / v.len() as f64;
-    json!({"n": v.len(), "p50_ms": percentile(&v, 0.5), "p99_ms": percentile(&v, 0.99), "mean_ms": mean})
+    json!({"n": v.len(), "p50_ms": percentile_ms(&v, 0.5), "p99_ms": percentile_ms(&v, 0.99), "mean_ms": mean})
 }
 
 fn base64(data: &[u8]) -> String {
@@ -48,28 +42,6 @@ fn base64(data: &[u8]) -> String {
         }
     }
     out
-}
-
-async fn moeless_cluster(dir: &std::path::Path) -> anyhow::Result<Vec<RunningNode>> {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
-    let peers: BTreeMap<u64, String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 + 1, format!("127.0.0.1:{p}")))
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let mut c = NodeConfig::new(i as u64 + 1, dir.join(format!("node{}", i + 1)));
-        c.raft_addr = format!("127.0.0.1:{port}").parse()?;
-        c.admin_addr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        c.peers = peers.clone();
-        c.reconciler = false;
-        if std::env::var("MOELESS_BENCH_STORAGE").as_deref() == Ok("sled") {
-            c.storage = control_plane::StorageKind::Sled;
-        }
-        nodes.push(control_plane::start(c).await?);
-    }
-    Ok(nodes)
 }
 
 struct Etcd {
@@ -205,7 +177,11 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
 
     eprintln!("starting 3 MoEless control-plane nodes and 3 etcd members on loopback ...");
-    let nodes = moeless_cluster(dir.path()).await?;
+    let kind = match std::env::var("MOELESS_BENCH_STORAGE").as_deref() {
+        Ok("sled") => StorageKind::Sled,
+        _ => StorageKind::Redb,
+    };
+    let nodes = three_nodes(kind, dir.path()).await?;
     let etcd = etcd_cluster(dir.path())?;
     // A worker and a model for the plans to place.
     let w = WorkerSpec {

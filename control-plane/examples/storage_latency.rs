@@ -9,12 +9,10 @@ use std::time::{Duration, Instant};
 
 use control_plane::state::PolicyConfig;
 use control_plane::store::open_backend;
-use control_plane::{Command, Failpoints, NodeConfig, RunningNode, StorageKind};
+use control_plane::{Command, Failpoints, StorageKind};
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((sorted.len() as f64) * p).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
+mod common;
+use common::{percentile_ms, three_nodes};
 
 fn summary(mut samples: Vec<Duration>) -> String {
     samples.sort();
@@ -22,8 +20,8 @@ fn summary(mut samples: Vec<Duration>) -> String {
     format!(
         "n={} p50={:.2}ms p99={:.2}ms mean={:.2}ms",
         samples.len(),
-        percentile(&samples, 0.50).as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        percentile_ms(&samples, 0.50),
+        percentile_ms(&samples, 0.99),
         mean.as_secs_f64() * 1e3
     )
 }
@@ -39,28 +37,6 @@ fn append_latency(kind: StorageKind, writes: usize) -> anyhow::Result<Vec<Durati
         out.push(t.elapsed());
     }
     Ok(out)
-}
-
-async fn three_nodes(kind: StorageKind, dir: &std::path::Path) -> anyhow::Result<Vec<RunningNode>> {
-    // Bind first to learn the ports, then give every node the full peer list.
-    let ports: Vec<u16> = (0..3)
-        .map(|_| Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
-        .collect::<std::io::Result<_>>()?;
-    let peers: BTreeMap<u64, String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 + 1, format!("127.0.0.1:{p}")))
-        .collect();
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let mut c = NodeConfig::new(i as u64 + 1, dir.join(format!("node{}", i + 1)));
-        c.raft_addr = format!("127.0.0.1:{port}").parse()?;
-        c.peers = peers.clone();
-        c.storage = kind;
-        c.reconciler = false;
-        nodes.push(control_plane::start(c).await?);
-    }
-    Ok(nodes)
 }
 
 async fn commit_latency(kind: StorageKind, writes: usize) -> anyhow::Result<Vec<Duration>> {
