@@ -8,8 +8,8 @@
 //! concurrent clients.
 //!
 //! `cargo run --release -p control-plane --example commit_vs_etcd -- [WRITES_PER_ROUND] [ROUNDS] [OUT.json]`
-//! (needs `etcd` on PATH: `apt-get install etcd-server`; `MOELESS_BENCH_STORAGE=sled` for the
-//! sled backend).
+//! (needs `etcd` on PATH: `apt-get install etcd-server`; `MOELESS_BENCH_STORAGE=sled|wal` for the
+//! sled backend or the WAL).
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command as Proc, Stdio};
@@ -177,10 +177,9 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
 
     eprintln!("starting 3 MoEless control-plane nodes and 3 etcd members on loopback ...");
-    let kind = match std::env::var("MOELESS_BENCH_STORAGE").as_deref() {
-        Ok("sled") => StorageKind::Sled,
-        _ => StorageKind::Redb,
-    };
+    let kind: StorageKind = std::env::var("MOELESS_BENCH_STORAGE")
+        .unwrap_or_else(|_| StorageKind::default().to_string())
+        .parse()?;
     let nodes = three_nodes(kind, dir.path()).await?;
     let etcd = etcd_cluster(dir.path())?;
     // A worker and a model for the plans to place.

@@ -1,7 +1,9 @@
 //! Raft transport over tonic gRPC: openraft messages are serialized to JSON and carried as bytes
-//! in `proto::raft::RaftMessage`. The server side also accepts writes forwarded by followers.
+//! in `proto::raft::RaftMessage`; snapshots travel as a stream of pieces. The server side also
+//! accepts writes forwarded by followers.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -15,14 +17,23 @@ use proto::raft::raft_service_client::RaftServiceClient;
 use proto::raft::raft_service_server::RaftService;
 use proto::raft::RaftMessage;
 use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::store::Snapshot;
 use crate::types::{Command, CommandResponse, NodeId, NodeInfo, Raft, TypeConfig};
 
-/// Largest gRPC message accepted: snapshots travel in one message.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Largest gRPC message accepted on the Raft service (an AppendEntries batch or a forwarded
+/// write; snapshots come in pieces of [`SNAPSHOT_CHUNK_BYTES`]).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Size of one piece of a streamed snapshot.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Largest snapshot a node accepts (the whole control-plane state; today's are kilobytes to a
+/// few megabytes).
+pub const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
 
 fn to_bytes<T: Serialize>(value: &T) -> Result<Vec<u8>, Status> {
     serde_json::to_vec(value).map_err(|e| Status::internal(format!("encoding: {e}")))
@@ -43,16 +54,26 @@ pub fn peer_channel(addr: &str, tls: Option<&GrpcTls>, connect_timeout: Duration
 
 /// A lazily connected Raft client to `addr` (HOST:PORT); connection errors surface per call.
 pub fn raft_client(addr: &str, tls: Option<&GrpcTls>) -> Result<RaftServiceClient<Channel>, String> {
-    let channel = peer_channel(addr, tls, Duration::from_millis(500))?;
-    Ok(RaftServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(raft_client_on(peer_channel(addr, tls, Duration::from_millis(500))?))
 }
 
-/// Creates one gRPC connection per peer, with mutual TLS when `tls` is set.
+/// The Raft client on an established (or lazy) channel, with the service's message limits.
+pub fn raft_client_on(channel: Channel) -> RaftServiceClient<Channel> {
+    RaftServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Opens a channel to a peer's Raft address in place of TCP (the simulated network of the
+/// turmoil partition tests uses one).
+pub type Dialer = Arc<dyn Fn(&str) -> Result<Channel, String> + Send + Sync>;
+
+/// Creates one gRPC connection per peer: over TCP, with mutual TLS when `tls` is set, or through
+/// `dialer` when one is given.
 #[derive(Clone, Default)]
 pub struct GrpcNetwork {
     pub tls: Option<GrpcTls>,
+    pub dialer: Option<Dialer>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
@@ -63,6 +84,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             target,
             addr: node.raft_addr.clone(),
             tls: self.tls.clone(),
+            dialer: self.dialer.clone(),
             client: None,
         }
     }
@@ -72,6 +94,7 @@ pub struct GrpcConnection {
     target: NodeId,
     addr: String,
     tls: Option<GrpcTls>,
+    dialer: Option<Dialer>,
     client: Option<RaftServiceClient<Channel>>,
 }
 
@@ -88,8 +111,11 @@ fn status_to_rpc(target: NodeId, s: Status) -> RPCError<TypeConfig> {
 impl GrpcConnection {
     fn client(&mut self) -> Result<RaftServiceClient<Channel>, RPCError<TypeConfig>> {
         if self.client.is_none() {
-            let c = raft_client(&self.addr, self.tls.as_ref())
-                .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
+            let c = match &self.dialer {
+                Some(dial) => dial(&self.addr).map(raft_client_on),
+                None => raft_client(&self.addr, self.tls.as_ref()),
+            }
+            .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
             self.client = Some(c);
         }
         self.client
@@ -115,11 +141,21 @@ impl GrpcConnection {
             data: Vec::new(),
         };
         let resp = match tokio::time::timeout(ttl, f(client, msg)).await {
-            Ok(r) => r.map_err(|s| status_to_rpc(target, s))?,
+            Ok(Ok(r)) => r,
+            Ok(Err(s)) => {
+                let e = status_to_rpc(target, s);
+                if matches!(e, RPCError::Unreachable(_)) {
+                    self.client = None;
+                }
+                return Err(e);
+            }
             Err(_) => {
+                // A connection whose packets vanish (a partition that dropped them, a peer
+                // gone without a reset) would stall every later call: dial afresh next time.
+                self.client = None;
                 return Err(RPCError::Unreachable(Unreachable::from_string(format!(
                     "node {target}: timeout"
-                ))))
+                ))));
             }
         };
         serde_json::from_slice(&resp.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
@@ -164,33 +200,98 @@ impl RaftNetworkV2<TypeConfig> for GrpcConnection {
         &mut self,
         vote: VoteOf<TypeConfig>,
         snapshot: Snapshot,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let target = self.target;
         let header = SnapshotHeader {
             vote,
             meta: snapshot.meta,
+            total_bytes: snapshot.snapshot.len() as u64,
         };
-        let payload = serde_json::to_vec(&header).map_err(|e| NetworkError::new(&e))?;
+        let pieces = snapshot_messages(&header, &snapshot.snapshot).map_err(|e| NetworkError::new(&e))?;
         let mut client = self.client().map_err(|_| Unreachable::from_string("no client"))?;
-        let msg = RaftMessage {
-            payload,
-            data: snapshot.snapshot,
-        };
         let ttl = option.hard_ttl().max(Duration::from_secs(10));
-        let resp = tokio::time::timeout(ttl, client.install_snapshot(msg))
-            .await
-            .map_err(|_| Unreachable::from_string(format!("node {target}: snapshot timeout")))?
-            .map_err(|s| NetworkError::from_string(format!("node {target}: {s}")))?;
+        let send = tokio::time::timeout(ttl, client.install_snapshot(tokio_stream::iter(pieces)));
+        let resp = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = send => match r {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(s)) => return Err(NetworkError::from_string(format!("node {target}: {s}")).into()),
+                Err(_) => {
+                    self.client = None;
+                    return Err(Unreachable::from_string(format!("node {target}: snapshot timeout")).into());
+                }
+            },
+        };
         Ok(serde_json::from_slice(&resp.into_inner().payload).map_err(|e| NetworkError::new(&e))?)
     }
 }
 
-#[derive(Serialize, Deserialize)]
+/// A snapshot as the messages of the InstallSnapshot stream: the header with the first piece,
+/// then one message per further [`SNAPSHOT_CHUNK_BYTES`] of `data`.
+fn snapshot_messages(header: &SnapshotHeader, data: &[u8]) -> Result<Vec<RaftMessage>, serde_json::Error> {
+    let mut pieces: Vec<RaftMessage> = data
+        .chunks(SNAPSHOT_CHUNK_BYTES)
+        .map(|c| RaftMessage {
+            payload: Vec::new(),
+            data: c.to_vec(),
+        })
+        .collect();
+    if pieces.is_empty() {
+        pieces.push(RaftMessage::default());
+    }
+    pieces[0].payload = serde_json::to_vec(header)?;
+    Ok(pieces)
+}
+
+/// Reassembles a streamed snapshot: the header from the first message, the bytes from all of
+/// them, checked against the announced size (bounded by [`MAX_SNAPSHOT_BYTES`]).
+async fn receive_snapshot<S>(mut stream: S) -> Result<(SnapshotHeader, Vec<u8>), Status>
+where
+    S: tokio_stream::Stream<Item = Result<RaftMessage, Status>> + Unpin,
+{
+    let first = stream
+        .next()
+        .await
+        .ok_or_else(|| Status::invalid_argument("InstallSnapshot: empty stream"))??;
+    let header: SnapshotHeader = from_bytes("InstallSnapshot", &first.payload)?;
+    if header.total_bytes > MAX_SNAPSHOT_BYTES {
+        return Err(Status::resource_exhausted(format!(
+            "InstallSnapshot: {} bytes announced, at most {MAX_SNAPSHOT_BYTES} accepted",
+            header.total_bytes
+        )));
+    }
+    let total = header.total_bytes as usize;
+    let mut data = Vec::with_capacity(total);
+    let mut piece = first.data;
+    loop {
+        if data.len() + piece.len() > total {
+            return Err(Status::invalid_argument(format!(
+                "InstallSnapshot: more than the {total} bytes announced"
+            )));
+        }
+        data.extend_from_slice(&piece);
+        match stream.next().await {
+            Some(msg) => piece = msg?.data,
+            None => break,
+        }
+    }
+    if data.len() != total {
+        return Err(Status::invalid_argument(format!(
+            "InstallSnapshot: stream ended after {} of {total} bytes",
+            data.len()
+        )));
+    }
+    Ok((header, data))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 struct SnapshotHeader {
     vote: VoteOf<TypeConfig>,
     meta: openraft::type_config::alias::SnapshotMetaOf<TypeConfig>,
+    /// Bytes of snapshot data across the whole stream.
+    total_bytes: u64,
 }
 
 /// Outcome of a write forwarded to the leader.
@@ -255,12 +356,11 @@ impl RaftService for RaftServer {
         }))
     }
 
-    async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg = req.into_inner();
-        let header: SnapshotHeader = from_bytes("InstallSnapshot", &msg.payload)?;
+    async fn install_snapshot(&self, req: Request<Streaming<RaftMessage>>) -> Result<Response<RaftMessage>, Status> {
+        let (header, data) = receive_snapshot(req.into_inner()).await?;
         let snapshot = Snapshot {
             meta: header.meta,
-            snapshot: msg.data,
+            snapshot: data,
         };
         let resp = self
             .raft
@@ -280,5 +380,68 @@ impl RaftService for RaftServer {
             payload: to_bytes(&out)?,
             data: Vec::new(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::type_config::alias::SnapshotMetaOf;
+
+    fn header(total_bytes: u64) -> SnapshotHeader {
+        SnapshotHeader {
+            vote: VoteOf::<TypeConfig>::new(1, 1),
+            meta: SnapshotMetaOf::<TypeConfig>::default(),
+            total_bytes,
+        }
+    }
+
+    fn stream(msgs: Vec<RaftMessage>) -> impl tokio_stream::Stream<Item = Result<RaftMessage, Status>> + Unpin {
+        tokio_stream::iter(msgs.into_iter().map(Ok))
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_travels_in_pieces_and_is_reassembled() {
+        let data: Vec<u8> = (0..(5 * SNAPSHOT_CHUNK_BYTES / 2)).map(|i| (i % 251) as u8).collect();
+        let msgs = snapshot_messages(&header(data.len() as u64), &data).unwrap();
+        assert_eq!(msgs.len(), 3);
+        assert!(msgs.iter().all(|m| m.data.len() <= SNAPSHOT_CHUNK_BYTES));
+        assert!(msgs[1..].iter().all(|m| m.payload.is_empty()));
+        let (h, got) = receive_snapshot(stream(msgs)).await.unwrap();
+        assert_eq!(h.total_bytes, data.len() as u64);
+        assert_eq!(got, data);
+
+        let empty = snapshot_messages(&header(0), &[]).unwrap();
+        assert_eq!(empty.len(), 1);
+        assert!(receive_snapshot(stream(empty)).await.unwrap().1.is_empty());
+    }
+
+    #[tokio::test]
+    async fn broken_snapshot_streams_are_refused() {
+        let data = vec![7u8; SNAPSHOT_CHUNK_BYTES + 10];
+        let mut msgs = snapshot_messages(&header(data.len() as u64), &data).unwrap();
+        // Cut short.
+        msgs.pop();
+        let err = receive_snapshot(stream(msgs.clone())).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        // More than announced.
+        msgs.push(RaftMessage {
+            payload: Vec::new(),
+            data: vec![1; 11],
+        });
+        let err = receive_snapshot(stream(msgs)).await.unwrap_err();
+        assert!(err.message().contains("more than"), "{err}");
+        // Absurd size, garbage header, nothing at all.
+        let huge = snapshot_messages(&header(MAX_SNAPSHOT_BYTES + 1), &[]).unwrap();
+        let err = receive_snapshot(stream(huge)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        let garbage = vec![RaftMessage {
+            payload: b"{not json".to_vec(),
+            data: Vec::new(),
+        }];
+        let err = receive_snapshot(stream(garbage)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let err = receive_snapshot(stream(Vec::new())).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
     }
 }

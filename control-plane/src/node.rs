@@ -619,6 +619,68 @@ fn watch_fatal(raft: &Raft, id: NodeId) -> watch::Receiver<Option<String>> {
     rx
 }
 
+/// Opens the node's storage (log, vote, state machine) and starts Raft on it over `network`:
+/// the Raft layer of [`start`] without its listeners (the turmoil partition tests run it on a
+/// simulated network).
+pub async fn open_raft(config: &NodeConfig, network: GrpcNetwork) -> Result<(Raft, StateMachineStore), NodeError> {
+    let dir = config.data_dir.clone();
+    let (kind, failpoints) = (config.storage, config.failpoints.clone());
+    let backend = tokio::task::spawn_blocking(move || open_backend(kind, &dir, failpoints))
+        .await
+        .map_err(|e| NodeError::Storage(e.to_string()))?
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let sm = StateMachineStore::open(Arc::clone(&backend), config.failpoints.clone())
+        .await
+        .map_err(|e| NodeError::Storage(e.to_string()))?;
+    let log = LogStore::new(backend, config.failpoints.clone());
+
+    let raft_config = Config {
+        cluster_name: "moeless".into(),
+        heartbeat_interval: config.heartbeat_ms,
+        election_timeout_min: config.election_timeout_ms.0,
+        election_timeout_max: config.election_timeout_ms.1,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        max_in_snapshot_log_to_keep: 100,
+        ..Default::default()
+    };
+    let raft_config = Arc::new(raft_config.validate().map_err(|e| NodeError::Raft(e.to_string()))?);
+    let raft = Raft::new(config.id, raft_config, network, log, sm.clone())
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    Ok((raft, sm))
+}
+
+/// Bootstraps a new group when this node is the lowest-numbered voter of `config.peers` (or
+/// alone) and its store holds no Raft state yet; any other node waits to be contacted.
+pub async fn initialize_if_first(raft: &Raft, config: &NodeConfig, info: &NodeInfo) -> Result<(), NodeError> {
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let lowest = config.peers.keys().next().copied().unwrap_or(config.id);
+    if initialized || lowest != config.id {
+        return Ok(());
+    }
+    let mut members: BTreeMap<NodeId, NodeInfo> = config
+        .peers
+        .iter()
+        .map(|(id, addr)| {
+            (
+                *id,
+                NodeInfo {
+                    raft_addr: addr.clone(),
+                    admin_addr: String::new(),
+                },
+            )
+        })
+        .collect();
+    members.insert(config.id, info.clone());
+    tracing::info!(id = config.id, voters = members.len(), "initializing a new Raft group");
+    raft.initialize(members)
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))
+}
+
 /// Opens storage, starts Raft and both servers, and bootstraps a new group if this node is the
 /// lowest-numbered voter and the store is empty.
 pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
@@ -641,33 +703,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let raft_addr = local(&raft_listener, "raft gRPC", config.raft_addr)?;
     let admin_addr = local(&admin_listener, "admin API", config.admin_addr)?;
 
-    let dir = config.data_dir.clone();
-    let (kind, failpoints) = (config.storage, config.failpoints.clone());
-    let backend = tokio::task::spawn_blocking(move || open_backend(kind, &dir, failpoints))
-        .await
-        .map_err(|e| NodeError::Storage(e.to_string()))?
-        .map_err(|e| NodeError::Storage(e.to_string()))?;
-    let sm = StateMachineStore::open(Arc::clone(&backend), config.failpoints.clone())
-        .await
-        .map_err(|e| NodeError::Storage(e.to_string()))?;
-    let log = LogStore::new(backend, config.failpoints.clone());
-
-    let raft_config = Config {
-        cluster_name: "moeless".into(),
-        heartbeat_interval: config.heartbeat_ms,
-        election_timeout_min: config.election_timeout_ms.0,
-        election_timeout_max: config.election_timeout_ms.1,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every),
-        max_in_snapshot_log_to_keep: 100,
-        ..Default::default()
-    };
-    let raft_config = Arc::new(raft_config.validate().map_err(|e| NodeError::Raft(e.to_string()))?);
     let network = GrpcNetwork {
         tls: config.tls.clone(),
+        dialer: None,
     };
-    let raft = Raft::new(config.id, raft_config, network, log, sm.clone())
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let (raft, sm) = open_raft(&config, network).await?;
     let fatal = watch_fatal(&raft, config.id);
 
     // How peers, workers and engines reach this node: its own --peers entry when there is one
@@ -729,7 +769,14 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             .max_decoding_message_size(proto::MAX_SERVICE_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_SERVICE_MESSAGE_BYTES),
         );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(raft_listener);
+    // TCP_NODELAY on every accepted connection (as on the client side): a small response
+    // held back by Nagle behind a delayed ACK stalls a Raft round trip by 40 ms.
+    let incoming =
+        tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(raft_listener), |conn| {
+            conn.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
     tasks.push(tokio::spawn(async move {
         if let Err(e) = grpc
             .serve_with_incoming_shutdown(incoming, async { rx.await.unwrap_or(()) })
@@ -743,6 +790,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     stop.push(tx);
     let app = crate::admin::router(node.clone());
     tasks.push(tokio::spawn(async move {
+        let admin_listener = axum::serve::ListenerExt::tap_io(admin_listener, |s| {
+            let _ = s.set_nodelay(true);
+        });
         let serve = axum::serve(admin_listener, app).with_graceful_shutdown(async { rx.await.unwrap_or(()) });
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "admin server stopped");
@@ -755,33 +805,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         tasks.push(tokio::spawn(crate::reconciler::run(node.clone(), rx)));
     }
 
-    let initialized = raft
-        .is_initialized()
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
-    if !initialized {
-        let lowest = config.peers.keys().next().copied().unwrap_or(config.id);
-        if lowest == config.id {
-            let mut members: BTreeMap<NodeId, NodeInfo> = config
-                .peers
-                .iter()
-                .map(|(id, addr)| {
-                    (
-                        *id,
-                        NodeInfo {
-                            raft_addr: addr.clone(),
-                            admin_addr: String::new(),
-                        },
-                    )
-                })
-                .collect();
-            members.insert(config.id, info.clone());
-            tracing::info!(id = config.id, voters = members.len(), "initializing a new Raft group");
-            raft.initialize(members)
-                .await
-                .map_err(|e| NodeError::Raft(e.to_string()))?;
-        }
-    }
+    initialize_if_first(&raft, &config, &info).await?;
     tracing::info!(id = config.id, %raft_addr, %admin_addr, storage = %config.storage, "control-plane node started");
     Ok(RunningNode {
         node,

@@ -168,3 +168,8 @@ async fn redb_leader_crash_before_and_after_flush_keeps_acknowledged_writes() {
 async fn sled_leader_crash_before_and_after_flush_keeps_acknowledged_writes() {
     crash_around_flush(StorageKind::Sled).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_leader_crash_before_and_after_flush_keeps_acknowledged_writes() {
+    crash_around_flush(StorageKind::Wal).await;
+}

@@ -142,3 +142,8 @@ async fn redb_fsync_failure_stops_the_node_and_the_cluster_keeps_serving() {
 async fn sled_fsync_failure_stops_the_node_and_the_cluster_keeps_serving() {
     fsync_failure(StorageKind::Sled).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_fsync_failure_stops_the_node_and_the_cluster_keeps_serving() {
+    fsync_failure(StorageKind::Wal).await;
+}
