@@ -27,7 +27,8 @@ pub struct ControlPlaneArgs {
     /// Directory of the durable Raft store.
     #[arg(long, env = "MOELESS_DATA_DIR", default_value = "moeless-data")]
     pub data_dir: PathBuf,
-    /// Storage backend of the Raft log, vote and state machine: redb (default) or sled.
+    /// Storage backend of the Raft log, vote and state machine: redb (default), wal (append-only
+    /// preallocated segments, the lowest commit latency) or sled.
     /// A data directory keeps the backend it was created with.
     #[arg(long, env = "MOELESS_STORAGE", default_value = "redb")]
     pub storage: control_plane::StorageKind,
