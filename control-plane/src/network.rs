@@ -263,7 +263,8 @@ where
         )));
     }
     let total = header.total_bytes as usize;
-    let mut data = Vec::with_capacity(total);
+    // Grown as pieces arrive: a peer's announced size alone does not reserve gigabytes.
+    let mut data = Vec::with_capacity(total.min(64 * SNAPSHOT_CHUNK_BYTES));
     let mut piece = first.data;
     loop {
         if data.len() + piece.len() > total {

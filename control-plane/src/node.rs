@@ -771,12 +771,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         );
     // TCP_NODELAY on every accepted connection (as on the client side): a small response
     // held back by Nagle behind a delayed ACK stalls a Raft round trip by 40 ms.
-    let incoming =
-        tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(raft_listener), |conn| {
-            conn.inspect(|s| {
-                let _ = s.set_nodelay(true);
-            })
-        });
+    let incoming = tonic::transport::server::TcpIncoming::from(raft_listener).with_nodelay(Some(true));
     tasks.push(tokio::spawn(async move {
         if let Err(e) = grpc
             .serve_with_incoming_shutdown(incoming, async { rx.await.unwrap_or(()) })

@@ -166,6 +166,11 @@ impl Server {
         let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serve_task = tokio::spawn(async move {
+            // TCP_NODELAY: streamed tokens are small writes; Nagle would hold each behind the
+            // client's delayed ACK of the previous one.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+                let _ = s.set_nodelay(true);
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stop_rx.await;
