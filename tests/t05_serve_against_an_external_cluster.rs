@@ -37,12 +37,7 @@ fn spawn(args: &[&str], log: &Path) -> Proc {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
+use chaos_tests::ports::free_loopback_port as free_port;
 
 /// One HTTP/1.1 request; returns (status, body).
 fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> std::io::Result<(u16, String)> {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -59,8 +59,7 @@ pub fn generate_certs(binary: &Path, dir: &Path, names: &[String]) -> Result<()>
 }
 
 fn free_port(ip: std::net::IpAddr) -> Result<u16> {
-    let l = TcpListener::bind((ip, 0)).context("binding a free port")?;
-    Ok(l.local_addr()?.port())
+    crate::ports::free_port(ip).context("binding a free port")
 }
 
 fn signal(pid: u32, sig: &str) -> Result<()> {
@@ -99,7 +98,7 @@ impl ControlPlane {
             raft.push(SocketAddr::new(ip, r));
             admin.push(SocketAddr::new(ip, a));
         }
-        let http = reqwest::Client::builder()
+        let http = pki::https::http_client_builder()
             .timeout(Duration::from_millis(500))
             .build()
             .context("building the HTTP client")?;
@@ -143,6 +142,16 @@ impl ControlPlane {
 
     /// Starts node `i` (index from 0; its Raft id is `i + 1`) on its data directory.
     pub fn start(&mut self, i: usize) -> Result<()> {
+        self.start_as(i, "new")
+    }
+
+    /// Starts node `i` with `--initial-cluster-state existing`: a blank node joining the group
+    /// that is there (it never bootstraps and votes only once caught up).
+    pub fn start_joining(&mut self, i: usize) -> Result<()> {
+        self.start_as(i, "existing")
+    }
+
+    fn start_as(&mut self, i: usize, initial_cluster_state: &str) -> Result<()> {
         if self.children[i].is_some() {
             bail!("node {} is already running", i + 1);
         }
@@ -171,6 +180,8 @@ impl ControlPlane {
                 &self.admin[i].to_string(),
                 "--peers",
                 &peers,
+                "--initial-cluster-state",
+                initial_cluster_state,
                 "--data-dir",
                 &self.dir.path().join(format!("node{}", i + 1)).display().to_string(),
                 "--admin-token",

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -96,7 +95,7 @@ impl Fleet {
     }
 
     fn start_endpoint(&mut self) -> Result<()> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port().to_string();
+        let port = crate::ports::free_loopback_port().to_string();
         let mut child = Command::new(&self.binary)
             .args([
                 "up",
@@ -239,9 +238,64 @@ pub fn prompts() -> Vec<String> {
     })
 }
 
-/// Clients sending completions to the endpoint until stopped; each request is counted ok or
-/// failed. Like the `openai` SDK, a client retries a 429 or 503 (the server asks it to, with
-/// Retry-After) and nothing else.
+/// The Azure LLM inference trace 2023 (conversation), relative to `MOELESS_SHARED_DIR`.
+pub const AZURE_CONV_TRACE: &str = "data/arrivals/azure-llm-2023/AzureLLMInferenceTrace_conv.csv";
+
+/// Completion lengths are capped at this: the trace's own lengths (median ~130 tokens) would
+/// keep a 2-core machine's CPU workers busy for minutes per trial.
+pub const MAX_TOKENS_CAP: usize = 16;
+
+/// When inference requests are sent: one request per arrival (open loop, as production traffic
+/// arrives whatever the server's state), as offsets from the start and completion lengths.
+#[derive(Debug, Clone)]
+pub struct Pace(pub Vec<(Duration, usize)>);
+
+/// Request arrivals for the inference load: the Azure LLM 2023 conversation trace under
+/// `shared_dir` (the reference data, `MOELESS_SHARED_DIR`), its gaps divided by `rate_scale` (4 replays it four times as fast, ~22
+/// requests/s on average, in the trace's own bursts) and repeated end to end to cover `duration`, completion lengths capped at
+/// [`MAX_TOKENS_CAP`]; with it, a description of the source for the report. Without the
+/// reference data (or when it cannot be read), the trace's mean rate (5.5 requests/s) times
+/// `rate_scale`, evenly spaced, and the description says so.
+pub fn trace_arrivals(shared_dir: Option<&Path>, duration: Duration, rate_scale: f64) -> (Pace, String) {
+    let path = shared_dir.map(|d| d.join(AZURE_CONV_TRACE));
+    let read = path.as_ref().map(|p| -> Result<Vec<(Duration, usize)>> {
+        let file = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        let all = shared::arrivals::parse_azure_csv(BufReader::new(file))?;
+        let cut = shared::arrivals::window(&all, duration.as_secs_f64(), rate_scale)?;
+        Ok(cut
+            .into_iter()
+            .map(|r| {
+                (
+                    Duration::from_secs_f64(r.arrival_s),
+                    r.output_tokens.clamp(1, MAX_TOKENS_CAP),
+                )
+            })
+            .collect())
+    });
+    match read {
+        Some(Ok(arrivals)) => (
+            Pace(arrivals),
+            format!("azure-llm-2023 conv arrivals x{rate_scale}, max_tokens <= {MAX_TOKENS_CAP}"),
+        ),
+        other => {
+            let rate = 5.5 * rate_scale;
+            if let Some(Err(e)) = other {
+                tracing::warn!(error = %format!("{e:#}"), rate, "arrival trace unreadable; evenly spaced arrivals instead");
+            }
+            let n = (duration.as_secs_f64() * rate) as u32;
+            let steady = (0..n)
+                .map(|i| (Duration::from_secs_f64(f64::from(i) / rate), 8))
+                .collect();
+            (
+                Pace(steady),
+                format!("evenly spaced, {rate} requests/s (no arrival trace)"),
+            )
+        }
+    }
+}
+
+/// Requests sent to the endpoint until stopped; each is counted ok or failed. Like the `openai`
+/// SDK, a client retries a 429 or 503 (the server asks it to, with Retry-After) and nothing else.
 pub struct InferenceLoad {
     stop: Arc<AtomicBool>,
     pub ok: Arc<AtomicU64>,
@@ -249,7 +303,7 @@ pub struct InferenceLoad {
     pub errors: Arc<Mutex<Vec<String>>>,
     /// Latency of every successful request, in milliseconds.
     pub latencies_ms: Arc<Mutex<Vec<f64>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    dispatcher: tokio::task::JoinHandle<()>,
 }
 
 /// What the inference clients saw.
@@ -260,60 +314,92 @@ pub struct InferenceOutcome {
     pub latencies_ms: Vec<f64>,
 }
 
+/// One request's outcome into the shared counters.
+#[derive(Clone)]
+struct Tally {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    latencies_ms: Arc<Mutex<Vec<f64>>>,
+}
+
+impl Tally {
+    async fn send(&self, http: &reqwest::Client, url: &str, prompt: &str, max_tokens: usize) {
+        let body = json!({"model": "moeless", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+        let sent = std::time::Instant::now();
+        match complete(http, url, &body).await {
+            Ok(()) => {
+                if let Ok(mut v) = self.latencies_ms.lock() {
+                    v.push(sent.elapsed().as_secs_f64() * 1e3);
+                }
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if let Ok(mut v) = self.errors.lock() {
+                    v.push(e);
+                }
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 impl InferenceLoad {
-    pub fn start(addr: &str, clients: usize) -> Result<Self> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    pub fn start(addr: &str, pace: Pace) -> Result<Self> {
+        let http = pki::https::http_client_builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
         let prompts = Arc::new(prompts());
         let stop = Arc::new(AtomicBool::new(false));
-        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let latencies_ms = Arc::new(Mutex::new(Vec::new()));
-        let tasks = (0..clients)
-            .map(|c| {
-                let (http, prompts, stop) = (http.clone(), prompts.clone(), stop.clone());
-                let (ok, failed, errors) = (ok.clone(), failed.clone(), errors.clone());
-                let latencies_ms = latencies_ms.clone();
-                let url = format!("http://{addr}/v1/completions");
-                tokio::spawn(async move {
-                    let mut k = c;
-                    while !stop.load(Ordering::Relaxed) {
-                        let prompt = &prompts[k % prompts.len()];
-                        k += clients;
-                        let body = json!({"model": "moeless", "prompt": prompt, "max_tokens": 8, "temperature": 0});
-                        let sent = std::time::Instant::now();
-                        match complete(&http, &url, &body).await {
-                            Ok(()) => {
-                                if let Ok(mut v) = latencies_ms.lock() {
-                                    v.push(sent.elapsed().as_secs_f64() * 1e3);
-                                }
-                                ok.fetch_add(1, Ordering::Relaxed)
-                            }
-                            Err(e) => {
-                                if let Ok(mut v) = errors.lock() {
-                                    v.push(e);
-                                }
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
+        let tally = Tally {
+            ok: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(AtomicU64::new(0)),
+            errors: Arc::new(Mutex::new(Vec::new())),
+            latencies_ms: Arc::new(Mutex::new(Vec::new())),
+        };
+        let url = format!("http://{addr}/v1/completions");
+        let Pace(arrivals) = pace;
+        let dispatcher = {
+            let (stop, tally) = (stop.clone(), tally.clone());
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                let mut in_flight = tokio::task::JoinSet::new();
+                'arrivals: for (k, (at, max_tokens)) in arrivals.into_iter().enumerate() {
+                    // Wait for the arrival, looking at `stop` at least every 100 ms.
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            break 'arrivals;
+                        }
+                        let now = tokio::time::Instant::now();
+                        if now >= start + at {
+                            break;
+                        }
+                        tokio::time::sleep((start + at - now).min(Duration::from_millis(100))).await;
                     }
-                })
+                    let (http, prompts, tally, url) = (http.clone(), prompts.clone(), tally.clone(), url.clone());
+                    in_flight.spawn(async move {
+                        tally.send(&http, &url, &prompts[k % prompts.len()], max_tokens).await;
+                    });
+                    // Reap finished requests as we go.
+                    while in_flight.try_join_next().is_some() {}
+                }
+                // Requests already sent finish (or time out) and are counted.
+                while in_flight.join_next().await.is_some() {}
             })
-            .collect();
+        };
         Ok(Self {
             stop,
-            ok,
-            failed,
-            errors,
-            latencies_ms,
-            tasks,
+            ok: tally.ok,
+            failed: tally.failed,
+            errors: tally.errors,
+            latencies_ms: tally.latencies_ms,
+            dispatcher,
         })
     }
 
     pub async fn stop(self) -> InferenceOutcome {
         self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        let _ = self.dispatcher.await;
         InferenceOutcome {
             ok: self.ok.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
@@ -350,4 +436,47 @@ async fn complete(http: &reqwest::Client, url: &str, body: &Value) -> std::resul
         }
     }
     Err("still refused after 5 tries".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real trace from the reference data (`MOELESS_SHARED_DIR`, default `../shared`).
+    #[test]
+    fn arrivals_follow_the_azure_trace_at_the_asked_speed() {
+        let dir = std::env::var_os("MOELESS_SHARED_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+        assert!(
+            dir.join(AZURE_CONV_TRACE).exists(),
+            "reference data {} is missing: set MOELESS_SHARED_DIR",
+            dir.display()
+        );
+        let (Pace(a), source) = trace_arrivals(Some(&dir), Duration::from_secs(600), 4.0);
+        assert!(source.starts_with("azure-llm-2023"), "{source}");
+        assert_eq!(a[0].0, Duration::ZERO);
+        assert!(a.windows(2).all(|w| w[0].0 <= w[1].0), "arrivals in order");
+        assert!(a
+            .iter()
+            .all(|(at, n)| *at < Duration::from_secs(600) && (1..=MAX_TOKENS_CAP).contains(n)));
+        // The trace averages ~5.5 requests/s; four times as fast over 600 s is ~13,000.
+        let rate = a.len() as f64 / 600.0;
+        assert!((15.0..30.0).contains(&rate), "{rate} requests/s");
+        // Real arrivals are bursty, not evenly spaced.
+        let gaps: Vec<f64> = a.windows(2).map(|w| (w[1].0 - w[0].0).as_secs_f64()).collect();
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64;
+        assert!(var.sqrt() > 0.5 * mean, "gaps vary (cv {})", var.sqrt() / mean);
+    }
+
+    #[test]
+    fn without_the_trace_arrivals_are_evenly_spaced_and_said_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (Pace(a), source) = trace_arrivals(Some(dir.path()), Duration::from_secs(10), 2.0);
+        assert!(source.contains("no arrival trace"), "{source}");
+        assert_eq!(a.len(), 110);
+        let (Pace(b), _) = trace_arrivals(None, Duration::from_secs(10), 2.0);
+        assert_eq!(a, b);
+    }
 }

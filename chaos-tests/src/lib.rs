@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod data_plane;
 pub mod linearizability;
 pub mod net;
+pub mod ports;
 pub mod scenario;
 pub mod workload;
 

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::cluster::{ControlPlane, RaftTiming};
-use crate::data_plane::{plan_holders, worker_health, Fleet, InferenceLoad};
+use crate::data_plane::{plan_holders, trace_arrivals, worker_health, Fleet, InferenceLoad};
 use crate::linearizability::{
     check, Operation, PlanInput, PlanLog, PlanOutput, Register, RegisterInput, RegisterOutput, Verdict,
 };
@@ -32,8 +32,9 @@ pub enum Scenario {
     /// `PUT /v1/debug/failpoints`): the leader must stop (exit non-zero) without acknowledging
     /// the write, the others take over, and the restarted node rejoins from its disk.
     FsyncFailure,
-    /// Membership change under load: remove a follower from the voters, wipe its disk, start it
-    /// blank and add it back (`DELETE`/`POST /v1/members`) while clients keep writing.
+    /// Membership change under load: remove node 1 from the voters (moving leadership off it
+    /// first), wipe its disk, start it blank with `--initial-cluster-state existing` and add it
+    /// back (`DELETE`/`POST /v1/members`) while clients keep writing.
     MembershipChange,
 }
 
@@ -122,6 +123,9 @@ pub struct Config {
     pub check_budget: Duration,
     /// Keep node logs and data of a failed scenario (path in the report).
     pub keep_failed: bool,
+    /// Data-plane scenarios replay the Azure LLM trace's arrivals with their gaps divided by
+    /// this (see `data_plane::trace_arrivals`).
+    pub arrival_rate_scale: f64,
 }
 
 impl Config {
@@ -138,6 +142,7 @@ impl Config {
             timing: RaftTiming::default(),
             check_budget: Duration::from_secs(60),
             keep_failed: true,
+            arrival_rate_scale: 4.0,
         }
     }
 }
@@ -182,6 +187,8 @@ pub struct ScenarioReport {
     /// Latency of successful inference requests: median and max, ms (data-plane scenarios).
     pub request_ms_p50: f64,
     pub request_ms_max: f64,
+    /// What the load was: the arrival trace and its speed, or the admin clients.
+    pub load: String,
 }
 
 impl ScenarioReport {
@@ -212,6 +219,7 @@ impl ScenarioReport {
             request_errors: Vec::new(),
             request_ms_p50: 0.0,
             request_ms_max: 0.0,
+            load: String::new(),
         }
     }
 }
@@ -251,6 +259,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
     // the admin load's plan commits and policy writes would disturb; their load is inference.
     let mut fleet = None;
     let mut inference = None;
+    let mut load_source = format!("{} admin clients, closed loop", cfg.clients);
     if scenario.data_plane() {
         let dir = cp.data_dir().to_path_buf();
         let f = {
@@ -261,7 +270,10 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
             plan_holders(&cp).await.is_some_and(|h| h.len() == WORKERS)
         })
         .await?;
-        inference = Some(InferenceLoad::start(&f.endpoint_addr, 4)?);
+        let shared_dir = std::env::var_os("MOELESS_SHARED_DIR").map(std::path::PathBuf::from);
+        let (pace, source) = trace_arrivals(shared_dir.as_deref(), Duration::from_secs(3600), cfg.arrival_rate_scale);
+        load_source = source;
+        inference = Some(InferenceLoad::start(&f.endpoint_addr, pace)?);
         fleet = Some(f);
     } else {
         register_model(&client).await?;
@@ -392,6 +404,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
         request_errors,
         request_ms_p50: percentile(&request_ms, 50.0),
         request_ms_max: request_ms.iter().copied().fold(0.0, f64::max),
+        load: load_source,
     })
 }
 
@@ -509,14 +522,19 @@ async fn inject(
             Ok(vec![(ok.map(|t| t - at), r)])
         }
         Scenario::MembershipChange => {
-            // A follower other than node 1: node 1 initializes the group when it starts with an
-            // empty store, so wiping it would found a second group (see docs/RELIABILITY.md).
-            let victim = (1..n)
-                .rev()
-                .find(|&j| j != leader)
-                .context("no follower besides node 1")?;
-            let path = format!("/v1/members/{}", victim + 1);
+            // Node 1: it bootstraps a group from an empty store, so bringing it back blank is
+            // the case `--initial-cluster-state existing` exists for. When it leads, a graceful
+            // restart moves leadership off it first (SIGTERM transfers leadership).
             let long = Duration::from_secs(10);
+            let leader = if leader == 0 {
+                cp.stop(0, long)?;
+                cp.start(0)?;
+                cp.wait_leader(long).await?
+            } else {
+                leader
+            };
+            let victim = (0..n).find(|&j| j != leader).context("no follower")?;
+            let path = format!("/v1/members/{}", victim + 1);
             let at = Instant::now();
             cp.request(reqwest::Method::DELETE, leader, &path, None, long)
                 .await
@@ -527,7 +545,7 @@ async fn inject(
             tokio::time::sleep(cfg.after_failover).await;
             let target = leader_log(cp, &others(victim)).await;
             let healed = Instant::now();
-            cp.start(victim)?;
+            cp.start_joining(victim)?;
             let member = cp.member(victim);
             let leader = cp.wait_leader(long).await?;
             cp.request(reqwest::Method::POST, leader, "/v1/members", Some(&member), long)

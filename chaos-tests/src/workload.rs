@@ -158,7 +158,7 @@ pub struct AdminClient {
 impl AdminClient {
     pub fn new(nodes: Vec<SocketAddr>) -> anyhow::Result<Self> {
         Ok(Self {
-            http: reqwest::Client::builder()
+            http: pki::https::http_client_builder()
                 .connect_timeout(Duration::from_millis(300))
                 .pool_idle_timeout(Duration::from_secs(2))
                 .build()?,

@@ -174,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
     let rounds: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(3);
     let out = args.next();
     let dir = tempfile::tempdir()?;
-    let http = reqwest::Client::new();
+    let http = pki::https::http_client_builder().build()?;
 
     eprintln!("starting 3 MoEless control-plane nodes and 3 etcd members on loopback ...");
     let kind: StorageKind = std::env::var("MOELESS_BENCH_STORAGE")

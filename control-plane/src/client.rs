@@ -1,5 +1,6 @@
 //! A small client of the admin REST API, used by `moeless admin` and by tests.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -21,20 +22,34 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// `addr` is HOST:PORT or a base URL.
+    /// `addr` is HOST:PORT (plain HTTP) or a base URL.
     pub fn new(addr: &str, token: Option<String>) -> Result<Self, ClientError> {
+        Self::with_ca(addr, token, None)
+    }
+
+    /// With `ca` (a PEM CA certificate, `DIR/ca.pem` of `moeless certs generate`), HTTPS that
+    /// trusts only that CA: HOST:PORT means `https://HOST:PORT` (a node started with
+    /// `--admin-https`).
+    pub fn with_ca(addr: &str, token: Option<String>, ca: Option<&Path>) -> Result<Self, ClientError> {
         let base = if addr.starts_with("http://") || addr.starts_with("https://") {
             addr.trim_end_matches('/').to_string()
+        } else if ca.is_some() {
+            format!("https://{addr}")
         } else {
             format!("http://{addr}")
         };
-        let http = reqwest::Client::builder()
+        let transport = |message: String| ClientError::Transport {
+            url: base.clone(),
+            message,
+        };
+        let builder = match ca {
+            Some(ca) => pki::https::http_client_builder_with_ca(ca).map_err(|e| transport(e.to_string()))?,
+            None => pki::https::http_client_builder(),
+        };
+        let http = builder
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|e| ClientError::Transport {
-                url: base.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| transport(e.to_string()))?;
         Ok(Self { base, token, http })
     }
 

@@ -17,6 +17,6 @@ pub mod store;
 pub mod types;
 
 pub use failpoint::Failpoints;
-pub use node::{initialize_if_first, open_raft, start, Node, NodeConfig, NodeError, RunningNode};
+pub use node::{initialize_if_first, open_raft, start, InitialClusterState, Node, NodeConfig, NodeError, RunningNode};
 pub use store::StorageKind;
 pub use types::{is_host_port, Command, CommandResponse, NodeInfo, TypeConfig};

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::v2::RaftNetworkV2;
 use openraft::network::RPCOption;
@@ -319,9 +320,111 @@ pub async fn write_local(raft: &Raft, cmd: Command) -> ForwardedWrite {
     }
 }
 
+/// What `RaftService.GroupStatus` answers: whether a node already belongs to a Raft group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub node_id: NodeId,
+    /// It holds log entries or has seen a vote: it is a member of some group.
+    pub initialized: bool,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+}
+
+/// Asks the node at `addr` whether it already belongs to a Raft group; `None` if it does not
+/// answer within `within` (not started yet, unreachable).
+pub async fn group_status(addr: &str, tls: Option<&GrpcTls>, within: Duration) -> Option<GroupStatus> {
+    let mut client = raft_client(addr, tls).ok()?;
+    let answer = tokio::time::timeout(within, client.group_status(RaftMessage::default()))
+        .await
+        .ok()?
+        .ok()?;
+    from_bytes("GroupStatus", &answer.into_inner().payload).ok()
+}
+
+/// Withholds this node's vote after it joined an existing group with an empty store
+/// (`--initial-cluster-state existing`, e.g. a member whose disk was replaced), until it holds
+/// everything the group had committed when a leader first reached it.
+///
+/// Raft's safety rests on every voter remembering its vote and its log. A member that lost both
+/// would grant its vote to any candidate (an empty log is never more up to date), and a
+/// candidate missing a committed entry could then win with it; the entry would be lost. Until
+/// the node has applied the leader's commit index of its first AppendEntries (or a snapshot
+/// covering it), Vote and PreVote are answered UNAVAILABLE, which a candidate counts as no vote.
+#[derive(Debug, Default)]
+pub struct CatchUp {
+    /// One past the leader's commit index at first contact (0: nothing was committed).
+    target: std::sync::OnceLock<u64>,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl CatchUp {
+    /// Records the leader's commit index the first time a leader reaches this node.
+    fn saw_leader_commit(&self, commit: Option<u64>) {
+        let _ = self.target.set(commit.map_or(0, |i| i + 1));
+    }
+
+    /// Whether this node may vote now (and from now on).
+    fn may_vote(&self, raft: &Raft) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.done.load(Ordering::Acquire) {
+            return true;
+        }
+        let Some(target) = self.target.get() else {
+            return false;
+        };
+        let applied = raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .as_ref()
+            .map_or(0, |l| l.index() + 1);
+        if applied >= *target {
+            tracing::info!(applied, "caught up with the group; voting from now on");
+            self.done.store(true, Ordering::Release);
+            return true;
+        }
+        false
+    }
+}
+
 /// The gRPC server side of the Raft transport.
 pub struct RaftServer {
     pub raft: Raft,
+    pub node_id: NodeId,
+    /// Set when this node joined an existing group with an empty store (see [`CatchUp`]).
+    pub catch_up: Option<Arc<CatchUp>>,
+}
+
+impl RaftServer {
+    /// A server for a node that votes from the start (its store is its own history, or it
+    /// bootstraps a new group).
+    pub fn new(raft: Raft, node_id: NodeId) -> Self {
+        Self {
+            raft,
+            node_id,
+            catch_up: None,
+        }
+    }
+
+    /// A server for a node that joined an existing group with an empty store: no vote until it
+    /// has caught up (see [`CatchUp`]).
+    pub fn joining(raft: Raft, node_id: NodeId) -> Self {
+        Self {
+            raft,
+            node_id,
+            catch_up: Some(Arc::new(CatchUp::default())),
+        }
+    }
+
+    fn check_may_vote(&self) -> Result<(), Status> {
+        match &self.catch_up {
+            Some(c) if !c.may_vote(&self.raft) => Err(Status::unavailable(format!(
+                "node {} joined an existing group with an empty store and does not vote until it has caught up",
+                self.node_id
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn fatal(e: impl std::fmt::Display) -> Status {
@@ -332,6 +435,9 @@ fn fatal(e: impl std::fmt::Display) -> Status {
 impl RaftService for RaftServer {
     async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = from_bytes("AppendEntries", &req.into_inner().payload)?;
+        if let Some(c) = &self.catch_up {
+            c.saw_leader_commit(rpc.leader_commit.as_ref().map(|l| l.index()));
+        }
         let resp = self.raft.append_entries(rpc).await.map_err(fatal)?;
         Ok(Response::new(RaftMessage {
             payload: to_bytes(&resp)?,
@@ -340,6 +446,7 @@ impl RaftService for RaftServer {
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_may_vote()?;
         let rpc: VoteRequest<TypeConfig> = from_bytes("Vote", &req.into_inner().payload)?;
         let resp = self.raft.vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(RaftMessage {
@@ -349,6 +456,7 @@ impl RaftService for RaftServer {
     }
 
     async fn pre_vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_may_vote()?;
         let rpc: VoteRequest<TypeConfig> = from_bytes("PreVote", &req.into_inner().payload)?;
         let resp = self.raft.pre_vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(RaftMessage {
@@ -359,6 +467,10 @@ impl RaftService for RaftServer {
 
     async fn install_snapshot(&self, req: Request<Streaming<RaftMessage>>) -> Result<Response<RaftMessage>, Status> {
         let (header, data) = receive_snapshot(req.into_inner()).await?;
+        if let Some(c) = &self.catch_up {
+            // A leader that sends a snapshot has committed at least what it covers.
+            c.saw_leader_commit(header.meta.last_log_id.as_ref().map(|l| l.index()));
+        }
         let snapshot = Snapshot {
             meta: header.meta,
             snapshot: data,
@@ -379,6 +491,21 @@ impl RaftService for RaftServer {
         let out = write_local(&self.raft, cmd).await;
         Ok(Response::new(RaftMessage {
             payload: to_bytes(&out)?,
+            data: Vec::new(),
+        }))
+    }
+
+    async fn group_status(&self, _req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let initialized = self.raft.is_initialized().await.map_err(fatal)?;
+        let m = self.raft.metrics().borrow_watched().clone();
+        let status = GroupStatus {
+            node_id: self.node_id,
+            initialized,
+            term: m.current_term,
+            leader: m.current_leader,
+        };
+        Ok(Response::new(RaftMessage {
+            payload: to_bytes(&status)?,
             data: Vec::new(),
         }))
     }

@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 
 use crate::failpoint::Failpoints;
 use crate::liveness::{InstanceReport, Liveness, WorkerObservation};
-use crate::network::{raft_client, write_local, ForwardedWrite, GrpcNetwork, RaftServer, MAX_MESSAGE_BYTES};
+use crate::network::{
+    group_status, raft_client, write_local, ForwardedWrite, GrpcNetwork, RaftServer, MAX_MESSAGE_BYTES,
+};
 use crate::state::{ClusterState, WorkerHealth, WorkerSpec};
 use crate::store::{open_backend, LogStore, StateMachineStore, StorageKind};
 use crate::types::{Command, CommandResponse, NodeId, NodeInfo, Raft};
@@ -53,6 +55,53 @@ pub struct NodeConfig {
     /// CA) and on every gRPC client this node opens to its peers. `None` is plaintext, which
     /// the CLI allows only on loopback unless told `--insecure`.
     pub tls: Option<GrpcTls>,
+    /// Whether this node may bootstrap a new group (`--initial-cluster-state`).
+    pub initial_state: InitialClusterState,
+    /// Serve the admin API over HTTPS with these settings (`--admin-https`); `None` is HTTP.
+    pub admin_tls: Option<Arc<pki::https::ServerConfig>>,
+}
+
+/// How a node with an empty store starts (`--initial-cluster-state`, as etcd names it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InitialClusterState {
+    /// A new group: the lowest-numbered voter bootstraps it, unless a peer already belongs to
+    /// one (then it refuses to start rather than found a second group).
+    #[default]
+    New,
+    /// Join the group that already exists: never bootstrap, and vote only after catching up
+    /// (a member whose disk was replaced, or one added through `POST /v1/members`).
+    Existing,
+}
+
+impl InitialClusterState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitialClusterState::New => "new",
+            InitialClusterState::Existing => "existing",
+        }
+    }
+}
+
+impl std::fmt::Display for InitialClusterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown initial cluster state {0:?} (new, existing)")]
+pub struct UnknownInitialClusterState(String);
+
+impl std::str::FromStr for InitialClusterState {
+    type Err = UnknownInitialClusterState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "new" => Ok(InitialClusterState::New),
+            "existing" => Ok(InitialClusterState::Existing),
+            _ => Err(UnknownInitialClusterState(s.to_string())),
+        }
+    }
 }
 
 impl NodeConfig {
@@ -73,6 +122,8 @@ impl NodeConfig {
             storage: StorageKind::default(),
             failpoints: Failpoints::default(),
             tls: None,
+            initial_state: InitialClusterState::New,
+            admin_tls: None,
         }
     }
 }
@@ -99,6 +150,19 @@ pub enum NodeError {
     Fatal(String),
     #[error("TLS on the gRPC listener: {0}")]
     Tls(String),
+    /// `--initial-cluster-state new` on an empty store while a peer already belongs to a group:
+    /// bootstrapping would found a second group beside it.
+    #[error(
+        "this node's store is empty but peer {peer} at {addr} already belongs to a Raft group (term {term}); \
+         refusing to bootstrap a second group. If this node lost its data, remove it (DELETE /v1/members/{node}), \
+         re-add it (POST /v1/members) and start it with --initial-cluster-state existing"
+    )]
+    GroupExists {
+        node: NodeId,
+        peer: NodeId,
+        addr: String,
+        term: u64,
+    },
     #[error("binding {what} on {addr}: {message}")]
     Bind {
         what: &'static str,
@@ -657,8 +721,7 @@ pub async fn initialize_if_first(raft: &Raft, config: &NodeConfig, info: &NodeIn
         .is_initialized()
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
-    let lowest = config.peers.keys().next().copied().unwrap_or(config.id);
-    if initialized || lowest != config.id {
+    if initialized || !bootstraps(config) {
         return Ok(());
     }
     let mut members: BTreeMap<NodeId, NodeInfo> = config
@@ -679,6 +742,32 @@ pub async fn initialize_if_first(raft: &Raft, config: &NodeConfig, info: &NodeIn
     raft.initialize(members)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))
+}
+
+/// Whether this node bootstraps the group when its store is empty: `new` and the lowest id.
+fn bootstraps(config: &NodeConfig) -> bool {
+    let lowest = config.peers.keys().next().copied().unwrap_or(config.id);
+    lowest == config.id && config.initial_state == InitialClusterState::New
+}
+
+/// Called on the bootstrapping node with an empty store before it serves anything: either the
+/// cluster is new, or this node lost its disk while its peers carried on. Peers that answer
+/// tell which; no peer can belong to a group this node has not founded yet, so a fresh cluster
+/// never trips this, whatever order its nodes start in.
+async fn refuse_second_group(config: &NodeConfig) -> Result<(), NodeError> {
+    for (peer, addr) in config.peers.iter().filter(|(p, _)| **p != config.id) {
+        if let Some(status) = group_status(addr, config.tls.as_ref(), Duration::from_secs(1)).await {
+            if status.initialized {
+                return Err(NodeError::GroupExists {
+                    node: config.id,
+                    peer: *peer,
+                    addr: addr.clone(),
+                    term: status.term,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opens storage, starts Raft and both servers, and bootstraps a new group if this node is the
@@ -709,6 +798,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     };
     let (raft, sm) = open_raft(&config, network).await?;
     let fatal = watch_fatal(&raft, config.id);
+    let empty_store = !raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    if empty_store && bootstraps(&config) {
+        refuse_second_group(&config).await?;
+    }
+    let raft_server = if empty_store && config.initial_state == InitialClusterState::Existing {
+        tracing::info!(
+            id = config.id,
+            "empty store, joining an existing group: no vote until caught up"
+        );
+        RaftServer::joining(raft.clone(), config.id)
+    } else {
+        RaftServer::new(raft.clone(), config.id)
+    };
 
     // How peers, workers and engines reach this node: its own --peers entry when there is one
     // (a DNS name, or an address other than a wildcard bind such as 0.0.0.0), else the bound one.
@@ -751,7 +856,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     }
     let grpc = grpc
         .add_service(
-            proto::raft::raft_service_server::RaftServiceServer::new(RaftServer { raft: raft.clone() })
+            proto::raft::raft_service_server::RaftServiceServer::new(raft_server)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -784,12 +889,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let (tx, rx) = oneshot::channel::<()>();
     stop.push(tx);
     let app = crate::admin::router(node.clone());
+    let admin_tls = config.admin_tls.clone();
     tasks.push(tokio::spawn(async move {
-        let admin_listener = axum::serve::ListenerExt::tap_io(admin_listener, |s| {
-            let _ = s.set_nodelay(true);
-        });
-        let serve = axum::serve(admin_listener, app).with_graceful_shutdown(async { rx.await.unwrap_or(()) });
-        if let Err(e) = serve.await {
+        let stopped = async { rx.await.unwrap_or(()) };
+        let served = match admin_tls {
+            Some(tls) => match pki::https::TlsListener::new(admin_listener, tls) {
+                Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
+                Err(e) => Err(e),
+            },
+            None => {
+                let listener = axum::serve::ListenerExt::tap_io(admin_listener, |s| {
+                    let _ = s.set_nodelay(true);
+                });
+                axum::serve(listener, app).with_graceful_shutdown(stopped).await
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "admin server stopped");
         }
     }));

@@ -39,7 +39,7 @@ async fn bad_input_is_rejected_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = start_single(config(dir.path())).await;
     let base = format!("http://{}", node.admin_addr);
-    let http = reqwest::Client::new();
+    let http = pki::https::http_client_builder().build().unwrap();
     use reqwest::Method as M;
 
     // Health needs no token; everything else does.

@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -299,8 +299,7 @@ async fn dead_workers_are_replaced_and_come_back() {
 }
 
 fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr")
+    SocketAddr::from(([127, 0, 0, 1], chaos_tests::ports::free_loopback_port()))
 }
 
 /// Three in-process nodes; the workers heartbeat to the leader, which is shut down. The workers

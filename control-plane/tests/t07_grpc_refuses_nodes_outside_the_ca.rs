@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use control_plane::state::ModelSpec;
@@ -150,8 +150,7 @@ async fn the_grpc_listener_refuses_clients_outside_the_ca() {
 }
 
 fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], chaos_tests::ports::free_loopback_port()))
 }
 
 #[tokio::test]

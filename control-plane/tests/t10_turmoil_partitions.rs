@@ -176,7 +176,7 @@ fn add_node(sim: &mut turmoil::Sim<'_>, id: u64, dir: std::path::PathBuf, storag
                     tracing::Span::none()
                 })
                 .add_service(
-                    RaftServiceServer::new(RaftServer { raft: raft.clone() })
+                    RaftServiceServer::new(RaftServer::new(raft.clone(), id))
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 );

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 pub enum BenchError {
     #[error("prompts file: {0}")]
     Prompts(String),
-    #[error("arrivals file line {line}: {message}")]
-    Arrivals { line: usize, message: String },
+    #[error(transparent)]
+    Arrivals(#[from] shared::arrivals::ArrivalError),
     #[error("HTTP client: {0}")]
     Client(String),
 }
@@ -63,40 +63,12 @@ pub fn sharegpt_prompts(text: &str) -> Result<Vec<String>, BenchError> {
 }
 
 /// Arrival offsets and generated lengths of the Azure LLM trace CSV
-/// (`TIMESTAMP,ContextTokens,GeneratedTokens`, timestamps `YYYY-MM-DD HH:MM:SS.fffffff`).
+/// (`TIMESTAMP,ContextTokens,GeneratedTokens`), read by `shared::arrivals`.
 pub fn azure_arrivals(text: &str) -> Result<Vec<(Duration, usize)>, BenchError> {
-    let mut out = Vec::new();
-    let mut first = None;
-    for (i, line) in text.lines().enumerate().skip(1) {
-        let line_no = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let err = |message: &str| BenchError::Arrivals {
-            line: line_no,
-            message: message.to_string(),
-        };
-        let cols: Vec<&str> = line.split(',').collect();
-        if cols.len() < 3 {
-            return Err(err("expected TIMESTAMP,ContextTokens,GeneratedTokens"));
-        }
-        let time = cols[0]
-            .split(' ')
-            .nth(1)
-            .ok_or_else(|| err("timestamp without a time"))?;
-        let hms: Vec<&str> = time.split(':').collect();
-        if hms.len() != 3 {
-            return Err(err("time is not HH:MM:SS"));
-        }
-        let h: f64 = hms[0].parse().map_err(|_| err("bad hour"))?;
-        let m: f64 = hms[1].parse().map_err(|_| err("bad minute"))?;
-        let s: f64 = hms[2].parse().map_err(|_| err("bad seconds"))?;
-        let secs = h * 3600.0 + m * 60.0 + s;
-        let gen: usize = cols[2].trim().parse().map_err(|_| err("bad GeneratedTokens"))?;
-        let t0 = *first.get_or_insert(secs);
-        out.push((Duration::from_secs_f64((secs - t0).max(0.0)), gen));
-    }
-    Ok(out)
+    Ok(shared::arrivals::parse_azure_csv(text.as_bytes())?
+        .into_iter()
+        .map(|r| (Duration::from_secs_f64(r.arrival_s), r.output_tokens))
+        .collect())
 }
 
 /// Poisson arrivals at `rate` requests per second (deterministic for a seed).
@@ -248,7 +220,7 @@ async fn one(client: &reqwest::Client, cfg: &BenchConfig, req: &BenchRequest) ->
 }
 
 pub async fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
-    let client = reqwest::Client::builder()
+    let client = pki::https::http_client_builder()
         .pool_max_idle_per_host(1024)
         .build()
         .map_err(|e| BenchError::Client(e.to_string()))?;
@@ -315,8 +287,11 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert!((a[1].0.as_secs_f64() - 3.5).abs() < 1e-9 && a[1].1 == 109);
         assert!(matches!(
-            azure_arrivals("h\n2023-11-16 18:x:00,1,2\n"),
-            Err(BenchError::Arrivals { line: 2, .. })
+            azure_arrivals("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:x:00,1,2\n"),
+            Err(BenchError::Arrivals(shared::arrivals::ArrivalError::Line {
+                line: 2,
+                ..
+            }))
         ));
         let p = sharegpt_prompts(r#"[{"conversations": [{"from": "human", "value": "hi"}]}, {"conversations": []}]"#);
         assert_eq!(p.unwrap(), vec!["hi".to_string()]);

@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub max_n: usize,
     pub shutdown_timeout: Duration,
+    /// Serve HTTPS with these settings (`--ssl-certfile`/`--ssl-keyfile`); `None` is HTTP.
+    pub tls: Option<Arc<pki::https::ServerConfig>>,
 }
 
 impl Default for ServeConfig {
@@ -58,6 +60,7 @@ impl Default for ServeConfig {
             kv_cache_bytes: 2 << 30,
             max_body_bytes: 8 << 20,
             max_n: 16,
+            tls: None,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -165,17 +168,26 @@ impl Server {
         let app = router(state, cfg.max_body_bytes);
         let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let tls = cfg.tls.clone();
         let serve_task = tokio::spawn(async move {
-            // TCP_NODELAY: streamed tokens are small writes; Nagle would hold each behind the
-            // client's delayed ACK of the previous one.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
-                let _ = s.set_nodelay(true);
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                })
-                .await
+            let stopped = async {
+                let _ = stop_rx.await;
+            };
+            match tls {
+                // The TLS listener sets TCP_NODELAY itself.
+                Some(tls) => {
+                    let listener = pki::https::TlsListener::new(listener, tls)?;
+                    axum::serve(listener, app).with_graceful_shutdown(stopped).await
+                }
+                None => {
+                    // TCP_NODELAY: streamed tokens are small writes; Nagle would hold each
+                    // behind the client's delayed ACK of the previous one.
+                    let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+                        let _ = s.set_nodelay(true);
+                    });
+                    axum::serve(listener, app).with_graceful_shutdown(stopped).await
+                }
+            }
         });
         tracing::info!(%addr, max_model_len, num_blocks, "serving");
         Ok(Server {

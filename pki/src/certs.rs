@@ -75,7 +75,7 @@ fn write_key(path: &Path, contents: &str) -> Result<(), CertError> {
         .map_err(|e| CertError::io(format!("writing {}", path.display()), e))
 }
 
-fn read_text(path: &Path) -> Result<String, CertError> {
+pub(crate) fn read_text(path: &Path) -> Result<String, CertError> {
     std::fs::read_to_string(path).map_err(|e| CertError::Cert {
         path: path.to_path_buf(),
         reason: format!("reading: {e}"),
@@ -156,7 +156,7 @@ impl Clone for Identity {
     }
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let text = read_text(path)?;
     let certs = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -173,7 +173,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     Ok(certs)
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
+pub(crate) fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
         roots.add(cert).map_err(|e| CertError::Cert {

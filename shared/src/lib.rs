@@ -3,6 +3,7 @@
 //! Invariant: no I/O in the core logic, no async, no protobuf types. Everything here is a
 //! function of its inputs so that the control plane, the engine and the simulator agree.
 
+pub mod arrivals;
 pub mod eplb;
 pub mod plan;
 pub mod predict;

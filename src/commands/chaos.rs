@@ -16,7 +16,8 @@ pub enum ChaosCommand {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// A scenario (leader-kill, follower-kill, leader-pause, leader-partition, rolling-restart,
-    /// worker-kill, worker-drain, fsync-failure), `control-plane` for the first five, or `all`.
+    /// fsync-failure, membership-change, worker-kill, worker-drain), `control-plane` for the
+    /// first seven, or `all`.
     #[arg(long)]
     scenario: String,
     /// Faults per scenario (one cluster per scenario, one fault per trial).
@@ -37,6 +38,11 @@ pub struct RunArgs {
     /// Concurrent admin clients.
     #[arg(long, default_value_t = 4)]
     clients: u64,
+    /// Inference load of the data-plane scenarios: the Azure LLM 2023 trace's arrivals (from
+    /// MOELESS_SHARED_DIR) with their gaps divided by this (1 = real time, ~5.5 requests/s on
+    /// average; the default replays it 4x as fast so that a short trial sees a dozen requests).
+    #[arg(long, default_value_t = 4.0)]
+    arrival_rate_scale: f64,
 }
 
 pub fn run(c: ChaosCommand) -> Result<()> {
@@ -62,6 +68,13 @@ pub fn run(c: ChaosCommand) -> Result<()> {
     cfg.pause = Duration::from_millis(a.pause_ms);
     cfg.partition = Duration::from_millis(a.partition_ms);
     cfg.clients = a.clients.max(1);
+    if !(a.arrival_rate_scale.is_finite() && a.arrival_rate_scale > 0.0) {
+        anyhow::bail!(
+            "--arrival-rate-scale must be a positive number, got {}",
+            a.arrival_rate_scale
+        );
+    }
+    cfg.arrival_rate_scale = a.arrival_rate_scale;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

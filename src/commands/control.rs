@@ -32,6 +32,12 @@ pub struct ControlPlaneArgs {
     /// A data directory keeps the backend it was created with.
     #[arg(long, env = "MOELESS_STORAGE", default_value = "redb")]
     pub storage: control_plane::StorageKind,
+    /// How a node with an empty data directory starts: `new` (the lowest-numbered peer bootstraps
+    /// the group, and refuses to if a peer already belongs to one) or `existing` (join the group
+    /// that is there: never bootstrap, vote only once caught up; for a node added through
+    /// `moeless admin add-member`, or one whose disk was replaced, after `remove-member` and `add-member`).
+    #[arg(long, env = "MOELESS_INITIAL_CLUSTER_STATE", default_value = "new")]
+    pub initial_cluster_state: control_plane::InitialClusterState,
     /// Bearer token required by the admin API (every route but /health).
     #[arg(long, env = "MOELESS_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
@@ -49,6 +55,11 @@ pub struct ControlPlaneArgs {
     /// Without it, gRPC is plaintext and allowed only on loopback (see --insecure).
     #[arg(long, env = "MOELESS_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Serve the admin REST API over HTTPS with this node's certificate from --tls-dir (the one
+    /// gRPC uses; it names localhost, 127.0.0.1, ::1 and the --sans it was generated with).
+    /// Clients trust DIR/ca.pem: `moeless admin --ca-file DIR/ca.pem`, `curl --cacert`.
+    #[arg(long, env = "MOELESS_ADMIN_HTTPS", requires = "tls_dir")]
+    pub admin_https: bool,
     /// This node's certificate name in --tls-dir [default: cp-ID].
     #[arg(long, env = "MOELESS_TLS_NAME")]
     pub tls_name: Option<String>,
@@ -123,16 +134,18 @@ pub fn control_plane(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.worker_timeout_ms = a.worker_timeout_ms;
     config.election_timeout_ms = parse_range(&a.election_timeout_ms)?;
     config.storage = a.storage;
+    config.initial_state = a.initial_cluster_state;
     // MOELESS_FAILPOINTS (fault injection, see control_plane::failpoint); unset in production.
     config.failpoints = control_plane::Failpoints::from_env().context("reading MOELESS_FAILPOINTS")?;
     if config.failpoints.is_enabled() {
         tracing::warn!(armed = ?config.failpoints.list(), "failpoints enabled");
     }
+    let tls_name = a.tls_name.clone().unwrap_or_else(|| format!("cp-{}", a.id));
+    if let (true, Some(dir)) = (a.admin_https, &a.tls_dir) {
+        config.admin_tls = Some(crate::commands::tls::load_https(dir, &tls_name)?);
+    }
     config.tls = match &a.tls_dir {
-        Some(dir) => Some(crate::commands::tls::load(
-            dir,
-            &a.tls_name.clone().unwrap_or_else(|| format!("cp-{}", a.id)),
-        )?),
+        Some(dir) => Some(crate::commands::tls::load(dir, &tls_name)?),
         None => {
             let raft_addr = a.raft_addr.to_string();
             let addrs = std::iter::once(raft_addr.as_str()).chain(config.peers.values().map(String::as_str));
@@ -173,6 +186,10 @@ pub struct AdminArgs {
     pub addr: String,
     #[arg(long, env = "MOELESS_ADMIN_TOKEN", global = true)]
     pub token: Option<String>,
+    /// HTTPS to a node started with --admin-https, trusting only this CA certificate (PEM,
+    /// DIR/ca.pem of `moeless certs generate`).
+    #[arg(long, env = "MOELESS_ADMIN_CA", global = true)]
+    pub ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -225,7 +242,7 @@ fn json_arg(s: &str) -> anyhow::Result<Value> {
 }
 
 pub fn admin(a: AdminArgs) -> anyhow::Result<()> {
-    let client = AdminClient::new(&a.addr, a.token.filter(|t| !t.is_empty()))?;
+    let client = AdminClient::with_ca(&a.addr, a.token.filter(|t| !t.is_empty()), a.ca_file.as_deref())?;
     let out = runtime()?.block_on(async move {
         match a.command {
             AdminCommand::Cluster => client.get("/v1/cluster").await,

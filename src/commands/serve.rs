@@ -32,6 +32,12 @@ pub struct ServeArgs {
     /// Required as `Authorization: Bearer KEY` on every route except /health.
     #[arg(long, env = "MOELESS_API_KEY")]
     pub api_key: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --ssl-keyfile (vLLM's names).
+    #[arg(long, env = "MOELESS_SSL_CERTFILE", requires = "ssl_keyfile")]
+    pub ssl_certfile: Option<PathBuf>,
+    /// The private key (PEM) of --ssl-certfile.
+    #[arg(long, env = "MOELESS_SSL_KEYFILE", requires = "ssl_certfile")]
+    pub ssl_keyfile: Option<PathBuf>,
     /// Sequences in the running batch at most.
     #[arg(long, default_value_t = 64)]
     pub max_num_seqs: usize,
@@ -211,6 +217,12 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_n: 16,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        tls: match (&args.ssl_certfile, &args.ssl_keyfile) {
+            (Some(cert), Some(key)) => {
+                Some(pki::https::server_config_from_pem(cert, key).context("--ssl-certfile/--ssl-keyfile")?)
+            }
+            _ => None,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -222,9 +234,10 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let name = cfg.model_name.clone();
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
         let server = Server::start(engine, tokenizer, cfg, listener).await?;
         eprintln!(
-            "serving model `{name}` at http://{} (OpenAI API under /v1; Ctrl-C or SIGTERM stops)",
+            "serving model `{name}` at {scheme}://{} (OpenAI API under /v1; Ctrl-C or SIGTERM stops)",
             server.local_addr()
         );
         let stats = server.stats().clone();

@@ -56,6 +56,13 @@ pub fn load(dir: &Path, name: &str) -> anyhow::Result<GrpcTls> {
         .with_context(|| format!("loading the TLS files of {name:?} from {}", dir.display()))
 }
 
+/// The HTTPS settings of node `name` from `dir`: the certificate its gRPC links use.
+pub fn load_https(dir: &Path, name: &str) -> anyhow::Result<std::sync::Arc<pki::https::ServerConfig>> {
+    let identity = pki::Identity::load(&pki::TlsFiles::in_dir(dir, name))
+        .with_context(|| format!("loading the TLS files of {name:?} from {}", dir.display()))?;
+    pki::https::server_config(&identity).with_context(|| format!("HTTPS settings of {name:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

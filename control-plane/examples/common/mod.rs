@@ -6,7 +6,7 @@ use std::time::Duration;
 use control_plane::{NodeConfig, RunningNode, StorageKind};
 
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(chaos_tests::ports::free_port([127, 0, 0, 1].into())?)
 }
 
 /// The `p`-quantile of sorted samples (nearest rank), in milliseconds.

@@ -6,7 +6,7 @@
 //! `node{N}.stderr` beside its data directory (appended across restarts).
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -18,10 +18,7 @@ use serde_json::{json, Value};
 pub const TOKEN: &str = "cluster-token";
 const NODE_ENV: &str = "MOELESS_TEST_NODE";
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
-}
+use chaos_tests::ports::free_loopback_port as free_port;
 
 pub struct Cluster {
     pub raft: Vec<SocketAddr>,
@@ -54,6 +51,24 @@ impl Cluster {
 
     /// Starts node `i` with `MOELESS_FAILPOINTS=spec`.
     pub fn start_with_failpoints(&mut self, i: usize, spec: &str) {
+        self.start_node(i, spec, control_plane::InitialClusterState::New);
+    }
+
+    /// Starts node `i` with `--initial-cluster-state existing` (a blank node joining the group).
+    pub fn start_joining(&mut self, i: usize) {
+        self.start_node(i, "", control_plane::InitialClusterState::Existing);
+    }
+
+    /// Deletes node `i`'s data directory (it must be stopped).
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "node {} is running", i + 1);
+        let dir = self.dir.path().join(format!("node{}", i + 1));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).expect("wipe the node's data directory");
+        }
+    }
+
+    fn start_node(&mut self, i: usize, spec: &str, initial: control_plane::InitialClusterState) {
         let peers: BTreeMap<u64, String> = self
             .raft
             .iter()
@@ -67,6 +82,7 @@ impl Cluster {
             "peers": peers,
             "dir": self.dir.path().join(format!("node{}", i + 1)),
             "storage": self.storage.as_str(),
+            "initial_state": initial.as_str(),
         });
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -92,6 +108,23 @@ impl Cluster {
     /// Everything node `i` wrote to stderr so far.
     pub fn stderr(&self, i: usize) -> String {
         std::fs::read_to_string(self.stderr_path(i)).unwrap_or_default()
+    }
+
+    /// The last lines of every node's stderr, for failure messages.
+    pub fn stderr_tails(&self) -> String {
+        (0..3)
+            .map(|i| {
+                let all = self.stderr(i);
+                let lines: Vec<&str> = all.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                format!(
+                    "--- node {} (running: {}) ---\n{tail}",
+                    i + 1,
+                    self.children[i].is_some()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn is_running(&self, i: usize) -> bool {
@@ -126,12 +159,16 @@ impl Cluster {
         AdminClient::new(&self.admin[i].to_string(), Some(TOKEN.into())).expect("client")
     }
 
-    /// Arms failpoints on node `i` at run time.
+    /// Arms failpoints on node `i` at run time. A failpoint that aborts or stops the node can fire
+    /// on a concurrent write before the node answers this request, so a lost answer is not an
+    /// error here: callers check the effect (the exit status and the failpoint's line on stderr).
     pub async fn arm(&self, i: usize, settings: Value) {
-        self.client(i)
-            .put("/v1/debug/failpoints", &settings)
-            .await
-            .expect("arm failpoints");
+        if let Err(e) = self.client(i).put("/v1/debug/failpoints", &settings).await {
+            eprintln!(
+                "arming {settings} on node {}: no answer ({e}); checking its effect instead",
+                i + 1
+            );
+        }
     }
 
     /// The leader of the highest term that a majority (2 of 3) of nodes agree on, excluding `not`.
@@ -157,7 +194,9 @@ impl Cluster {
                     return *id;
                 }
             }
-            assert!(Instant::now() < deadline, "no leader within {within:?}");
+            if Instant::now() >= deadline {
+                panic!("no leader within {within:?}; views: {views:?}");
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -183,6 +222,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("node stderr tails:\n{}", self.stderr_tails());
+        }
         for i in 0..3 {
             self.kill(i);
         }
@@ -195,6 +237,15 @@ pub fn node_main() {
     let Ok(spec) = std::env::var(NODE_ENV) else {
         return;
     };
+    // Warnings and errors go to the node's stderr file, which failure messages quote.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let spec: Value = serde_json::from_str(&spec).expect("node spec");
     let id = spec["id"].as_u64().expect("id");
     let mut cfg = control_plane::NodeConfig::new(id, PathBuf::from(spec["dir"].as_str().expect("dir")));
@@ -212,6 +263,11 @@ pub fn node_main() {
         .parse()
         .expect("storage kind");
     cfg.failpoints = Failpoints::from_env().expect("MOELESS_FAILPOINTS");
+    cfg.initial_state = spec["initial_state"]
+        .as_str()
+        .unwrap_or("new")
+        .parse()
+        .expect("initial cluster state");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

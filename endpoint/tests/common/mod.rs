@@ -29,7 +29,7 @@ pub fn config() -> ServeConfig {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::new()
+    pki::https::http_client_builder().build().expect("HTTP client")
 }
 
 pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
