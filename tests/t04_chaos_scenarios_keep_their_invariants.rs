@@ -1,7 +1,8 @@
 //! The bounded chaos run of CI: `moeless chaos run --scenario all`, one trial each, with real
 //! processes: the control-plane scenarios (leader-kill, follower-kill, leader-pause with a 3 s
 //! pause, leader-partition for 3 s, rolling-restart, fsync-failure, membership-change) on three
-//! nodes under admin load, and the data-plane ones (worker-kill, worker-drain) with four workers
+//! nodes under admin load, and the data-plane ones (worker-kill, worker-drain,
+//! worker-rolling-restart) with four workers
 //! and an endpoint under inference load. Every history must be linearizable, no acknowledged write lost, no plan
 //! epoch answered twice, writes must succeed again (or a lost worker's experts be re-placed)
 //! within 2 s of each fault, and graceful events (drain, restart, membership change) must fail
@@ -42,7 +43,8 @@ fn chaos_scenarios_keep_their_invariants() {
             "worker-kill",
             "worker-drain",
             "fsync-failure",
-            "membership-change"
+            "membership-change",
+            "worker-rolling-restart"
         ]
     );
     for r in &report {
@@ -68,7 +70,14 @@ fn chaos_scenarios_keep_their_invariants() {
             r["requests_ok"].as_u64().unwrap_or(0) > least,
             "{name}: too little load: {r}"
         );
-        if ["worker-drain", "rolling-restart", "membership-change"].contains(&name) {
+        if [
+            "worker-drain",
+            "rolling-restart",
+            "membership-change",
+            "worker-rolling-restart",
+        ]
+        .contains(&name)
+        {
             assert_eq!(r["requests_failed"], 0, "{name} is graceful, yet requests failed: {r}");
         }
         assert!(

@@ -142,6 +142,11 @@ impl Fleet {
         self.workers.is_empty()
     }
 
+    /// How many workers the fleet has (ids 1..=N).
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
     /// SIGKILL worker `i`.
     pub fn kill_worker(&mut self, i: usize) {
         if let Some(mut c) = self.workers[i].take() {

@@ -36,10 +36,13 @@ pub enum Scenario {
     /// first), wipe its disk, start it blank with `--initial-cluster-state existing` and add it
     /// back (`DELETE`/`POST /v1/members`) while clients keep writing.
     MembershipChange,
+    /// Every worker in turn drained (SIGTERM), restarted and active again before the next, as
+    /// an upgrade rolls through the data plane, under inference load: no request may fail.
+    WorkerRollingRestart,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::LeaderKill,
         Scenario::FollowerKill,
         Scenario::LeaderPause,
@@ -49,6 +52,7 @@ impl Scenario {
         Scenario::WorkerDrain,
         Scenario::FsyncFailure,
         Scenario::MembershipChange,
+        Scenario::WorkerRollingRestart,
     ];
 
     /// The scenarios that run today (the control plane's).
@@ -73,6 +77,7 @@ impl Scenario {
             Scenario::WorkerDrain => "worker-drain",
             Scenario::FsyncFailure => "fsync-failure",
             Scenario::MembershipChange => "membership-change",
+            Scenario::WorkerRollingRestart => "worker-rolling-restart",
         }
     }
 
@@ -80,14 +85,20 @@ impl Scenario {
     pub fn graceful(self) -> bool {
         matches!(
             self,
-            Scenario::RollingRestart | Scenario::WorkerDrain | Scenario::MembershipChange
+            Scenario::RollingRestart
+                | Scenario::WorkerDrain
+                | Scenario::MembershipChange
+                | Scenario::WorkerRollingRestart
         )
     }
 
     /// Faults of the data plane: workers and an endpoint run beside the control plane, and the
     /// load is inference requests through the endpoint.
     pub fn data_plane(self) -> bool {
-        matches!(self, Scenario::WorkerKill | Scenario::WorkerDrain)
+        matches!(
+            self,
+            Scenario::WorkerKill | Scenario::WorkerDrain | Scenario::WorkerRollingRestart
+        )
     }
 }
 
@@ -580,7 +591,10 @@ where
 
 /// One worker fault (trial `trial` picks the worker) while inference load runs. Failover: from
 /// the fault to the first plan that places nothing on the worker (every expert again has an
-/// instance on a live worker); recovery: from the restart to the worker heartbeating as active.
+/// One worker fault (trial `trial` picks the worker) while inference load runs, or, for
+/// worker-rolling-restart, every worker drained and restarted in turn. Failover: from the fault
+/// to the first plan without the worker (`None`: never within 15 s); recovery: from the restart
+/// to the worker active again.
 async fn inject_data_plane(
     scenario: Scenario,
     cfg: &Config,
@@ -599,46 +613,66 @@ async fn inject_data_plane(
         bail!("the latest plan places nothing");
     }
     let id = holders[trial % holders.len()];
-    let i = (id - 1) as usize;
-    let replaced = || async { plan_holders(cp).await.is_some_and(|h| !h.contains(&id)) };
     let failover = match scenario {
         Scenario::WorkerKill => {
-            fleet.kill_worker(i);
+            fleet.kill_worker((id - 1) as usize);
+            let replaced = || async { plan_holders(cp).await.is_some_and(|h| !h.contains(&id)) };
             wait_for(Duration::from_secs(15), "the dead worker's experts re-placed", replaced)
                 .await
                 .ok()
         }
-        Scenario::WorkerDrain => {
-            let at = Instant::now();
-            fleet.terminate_worker(i)?;
-            let mut moved = None;
-            let exit = loop {
-                if moved.is_none() && replaced().await {
-                    moved = Some(at.elapsed());
-                }
-                if let Some(status) = fleet.try_exit(i)? {
-                    break status;
-                }
-                if at.elapsed() > Duration::from_secs(40) {
-                    fleet.kill_worker(i);
-                    bail!("worker {id} did not exit within 40 s of SIGTERM");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            };
-            if !exit.success() {
-                bail!("worker {id} exited with {exit} after SIGTERM (a drain must exit 0)");
+        Scenario::WorkerDrain => drain_worker(cp, fleet, id).await?,
+        Scenario::WorkerRollingRestart => {
+            let mut events = Vec::new();
+            for id in 1..=fleet.workers() as u64 {
+                let held = plan_holders(cp).await.is_some_and(|h| h.contains(&id));
+                let moved = drain_worker(cp, fleet, id).await?;
+                // A worker that held nothing (back from an earlier drain) has nothing to move.
+                let moved = if held { moved } else { Some(Duration::ZERO) };
+                events.push((moved, restart_worker(cp, fleet, id).await?));
             }
-            moved
+            return Ok(events);
         }
         other => bail!("{} is not a data-plane scenario", other.name()),
     };
     tokio::time::sleep(cfg.after_failover).await;
+    Ok(vec![(failover, restart_worker(cp, fleet, id).await?)])
+}
+
+/// SIGTERM worker `id` and wait for its graceful exit (0, within 40 s); the time until a plan
+/// no longer places anything on it, if that happened before it exited.
+async fn drain_worker(cp: &ControlPlane, fleet: &mut Fleet, id: u64) -> Result<Option<Duration>> {
+    let i = (id - 1) as usize;
+    let at = Instant::now();
+    fleet.terminate_worker(i)?;
+    let mut moved = None;
+    let exit = loop {
+        if moved.is_none() && plan_holders(cp).await.is_some_and(|h| !h.contains(&id)) {
+            moved = Some(at.elapsed());
+        }
+        if let Some(status) = fleet.try_exit(i)? {
+            break status;
+        }
+        if at.elapsed() > Duration::from_secs(40) {
+            fleet.kill_worker(i);
+            bail!("worker {id} did not exit within 40 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if !exit.success() {
+        bail!("worker {id} exited with {exit} after SIGTERM (a drain must exit 0)");
+    }
+    Ok(moved)
+}
+
+/// Starts worker `id` again and waits until the control plane sees it active; how long that took.
+async fn restart_worker(cp: &ControlPlane, fleet: &mut Fleet, id: u64) -> Result<Duration> {
     let healed = Instant::now();
-    fleet.start_worker(i)?;
+    fleet.start_worker((id - 1) as usize)?;
     let active = || async { worker_health(cp, id).await.as_deref() == Some("active") };
     // A drained worker is first seen draining, then registers afresh.
     wait_for(Duration::from_secs(30), "the restarted worker active", active).await?;
-    Ok(vec![(failover, healed.elapsed())])
+    Ok(healed.elapsed())
 }
 
 /// The highest applied index among `nodes` (the leader's, or close to it).

@@ -16,7 +16,8 @@ pub enum ChaosCommand {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// A scenario (leader-kill, follower-kill, leader-pause, leader-partition, rolling-restart,
-    /// fsync-failure, membership-change, worker-kill, worker-drain), `control-plane` for the
+    /// fsync-failure, membership-change, worker-kill, worker-drain, worker-rolling-restart),
+    /// `control-plane` for the
     /// first seven, or `all`.
     #[arg(long)]
     scenario: String,
@@ -105,7 +106,7 @@ pub fn run(c: ChaosCommand) -> Result<()> {
 
 fn print_table(reports: &[ScenarioReport]) {
     println!(
-        "{:<17} {:>6} {:>8} {:>7} {:>9} {:>9} {:>5} {:>6} {:>9}  result",
+        "{:<22} {:>6} {:>8} {:>7} {:>9} {:>9} {:>5} {:>6} {:>9}  result",
         "scenario", "trials", "ok", "failed", "fo_max_ms", "fo_p99_ms", "lost", "linear", "recov_ms"
     );
     for r in reports {
@@ -117,7 +118,7 @@ fn print_table(reports: &[ScenarioReport]) {
             format!("FAIL: {}", r.failures.join("; "))
         };
         println!(
-            "{:<17} {:>6} {:>8} {:>7} {:>9.1} {:>9.1} {:>5} {:>6} {:>9.1}  {}",
+            "{:<22} {:>6} {:>8} {:>7} {:>9.1} {:>9.1} {:>5} {:>6} {:>9.1}  {}",
             r.scenario,
             r.trials,
             r.requests_ok,
