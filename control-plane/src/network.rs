@@ -343,33 +343,73 @@ pub async fn group_status(addr: &str, tls: Option<&GrpcTls>, within: Duration) -
 
 /// Withholds this node's vote after it joined an existing group with an empty store
 /// (`--initial-cluster-state existing`, e.g. a member whose disk was replaced), until it holds
-/// everything the group had committed when a leader first reached it.
+/// everything the group had committed when a leader reached it.
 ///
 /// Raft's safety rests on every voter remembering its vote and its log. A member that lost both
 /// would grant its vote to any candidate (an empty log is never more up to date), and a
 /// candidate missing a committed entry could then win with it; the entry would be lost. Until
-/// the node has applied the leader's commit index of its first AppendEntries (or a snapshot
-/// covering it), Vote and PreVote are answered UNAVAILABLE, which a candidate counts as no vote.
-#[derive(Debug, Default)]
+/// the node has applied the commit index of the highest-term leader whose AppendEntries it
+/// accepted (or a snapshot covering it), Vote and PreVote are refused (FAILED_PRECONDITION, which
+/// a candidate counts as no vote) and the node does not stand for election itself (the node
+/// turns its election timer off, see `node::start`). A marker file in the data directory keeps
+/// this mode across a restart in the middle of catching up. The guard narrows, but cannot close,
+/// one gap: a deposed leader that reaches the blank node before the real one sets a lower
+/// target. The safe way back for a member that lost its disk is therefore remove-member, start
+/// it with `existing`, add-member: it returns as a learner and Raft promotes it once caught up.
+#[derive(Debug)]
 pub struct CatchUp {
-    /// One past the leader's commit index at first contact (0: nothing was committed).
-    target: std::sync::OnceLock<u64>,
+    /// (term, one past the commit index) of the highest-term leader heard from.
+    target: std::sync::Mutex<Option<(u64, u64)>>,
     done: std::sync::atomic::AtomicBool,
+    /// Present while catching up; removed once caught up.
+    marker: std::path::PathBuf,
 }
 
 impl CatchUp {
-    /// Records the leader's commit index the first time a leader reaches this node.
-    fn saw_leader_commit(&self, commit: Option<u64>) {
-        let _ = self.target.set(commit.map_or(0, |i| i + 1));
+    /// The marker file's name in the data directory.
+    pub const MARKER: &'static str = "catching-up";
+
+    pub fn new(data_dir: &std::path::Path) -> Self {
+        Self {
+            target: std::sync::Mutex::new(None),
+            done: std::sync::atomic::AtomicBool::new(false),
+            marker: data_dir.join(Self::MARKER),
+        }
     }
 
-    /// Whether this node may vote now (and from now on).
-    fn may_vote(&self, raft: &Raft) -> bool {
-        use std::sync::atomic::Ordering;
-        if self.done.load(Ordering::Acquire) {
+    /// Whether a node found `data_dir` in the middle of catching up (it restarted then).
+    pub fn pending(data_dir: &std::path::Path) -> bool {
+        data_dir.join(Self::MARKER).exists()
+    }
+
+    /// Writes the marker (before the node serves anything).
+    pub fn mark(&self) -> std::io::Result<()> {
+        std::fs::write(&self.marker, b"joined an existing group; not caught up yet\n")
+    }
+
+    /// Records a leader's commit index after this node accepted its AppendEntries (or snapshot):
+    /// a higher term replaces the target, the same term can only raise it.
+    fn saw_leader(&self, term: u64, commit: Option<u64>) {
+        let target = commit.map_or(0, |i| i + 1);
+        if let Ok(mut t) = self.target.lock() {
+            match *t {
+                Some((old_term, old)) if old_term > term || (old_term == term && old >= target) => {}
+                _ => *t = Some((term, target)),
+            }
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether this node has caught up (and from then on always): its state machine holds the
+    /// target. The first time, removes the marker and says so.
+    pub fn check(&self, raft: &Raft) -> bool {
+        if self.is_done() {
             return true;
         }
-        let Some(target) = self.target.get() else {
+        let Some((_, target)) = self.target.lock().ok().and_then(|t| *t) else {
             return false;
         };
         let applied = raft
@@ -378,12 +418,23 @@ impl CatchUp {
             .last_applied
             .as_ref()
             .map_or(0, |l| l.index() + 1);
-        if applied >= *target {
-            tracing::info!(applied, "caught up with the group; voting from now on");
-            self.done.store(true, Ordering::Release);
-            return true;
+        if applied < target {
+            return false;
         }
-        false
+        if let Err(e) = std::fs::remove_file(&self.marker) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                // Staying in catch-up mode is safe; voting with the marker left would not be
+                // after a restart, so do not call it done.
+                tracing::warn!(error = %e, marker = %self.marker.display(), "cannot remove the catch-up marker");
+                return false;
+            }
+        }
+        tracing::info!(
+            applied,
+            "caught up with the group; voting and standing for election from now on"
+        );
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        true
     }
 }
 
@@ -408,17 +459,17 @@ impl RaftServer {
 
     /// A server for a node that joined an existing group with an empty store: no vote until it
     /// has caught up (see [`CatchUp`]).
-    pub fn joining(raft: Raft, node_id: NodeId) -> Self {
+    pub fn joining(raft: Raft, node_id: NodeId, catch_up: Arc<CatchUp>) -> Self {
         Self {
             raft,
             node_id,
-            catch_up: Some(Arc::new(CatchUp::default())),
+            catch_up: Some(catch_up),
         }
     }
 
     fn check_may_vote(&self) -> Result<(), Status> {
         match &self.catch_up {
-            Some(c) if !c.may_vote(&self.raft) => Err(Status::unavailable(format!(
+            Some(c) if !c.check(&self.raft) => Err(Status::failed_precondition(format!(
                 "node {} joined an existing group with an empty store and does not vote until it has caught up",
                 self.node_id
             ))),
@@ -435,10 +486,14 @@ fn fatal(e: impl std::fmt::Display) -> Status {
 impl RaftService for RaftServer {
     async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = from_bytes("AppendEntries", &req.into_inner().payload)?;
-        if let Some(c) = &self.catch_up {
-            c.saw_leader_commit(rpc.leader_commit.as_ref().map(|l| l.index()));
-        }
+        let leader = (rpc.vote.leader_id.term, rpc.leader_commit.as_ref().map(|l| l.index()));
         let resp = self.raft.append_entries(rpc).await.map_err(fatal)?;
+        if let Some(c) = &self.catch_up {
+            // Accepted unless this node has seen a higher vote: the sender leads its term.
+            if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+                c.saw_leader(leader.0, leader.1);
+            }
+        }
         Ok(Response::new(RaftMessage {
             payload: to_bytes(&resp)?,
             data: Vec::new(),
@@ -467,10 +522,11 @@ impl RaftService for RaftServer {
 
     async fn install_snapshot(&self, req: Request<Streaming<RaftMessage>>) -> Result<Response<RaftMessage>, Status> {
         let (header, data) = receive_snapshot(req.into_inner()).await?;
-        if let Some(c) = &self.catch_up {
-            // A leader that sends a snapshot has committed at least what it covers.
-            c.saw_leader_commit(header.meta.last_log_id.as_ref().map(|l| l.index()));
-        }
+        let leader = (
+            header.vote.leader_id.term,
+            header.meta.last_log_id.as_ref().map(|l| l.index()),
+        );
+        let header_vote = header.vote;
         let snapshot = Snapshot {
             meta: header.meta,
             snapshot: data,
@@ -480,6 +536,12 @@ impl RaftService for RaftServer {
             .install_full_snapshot(header.vote, snapshot)
             .await
             .map_err(fatal)?;
+        if let Some(c) = &self.catch_up {
+            // A leader that sends a snapshot has committed at least what it covers.
+            if resp.vote <= header_vote {
+                c.saw_leader(leader.0, leader.1);
+            }
+        }
         Ok(Response::new(RaftMessage {
             payload: to_bytes(&resp)?,
             data: Vec::new(),

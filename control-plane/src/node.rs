@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::failpoint::Failpoints;
 use crate::liveness::{InstanceReport, Liveness, WorkerObservation};
 use crate::network::{
-    group_status, raft_client, write_local, ForwardedWrite, GrpcNetwork, RaftServer, MAX_MESSAGE_BYTES,
+    group_status, raft_client, write_local, CatchUp, ForwardedWrite, GrpcNetwork, RaftServer, MAX_MESSAGE_BYTES,
 };
 use crate::state::{ClusterState, WorkerHealth, WorkerSpec};
 use crate::store::{open_backend, LogStore, StateMachineStore, StorageKind};
@@ -148,6 +148,8 @@ pub enum NodeError {
     /// Raft stopped on this node (a storage write failed); it serves nothing until restarted.
     #[error("raft stopped on a fatal error: {0}; restart the node so it recovers from what its disk holds")]
     Fatal(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("TLS on the gRPC listener: {0}")]
     Tls(String),
     /// `--initial-cluster-state new` on an empty store while a peer already belongs to a group:
@@ -780,6 +782,11 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             message: e.to_string(),
         })
     };
+    if config.initial_state == InitialClusterState::Existing && config.peers.is_empty() {
+        return Err(NodeError::Config(
+            "--initial-cluster-state existing needs --peers: a node alone has no group to join".into(),
+        ));
+    }
     let raft_listener = bind("raft gRPC", config.raft_addr).await?;
     let admin_listener = bind("admin API", config.admin_addr).await?;
     let local = |l: &TcpListener, what, addr| {
@@ -803,16 +810,28 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     if empty_store && bootstraps(&config) {
-        refuse_second_group(&config).await?;
+        if let Err(e) = refuse_second_group(&config).await {
+            let _ = raft.shutdown().await;
+            return Err(e);
+        }
     }
-    let raft_server = if empty_store && config.initial_state == InitialClusterState::Existing {
-        tracing::info!(
-            id = config.id,
-            "empty store, joining an existing group: no vote until caught up"
-        );
-        RaftServer::joining(raft.clone(), config.id)
-    } else {
-        RaftServer::new(raft.clone(), config.id)
+    // Catching up: joined with an empty store, or restarted before it had caught up.
+    let catch_up = (CatchUp::pending(&config.data_dir)
+        || (empty_store && config.initial_state == InitialClusterState::Existing))
+        .then(|| Arc::new(CatchUp::new(&config.data_dir)));
+    let raft_server = match &catch_up {
+        Some(c) => {
+            c.mark()
+                .map_err(|e| NodeError::Storage(format!("writing the catch-up marker: {e}")))?;
+            // Neither vote for others nor stand for election until caught up.
+            raft.runtime_config().elect(false);
+            tracing::info!(
+                id = config.id,
+                "joining an existing group: no vote and no candidacy until caught up"
+            );
+            RaftServer::joining(raft.clone(), config.id, c.clone())
+        }
+        None => RaftServer::new(raft.clone(), config.id),
     };
 
     // How peers, workers and engines reach this node: its own --peers entry when there is one
@@ -908,6 +927,22 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             tracing::error!(error = %e, "admin server stopped");
         }
     }));
+
+    if let Some(c) = catch_up {
+        // Elections back on once caught up (votes are checked on each request).
+        let (tx, mut rx) = oneshot::channel::<()>();
+        stop.push(tx);
+        let raft = raft.clone();
+        tasks.push(tokio::spawn(async move {
+            while !c.check(&raft) {
+                tokio::select! {
+                    _ = &mut rx => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            raft.runtime_config().elect(true);
+        }));
+    }
 
     if config.reconciler {
         let (tx, rx) = oneshot::channel::<()>();

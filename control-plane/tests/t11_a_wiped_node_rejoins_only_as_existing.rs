@@ -76,6 +76,16 @@ async fn a_wiped_bootstrap_node_refuses_new_and_rejoins_as_existing() {
     acked.push(("after-rejoin".into(), latest));
     c.wait_epoch(0, latest, Duration::from_secs(20)).await;
     assert_acknowledged(&c, (leader - 1) as usize, &acked).await;
+    // Caught up: the catch-up marker is gone (within the guard's 100 ms check).
+    let marker = c.data_dir(0).join(control_plane::network::CatchUp::MARKER);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while marker.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1 still catching up after applying everything"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Node 1 votes again: kill the leader; the survivors (node 1 and one other) can elect only
     // if node 1 grants or wins a vote.
@@ -90,75 +100,87 @@ async fn a_wiped_bootstrap_node_refuses_new_and_rejoins_as_existing() {
     eprintln!("node 1 rejoined blank; node {new_leader} leads after node {leader} was killed");
 }
 
-/// A blank node started as `existing` answers Vote and PreVote with UNAVAILABLE (no vote) until
-/// a leader has brought it up to date; here no leader ever reaches it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blank_existing_node_withholds_its_vote() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = NodeConfig::new(1, dir.path().to_path_buf());
-    // Its peers exist only on paper (nothing listens there).
-    cfg.peers = [(1, "127.0.0.1:1".to_string()), (2, "127.0.0.1:2".to_string())]
-        .into_iter()
-        .collect();
-    cfg.reconciler = false;
-    cfg.initial_state = InitialClusterState::Existing;
-    let node = control_plane::start(cfg).await.expect("start");
-    let addr = node.raft_addr.to_string();
-    let status = group_status(&addr, None, Duration::from_secs(2))
-        .await
-        .expect("GroupStatus");
-    assert!(!status.initialized, "it bootstrapped nothing: {status:?}");
-
-    let mut client = raft_client(&addr, None).unwrap();
-    // A well-formed vote request from a candidate (node 2, term 5, empty log).
+/// Vote and PreVote to `addr` with a well-formed request from a candidate (node 2, term 5,
+/// empty log).
+async fn ask_for_votes(addr: &str) -> Vec<(&'static str, Result<tonic::Response<RaftMessage>, tonic::Status>)> {
+    let mut client = raft_client(addr, None).unwrap();
     let vote =
         serde_json::json!({"vote": {"leader_id": {"term": 5, "node_id": 2}, "committed": false}, "last_log_id": null});
-    for (rpc, answer) in [
-        (
-            "Vote",
-            client
-                .vote(RaftMessage {
-                    payload: vote.to_string().into_bytes(),
-                    data: vec![],
-                })
-                .await,
-        ),
-        (
-            "PreVote",
-            client
-                .pre_vote(RaftMessage {
-                    payload: vote.to_string().into_bytes(),
-                    data: vec![],
-                })
-                .await,
-        ),
-    ] {
+    let msg = || RaftMessage {
+        payload: vote.to_string().into_bytes(),
+        data: vec![],
+    };
+    vec![
+        ("Vote", client.vote(msg()).await),
+        ("PreVote", client.pre_vote(msg()).await),
+    ]
+}
+
+fn refused(answers: Vec<(&'static str, Result<tonic::Response<RaftMessage>, tonic::Status>)>) {
+    for (rpc, answer) in answers {
         let err = answer.expect_err(&format!("{rpc} is refused"));
-        assert_eq!(err.code(), tonic::Code::Unavailable, "{rpc}: {err}");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{rpc}: {err}");
         assert!(
             err.message().contains("does not vote until it has caught up"),
             "{rpc}: {err}"
         );
     }
-    node.shutdown().await;
+}
 
-    // The same request to a `new` node with an empty store is answered (it votes).
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = NodeConfig::new(2, dir.path().to_path_buf());
+fn config(id: u64, dir: &std::path::Path, initial: InitialClusterState) -> NodeConfig {
+    let mut cfg = NodeConfig::new(id, dir.to_path_buf());
+    // Its peers exist only on paper (nothing listens there).
     cfg.peers = [(1, "127.0.0.1:1".to_string()), (2, "127.0.0.1:2".to_string())]
         .into_iter()
         .collect();
     cfg.reconciler = false;
-    let node = control_plane::start(cfg).await.expect("start");
-    let mut client = raft_client(&node.raft_addr.to_string(), None).unwrap();
-    let answer = client
-        .vote(RaftMessage {
-            payload: vote.to_string().into_bytes(),
-            data: vec![],
-        })
+    cfg.initial_state = initial;
+    cfg
+}
+
+/// A blank node started as `existing` refuses Vote and PreVote until a leader has brought it up
+/// to date (here no leader ever reaches it), and keeps refusing after a restart in the middle of
+/// catching up, whatever it is restarted as: the marker in its data directory says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_existing_node_withholds_its_vote() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = control_plane::start(config(1, dir.path(), InitialClusterState::Existing))
         .await
-        .expect("a `new` node answers a vote request");
-    let resp: serde_json::Value = serde_json::from_slice(&answer.into_inner().payload).unwrap();
-    assert!(resp.get("vote").is_some(), "{resp}");
+        .expect("start");
+    let addr = node.raft_addr.to_string();
+    let status = group_status(&addr, None, Duration::from_secs(2))
+        .await
+        .expect("GroupStatus");
+    assert!(!status.initialized, "it bootstrapped nothing: {status:?}");
+    refused(ask_for_votes(&addr).await);
+    assert!(dir.path().join(control_plane::network::CatchUp::MARKER).exists());
     node.shutdown().await;
+
+    let node = control_plane::start(config(1, dir.path(), InitialClusterState::New))
+        .await
+        .expect("restart");
+    refused(ask_for_votes(&node.raft_addr.to_string()).await);
+    node.shutdown().await;
+
+    // A `new` node (not the bootstrapper) with an empty store answers: it votes.
+    let dir = tempfile::tempdir().unwrap();
+    let node = control_plane::start(config(2, dir.path(), InitialClusterState::New))
+        .await
+        .expect("start");
+    for (rpc, answer) in ask_for_votes(&node.raft_addr.to_string()).await {
+        let answer = answer.unwrap_or_else(|e| panic!("a `new` node answers {rpc}: {e}"));
+        let resp: serde_json::Value = serde_json::from_slice(&answer.into_inner().payload).unwrap();
+        assert!(resp.get("vote").is_some(), "{rpc}: {resp}");
+    }
+    node.shutdown().await;
+
+    // `existing` without peers has no group to join: a configuration error, not a silent hang.
+    let dir = tempfile::tempdir().unwrap();
+    let mut alone = config(1, dir.path(), InitialClusterState::Existing);
+    alone.peers.clear();
+    match control_plane::start(alone).await {
+        Err(control_plane::NodeError::Config(m)) => assert!(m.contains("--peers"), "{m}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("`existing` without peers started"),
+    }
 }

@@ -31,6 +31,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections whose handshake finished and that `axum::serve` has not taken yet.
 const READY_QUEUE: usize = 256;
 
+/// Handshakes in progress at most: a flood of connections that never finish theirs holds this
+/// many file descriptors (each for up to [`HANDSHAKE_TIMEOUT`]), not all of them.
+const MAX_HANDSHAKES: usize = 1024;
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -45,7 +49,8 @@ fn server_config_for(
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| CertError::tls(format!("certificate and key do not form a usable identity: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: the servers are axum without its http2 feature.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -72,7 +77,7 @@ pub fn server_config(identity: &Identity) -> Result<Arc<ServerConfig>, CertError
 
 /// Client settings that trust the CA certificates in `ca` (PEM) and verify the server's name
 /// against the URL's host, as any HTTPS client does (node certificates name `localhost`,
-/// 127.0.0.1, ::1 and the `--sans` they were generated with).
+/// 127.0.0.1, ::1 and the `--san` names they were generated with).
 pub fn client_config(ca: &Path) -> Result<ClientConfig, CertError> {
     let roots = load_roots(ca)?;
     Ok(ClientConfig::builder_with_provider(provider())
@@ -105,7 +110,8 @@ pub fn http_client_builder_with_ca(ca: &Path) -> Result<reqwest::ClientBuilder, 
 ///
 /// A background task accepts TCP connections (TCP_NODELAY on: responses and streamed tokens are
 /// small writes) and runs each handshake in its own task with a timeout, so a slow or silent
-/// client never holds up the others. Dropping the listener stops the task.
+/// client never holds up the others; at most [`MAX_HANDSHAKES`] run at once (the next accept
+/// waits). Dropping the listener stops the task.
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
@@ -117,8 +123,12 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_QUEUE);
         let tls = TlsAcceptor::from(config);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let acceptor = tokio::spawn(async move {
             loop {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
                 let (tcp, peer) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -134,7 +144,9 @@ impl TlsListener {
                 let _ = tcp.set_nodelay(true);
                 let (tls, tx) = (tls.clone(), tx.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await;
+                    drop(permit);
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream, peer)).await;
                         }
@@ -182,7 +194,7 @@ mod tests {
         generate(dir.path(), &["api"], &[]).unwrap();
         let files = TlsFiles::in_dir(dir.path(), "api");
         let from_pem = server_config_from_pem(&files.cert, &files.key).unwrap();
-        assert_eq!(from_pem.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(from_pem.alpn_protocols, vec![b"http/1.1".to_vec()]);
         server_config(&Identity::load(&files).unwrap()).unwrap();
         client_config(&files.ca).unwrap();
 

@@ -1,6 +1,6 @@
 //! Request arrivals from real traces: the Azure LLM inference trace 2023 (CSV) and Mooncake
 //! (JSONL). Times are seconds from the first request; lengths are tokens. Read by the simulator,
-//! `moeless bench serving` and the fault-injection harness's inference load.
+//! `moeless bench serve` and the fault-injection harness's inference load.
 
 use std::io::BufRead;
 

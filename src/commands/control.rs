@@ -56,7 +56,7 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "MOELESS_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
     /// Serve the admin REST API over HTTPS with this node's certificate from --tls-dir (the one
-    /// gRPC uses; it names localhost, 127.0.0.1, ::1 and the --sans it was generated with).
+    /// gRPC uses; it names localhost, 127.0.0.1, ::1 and the --san names it was generated with).
     /// Clients trust DIR/ca.pem: `moeless admin --ca-file DIR/ca.pem`, `curl --cacert`.
     #[arg(long, env = "MOELESS_ADMIN_HTTPS", requires = "tls_dir")]
     pub admin_https: bool,

@@ -59,10 +59,15 @@ impl Cluster {
         self.start_node(i, "", control_plane::InitialClusterState::Existing);
     }
 
+    /// Node `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node{}", i + 1))
+    }
+
     /// Deletes node `i`'s data directory (it must be stopped).
     pub fn wipe(&mut self, i: usize) {
         assert!(self.children[i].is_none(), "node {} is running", i + 1);
-        let dir = self.dir.path().join(format!("node{}", i + 1));
+        let dir = self.data_dir(i);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).expect("wipe the node's data directory");
         }
@@ -80,7 +85,7 @@ impl Cluster {
             "raft": self.raft[i],
             "admin": self.admin[i],
             "peers": peers,
-            "dir": self.dir.path().join(format!("node{}", i + 1)),
+            "dir": self.data_dir(i),
             "storage": self.storage.as_str(),
             "initial_state": initial.as_str(),
         });
