@@ -404,7 +404,8 @@ impl CatchUp {
     }
 
     /// Whether this node has caught up (and from then on always): its state machine holds the
-    /// target. The first time, removes the marker and says so.
+    /// target. The first time, removes the marker and says so. Called by the node's catch-up
+    /// task (`node::start`), which turns elections back on; votes read [`CatchUp::is_done`].
     pub fn check(&self, raft: &Raft) -> bool {
         if self.is_done() {
             return true;
@@ -469,7 +470,7 @@ impl RaftServer {
 
     fn check_may_vote(&self) -> Result<(), Status> {
         match &self.catch_up {
-            Some(c) if !c.check(&self.raft) => Err(Status::failed_precondition(format!(
+            Some(c) if !c.is_done() => Err(Status::failed_precondition(format!(
                 "node {} joined an existing group with an empty store and does not vote until it has caught up",
                 self.node_id
             ))),

@@ -911,25 +911,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
     let admin_tls = config.admin_tls.clone();
     tasks.push(tokio::spawn(async move {
         let stopped = async { rx.await.unwrap_or(()) };
-        let served = match admin_tls {
-            Some(tls) => match pki::https::TlsListener::new(admin_listener, tls) {
-                Ok(listener) => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
-                Err(e) => Err(e),
-            },
-            None => {
-                let listener = axum::serve::ListenerExt::tap_io(admin_listener, |s| {
-                    let _ = s.set_nodelay(true);
-                });
-                axum::serve(listener, app).with_graceful_shutdown(stopped).await
-            }
-        };
-        if let Err(e) = served {
+        if let Err(e) = pki::https::serve(admin_listener, app, admin_tls, stopped).await {
             tracing::error!(error = %e, "admin server stopped");
         }
     }));
 
     if let Some(c) = catch_up {
-        // Elections back on once caught up (votes are checked on each request).
+        // The one place that decides "caught up": votes are granted and elections run from then on.
         let (tx, mut rx) = oneshot::channel::<()>();
         stop.push(tx);
         let raft = raft.clone();

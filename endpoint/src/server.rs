@@ -169,26 +169,9 @@ impl Server {
         let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let tls = cfg.tls.clone();
-        let serve_task = tokio::spawn(async move {
-            let stopped = async {
-                let _ = stop_rx.await;
-            };
-            match tls {
-                // The TLS listener sets TCP_NODELAY itself.
-                Some(tls) => {
-                    let listener = pki::https::TlsListener::new(listener, tls)?;
-                    axum::serve(listener, app).with_graceful_shutdown(stopped).await
-                }
-                None => {
-                    // TCP_NODELAY: streamed tokens are small writes; Nagle would hold each
-                    // behind the client's delayed ACK of the previous one.
-                    let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
-                        let _ = s.set_nodelay(true);
-                    });
-                    axum::serve(listener, app).with_graceful_shutdown(stopped).await
-                }
-            }
-        });
+        let serve_task = tokio::spawn(pki::https::serve(listener, app, tls, async {
+            let _ = stop_rx.await;
+        }));
         tracing::info!(%addr, max_model_len, num_blocks, "serving");
         Ok(Server {
             addr,

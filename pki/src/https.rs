@@ -106,6 +106,31 @@ pub fn http_client_builder_with_ca(ca: &Path) -> Result<reqwest::ClientBuilder, 
     Ok(http_client_builder().tls_backend_preconfigured(client_config(ca)?))
 }
 
+/// Serves `app` on `listener` until `shutdown` resolves (then gracefully): HTTPS with `tls`,
+/// plain HTTP without. TCP_NODELAY on every connection either way: responses and streamed
+/// tokens are small writes, and Nagle would hold each behind the client's delayed ACK.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Option<Arc<ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    match tls {
+        // The TLS listener sets TCP_NODELAY itself.
+        Some(tls) => {
+            axum::serve(TlsListener::new(listener, tls)?, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+                let _ = s.set_nodelay(true);
+            });
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        }
+    }
+}
+
 /// A TCP listener that hands `axum::serve` connections whose TLS handshake has completed.
 ///
 /// A background task accepts TCP connections (TCP_NODELAY on: responses and streamed tokens are
