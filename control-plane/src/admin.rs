@@ -266,11 +266,32 @@ async fn put_policy(State(node): State<Node>, headers: HeaderMap, body: Body) ->
     ok(json!({"log_index": log_index, "policy": policy}))
 }
 
-async fn latest_plan(State(node): State<Node>) -> ApiResult {
+/// The latest plan, or with `?model=NAME` the latest plan of that model (epochs are shared by
+/// every model's plans).
+async fn latest_plan(State(node): State<Node>, RawQuery(query): RawQuery) -> ApiResult {
+    let mut model: Option<String> = None;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match (key.as_ref(), value) {
+            ("model", v) if !v.is_empty() => model = Some(v.into_owned()),
+            ("model", _) => return Err(ApiError::bad_request("model= needs a model name")),
+            (other, _) => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?} (model)"
+                )))
+            }
+        }
+    }
     let (state, kind) = read(&node).await;
-    kind.answer(match state.latest_plan() {
-        Some(p) => ok(p),
-        None => Err(ApiError::not_found("no plan has been committed yet")),
+    let latest = match &model {
+        Some(m) => state.latest_plan_of(m),
+        None => state.latest_plan(),
+    };
+    kind.answer(match (latest, &model) {
+        (Some(p), _) => ok(p),
+        (None, Some(m)) => Err(ApiError::not_found(format!(
+            "no plan of model {m:?} has been committed yet"
+        ))),
+        (None, None) => Err(ApiError::not_found("no plan has been committed yet")),
     })
 }
 
@@ -555,7 +576,7 @@ pub fn openapi_document() -> serde_json::Value {
             "/health": {"get": {"summary": "Liveness (no token)", "security": [], "responses": {"200": {"description": "OK"}}}},
             "/v1/cluster": {"get": op("Leader, term and members")},
             "/v1/policy": {"get": op("Policy configuration"), "put": body_op("Replace the policy configuration", "PolicyConfig")},
-            "/v1/placement": {"get": op("Latest committed plan"), "post": body_op("Commit a plan under the next epoch", "PlanIntent")},
+            "/v1/placement": {"get": op("Latest committed plan (`?model=NAME`: of that model)"), "post": body_op("Commit a plan under the next epoch", "PlanIntent")},
             "/v1/placement/{epoch}": {"get": op("Plan by epoch")},
             "/v1/workers": {"get": op("Registered workers with liveness as seen by this node: health (active, draining, dead), heartbeat_age_ms, applied_epoch, memory used/budget")},
             "/v1/workers/{id}/instances": {"get": op("Instances the worker's latest heartbeat reported: state, bytes, cold_start_ms, tokens, source")},

@@ -222,6 +222,9 @@ struct Shared {
     write_seq: std::sync::atomic::AtomicU64,
     failpoints: Failpoints,
     tls: Option<GrpcTls>,
+    /// True once the node stops: long-lived server streams (WatchPlan) end, so that the gRPC
+    /// server's graceful stop does not wait on clients that would hold them forever.
+    stopping: watch::Sender<bool>,
 }
 
 /// A cheap handle to a running node, used by the admin API and the gRPC services.
@@ -261,6 +264,12 @@ impl Node {
     }
     pub fn state_machine(&self) -> &StateMachineStore {
         &self.shared.sm
+    }
+
+    /// Resolves once the node has begun to stop.
+    pub async fn stopping(&self) {
+        let mut rx = self.shared.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
     pub fn admin_token(&self) -> Option<&str> {
         self.shared.admin_token.as_deref()
@@ -624,6 +633,7 @@ impl RunningNode {
     }
 
     pub async fn shutdown(mut self) {
+        self.node.shared.stopping.send_replace(true);
         for s in self.stop.drain(..) {
             let _ = s.send(());
         }
@@ -859,6 +869,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
             write_seq: std::sync::atomic::AtomicU64::new(0),
             failpoints: config.failpoints.clone(),
             tls: config.tls.clone(),
+            stopping: watch::Sender::new(false),
         }),
     };
 

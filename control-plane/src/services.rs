@@ -124,8 +124,10 @@ fn plan_stream(node: Node, after: u64) -> PlanStream {
                     return;
                 }
             }
-            if rx.changed().await.is_err() {
-                return;
+            // A stopping node ends the stream; the client follows plans from another node.
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                () = node.stopping() => return,
             }
         }
     });
@@ -353,12 +355,12 @@ impl pb::engine_service_server::EngineService for EngineApi {
     /// Linearizable: served by the leader after a ReadIndex round; a follower answers UNAVAILABLE
     /// naming the leader.
     async fn get_plan(&self, req: Request<pb::GetPlanRequest>) -> Result<Response<pb::GetPlanResponse>, Status> {
-        let epoch = req.into_inner().epoch;
+        let pb::GetPlanRequest { epoch, model } = req.into_inner();
         let state = self.node.linearizable_state().await?;
-        let plan = if epoch == 0 {
-            state.latest_plan()
-        } else {
-            state.plans.get(&epoch)
+        let plan = match epoch {
+            0 if model.is_empty() => state.latest_plan(),
+            0 => state.latest_plan_of(&model),
+            _ => state.plans.get(&epoch),
         };
         if epoch != 0 && plan.is_none() {
             return Err(Status::not_found(format!("no plan with epoch {epoch}")));

@@ -48,6 +48,17 @@ async fn single_node_commits_and_restarts() {
         .await
         .expect("plan");
     assert_eq!(r["epoch"], 13, "epochs continue after a restart");
+    // The latest plan of one model; a model without plans has none.
+    let of = api
+        .get("/v1/placement?model=mixtral-tiny")
+        .await
+        .expect("latest of the model");
+    assert_eq!(
+        (of["epoch"].as_u64(), of["reason"].as_str()),
+        (Some(13), Some("after restart"))
+    );
+    let none = api.get("/v1/placement?model=nobody").await.expect_err("no plans");
+    assert!(none.to_string().contains("404"), "{none}");
     // Stale compare-and-set is rejected and takes no epoch.
     let mut stale = plan("stale");
     stale["expected_epoch"] = json!(5);

@@ -54,7 +54,7 @@ async fn bad_input_is_rejected_cleanly() {
     }
 
     let tok = Some(TOKEN);
-    let cases: [(M, &str, Option<&'static str>, u16); 9] = [
+    let cases: [(M, &str, Option<&'static str>, u16); 11] = [
         (M::PUT, "/v1/policy", Some("{not json"), 400),
         (M::PUT, "/v1/policy", None, 400),
         (M::PUT, "/v1/policy", Some(r#"{"placement": 3}"#), 400),
@@ -73,6 +73,8 @@ async fn bad_input_is_rejected_cleanly() {
         ),
         (M::GET, "/v1/placement/not-a-number", None, 400),
         (M::GET, "/v1/placement/99", None, 404),
+        (M::GET, "/v1/placement?colour=red", None, 400),
+        (M::GET, "/v1/placement?model=", None, 400),
         (
             M::POST,
             "/v1/members",

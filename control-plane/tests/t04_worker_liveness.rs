@@ -272,6 +272,19 @@ async fn dead_workers_are_replaced_and_come_back() {
         .as_u64()
         .unwrap_or_else(|| panic!("no plan committed: {round}"));
     let plan = api.get(&format!("/v1/placement/{epoch}")).await.expect("plan");
+    // The latest plan of one model over gRPC (what an engine follows); none of an unknown one.
+    for (model, want) in [(model()["name"].as_str().expect("name"), Some(epoch)), ("nobody", None)] {
+        let got = engine
+            .get_plan(proto::engine::GetPlanRequest {
+                epoch: 0,
+                model: model.into(),
+            })
+            .await
+            .expect("get plan of a model")
+            .into_inner()
+            .plan;
+        assert_eq!(got.map(|p| p.epoch), want, "{model}");
+    }
     assert!(
         plan["reason"]
             .as_str()

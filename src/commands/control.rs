@@ -205,10 +205,12 @@ pub enum AdminCommand {
         #[arg(long)]
         set: Option<String>,
     },
-    /// The latest plan, or the one with --epoch.
+    /// The latest plan, the latest of one model with --model, or the one with --epoch.
     Placement {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "model")]
         epoch: Option<u64>,
+        #[arg(long)]
+        model: Option<String>,
     },
     /// Commit a plan given as JSON ({"model", "instances": [...], "expected_epoch"?}).
     CommitPlan { json: String },
@@ -249,8 +251,19 @@ pub fn admin(a: AdminArgs) -> anyhow::Result<()> {
             AdminCommand::Health => client.get("/health").await,
             AdminCommand::Policy { set: None } => client.get("/v1/policy").await,
             AdminCommand::Policy { set: Some(s) } => client.put("/v1/policy", &json_arg(&s)?).await,
-            AdminCommand::Placement { epoch: None } => client.get("/v1/placement").await,
-            AdminCommand::Placement { epoch: Some(e) } => client.get(&format!("/v1/placement/{e}")).await,
+            AdminCommand::Placement {
+                epoch: None,
+                model: None,
+            } => client.get("/v1/placement").await,
+            AdminCommand::Placement {
+                epoch: None,
+                model: Some(m),
+            } => {
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                query.append_pair("model", &m);
+                client.get(&format!("/v1/placement?{}", query.finish())).await
+            }
+            AdminCommand::Placement { epoch: Some(e), .. } => client.get(&format!("/v1/placement/{e}")).await,
             AdminCommand::CommitPlan { json } => client.post("/v1/placement", Some(&json_arg(&json)?)).await,
             AdminCommand::Workers => client.get("/v1/workers").await,
             AdminCommand::Drain { worker } => client.post(&format!("/v1/workers/{worker}/drain"), None).await,

@@ -113,7 +113,10 @@ struct State {
     active: RwLock<Option<Active>>,
     applied_epoch: AtomicU64,
     latest_epoch: AtomicU64,
-    /// Whether the newest plan seen places any instance here.
+    /// The epoch of the last plan reconciled here (plans of other models that place nothing
+    /// here are passed over: a worker serves one model at a time).
+    reconciled_epoch: AtomicU64,
+    /// Whether the newest plan of the model served here places any instance here.
     named_in_latest: AtomicBool,
     /// Set once a graceful drain starts: the worker no longer (re-)registers, which would mark
     /// it active again.
@@ -297,6 +300,7 @@ pub async fn start(opts: WorkerOptions, identity: &Identity) -> anyhow::Result<R
         active: RwLock::new(None),
         applied_epoch: AtomicU64::new(0),
         latest_epoch: AtomicU64::new(0),
+        reconciled_epoch: AtomicU64::new(0),
         named_in_latest: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         last_request: Mutex::new(Instant::now()),
@@ -386,31 +390,88 @@ async fn follow_plans(
         })
         .await?
         .into_inner();
-    while let Some(mut plan) = stream.message().await? {
-        // Plans already queued (history replayed to a fresh or restarted worker): only the
-        // newest is reconciled; the one before it says where experts are warm.
+    while let Some(first) = stream.message().await? {
+        // Plans already queued (history replayed to a fresh or restarted worker) are taken
+        // together: only one is reconciled.
+        let mut queued = vec![first];
         loop {
             use futures_util::FutureExt;
             match stream.message().now_or_never() {
-                Some(Ok(Some(next))) => *previous = Some(std::mem::replace(&mut plan, next)),
+                Some(Ok(Some(next))) => queued.push(next),
                 Some(Ok(None)) | None => break,
                 Some(Err(e)) => return Err(e.into()),
             }
         }
-        if plan.epoch <= state.latest_epoch.load(Ordering::SeqCst) {
+        let seen = state.latest_epoch.load(Ordering::SeqCst);
+        queued.retain(|p| p.epoch > seen);
+        let Some(newest) = queued.iter().map(|p| p.epoch).max() else {
             continue;
+        };
+        let serving = state.executor().map(|e| e.model.clone());
+        let chosen = choose_plan(&queued, state.opts.id, serving.as_deref());
+        state.latest_epoch.store(newest, Ordering::SeqCst);
+        let Some(i) = chosen else {
+            // Other models' plans with nothing for this worker: applied as they are, once
+            // what was last reconciled here is warm.
+            if state.applied_epoch.load(Ordering::SeqCst) >= state.reconciled_epoch.load(Ordering::SeqCst) {
+                state.applied_epoch.fetch_max(newest, Ordering::SeqCst);
+            }
+            continue;
+        };
+        let plan = queued.swap_remove(i);
+        // The plan of the same model before it says where experts are warm.
+        if let Some(before) = queued
+            .into_iter()
+            .filter(|p| p.model == plan.model && p.epoch < plan.epoch)
+            .max_by_key(|p| p.epoch)
+        {
+            *previous = Some(before);
         }
         let me = state.opts.id;
         state
             .named_in_latest
             .store(plan.instances.iter().any(|i| i.worker_id == me), Ordering::SeqCst);
-        state.latest_epoch.store(plan.epoch, Ordering::SeqCst);
+        state.reconciled_epoch.store(plan.epoch, Ordering::SeqCst);
         if let Err(e) = reconcile(state, control, &plan, previous.as_ref()).await {
             tracing::warn!(epoch = plan.epoch, error = %e, "reconciling to plan");
         }
         *previous = Some(plan);
     }
     anyhow::bail!("plan stream ended")
+}
+
+/// Which of `plans` (new, in epoch order) the worker reconciles to: a worker holds one model's
+/// instances at a time. The newest plan of the model it serves (`serving`) if that plan still
+/// places instances here or no other model's does; else the newest plan of another model that
+/// places instances here (the worker switches models); else none (nothing asks anything of it).
+fn choose_plan(plans: &[epb::PlacementPlan], me: u64, serving: Option<&str>) -> Option<usize> {
+    let places_here = |p: &epb::PlacementPlan| p.instances.iter().any(|i| i.worker_id == me);
+    let newest_of = |model: &str| {
+        plans
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.model == model)
+            .max_by_key(|(_, p)| p.epoch)
+            .map(|(i, _)| i)
+    };
+    let own = serving.and_then(newest_of);
+    if let Some(i) = own.filter(|&i| places_here(&plans[i])) {
+        return Some(i);
+    }
+    // The newest plan of each other model; the newest of those that places instances here.
+    let elsewhere = plans
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| Some(p.model.as_str()) != serving)
+        .filter(|(i, p)| newest_of(&p.model) == Some(*i) && places_here(p))
+        .max_by_key(|(_, p)| p.epoch)
+        .map(|(i, _)| i);
+    elsewhere.or(own).or_else(|| {
+        // A fresh worker in a one-model cluster loads the model even when nothing is placed on
+        // it yet (the engine may cold-start an instance here).
+        let model = &plans.first()?.model;
+        (serving.is_none() && plans.iter().all(|p| &p.model == model)).then(|| newest_of(model))?
+    })
 }
 
 /// Loads the plan's model if needed, points the instance manager at the instances the plan
@@ -487,8 +548,11 @@ async fn reconcile(
         exec.instances.wait_warm(&started, Duration::from_secs(300));
         // Applied even if some instance failed to load: work for it cold-starts on demand or
         // is re-dispatched by the engine.
-        if st.latest_epoch.load(Ordering::SeqCst) == epoch {
-            st.applied_epoch.store(epoch, Ordering::SeqCst);
+        // Unless a newer plan is being reconciled; plans passed over since (other models')
+        // are applied with it.
+        if st.reconciled_epoch.load(Ordering::SeqCst) == epoch {
+            st.applied_epoch
+                .fetch_max(st.latest_epoch.load(Ordering::SeqCst), Ordering::SeqCst);
             tracing::info!(epoch, instances = wanted.len(), "plan applied");
         }
     });
@@ -598,5 +662,54 @@ async fn heartbeat_loop(state: Arc<State>, control: ControlClient, advertise: St
             _ = tokio::time::sleep(state.opts.heartbeat) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(epoch: u64, model: &str, workers: &[u64]) -> epb::PlacementPlan {
+        epb::PlacementPlan {
+            epoch,
+            model: model.into(),
+            instances: workers
+                .iter()
+                .map(|&w| epb::ExpertInstance {
+                    worker_id: w,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn another_models_plan_that_places_nothing_here_is_passed_over() {
+        let plans = [plan(5, "served", &[1, 2]), plan(6, "other", &[])];
+        assert_eq!(choose_plan(&plans, 1, Some("served")), Some(0));
+        assert_eq!(choose_plan(&plans[1..], 1, Some("served")), None);
+        // A fresh worker replaying both takes the model that places something on it.
+        assert_eq!(choose_plan(&plans, 2, None), Some(0));
+        // Nothing for worker 3 in a two-model history: nothing to load.
+        assert_eq!(choose_plan(&plans, 3, None), None);
+    }
+
+    #[test]
+    fn the_newest_plan_of_the_served_model_wins_and_can_empty_the_worker() {
+        let plans = [plan(5, "served", &[1]), plan(6, "other", &[]), plan(7, "served", &[2])];
+        // Moved off: the served model's newest plan, which drops the instances here.
+        assert_eq!(choose_plan(&plans, 1, Some("served")), Some(2));
+        // An older plan of another model that placed instances here does not bring it back.
+        let plans = [plan(5, "other", &[1]), plan(6, "other", &[]), plan(7, "served", &[1])];
+        assert_eq!(choose_plan(&plans, 1, Some("served")), Some(2));
+    }
+
+    #[test]
+    fn a_plan_of_another_model_placing_instances_here_switches_models() {
+        let plans = [plan(5, "served", &[]), plan(6, "other", &[1])];
+        assert_eq!(choose_plan(&plans, 1, Some("served")), Some(1));
+        // One model only: a fresh worker loads it even with nothing placed on it yet.
+        assert_eq!(choose_plan(&[plan(3, "m", &[2])], 1, None), Some(0));
     }
 }

@@ -520,7 +520,10 @@ async fn poll_once(
         .workers;
     // Plans are served linearizably by the leader; a follower refuses and we rotate.
     let plan = engine
-        .get_plan(epb::GetPlanRequest { epoch: 0 })
+        .get_plan(epb::GetPlanRequest {
+            epoch: 0,
+            model: opts.model.clone(),
+        })
         .await?
         .into_inner()
         .plan
