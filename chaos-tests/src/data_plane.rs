@@ -1,6 +1,7 @@
-//! The data plane under fault: `moeless worker` processes beside the control plane, an endpoint
-//! (`moeless up --control`, the built-in model) whose experts run on them, and clients that
-//! send OpenAI completions through it and count what came back.
+//! The data plane under fault: `moeless worker` processes beside the control plane, endpoint
+//! replicas (`moeless up --control`, the built-in model) whose experts run on them, and clients
+//! that send OpenAI completions through them, fail over between them as a client behind a load
+//! balancer does, and count what came back.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -15,23 +16,54 @@ use serde_json::{json, Value};
 
 use crate::cluster::{generate_certs, ControlPlane};
 
-/// Workers and one endpoint, all on this machine's loopback (the control plane may sit in
-/// network namespaces; its addresses are reachable from here).
+/// Workers and endpoints, all on this machine's loopback (the control plane may sit in network
+/// namespaces; its addresses are reachable from here). The endpoints are replicas of one
+/// service, as behind a load balancer: each runs its own engine whose experts run on the
+/// workers, and a restarted endpoint comes back on its own port.
 pub struct Fleet {
     binary: PathBuf,
     control: String,
     tls: PathBuf,
     dir: PathBuf,
     workers: Vec<Option<Child>>,
-    endpoint: Option<Child>,
-    /// `HOST:PORT` of the endpoint once it listens.
-    pub endpoint_addr: String,
+    endpoints: Vec<Option<Child>>,
+    /// `HOST:PORT` of each endpoint (fixed for the fleet's life).
+    endpoint_addrs: Vec<String>,
+}
+
+/// SIGTERM: a graceful stop (workers drain, endpoints finish what they hold).
+fn terminate(child: &Child, what: &str) -> Result<()> {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    if !status.success() {
+        bail!("kill -TERM {what} failed");
+    }
+    Ok(())
+}
+
+/// The process's exit status if it has exited (the slot is then empty).
+fn try_exit(slot: &mut Option<Child>, what: &str) -> Result<Option<ExitStatus>> {
+    let Some(c) = slot.as_mut() else {
+        bail!("{what} is not running");
+    };
+    let status = c.try_wait()?;
+    if status.is_some() {
+        *slot = None;
+    }
+    Ok(status)
+}
+
+fn kill(slot: &mut Option<Child>) {
+    if let Some(mut c) = slot.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 impl Fleet {
-    /// Starts `n` workers (ids 1..=n) and the endpoint, and waits until it serves.
-    pub fn start(cp: &ControlPlane, n: usize, dir: &Path) -> Result<Self> {
-        let mut names: Vec<String> = (1..=n).map(|i| format!("worker-{i}")).collect();
+    /// Starts `workers` workers (ids 1..=workers) and `endpoints` endpoints, and waits until
+    /// every endpoint serves.
+    pub fn start(cp: &ControlPlane, workers: usize, endpoints: usize, dir: &Path) -> Result<Self> {
+        let mut names: Vec<String> = (1..=workers).map(|i| format!("worker-{i}")).collect();
         names.push("engine".into());
         // Adds certificates under the control plane's CA.
         generate_certs(cp.binary(), &cp.tls_dir(), &names)?;
@@ -46,14 +78,18 @@ impl Fleet {
             control,
             tls: cp.tls_dir(),
             dir: dir.to_path_buf(),
-            workers: (0..n).map(|_| None).collect(),
-            endpoint: None,
-            endpoint_addr: String::new(),
+            workers: (0..workers).map(|_| None).collect(),
+            endpoints: (0..endpoints).map(|_| None).collect(),
+            endpoint_addrs: (0..endpoints)
+                .map(|_| format!("127.0.0.1:{}", crate::ports::free_loopback_port()))
+                .collect(),
         };
-        for i in 0..n {
+        for i in 0..workers {
             fleet.start_worker(i)?;
         }
-        fleet.start_endpoint()?;
+        for i in 0..endpoints {
+            fleet.start_endpoint(i)?;
+        }
         Ok(fleet)
     }
 
@@ -94,17 +130,21 @@ impl Fleet {
         Ok(())
     }
 
-    fn start_endpoint(&mut self) -> Result<()> {
-        let port = crate::ports::free_loopback_port().to_string();
+    /// Starts endpoint `i` on its port and waits (up to 90 s) until it says it serves.
+    pub fn start_endpoint(&mut self, i: usize) -> Result<()> {
+        if self.endpoints[i].is_some() {
+            bail!("endpoint {} is already running", i + 1);
+        }
+        let (host, port) = self.endpoint_addrs[i].rsplit_once(':').context("endpoint address")?;
         let mut child = Command::new(&self.binary)
             .args([
                 "up",
                 "--host",
-                "127.0.0.1",
+                host,
                 "--port",
-                &port,
+                port,
                 "--served-model-name",
-                "moeless",
+                SERVED_MODEL,
             ])
             .args(["--control", &self.control])
             .arg("--tls-dir")
@@ -114,32 +154,22 @@ impl Fleet {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .context("starting the endpoint")?;
+            .context("starting an endpoint")?;
         let stderr = child.stderr.take().context("endpoint stderr")?;
-        self.endpoint = Some(child);
-        let mut log = self.log("endpoint")?;
+        self.endpoints[i] = Some(child);
+        let mut log = self.log(&format!("endpoint-{}", i + 1))?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::Write;
             for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
                 let _ = writeln!(log, "{line}");
-                if let Some(rest) = line.split_once("at http://").map(|x| x.1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                if line.contains("at http://") {
+                    let _ = tx.send(());
                 }
             }
         });
-        self.endpoint_addr = rx
-            .recv_timeout(Duration::from_secs(90))
-            .with_context(|| format!("the endpoint did not come up (log in {})", self.dir.display()))?;
-        Ok(())
-    }
-
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
+        rx.recv_timeout(Duration::from_secs(90))
+            .with_context(|| format!("endpoint {} did not come up (log in {})", i + 1, self.dir.display()))
     }
 
     /// How many workers the fleet has (ids 1..=N).
@@ -147,12 +177,14 @@ impl Fleet {
         self.workers.len()
     }
 
+    /// `HOST:PORT` of every endpoint, running or not.
+    pub fn endpoint_addrs(&self) -> &[String] {
+        &self.endpoint_addrs
+    }
+
     /// SIGKILL worker `i`.
     pub fn kill_worker(&mut self, i: usize) {
-        if let Some(mut c) = self.workers[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.workers[i]);
     }
 
     /// SIGTERM worker `i`: a graceful drain.
@@ -160,33 +192,37 @@ impl Fleet {
         let c = self.workers[i]
             .as_ref()
             .with_context(|| format!("worker {} is not running", i + 1))?;
-        let status = Command::new("kill").args(["-TERM", &c.id().to_string()]).status()?;
-        if !status.success() {
-            bail!("kill -TERM worker {} failed", i + 1);
-        }
-        Ok(())
+        terminate(c, &format!("worker {}", i + 1))
     }
 
     /// Worker `i`'s exit status if it has exited (it is then no longer running).
     pub fn try_exit(&mut self, i: usize) -> Result<Option<ExitStatus>> {
-        let Some(c) = self.workers[i].as_mut() else {
-            bail!("worker {} is not running", i + 1);
-        };
-        let status = c.try_wait()?;
-        if status.is_some() {
-            self.workers[i] = None;
-        }
-        Ok(status)
+        try_exit(&mut self.workers[i], &format!("worker {}", i + 1))
+    }
+
+    /// SIGKILL endpoint `i`.
+    pub fn kill_endpoint(&mut self, i: usize) {
+        kill(&mut self.endpoints[i]);
+    }
+
+    /// SIGTERM endpoint `i`: it stops accepting and finishes the requests it holds.
+    pub fn terminate_endpoint(&mut self, i: usize) -> Result<()> {
+        let c = self.endpoints[i]
+            .as_ref()
+            .with_context(|| format!("endpoint {} is not running", i + 1))?;
+        terminate(c, &format!("endpoint {}", i + 1))
+    }
+
+    /// Endpoint `i`'s exit status if it has exited (it is then no longer running).
+    pub fn try_exit_endpoint(&mut self, i: usize) -> Result<Option<ExitStatus>> {
+        try_exit(&mut self.endpoints[i], &format!("endpoint {}", i + 1))
     }
 }
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for c in self.workers.iter_mut().chain(std::iter::once(&mut self.endpoint)) {
-            if let Some(mut c) = c.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        for c in self.workers.iter_mut().chain(self.endpoints.iter_mut()) {
+            kill(c);
         }
     }
 }
@@ -202,9 +238,13 @@ pub async fn worker_health(cp: &ControlPlane, id: u64) -> Option<String> {
         .map(String::from)
 }
 
-/// Which workers the latest plan places instances on (GET /v1/placement through any node).
+/// The model the endpoints serve (registered by the first of them to start).
+pub const SERVED_MODEL: &str = "moeless";
+
+/// Which workers the latest plan of the served model places instances on (`GET
+/// /v1/placement?model=` through any node).
 pub async fn plan_holders(cp: &ControlPlane) -> Option<std::collections::BTreeSet<u64>> {
-    let plan = cp.get_any("/v1/placement").await?;
+    let plan = cp.get_any(&format!("/v1/placement?model={SERVED_MODEL}")).await?;
     Some(
         plan["instances"]
             .as_array()?
@@ -299,15 +339,117 @@ pub fn trace_arrivals(shared_dir: Option<&Path>, duration: Duration, rate_scale:
     }
 }
 
-/// Requests sent to the endpoint until stopped; each is counted ok or failed. Like the `openai`
-/// SDK, a client retries a 429 or 503 (the server asks it to, with Retry-After) and nothing else.
+/// OpenAI completions sent to a set of endpoint replicas, as a client behind a load balancer
+/// sees them: request `k` goes first to endpoint `k mod N`; a connection that cannot be made
+/// or breaks before the answer, or a 503/429 (the server asking the client to come back), sends
+/// it on to the next endpoint (completions hold no server state, so a retry is safe). Only
+/// after every endpoint refused does it back off (Retry-After, at most 2 s) and go round again,
+/// five rounds in all. Anything else (a 4xx, a 500, a malformed answer, a 30 s timeout) fails
+/// the request.
+#[derive(Clone)]
+pub struct FailoverClient {
+    http: reqwest::Client,
+    urls: Arc<Vec<String>>,
+}
+
+/// How one successful request went.
+#[derive(Debug, Clone, Copy)]
+pub struct Completed {
+    /// Endpoints tried before the one that answered.
+    pub failed_over: usize,
+}
+
+/// Why one try did not complete.
+enum Try {
+    /// Send it elsewhere (after `Some(s)` seconds once every endpoint said so).
+    Elsewhere(String, Option<u64>),
+    Fail(String),
+}
+
+const ROUNDS: usize = 5;
+
+impl FailoverClient {
+    pub fn new(addrs: &[String]) -> Result<Self> {
+        if addrs.is_empty() {
+            bail!("no endpoint to send requests to");
+        }
+        let http = pki::https::http_client_builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let urls = addrs.iter().map(|a| format!("http://{a}/v1/completions")).collect();
+        Ok(Self {
+            http,
+            urls: Arc::new(urls),
+        })
+    }
+
+    /// Sends one completion, starting at endpoint `first` (mod N).
+    pub async fn complete(
+        &self,
+        first: usize,
+        prompt: &str,
+        max_tokens: usize,
+    ) -> std::result::Result<Completed, String> {
+        let body = json!({"model": SERVED_MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+        let n = self.urls.len();
+        let mut last = String::new();
+        let mut wait = 0;
+        for attempt in 0..ROUNDS * n {
+            let url = &self.urls[(first + attempt) % n];
+            match self.try_once(url, &body).await {
+                Ok(()) => return Ok(Completed { failed_over: attempt }),
+                Err(Try::Fail(e)) => return Err(format!("{url}: {e}")),
+                Err(Try::Elsewhere(e, retry_after)) => {
+                    last = format!("{url}: {e}");
+                    wait = wait.max(retry_after.unwrap_or(0));
+                }
+            }
+            if (attempt + 1) % n == 0 {
+                // Every endpoint refused this round: back off before the next.
+                let pause = if wait > 0 {
+                    Duration::from_secs(wait.min(2))
+                } else {
+                    Duration::from_millis(100)
+                };
+                tokio::time::sleep(pause).await;
+                wait = 0;
+            }
+        }
+        Err(format!("no endpoint answered in {ROUNDS} rounds; last: {last}"))
+    }
+
+    async fn try_once(&self, url: &str, body: &Value) -> std::result::Result<(), Try> {
+        let resp = match self.http.post(url).json(body).send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Err(Try::Fail(format!("timed out: {e}"))),
+            // Refused, reset or closed before an answer: the endpoint is down or going down.
+            Err(e) => return Err(Try::Elsewhere(format!("sending: {e}"), None)),
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            // The connection broke while the answer came.
+            Err(e) => return Err(Try::Elsewhere(format!("{status}: reading the answer: {e}"), None)),
+        };
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Try::Fail(format!("{status}: an answer that is not JSON: {e}")))?;
+        match status {
+            200 if v["choices"][0]["text"].is_string() => Ok(()),
+            429 | 503 => Err(Try::Elsewhere(format!("{status}: {v}"), retry_after.or(Some(1)))),
+            _ => Err(Try::Fail(format!("{status}: {v}"))),
+        }
+    }
+}
+
+/// Requests sent through a [`FailoverClient`] until stopped; each is counted ok or failed.
 pub struct InferenceLoad {
     stop: Arc<AtomicBool>,
-    pub ok: Arc<AtomicU64>,
-    pub failed: Arc<AtomicU64>,
-    pub errors: Arc<Mutex<Vec<String>>>,
-    /// Latency of every successful request, in milliseconds.
-    pub latencies_ms: Arc<Mutex<Vec<f64>>>,
+    tally: Tally,
     dispatcher: tokio::task::JoinHandle<()>,
 }
 
@@ -315,27 +457,32 @@ pub struct InferenceLoad {
 pub struct InferenceOutcome {
     pub ok: u64,
     pub failed: u64,
+    /// Successful requests that one endpoint or more failed to answer first.
+    pub failed_over: u64,
     pub errors: Vec<String>,
     pub latencies_ms: Vec<f64>,
 }
 
-/// One request's outcome into the shared counters.
-#[derive(Clone)]
+/// The requests' outcomes.
+#[derive(Clone, Default)]
 struct Tally {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    failed_over: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
     latencies_ms: Arc<Mutex<Vec<f64>>>,
 }
 
 impl Tally {
-    async fn send(&self, http: &reqwest::Client, url: &str, prompt: &str, max_tokens: usize) {
-        let body = json!({"model": "moeless", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+    async fn send(&self, client: &FailoverClient, k: usize, prompt: &str, max_tokens: usize) {
         let sent = std::time::Instant::now();
-        match complete(http, url, &body).await {
-            Ok(()) => {
+        match client.complete(k, prompt, max_tokens).await {
+            Ok(done) => {
                 if let Ok(mut v) = self.latencies_ms.lock() {
                     v.push(sent.elapsed().as_secs_f64() * 1e3);
+                }
+                if done.failed_over > 0 {
+                    self.failed_over.fetch_add(1, Ordering::Relaxed);
                 }
                 self.ok.fetch_add(1, Ordering::Relaxed);
             }
@@ -350,19 +497,11 @@ impl Tally {
 }
 
 impl InferenceLoad {
-    pub fn start(addr: &str, pace: Pace) -> Result<Self> {
-        let http = pki::https::http_client_builder()
-            .timeout(Duration::from_secs(30))
-            .build()?;
+    /// Sends one request per arrival of `pace` through `client`, spread over its endpoints.
+    pub fn start(client: FailoverClient, pace: Pace) -> Self {
         let prompts = Arc::new(prompts());
         let stop = Arc::new(AtomicBool::new(false));
-        let tally = Tally {
-            ok: Arc::new(AtomicU64::new(0)),
-            failed: Arc::new(AtomicU64::new(0)),
-            errors: Arc::new(Mutex::new(Vec::new())),
-            latencies_ms: Arc::new(Mutex::new(Vec::new())),
-        };
-        let url = format!("http://{addr}/v1/completions");
+        let tally = Tally::default();
         let Pace(arrivals) = pace;
         let dispatcher = {
             let (stop, tally) = (stop.clone(), tally.clone());
@@ -381,9 +520,9 @@ impl InferenceLoad {
                         }
                         tokio::time::sleep((start + at - now).min(Duration::from_millis(100))).await;
                     }
-                    let (http, prompts, tally, url) = (http.clone(), prompts.clone(), tally.clone(), url.clone());
+                    let (client, prompts, tally) = (client.clone(), prompts.clone(), tally.clone());
                     in_flight.spawn(async move {
-                        tally.send(&http, &url, &prompts[k % prompts.len()], max_tokens).await;
+                        tally.send(&client, k, &prompts[k % prompts.len()], max_tokens).await;
                     });
                     // Reap finished requests as we go.
                     while in_flight.try_join_next().is_some() {}
@@ -392,55 +531,25 @@ impl InferenceLoad {
                 while in_flight.join_next().await.is_some() {}
             })
         };
-        Ok(Self {
+        Self {
             stop,
-            ok: tally.ok,
-            failed: tally.failed,
-            errors: tally.errors,
-            latencies_ms: tally.latencies_ms,
+            tally,
             dispatcher,
-        })
+        }
     }
 
     pub async fn stop(self) -> InferenceOutcome {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.dispatcher.await;
+        let t = self.tally;
         InferenceOutcome {
-            ok: self.ok.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            errors: self.errors.lock().map(|v| v.clone()).unwrap_or_default(),
-            latencies_ms: self.latencies_ms.lock().map(|v| v.clone()).unwrap_or_default(),
+            ok: t.ok.load(Ordering::Relaxed),
+            failed: t.failed.load(Ordering::Relaxed),
+            failed_over: t.failed_over.load(Ordering::Relaxed),
+            errors: t.errors.lock().map(|v| v.clone()).unwrap_or_default(),
+            latencies_ms: t.latencies_ms.lock().map(|v| v.clone()).unwrap_or_default(),
         }
     }
-}
-
-async fn complete(http: &reqwest::Client, url: &str, body: &Value) -> std::result::Result<(), String> {
-    for _ in 0..5 {
-        let resp = http
-            .post(url)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| format!("sending: {e}"))?;
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let v: Value = resp
-            .json()
-            .await
-            .map_err(|e| format!("{status}: reading the answer: {e}"))?;
-        match status {
-            200 if v["choices"][0]["text"].is_string() => return Ok(()),
-            429 | 503 if retry_after.is_some() => {
-                tokio::time::sleep(Duration::from_secs(retry_after.unwrap_or(1).min(2))).await;
-            }
-            _ => return Err(format!("{status}: {v}")),
-        }
-    }
-    Err("still refused after 5 tries".into())
 }
 
 #[cfg(test)]

@@ -345,11 +345,25 @@ impl<K: Clone + Eq + Hash + Ord, V: Clone + Eq + Hash> Model for KeyValue<K, V> 
 }
 
 /// Placement plans: an append-only log whose entries get consecutive epochs; a read returns the
-/// latest entry. `T` identifies a plan (the harness uses a unique `reason`).
+/// latest entry. `T` identifies a plan (the harness uses a unique `reason`). Epochs are shared
+/// with writers outside the history (the control plane's own plans for other models): `foreign`
+/// holds the epochs they took, which a commit in the history may skip, and no other.
 #[derive(Debug, Clone)]
 pub struct PlanLog<T> {
     pub initial_epoch: u64,
     pub initial_latest: Option<T>,
+    pub foreign: std::collections::BTreeSet<u64>,
+}
+
+impl<T> PlanLog<T> {
+    /// The epoch a commit after `epoch` takes: the next one no foreign plan took.
+    fn next_epoch(&self, epoch: u64) -> u64 {
+        let mut e = epoch + 1;
+        while self.foreign.contains(&e) {
+            e += 1;
+        }
+        e
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,8 +390,8 @@ impl<T: Clone + Eq + Hash> Model for PlanLog<T> {
 
     fn step(&self, state: &Self::State, input: &Self::Input, output: Option<&Self::Output>) -> Option<Self::State> {
         match (input, output) {
-            (PlanInput::Commit(t), None) => Some((state.0 + 1, Some(t.clone()))),
-            (PlanInput::Commit(t), Some(PlanOutput::Committed { epoch })) if *epoch == state.0 + 1 => {
+            (PlanInput::Commit(t), None) => Some((self.next_epoch(state.0), Some(t.clone()))),
+            (PlanInput::Commit(t), Some(PlanOutput::Committed { epoch })) if *epoch == self.next_epoch(state.0) => {
                 Some((*epoch, Some(t.clone())))
             }
             (PlanInput::ReadLatest, None) => Some(state.clone()),
@@ -453,6 +467,7 @@ mod tests {
         let model = PlanLog {
             initial_epoch: 0,
             initial_latest: None,
+            foreign: Default::default(),
         };
         let plans = [
             Operation::ok(0, PlanInput::Commit("a"), PlanOutput::Committed { epoch: 1 }, 0, 10),
@@ -472,6 +487,7 @@ mod tests {
         let model = PlanLog {
             initial_epoch: 4,
             initial_latest: Some("x"),
+            foreign: Default::default(),
         };
         let ok = [
             Operation::ok(0, PlanInput::Commit("a"), PlanOutput::Committed { epoch: 5 }, 0, 50),
@@ -491,6 +507,27 @@ mod tests {
         let mut dup = ok.clone();
         dup[1].output = Some(PlanOutput::Committed { epoch: 5 });
         assert!(!check(&model, &dup, BUDGET).is_linearizable());
+    }
+
+    #[test]
+    fn commits_skip_foreign_epochs_and_no_others() {
+        let model = PlanLog {
+            initial_epoch: 1,
+            initial_latest: Some("x"),
+            foreign: [2, 3].into_iter().collect(),
+        };
+        let commit =
+            |c, p, epoch, call, ret| Operation::ok(c, PlanInput::Commit(p), PlanOutput::Committed { epoch }, call, ret);
+        let read = |epoch, plan| Operation::ok(9, PlanInput::ReadLatest, PlanOutput::Latest { epoch, plan }, 60, 70);
+        // Epochs 2 and 3 went to another model's plans: the next commit takes 4.
+        assert!(check(&model, &[commit(0, "a", 4, 0, 10), read(4, Some("a"))], BUDGET).is_linearizable());
+        // 5 would skip 4, which no foreign plan took.
+        assert!(!check(&model, &[commit(0, "a", 5, 0, 10)], BUDGET).is_linearizable());
+        // Nor may a commit take a foreign epoch.
+        assert!(!check(&model, &[commit(0, "a", 3, 0, 10)], BUDGET).is_linearizable());
+        // Two commits: 4 then 5, in either real-time order the epochs say.
+        let two = [commit(0, "a", 5, 0, 50), commit(1, "b", 4, 10, 40), read(5, Some("a"))];
+        assert!(check(&model, &two, BUDGET).is_linearizable());
     }
 
     #[test]

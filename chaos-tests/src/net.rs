@@ -3,7 +3,9 @@
 //! With root (CAP_NET_ADMIN) every node runs in its own network namespace, joined to a bridge in
 //! the harness' namespace by a veth pair; a partition takes the node's veth down, so its packets
 //! are dropped by the kernel in both directions (no RST, connections hang as on a real network),
-//! and healing brings it back up. Without root the nodes share loopback and partitions are not
+//! and healing brings it back up. On a host whose bridged traffic goes through iptables with a
+//! FORWARD policy of DROP (Docker sets both), one ACCEPT rule for the bridge's own traffic is
+//! inserted, and removed with the bridge. Without root the nodes share loopback and partitions are not
 //! available. Everything set up here is torn down on drop; namespaces and links left behind by
 //! a harness that was itself SIGKILLed are removed by the next one.
 
@@ -91,6 +93,33 @@ fn ip(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Bridged packets pass iptables' FORWARD chain here (`br_netfilter` loaded and
+/// `bridge-nf-call-iptables` on, as Docker leaves a host); its policy may drop them.
+fn bridged_traffic_filtered() -> bool {
+    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables").is_ok_and(|v| v.trim() == "1")
+}
+
+/// The FORWARD rule that lets the bridge's nodes reach each other and the harness.
+fn forward_rule(bridge: &str) -> [&str; 6] {
+    ["-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+}
+
+fn iptables(op: &str, rule: &[&str]) -> Result<()> {
+    let out = Command::new("iptables")
+        .args(["-w", op, "FORWARD"])
+        .args(rule)
+        .output()
+        .context("running iptables")?;
+    if !out.status.success() {
+        bail!(
+            "iptables {op} FORWARD {} failed: {}",
+            rule.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -123,6 +152,9 @@ impl Namespaces {
         ip(&["link", "add", &self.bridge, "type", "bridge"])?;
         ip(&["addr", "add", &gw, "dev", &self.bridge])?;
         ip(&["link", "set", &self.bridge, "up"])?;
+        if bridged_traffic_filtered() {
+            iptables("-I", &forward_rule(&self.bridge)).context("letting the bridge's traffic past iptables")?;
+        }
         for i in 0..self.nodes {
             let ns = self.netns(i);
             let veth = self.veth(i);
@@ -166,6 +198,9 @@ impl Drop for Namespaces {
             let _ = ip(&["netns", "del", &self.netns(i)]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
+        if bridged_traffic_filtered() {
+            let _ = iptables("-D", &forward_rule(&self.bridge));
+        }
     }
 }
 
@@ -196,6 +231,21 @@ fn remove_stale() {
             let rest = name.strip_prefix("mb").or_else(|| name.strip_prefix("mv"));
             if rest.and_then(owner).is_some_and(|pid| !pid_alive(pid)) {
                 let _ = ip(&["link", "del", name]);
+            }
+        }
+    }
+    // FORWARD rules of dead harnesses' bridges.
+    if let Ok(out) = Command::new("iptables").args(["-w", "-S", "FORWARD"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["-A", "FORWARD", "-i", bridge, "-o", same, "-j", "ACCEPT"] = words.as_slice() {
+                let dead = bridge
+                    .strip_prefix("mb")
+                    .and_then(owner)
+                    .is_some_and(|pid| !pid_alive(pid));
+                if bridge == same && dead {
+                    let _ = iptables("-D", &forward_rule(bridge));
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Scenarios: start a cluster, drive load, inject one fault per trial, heal, and check the
 //! invariants over the recorded history.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -11,12 +11,14 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::cluster::{ControlPlane, RaftTiming};
-use crate::data_plane::{plan_holders, trace_arrivals, worker_health, Fleet, InferenceLoad};
+use crate::data_plane::{plan_holders, trace_arrivals, worker_health, FailoverClient, Fleet, InferenceLoad};
 use crate::linearizability::{
     check, Operation, PlanInput, PlanLog, PlanOutput, Register, RegisterInput, RegisterOutput, Verdict,
 };
 use crate::net::Network;
-use crate::workload::{model_spec, probe_write, AdminClient, AdminOp, Event, History, Load, OpResult, Outcome};
+use crate::workload::{
+    model_spec, plan, probe_write, AdminClient, AdminOp, Event, History, Load, OpResult, Outcome, MODEL,
+};
 
 /// The faults of issue 8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,10 +41,16 @@ pub enum Scenario {
     /// Every worker in turn drained (SIGTERM), restarted and active again before the next, as
     /// an upgrade rolls through the data plane, under inference load: no request may fail.
     WorkerRollingRestart,
+    /// One of the two endpoint replicas SIGKILLed under inference load: what it held is lost,
+    /// and the clients must fail over to the other; it is restarted and must serve again.
+    EndpointKill,
+    /// Each endpoint replica in turn stopped (SIGTERM: it stops accepting and finishes what it
+    /// holds), restarted and serving again before the next: no request may fail.
+    EndpointRollingRestart,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::LeaderKill,
         Scenario::FollowerKill,
         Scenario::LeaderPause,
@@ -53,6 +61,8 @@ impl Scenario {
         Scenario::FsyncFailure,
         Scenario::MembershipChange,
         Scenario::WorkerRollingRestart,
+        Scenario::EndpointKill,
+        Scenario::EndpointRollingRestart,
     ];
 
     /// The scenarios that run today (the control plane's).
@@ -78,6 +88,8 @@ impl Scenario {
             Scenario::FsyncFailure => "fsync-failure",
             Scenario::MembershipChange => "membership-change",
             Scenario::WorkerRollingRestart => "worker-rolling-restart",
+            Scenario::EndpointKill => "endpoint-kill",
+            Scenario::EndpointRollingRestart => "endpoint-rolling-restart",
         }
     }
 
@@ -89,15 +101,20 @@ impl Scenario {
                 | Scenario::WorkerDrain
                 | Scenario::MembershipChange
                 | Scenario::WorkerRollingRestart
+                | Scenario::EndpointRollingRestart
         )
     }
 
-    /// Faults of the data plane: workers and an endpoint run beside the control plane, and the
-    /// load is inference requests through the endpoint.
+    /// Faults of the data plane: workers and two endpoint replicas run beside the control
+    /// plane, and the load is inference requests through the endpoints.
     pub fn data_plane(self) -> bool {
         matches!(
             self,
-            Scenario::WorkerKill | Scenario::WorkerDrain | Scenario::WorkerRollingRestart
+            Scenario::WorkerKill
+                | Scenario::WorkerDrain
+                | Scenario::WorkerRollingRestart
+                | Scenario::EndpointKill
+                | Scenario::EndpointRollingRestart
         )
     }
 }
@@ -163,8 +180,18 @@ impl Config {
 pub struct ScenarioReport {
     pub scenario: String,
     pub trials: usize,
+    /// Every client request: inference and admin (the two below, summed).
     pub requests_ok: u64,
     pub requests_failed: u64,
+    /// Completions through the endpoints.
+    pub inference_ok: u64,
+    pub inference_failed: u64,
+    /// The admin clients' operations (the checked history).
+    pub admin_ok: u64,
+    pub admin_failed: u64,
+    /// Successful inference requests that reached an endpoint replica only after another
+    /// failed to answer.
+    pub requests_failed_over: u64,
     /// Over every fault: time from the fault to the first acknowledged write after it.
     pub failover_ms_max: f64,
     pub failover_ms_p99: f64,
@@ -193,9 +220,9 @@ pub struct ScenarioReport {
     pub failures: Vec<String>,
     /// Node logs and data kept for a failed scenario.
     pub kept: Option<String>,
-    /// The first few failed inference requests, as the client saw them (data-plane scenarios).
+    /// The first few failed inference requests, as the client saw them.
     pub request_errors: Vec<String>,
-    /// Latency of successful inference requests: median and max, ms (data-plane scenarios).
+    /// Latency of successful inference requests: median and max, ms.
     pub request_ms_p50: f64,
     pub request_ms_max: f64,
     /// What the load was: the arrival trace and its speed, or the admin clients.
@@ -209,6 +236,11 @@ impl ScenarioReport {
             trials: 0,
             requests_ok: 0,
             requests_failed: 0,
+            requests_failed_over: 0,
+            inference_ok: 0,
+            inference_failed: 0,
+            admin_ok: 0,
+            admin_failed: 0,
             failover_ms_max: 0.0,
             failover_ms_p99: 0.0,
             lost_acknowledged_writes: 0,
@@ -266,30 +298,26 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
     cp.wait_leader(Duration::from_secs(20)).await?;
     let nodes: Vec<_> = cp.admin_addrs().into_values().collect();
     let client = AdminClient::new(nodes.clone())?;
-    // Data-plane scenarios: 4 workers and an endpoint serving the built-in model, whose plans
-    // the admin load's plan commits and policy writes would disturb; their load is inference.
-    let mut fleet = None;
-    let mut inference = None;
-    let mut load_source = format!("{} admin clients, closed loop", cfg.clients);
-    if scenario.data_plane() {
-        let dir = cp.data_dir().to_path_buf();
-        let f = {
-            let cp = &cp;
-            tokio::task::block_in_place(|| Fleet::start(cp, WORKERS, &dir))?
-        };
-        wait_for(Duration::from_secs(30), "the model placed on every worker", || async {
-            plan_holders(&cp).await.is_some_and(|h| h.len() == WORKERS)
-        })
-        .await?;
-        let shared_dir = std::env::var_os("MOELESS_SHARED_DIR").map(std::path::PathBuf::from);
-        let (pace, source) = trace_arrivals(shared_dir.as_deref(), Duration::from_secs(3600), cfg.arrival_rate_scale);
-        load_source = source;
-        inference = Some(InferenceLoad::start(&f.endpoint_addr, pace)?);
-        fleet = Some(f);
-    } else {
-        register_model(&client).await?;
-    }
-    let admin_clients = if scenario.data_plane() { 0 } else { cfg.clients };
+    // The whole cluster in every scenario: 4 workers and 2 endpoint replicas serving the
+    // built-in model (placed on the workers by the control plane, which commits plans for it),
+    // inference load through the endpoints, and admin clients writing the policy and committing
+    // plans of the harness' own model (`MODEL`), whose history is checked.
+    let dir = cp.data_dir().to_path_buf();
+    let mut fleet = {
+        let cp = &cp;
+        tokio::task::block_in_place(|| Fleet::start(cp, WORKERS, ENDPOINTS, &dir))?
+    };
+    wait_for(Duration::from_secs(30), "the model placed on every worker", || async {
+        plan_holders(&cp).await.is_some_and(|h| h.len() == WORKERS)
+    })
+    .await?;
+    register_model(&cp, &client).await?;
+    let shared_dir = std::env::var_os("MOELESS_SHARED_DIR").map(std::path::PathBuf::from);
+    let (pace, source) = trace_arrivals(shared_dir.as_deref(), Duration::from_secs(3600), cfg.arrival_rate_scale);
+    let load_source = format!("{source}; {} admin clients, closed loop", cfg.clients);
+    let requests = FailoverClient::new(fleet.endpoint_addrs())?;
+    let inference = InferenceLoad::start(requests.clone(), pace);
+    let admin_clients = cfg.clients;
 
     let history = History::new();
     let initial = read_final(&client, &history)
@@ -304,9 +332,10 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
     let mut probe_id = 1000.max(cfg.clients);
     for trial in 0..cfg.trials {
         tokio::time::sleep(cfg.warmup).await;
-        let fault = match fleet.as_mut() {
-            Some(fleet) => inject_data_plane(scenario, cfg, &cp, fleet, trial).await,
-            None => inject(scenario, cfg, &mut cp, &client, &history, &mut probe_id).await,
+        let fault = if scenario.data_plane() {
+            inject_data_plane(scenario, cfg, &cp, &mut fleet, &requests, trial).await
+        } else {
+            inject(scenario, cfg, &mut cp, &client, &history, &mut probe_id).await
         };
         let events = match fault {
             Ok(e) => e,
@@ -324,36 +353,23 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
         }
     }
     load.stop().await;
-    let mut inference_counts = None;
-    let mut request_errors = Vec::new();
-    let mut request_ms = Vec::new();
-    if let Some(l) = inference {
-        let out = l.stop().await;
-        request_errors = out.errors.into_iter().take(5).collect();
-        request_ms = out.latencies_ms;
-        inference_counts = Some((out.ok, out.failed));
-    }
+    let inference = inference.stop().await;
     drop(fleet);
     if let Err(e) = cp.wait_converged(Duration::from_secs(20)).await {
         failures.push(format!("the cluster did not return to health: {e:#}"));
     }
     let last = read_final(&client, &history).await.context("reading the final state")?;
 
-    let mut events = history.events();
-    if scenario.data_plane() {
-        // The reconciler commits plans there (that is the point); the harness' reads of the
-        // latest plan before and after are not a history of client operations to check.
-        events.retain(|e| e.op != AdminOp::GetLatestPlan);
-    }
+    let events = history.events();
     let analysis = analyse(&events, &initial, &last, cfg.check_budget);
-    // Requests are the load clients' operations; the harness' own probes (sent every 50 ms
-    // into the fault, many of them stuck by design) and state reads are in the history only.
+    // Admin requests are the load clients' operations; the harness' own probes (sent every 50
+    // ms into the fault, many of them stuck by design) and state reads are in the history only.
     let load: Vec<&Event> = events.iter().filter(|e| e.client <= admin_clients).collect();
-    let (requests_ok, requests_failed) = inference_counts.unwrap_or_else(|| {
-        let ok = load.iter().filter(|e| matches!(e.outcome, Outcome::Ok(_))).count() as u64;
-        (ok, load.len() as u64 - ok)
-    });
-    let success_rate = requests_ok as f64 / ((requests_ok + requests_failed).max(1)) as f64;
+    let admin_ok = load.iter().filter(|e| matches!(e.outcome, Outcome::Ok(_))).count() as u64;
+    let admin_failed = load.len() as u64 - admin_ok;
+    let (requests_ok, requests_failed) = (inference.ok + admin_ok, inference.failed + admin_failed);
+    let rate = |ok: u64, failed: u64| ok as f64 / (ok + failed).max(1) as f64;
+    let success_rate = rate(requests_ok, requests_failed);
     if !analysis.verdict.is_linearizable() {
         failures.push(format!("history: {}", analysis.verdict_text));
     }
@@ -366,10 +382,15 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
             analysis.duplicate_epochs, analysis.applied_twice, analysis.twice
         ));
     }
-    if scenario.graceful() && requests_failed > 0 {
-        failures.push(format!("{requests_failed} requests failed in a graceful event"));
-    } else if success_rate < 0.999 {
-        failures.push(format!("success rate {:.4} below 0.999", success_rate));
+    for (what, ok, failed) in [
+        ("inference", inference.ok, inference.failed),
+        ("admin", admin_ok, admin_failed),
+    ] {
+        if scenario.graceful() && failed > 0 {
+            failures.push(format!("{failed} {what} requests failed in a graceful event"));
+        } else if rate(ok, failed) < 0.999 {
+            failures.push(format!("{what} success rate {:.4} below 0.999", rate(ok, failed)));
+        }
     }
     let failover_ms_max = failover.iter().copied().fold(0.0, f64::max);
     if failover_ms_max > 2000.0 {
@@ -391,6 +412,11 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
         trials: cfg.trials,
         requests_ok,
         requests_failed,
+        requests_failed_over: inference.failed_over,
+        inference_ok: inference.ok,
+        inference_failed: inference.failed,
+        admin_ok,
+        admin_failed,
         failover_ms_max,
         failover_ms_p99: percentile(&failover, 99.0),
         lost_acknowledged_writes: analysis.lost,
@@ -412,20 +438,39 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
         passed,
         failures,
         kept,
-        request_errors,
-        request_ms_p50: percentile(&request_ms, 50.0),
-        request_ms_max: request_ms.iter().copied().fold(0.0, f64::max),
+        request_errors: inference.errors.into_iter().take(5).collect(),
+        request_ms_p50: percentile(&inference.latencies_ms, 50.0),
+        request_ms_max: inference.latencies_ms.iter().copied().fold(0.0, f64::max),
         load: load_source,
     })
 }
 
-async fn register_model(client: &AdminClient) -> Result<()> {
+/// Registers the harness' model and leaves it without instances. With workers live the
+/// control plane places a new model at once ("initial static plan"); the harness waits for that
+/// plan and then commits an empty one, so that the checked history starts after every plan of
+/// this model the control plane will commit (its weights do not exist, and a plan without
+/// instances has nothing to re-place when a worker is lost).
+async fn register_model(cp: &ControlPlane, client: &AdminClient) -> Result<()> {
+    post_until_accepted(client, "/v1/models", &model_spec(), "registering the model").await?;
+    wait_for(Duration::from_secs(30), "the harness' model placed", || async {
+        cp.get_any(&format!("/v1/placement?model={MODEL}")).await.is_some()
+    })
+    .await?;
+    post_until_accepted(
+        client,
+        "/v1/placement",
+        &plan("harness: no instances"),
+        "emptying its plan",
+    )
+    .await
+}
+
+async fn post_until_accepted(client: &AdminClient, path: &str, body: &serde_json::Value, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = client.http_post_json(0, "/v1/models", &model_spec()).await;
-        match r {
+        match client.http_post_json(0, path, body).await {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e.context("registering the model")),
+            Err(e) if Instant::now() > deadline => return Err(e.context(what.to_string())),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -576,6 +621,8 @@ async fn inject(
 
 /// Workers of the data-plane scenarios.
 const WORKERS: usize = 4;
+/// Endpoint replicas of the data-plane scenarios (clients fail over between them).
+const ENDPOINTS: usize = 2;
 
 async fn wait_for<F, Fut>(within: Duration, what: &str, mut cond: F) -> Result<Duration>
 where
@@ -598,13 +645,57 @@ where
 /// worker-rolling-restart, every worker drained and restarted in turn. Failover: from the fault
 /// to the first plan without the worker (`None`: never within 15 s); recovery: from the restart
 /// to the worker active again.
+///
+/// endpoint-kill SIGKILLs one endpoint replica (trial `trial` picks it), endpoint-rolling-restart
+/// stops each in turn with SIGTERM. Failover: from the fault to the first answer to a request
+/// sent at the fault to that replica first (the client's failover); recovery: from the restart
+/// to the replica answering a request itself.
 async fn inject_data_plane(
     scenario: Scenario,
     cfg: &Config,
     cp: &ControlPlane,
     fleet: &mut Fleet,
+    requests: &FailoverClient,
     trial: usize,
 ) -> Result<Vec<(Option<Duration>, Duration)>> {
+    let replicas = fleet.endpoint_addrs().len();
+    match scenario {
+        Scenario::EndpointKill => {
+            let i = trial % replicas;
+            let at = Instant::now();
+            fleet.kill_endpoint(i);
+            let served = first_answer(requests, i, at, true).await?;
+            tokio::time::sleep(cfg.after_failover).await;
+            return Ok(vec![(served, restart_endpoint(fleet, i).await?)]);
+        }
+        Scenario::EndpointRollingRestart => {
+            let mut events = Vec::new();
+            for i in 0..replicas {
+                let at = Instant::now();
+                fleet.terminate_endpoint(i)?;
+                let served = first_answer(requests, i, at, false).await?;
+                let exit = loop {
+                    if let Some(status) = fleet.try_exit_endpoint(i)? {
+                        break status;
+                    }
+                    if at.elapsed() > Duration::from_secs(40) {
+                        fleet.kill_endpoint(i);
+                        bail!("endpoint {} did not exit within 40 s of SIGTERM", i + 1);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                if !exit.success() {
+                    bail!(
+                        "endpoint {} exited with {exit} after SIGTERM (a graceful stop must exit 0)",
+                        i + 1
+                    );
+                }
+                events.push((served, restart_endpoint(fleet, i).await?));
+            }
+            return Ok(events);
+        }
+        _ => {}
+    }
     // The victim holds experts: a worker back from an earlier trial may hold none (plans do not
     // move experts back to it until a rebalance), so take the trial's turn among the holders.
     let holders: Vec<u64> = plan_holders(cp)
@@ -678,6 +769,36 @@ async fn restart_worker(cp: &ControlPlane, fleet: &mut Fleet, id: u64) -> Result
     Ok(healed.elapsed())
 }
 
+/// How long after `at` a request sent first to endpoint replica `i`, just stopped, was answered
+/// (by another replica, once `i` refuses); `None` if it failed. An error if `i` itself answered
+/// after it was `killed` (the fault did not happen; a SIGTERMed replica may still answer until
+/// it has handled the signal).
+async fn first_answer(requests: &FailoverClient, i: usize, at: Instant, killed: bool) -> Result<Option<Duration>> {
+    match requests.complete(i, "chaos probe: which replica answers?", 1).await {
+        Ok(done) if killed && done.failed_over == 0 => {
+            bail!("endpoint {} answered after it was stopped", i + 1)
+        }
+        Ok(_) => Ok(Some(at.elapsed())),
+        Err(e) => {
+            tracing::warn!(error = %e, "no replica answered the probe");
+            Ok(None)
+        }
+    }
+}
+
+/// Starts endpoint replica `i` again on its port and waits until it answers a completion itself;
+/// how long that took.
+async fn restart_endpoint(fleet: &mut Fleet, i: usize) -> Result<Duration> {
+    let healed = Instant::now();
+    tokio::task::block_in_place(|| fleet.start_endpoint(i))?;
+    let alone = FailoverClient::new(&fleet.endpoint_addrs()[i..=i])?;
+    alone
+        .complete(0, "chaos probe: back?", 1)
+        .await
+        .map_err(|e| anyhow::anyhow!("restarted endpoint {} does not answer: {e}", i + 1))?;
+    Ok(healed.elapsed())
+}
+
 /// The highest applied index among `nodes` (the leader's, or close to it).
 async fn leader_log(cp: &ControlPlane, nodes: &[usize]) -> u64 {
     let mut best = 0;
@@ -715,12 +836,15 @@ async fn wait_recovered(cp: &ControlPlane, target: u64, healed: Instant) -> Resu
     }
 }
 
-/// The state read linearizably through the leader: the policy tag, and every plan by epoch.
+/// The state read linearizably through the leader: the policy tag, the latest epoch of the
+/// harness' model, and every plan up to it by epoch (the harness' plans by reason; `foreign`: the
+/// epochs of other models' plans, the reconciler's for the served model).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub policy: u64,
     pub latest_epoch: u64,
     pub plans: BTreeMap<u64, Option<String>>,
+    pub foreign: BTreeSet<u64>,
 }
 
 async fn read_final(client: &AdminClient, history: &History) -> Result<Snapshot> {
@@ -744,17 +868,22 @@ async fn read_final(client: &AdminClient, history: &History) -> Result<Snapshot>
         node += 1;
     };
     let mut plans = BTreeMap::new();
+    let mut foreign = BTreeSet::new();
     for epoch in 1..=latest {
         let v = client
             .http_get_linearizable(&format!("/v1/placement/{epoch}"), Duration::from_secs(10), &mut node)
             .await
             .with_context(|| format!("reading plan {epoch}"))?;
+        if v.as_ref().is_some_and(|v| v["model"].as_str() != Some(MODEL)) {
+            foreign.insert(epoch);
+        }
         plans.insert(epoch, v.and_then(|v| v["reason"].as_str().map(String::from)));
     }
     Ok(Snapshot {
         policy,
         latest_epoch: latest,
         plans,
+        foreign,
     })
 }
 
@@ -904,6 +1033,7 @@ fn analyse(events: &[Event], initial: &Snapshot, last: &Snapshot, budget: Durati
         &PlanLog {
             initial_epoch: initial.latest_epoch,
             initial_latest: initial_reason,
+            foreign: last.foreign.clone(),
         },
         &plan_ops,
         budget,
@@ -984,6 +1114,7 @@ mod tests {
             policy,
             latest_epoch: plans.last().map_or(0, |p| p.0),
             plans: plans.iter().map(|(e, r)| (*e, Some(r.to_string()))).collect(),
+            foreign: BTreeSet::new(),
         }
     }
 

@@ -28,6 +28,9 @@ use crate::cluster::ADMIN_TOKEN;
 /// The model every plan is committed for (registered once by the harness).
 pub const MODEL: &str = "chaos";
 
+/// The latest plan of [`MODEL`].
+const LATEST_PLAN: &str = "/v1/placement?model=chaos";
+
 pub fn model_spec() -> Value {
     json!({"name": MODEL, "architecture": "mixtral", "num_layers": 1, "num_experts": 2, "top_k": 1, "weights": "/nonexistent"})
 }
@@ -174,7 +177,9 @@ impl AdminClient {
             AdminOp::PutPolicy(tag) => (reqwest::Method::PUT, "/v1/policy", Some(policy(*tag))),
             AdminOp::GetPolicy => (reqwest::Method::GET, "/v1/policy", None),
             AdminOp::CommitPlan(reason) => (reqwest::Method::POST, "/v1/placement", Some(plan(reason))),
-            AdminOp::GetLatestPlan => (reqwest::Method::GET, "/v1/placement", None),
+            // The harness' model only: the control plane commits plans of its own for the
+            // model the endpoints serve, whose epochs the checker takes from the final log.
+            AdminOp::GetLatestPlan => (reqwest::Method::GET, LATEST_PLAN, None),
             AdminOp::Probe(tag) => (
                 reqwest::Method::PUT,
                 "/v1/predictor",

@@ -16,9 +16,8 @@ pub enum ChaosCommand {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// A scenario (leader-kill, follower-kill, leader-pause, leader-partition, rolling-restart,
-    /// fsync-failure, membership-change, worker-kill, worker-drain, worker-rolling-restart),
-    /// `control-plane` for the
-    /// first seven, or `all`.
+    /// fsync-failure, membership-change, worker-kill, worker-drain, worker-rolling-restart,
+    /// endpoint-kill, endpoint-rolling-restart), `control-plane` for the first seven, or `all`.
     #[arg(long)]
     scenario: String,
     /// Faults per scenario (one cluster per scenario, one fault per trial).
@@ -106,8 +105,8 @@ pub fn run(c: ChaosCommand) -> Result<()> {
 
 fn print_table(reports: &[ScenarioReport]) {
     println!(
-        "{:<22} {:>6} {:>8} {:>7} {:>9} {:>9} {:>5} {:>6} {:>9}  result",
-        "scenario", "trials", "ok", "failed", "fo_max_ms", "fo_p99_ms", "lost", "linear", "recov_ms"
+        "{:<25} {:>6} {:>8} {:>7} {:>8} {:>9} {:>9} {:>5} {:>6} {:>9}  result",
+        "scenario", "trials", "ok", "failed", "rerouted", "fo_max_ms", "fo_p99_ms", "lost", "linear", "recov_ms"
     );
     for r in reports {
         let result = if r.trials == 0 {
@@ -118,11 +117,12 @@ fn print_table(reports: &[ScenarioReport]) {
             format!("FAIL: {}", r.failures.join("; "))
         };
         println!(
-            "{:<22} {:>6} {:>8} {:>7} {:>9.1} {:>9.1} {:>5} {:>6} {:>9.1}  {}",
+            "{:<25} {:>6} {:>8} {:>7} {:>8} {:>9.1} {:>9.1} {:>5} {:>6} {:>9.1}  {}",
             r.scenario,
             r.trials,
             r.requests_ok,
             r.requests_failed,
+            r.requests_failed_over,
             r.failover_ms_max,
             r.failover_ms_p99,
             r.lost_acknowledged_writes,
