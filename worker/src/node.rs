@@ -643,26 +643,44 @@ fn heartbeat(state: &State) -> wpb::HeartbeatRequest {
 
 /// Heartbeats every control-plane node (so whichever becomes leader has fresh liveness), and
 /// re-registers where the worker is unknown.
-async fn heartbeat_loop(state: Arc<State>, control: ControlClient, advertise: String, mut stop: watch::Receiver<bool>) {
-    loop {
-        let hb = heartbeat(&state);
-        for addr in control.addresses() {
-            let Ok(mut c) = control.worker_at(addr.clone()).await else {
-                continue;
-            };
-            match c.heartbeat(hb.clone()).await {
-                Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::NotFound && !state.draining.load(Ordering::SeqCst) => {
-                    let _ = c.register(register_request(&state.opts, &advertise)).await;
+/// Heartbeats every control-plane node, each on its own cadence: a node that accepts
+/// connections but never answers (stopped, overloaded) must not delay the heartbeats the leader
+/// counts on, or the leader declares a live worker dead (it did, under leader-pause, when the
+/// nodes were called one after another).
+async fn heartbeat_loop(state: Arc<State>, control: ControlClient, advertise: String, stop: watch::Receiver<bool>) {
+    let mut each = tokio::task::JoinSet::new();
+    for addr in control.addresses() {
+        let (state, control, advertise, mut stop) = (state.clone(), control.clone(), advertise.clone(), stop.clone());
+        each.spawn(async move {
+            // A call left unanswered this long is given up; the next one goes out on time.
+            let limit = (state.opts.heartbeat * 4).max(Duration::from_millis(500));
+            loop {
+                let hb = heartbeat(&state);
+                let call = async {
+                    let mut c = control.worker_at(addr.clone()).await?;
+                    match c.heartbeat(hb).await {
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::NotFound && !state.draining.load(Ordering::SeqCst) => {
+                            c.register(register_request(&state.opts, &advertise)).await?;
+                        }
+                        Err(s) => tracing::debug!(%addr, error = %s, "heartbeat"),
+                    }
+                    anyhow::Ok(())
+                };
+                match tokio::time::timeout(limit, call).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%addr, error = %e, "heartbeat"),
+                    Err(_) => tracing::debug!(%addr, ?limit, "heartbeat unanswered"),
                 }
-                Err(s) => tracing::debug!(%addr, error = %s, "heartbeat"),
+                tokio::select! {
+                    _ = tokio::time::sleep(state.opts.heartbeat) => {}
+                    _ = stop.changed() => return,
+                }
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(state.opts.heartbeat) => {}
-            _ = stop.changed() => return,
-        }
+        });
     }
+    drop(stop);
+    while each.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
