@@ -23,7 +23,15 @@ fn chaos_scenarios_keep_their_invariants() {
     let out = dir.path().join("report.json");
     let run = Command::new(env!("CARGO_BIN_EXE_moeless"))
         .args(["chaos", "run", "--scenario", "all", "--trials", "1"])
-        .args(["--pause-ms", "3000", "--partition-ms", "3000", "--out"])
+        .args([
+            "--pause-ms",
+            "3000",
+            "--partition-ms",
+            "3000",
+            "--arrival-rate-scale",
+            "8",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .expect("run moeless chaos");
@@ -85,8 +93,12 @@ fn chaos_scenarios_keep_their_invariants() {
         }
         // Every scenario runs the whole cluster: inference through the endpoints and the admin
         // clients' checked history, both under load.
-        for class in ["inference_ok", "admin_ok"] {
-            assert!(r[class].as_u64().unwrap_or(0) > 5, "{name}: too little {class}: {r}");
+        // (One short trial each: a few seconds of the trace, replayed 8x as fast.)
+        for (class, least) in [("inference_ok", 3), ("admin_ok", 20)] {
+            assert!(
+                r[class].as_u64().unwrap_or(0) >= least,
+                "{name}: too little {class}: {r}"
+            );
         }
         assert!(
             r["failures"].as_array().is_some_and(|f| f.iter().all(|f| f
