@@ -317,13 +317,12 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
     let load_source = format!("{source}; {} admin clients, closed loop", cfg.clients);
     let requests = FailoverClient::new(fleet.endpoint_addrs())?;
     let inference = InferenceLoad::start(requests.clone(), pace);
-    let admin_clients = cfg.clients;
 
     let history = History::new();
     let initial = read_final(&client, &history)
         .await
         .context("reading the initial state")?;
-    let load = Load::start(&client, &history, admin_clients, cfg.think);
+    let load = Load::start(&client, &history, cfg.clients, cfg.think);
 
     let mut failover = Vec::new();
     let mut recovery = Vec::new();
@@ -364,7 +363,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
     let analysis = analyse(&events, &initial, &last, cfg.check_budget);
     // Admin requests are the load clients' operations; the harness' own probes (sent every 50
     // ms into the fault, many of them stuck by design) and state reads are in the history only.
-    let load: Vec<&Event> = events.iter().filter(|e| e.client <= admin_clients).collect();
+    let load: Vec<&Event> = events.iter().filter(|e| e.client <= cfg.clients).collect();
     let admin_ok = load.iter().filter(|e| matches!(e.outcome, Outcome::Ok(_))).count() as u64;
     let admin_failed = load.len() as u64 - admin_ok;
     let (requests_ok, requests_failed) = (inference.ok + admin_ok, inference.failed + admin_failed);
