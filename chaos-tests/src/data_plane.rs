@@ -3,6 +3,7 @@
 //! that send OpenAI completions through them, fail over between them as a client behind a load
 //! balancer does, and count what came back.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -471,12 +472,49 @@ struct Tally {
     failed_over: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
     latencies_ms: Arc<Mutex<Vec<f64>>>,
+    backlog: Backlog,
+}
+
+/// The requests in flight (by arrival number) and when each was sent.
+#[derive(Clone, Default)]
+pub struct Backlog(Arc<Mutex<BTreeMap<usize, std::time::Instant>>>);
+
+impl Backlog {
+    fn sent_before(&self, t: std::time::Instant) -> usize {
+        self.0
+            .lock()
+            .map(|m| m.values().filter(|&&s| s < t).count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until every request sent before `since` has finished (answered or failed), so
+    /// that a fault's backlog is gone before the next fault; how long that took. An error if
+    /// some are still in flight after `limit`.
+    pub async fn drained(&self, since: std::time::Instant, limit: Duration) -> Result<Duration> {
+        loop {
+            let left = self.sent_before(since);
+            if left == 0 {
+                return Ok(since.elapsed());
+            }
+            if since.elapsed() > limit {
+                bail!("{left} requests sent before healing still in flight {limit:?} after it");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Tally {
     async fn send(&self, client: &FailoverClient, k: usize, prompt: &str, max_tokens: usize) {
         let sent = std::time::Instant::now();
-        match client.complete(k, prompt, max_tokens).await {
+        if let Ok(mut m) = self.backlog.0.lock() {
+            m.insert(k, sent);
+        }
+        let result = client.complete(k, prompt, max_tokens).await;
+        if let Ok(mut m) = self.backlog.0.lock() {
+            m.remove(&k);
+        }
+        match result {
             Ok(done) => {
                 if let Ok(mut v) = self.latencies_ms.lock() {
                     v.push(sent.elapsed().as_secs_f64() * 1e3);
@@ -497,6 +535,11 @@ impl Tally {
 }
 
 impl InferenceLoad {
+    /// The requests in flight, to wait for a fault's backlog to drain.
+    pub fn backlog(&self) -> Backlog {
+        self.tally.backlog.clone()
+    }
+
     /// Sends one request per arrival of `pace` through `client`, spread over its endpoints.
     pub fn start(client: FailoverClient, pace: Pace) -> Self {
         let prompts = Arc::new(prompts());

@@ -200,6 +200,9 @@ pub struct ScenarioReport {
     /// The longest time from healing to every node up, agreeing on one leader and term, and
     /// caught up with the leader's log as it was at healing.
     pub recovery_ms: f64,
+    /// The longest time from healing until every inference request sent before it had
+    /// finished: the fault's backlog gone (the next fault waits for it).
+    pub drain_ms_max: f64,
     /// Below here: detail beyond the fields.
     pub success_rate: f64,
     /// Acknowledged plan commits that were answered an epoch another commit was also answered,
@@ -246,6 +249,7 @@ impl ScenarioReport {
             lost_acknowledged_writes: 0,
             linearizable: false,
             recovery_ms: 0.0,
+            drain_ms_max: 0.0,
             success_rate: 0.0,
             duplicate_plan_epochs: 0,
             plans_applied_twice: 0,
@@ -317,6 +321,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
     let load_source = format!("{source}; {} admin clients, closed loop", cfg.clients);
     let requests = FailoverClient::new(fleet.endpoint_addrs())?;
     let inference = InferenceLoad::start(requests.clone(), pace);
+    let backlog = inference.backlog();
 
     let history = History::new();
     let initial = read_final(&client, &history)
@@ -326,6 +331,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
 
     let mut failover = Vec::new();
     let mut recovery = Vec::new();
+    let mut drain = Vec::new();
     let mut failures = Vec::new();
     // Probe client ids start above every load client's.
     let mut probe_id = 1000.max(cfg.clients);
@@ -349,6 +355,16 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
                 None => failures.push(format!("trial {}: no write succeeded after the fault", trial + 1)),
             }
             recovery.push(ms(r));
+        }
+        // The next fault only once this one's backlog is gone: a replica left to carry the
+        // load alone queues requests, and a fault on top of an undrained queue would measure
+        // the queue, not the fault.
+        match backlog.drained(Instant::now(), Duration::from_secs(90)).await {
+            Ok(d) => drain.push(ms(d)),
+            Err(e) => {
+                failures.push(format!("trial {}: {e:#}", trial + 1));
+                break;
+            }
         }
     }
     load.stop().await;
@@ -421,6 +437,7 @@ pub async fn run(scenario: Scenario, cfg: &Config) -> Result<ScenarioReport> {
         lost_acknowledged_writes: analysis.lost,
         linearizable: analysis.verdict.is_linearizable(),
         recovery_ms: recovery.iter().copied().fold(0.0, f64::max),
+        drain_ms_max: drain.iter().copied().fold(0.0, f64::max),
         success_rate,
         duplicate_plan_epochs: analysis.duplicate_epochs,
         plans_applied_twice: analysis.applied_twice,

@@ -105,8 +105,18 @@ pub fn run(c: ChaosCommand) -> Result<()> {
 
 fn print_table(reports: &[ScenarioReport]) {
     println!(
-        "{:<25} {:>6} {:>8} {:>7} {:>8} {:>9} {:>9} {:>5} {:>6} {:>9}  result",
-        "scenario", "trials", "ok", "failed", "rerouted", "fo_max_ms", "fo_p99_ms", "lost", "linear", "recov_ms"
+        "{:<25} {:>6} {:>8} {:>7} {:>8} {:>9} {:>9} {:>5} {:>6} {:>9} {:>9}  result",
+        "scenario",
+        "trials",
+        "ok",
+        "failed",
+        "rerouted",
+        "fo_max_ms",
+        "fo_p99_ms",
+        "lost",
+        "linear",
+        "recov_ms",
+        "drain_ms"
     );
     for r in reports {
         let result = if r.trials == 0 {
@@ -117,7 +127,7 @@ fn print_table(reports: &[ScenarioReport]) {
             format!("FAIL: {}", r.failures.join("; "))
         };
         println!(
-            "{:<25} {:>6} {:>8} {:>7} {:>8} {:>9.1} {:>9.1} {:>5} {:>6} {:>9.1}  {}",
+            "{:<25} {:>6} {:>8} {:>7} {:>8} {:>9.1} {:>9.1} {:>5} {:>6} {:>9.1} {:>9.1}  {}",
             r.scenario,
             r.trials,
             r.requests_ok,
@@ -128,6 +138,7 @@ fn print_table(reports: &[ScenarioReport]) {
             r.lost_acknowledged_writes,
             r.linearizable,
             r.recovery_ms,
+            r.drain_ms_max,
             result
         );
     }
