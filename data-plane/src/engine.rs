@@ -141,6 +141,11 @@ impl Engine {
         &self.model
     }
 
+    /// The expert functions every routed expert runs through.
+    pub fn experts(&self) -> &Arc<dyn ExpertFunction> {
+        &self.experts
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.model.config
     }
