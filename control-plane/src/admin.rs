@@ -131,7 +131,21 @@ fn prometheus() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
         .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(h) => Some(h),
+            Ok(h) => {
+                // Histogram samples are buffered until `run_upkeep`; without a scrape they would
+                // pile up with every commit, so a thread folds them in every second.
+                let handle = h.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-upkeep".into())
+                    .spawn(move || loop {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        handle.run_upkeep();
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "no metrics upkeep thread: samples wait for a scrape");
+                }
+                Some(h)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "Prometheus recorder not installed");
                 None

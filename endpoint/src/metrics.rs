@@ -26,9 +26,28 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
+            spawn_upkeep(handle.clone());
             Some(handle)
         })
         .as_ref()
+}
+
+/// How often the recorder folds its buffered histogram samples into the histograms.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `install_recorder` leaves upkeep to the caller: histogram samples are buffered until
+/// `run_upkeep`, so without a scrape every request's samples would be kept (a leak that grows
+/// with the requests served; caught by tests/t07_sustained_load.rs). A thread does it.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no metrics upkeep thread: histogram samples wait for a scrape");
+    }
 }
 
 fn describe() {

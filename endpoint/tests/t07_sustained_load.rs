@@ -1,0 +1,163 @@
+//! A thousand requests at concurrency 64: none fails, and the server's memory does not grow
+//! with the number of requests served. Memory is the heap this test process holds live (a
+//! counting allocator: exact, unlike RSS, which keeps freed pages) measured after a warm-up
+//! and again after the rest, with the same idle client connections open at both points; a
+//! request that leaked its KV cache (~70 KB here) would add megabytes.
+//! The only test in its binary, so nothing else allocates meanwhile.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the counter is a side note.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const CONCURRENCY: usize = 64;
+const MAX_TOKENS: u64 = 12;
+
+/// Sends requests `range` (streamed and not, completions and chat, prompts of varied length)
+/// `CONCURRENCY` at a time; the failures, described.
+async fn round(c: &reqwest::Client, base: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    futures_util::stream::iter(range)
+        .map(|i| {
+            let (c, base) = (c.clone(), base.to_string());
+            async move {
+                let stream = i % 2 == 0;
+                let prompt = format!("request {i}: {}", "y".repeat(i % 97));
+                let (path, mut body) = if i % 3 == 0 {
+                    (
+                        "/v1/chat/completions",
+                        json!({"messages": [{"role": "user", "content": prompt}]}),
+                    )
+                } else {
+                    ("/v1/completions", json!({"prompt": prompt}))
+                };
+                body["max_tokens"] = json!(MAX_TOKENS);
+                body["ignore_eos"] = json!(true);
+                if stream {
+                    body["stream"] = json!(true);
+                    body["stream_options"] = json!({"include_usage": true});
+                }
+                let r = match c.post(format!("{base}{path}")).json(&body).send().await {
+                    Ok(r) => r,
+                    Err(e) => return Some(format!("request {i}: {e}")),
+                };
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap_or_default();
+                let usage = if stream {
+                    let data = sse_data(&text);
+                    if data.last().map(String::as_str) != Some("[DONE]") || data.len() < 2 {
+                        return Some(format!("request {i}: stream did not end with [DONE]: {text}"));
+                    }
+                    serde_json::from_str::<Value>(&data[data.len() - 2]).ok()
+                } else {
+                    serde_json::from_str::<Value>(&text).ok()
+                };
+                let tokens = usage.as_ref().and_then(|v| v["usage"]["completion_tokens"].as_u64());
+                (status != 200 || tokens != Some(MAX_TOKENS))
+                    .then(|| format!("request {i}: status {status}, completion tokens {tokens:?}: {text}"))
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .filter_map(|failure| async move { failure })
+        .collect()
+        .await
+}
+
+/// Live heap bytes once the server is idle again.
+async fn live_when_idle(server: &endpoint::Server) -> isize {
+    let stats = server.stats().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.running.load(Ordering::Relaxed) + stats.waiting.load(Ordering::Relaxed) > 0
+        || stats.kv_blocks_used.load(Ordering::Relaxed) > 0
+    {
+        assert!(Instant::now() < deadline, "the server did not go idle: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Let connection tasks finish their last writes, and the metrics recorder's upkeep fold
+    // the buffered histogram samples in (nobody scrapes /metrics here).
+    tokio::time::sleep(endpoint::metrics::UPKEEP_INTERVAL * 2).await;
+    LIVE.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_at_concurrency_64_fail_none_and_leave_no_memory_behind() {
+    let mut cfg = config();
+    cfg.max_num_seqs = CONCURRENCY;
+    let (server, base) = start(cfg).await;
+    let c = client();
+    let started = Instant::now();
+    let mut failures = round(&c, &base, 0..200).await;
+    let warm = live_when_idle(&server).await;
+    failures.extend(round(&c, &base, 200..600).await);
+    let middle = live_when_idle(&server).await;
+    failures.extend(round(&c, &base, 600..1000).await);
+    let end = live_when_idle(&server).await;
+    let elapsed = started.elapsed();
+    assert!(
+        failures.is_empty(),
+        "{} of 1000 requests failed; first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    let mib = |b: isize| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "1000 requests x {MAX_TOKENS} tokens at concurrency {CONCURRENCY}: {:.1} s; live heap after 200: {:.2} MiB, \
+         after 600: {:.2} MiB, after 1000: {:.2} MiB",
+        elapsed.as_secs_f64(),
+        mib(warm),
+        mib(middle),
+        mib(end)
+    );
+    // 800 requests after the warm-up may leave at most 256 KiB more live. Between healthy runs
+    // the live heap moves by up to ~150 KiB (connection buffers, metric
+    // sketches); one KV cache kept per request would be ~55 MiB, 330 bytes kept per request
+    // ~260 KiB. (The leak found with this test, ~260 bytes of metric samples per request kept
+    // until a scrape, showed as a steady 0.1 MiB per 400 requests over 3,400 of them.)
+    assert!(
+        end - warm < 256 << 10,
+        "live heap grew {:.2} MiB over 800 requests (after 200: {:.2}, 600: {:.2}, 1000: {:.2} MiB)",
+        mib(end - warm),
+        mib(warm),
+        mib(middle),
+        mib(end)
+    );
+    server.shutdown().await.expect("clean stop");
+}
