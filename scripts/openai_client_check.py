@@ -8,36 +8,16 @@ or $MOELESS_BIN).
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import openai
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from local_server import free_port, wait_healthy  # noqa: E402
+
 KEY = "check-key"
 MODEL = "moeless-builtin"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base, proc, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited early with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit("server did not become healthy")
 
 
 def expect_error(cls, fn):

@@ -35,7 +35,7 @@ pub struct Limits {
     pub max_n: usize,
 }
 
-const MAX_STOPS: usize = 16;
+pub(crate) const MAX_STOPS: usize = 16;
 
 impl GenParams {
     /// `max_tokens_override` is chat's `max_completion_tokens`, which wins over `max_tokens`.

@@ -9,6 +9,7 @@ pub mod blocks;
 pub mod error;
 pub mod generation;
 pub mod metrics;
+pub mod openapi;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

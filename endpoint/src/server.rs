@@ -230,6 +230,7 @@ fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics_route))
         .route("/version", get(version))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
@@ -290,6 +291,10 @@ async fn health(State(st): State<Arc<AppState>>) -> StatusCode {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     }
+}
+
+async fn openapi(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(crate::openapi::document(st.limits.max_n, crate::generation::MAX_STOPS))
 }
 
 async fn version() -> Json<Value> {
