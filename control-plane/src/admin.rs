@@ -557,6 +557,20 @@ async fn render_metrics(State(node): State<Node>) -> ApiResult {
         let n = views.iter().filter(|w| w.health == health).count();
         metrics::gauge!("moeless_workers", "node" => id.clone(), "health" => health.label()).set(n as f64);
     }
+    // Expert instances as each worker's latest heartbeat to this node reported them (workers
+    // expose no metrics endpoint of their own: the control plane is where they are scraped).
+    for w in &views {
+        let worker = w.spec.id.to_string();
+        let reported = node.worker_instances(w.spec.id).unwrap_or_default();
+        for st in crate::liveness::InstanceState::ALL {
+            let n = reported.iter().filter(|i| i.state == st).count();
+            metrics::gauge!("moeless_worker_instances", "node" => id.clone(), "worker" => worker.clone(), "state" => st.label())
+                .set(n as f64);
+        }
+        let slowest = reported.iter().map(|i| i.cold_start_ms).fold(0.0, f64::max);
+        metrics::gauge!("moeless_worker_cold_start_ms_max", "node" => id.clone(), "worker" => worker.clone())
+            .set(slowest);
+    }
     let text = prometheus().map(|h| h.render()).unwrap_or_default();
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

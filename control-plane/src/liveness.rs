@@ -25,6 +25,24 @@ pub enum InstanceState {
 #[error("unknown instance state {0:?} (loading, warm, idle, evicted)")]
 pub struct UnknownInstanceState(pub String);
 
+impl InstanceState {
+    pub const ALL: [InstanceState; 4] = [
+        InstanceState::Loading,
+        InstanceState::Warm,
+        InstanceState::Idle,
+        InstanceState::Evicted,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            InstanceState::Loading => "loading",
+            InstanceState::Warm => "warm",
+            InstanceState::Idle => "idle",
+            InstanceState::Evicted => "evicted",
+        }
+    }
+}
+
 impl FromStr for InstanceState {
     type Err = UnknownInstanceState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

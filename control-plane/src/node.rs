@@ -184,6 +184,9 @@ pub struct LoadBoard {
     pub worker_epochs: BTreeMap<u64, u64>,
     /// (layer, expert) -> tokens reported since the last scaling round (its load window).
     pub recent: BTreeMap<(u32, u32), u64>,
+    /// The window before: what the last round planned from, i.e. its forecast of this window.
+    #[serde(skip)]
+    pub previous: BTreeMap<(u32, u32), u64>,
 }
 
 /// A worker as this node sees it: the replicated record and the latest heartbeat it received.
@@ -476,12 +479,17 @@ impl Node {
         }
     }
 
-    /// The loads reported since the last call (the scaling round's window), emptying it.
-    pub fn take_recent_loads(&self) -> BTreeMap<(u32, u32), u64> {
+    /// The loads reported since the last call (the scaling round's window), emptying it, and the
+    /// window the previous call returned (the forecast a round plans from is its window).
+    pub fn take_recent_loads(&self) -> (crate::placement::ExpertLoads, crate::placement::ExpertLoads) {
         self.shared
             .loads
             .lock()
-            .map(|mut b| std::mem::take(&mut b.recent))
+            .map(|mut b| {
+                let recent = std::mem::take(&mut b.recent);
+                let previous = std::mem::replace(&mut b.previous, recent.clone());
+                (recent, previous)
+            })
             .unwrap_or_default()
     }
 

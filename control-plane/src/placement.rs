@@ -169,6 +169,24 @@ pub fn policy_plan(
     Ok(instances_from_plan(&plan, workers))
 }
 
+/// The error of `forecast` against `actual` (same shape): the mean over layers with load in
+/// both of the total-variation distance between their expert-load distributions, each
+/// normalised to sum 1 (0: the same proportions, 1: disjoint experts). `None` if no layer has
+/// load in both.
+pub fn forecast_error(forecast: &LoadMatrix, actual: &LoadMatrix) -> Option<f64> {
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for l in 0..forecast.num_layers().min(actual.num_layers()) {
+        let (f, a) = (forecast.layer(l), actual.layer(l));
+        let (fs, as_) = (f.iter().sum::<f64>(), a.iter().sum::<f64>());
+        if fs > 0.0 && as_ > 0.0 {
+            sum += f.iter().zip(a).map(|(x, y)| (x / fs - y / as_).abs()).sum::<f64>() / 2.0;
+            n += 1;
+        }
+    }
+    (n > 0).then(|| sum / n as f64)
+}
+
 /// `loads` as a validated layer x expert matrix of the model's shape (missing entries are 0,
 /// entries outside the shape are ignored).
 pub fn load_matrix(model: &ModelSpec, loads: &ExpertLoads) -> Result<LoadMatrix, PlacementError> {
@@ -319,6 +337,22 @@ mod tests {
             replace_lost_workers(&plan, &lost, &[]),
             Err(PlacementError::NoLiveWorkers)
         );
+    }
+
+    #[test]
+    fn forecast_error_is_the_mean_total_variation_over_layers_with_load() {
+        let m = model(3, 4);
+        let forecast: ExpertLoads = [((0, 0), 10), ((0, 1), 10), ((1, 2), 5), ((2, 3), 7)].into();
+        // Layer 0: half the load moved from expert 1 to expert 2 (TV 0.5); layer 1: same
+        // proportions at 4x the load (TV 0); layer 2: no load came (not counted).
+        let actual: ExpertLoads = [((0, 0), 20), ((0, 2), 20), ((1, 2), 20)].into();
+        let (f, a) = (load_matrix(&m, &forecast).unwrap(), load_matrix(&m, &actual).unwrap());
+        let e = forecast_error(&f, &a).expect("two layers with load");
+        assert!((e - 0.25).abs() < 1e-12, "{e}");
+        assert_eq!(forecast_error(&f, &f), Some(0.0));
+        let disjoint: ExpertLoads = [((0, 3), 1)].into();
+        assert_eq!(forecast_error(&f, &load_matrix(&m, &disjoint).unwrap()), Some(1.0));
+        assert_eq!(forecast_error(&f, &load_matrix(&m, &ExpertLoads::new()).unwrap()), None);
     }
 
     #[test]

@@ -13,7 +13,9 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::node::{Node, NodeError};
-use crate::placement::{balancedness, initial_plan, load_matrix, policy_plan, replace_lost_workers, Placement};
+use crate::placement::{
+    balancedness, forecast_error, initial_plan, load_matrix, policy_plan, replace_lost_workers, Placement,
+};
 use crate::state::{ClusterState, PlanIntent, WorkerHealth};
 use crate::types::{Command, CommandResponse};
 
@@ -175,6 +177,12 @@ pub struct ModelRound {
     pub epoch: Option<u64>,
     pub balancedness_before: Option<f64>,
     pub balancedness_after: Option<f64>,
+    /// How far the last round's forecast of this window (the loads it planned from: the window
+    /// before) was from the loads that came: the mean over layers of the total-variation
+    /// distance between the two expert-load distributions (0 exact, 1 disjoint). `None` on the
+    /// first round with load, or when a window had none. Also the `moeless_predictor_error`
+    /// gauge.
+    pub predictor_error: Option<f64>,
     /// Why this outcome (the plan's reason, or why no plan was committed).
     pub reason: String,
 }
@@ -198,7 +206,7 @@ pub async fn rebalance(node: &Node) -> Result<RebalanceReport, NodeError> {
     let mut last_round = node.scaling_round().await;
     *last_round = Instant::now();
     let mut state = node.linearizable_state().await?;
-    let loads = node.take_recent_loads();
+    let (loads, previous) = node.take_recent_loads();
     let fleet = fleet(node, &state, since, Instant::now());
     let placement_name = state.policy.placement.clone();
     let mut report = RebalanceReport {
@@ -239,6 +247,12 @@ pub async fn rebalance(node: &Node) -> Result<RebalanceReport, NodeError> {
                 .push(skipped(&model.name, "no load reported since the last round".into()));
             continue;
         }
+        let predictor_error = load_matrix(&model, &previous)
+            .ok()
+            .and_then(|forecast| forecast_error(&forecast, &matrix));
+        if let Some(e) = predictor_error {
+            metrics::gauge!("moeless_predictor_error", "model" => model.name.clone()).set(e);
+        }
         let candidate = match policy_plan(placement, &model, &loads, &fleet.live) {
             Ok(c) => c,
             Err(e) => {
@@ -253,6 +267,7 @@ pub async fn rebalance(node: &Node) -> Result<RebalanceReport, NodeError> {
             epoch: None,
             balancedness_before: Some(before),
             balancedness_after: Some(after),
+            predictor_error,
             reason: String::new(),
         };
         if after - before <= BALANCE_THRESHOLD {
@@ -282,6 +297,7 @@ fn skipped(model: &str, reason: String) -> ModelRound {
         epoch: None,
         balancedness_before: None,
         balancedness_after: None,
+        predictor_error: None,
         reason,
     }
 }

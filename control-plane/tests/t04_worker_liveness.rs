@@ -241,6 +241,22 @@ async fn dead_workers_are_replaced_and_come_back() {
     let metrics = api.get("/metrics").await.expect("metrics");
     let text = metrics.as_str().expect("text");
     assert!(text.contains("moeless_workers{"), "{text}");
+    // Each worker's heartbeat reports one warm instance that took 12.5 ms to start.
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with(name)
+                    && l.contains("worker=\"3\"")
+                    && (!name.contains("instances") || l.contains("state=\"warm\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+    };
+    assert_eq!(line("moeless_worker_instances{").as_deref(), Some("1"), "{text}");
+    assert_eq!(
+        line("moeless_worker_cold_start_ms_max{").as_deref(),
+        Some("12.5"),
+        "{text}"
+    );
 
     // A skewed load report and a scaling round under the MoEless policy.
     let policy = json!({"placement": "moeless", "predictor": "ema", "rebalance_interval_ms": 0, "keep_alive_ms": 1000, "max_replicas_per_expert": 4});
@@ -250,23 +266,26 @@ async fn dead_workers_are_replaced_and_come_back() {
     let mut engine = EngineServiceClient::connect(format!("http://{}", node.raft_addr))
         .await
         .expect("connect engine service");
-    let loads = (0..LAYERS as u32)
-        .flat_map(|l| {
-            (0..EXPERTS as u32).map(move |e| proto::engine::ExpertLoad {
+    // Every layer's load as `tokens(layer, expert)`, reported by one engine.
+    async fn report(engine: &mut EngineServiceClient<tonic::transport::Channel>, tokens: impl Fn(u32, u32) -> u64) {
+        let loads = (0..LAYERS as u32)
+            .flat_map(|l| (0..EXPERTS as u32).map(move |e| (l, e)))
+            .map(|(l, e)| proto::engine::ExpertLoad {
                 layer: l,
                 expert: e,
-                tokens: if e == l { 60_000 } else { 100 },
+                tokens: tokens(l, e),
             })
-        })
-        .collect();
-    engine
-        .report_load(proto::engine::ReportLoadRequest {
-            engine_id: "e1".into(),
-            window_ms: 1000,
-            loads,
-        })
-        .await
-        .expect("report load");
+            .collect();
+        engine
+            .report_load(proto::engine::ReportLoadRequest {
+                engine_id: "e1".into(),
+                window_ms: 1000,
+                loads,
+            })
+            .await
+            .expect("report load");
+    }
+    report(&mut engine, |l, e| if e == l { 60_000 } else { 100 }).await;
     let round = api.post("/v1/rebalance", Some(&json!({}))).await.expect("rebalance");
     let epoch = round["epoch"]
         .as_u64()
@@ -303,6 +322,28 @@ async fn dead_workers_are_replaced_and_come_back() {
     assert!(
         m["balancedness_after"].as_f64() > m["balancedness_before"].as_f64(),
         "{round}"
+    );
+    assert_eq!(m["predictor_error"], Value::Null, "no window before to judge: {round}");
+
+    // The predictor's error, round by round: the window a round plans from is its forecast of
+    // the next. The same proportions again: an exact forecast.
+    report(&mut engine, |l, e| if e == l { 30_000 } else { 50 }).await;
+    let same = api.post("/v1/rebalance", None).await.expect("rebalance");
+    let e = same["models"][0]["predictor_error"].as_f64();
+    assert!(e.is_some_and(|e| e.abs() < 1e-9), "{same}");
+    // Every layer's hot expert moves to the next expert: most of the load was mispredicted.
+    report(
+        &mut engine,
+        |l, e| if e == (l + 1) % EXPERTS as u32 { 60_000 } else { 100 },
+    )
+    .await;
+    let moved = api.post("/v1/rebalance", None).await.expect("rebalance");
+    let e = moved["models"][0]["predictor_error"].as_f64();
+    assert!(e.is_some_and(|e| e > 0.9), "{moved}");
+    let text = api.get("/metrics").await.expect("metrics");
+    assert!(
+        text.as_str().is_some_and(|t| t.contains("moeless_predictor_error{")),
+        "{text}"
     );
 
     for d in drivers {
