@@ -57,6 +57,8 @@ pub struct GenerationFields {
     pub stream_options: Option<StreamOptions>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// vLLM extension (> 0; 1 is off).
+    pub repetition_penalty: Option<f32>,
     pub logprobs: Option<Value>,
     /// vLLM extension: return prompt and generated token ids in each choice.
     #[serde(default)]

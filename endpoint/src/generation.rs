@@ -89,9 +89,19 @@ impl GenParams {
             ("frequency_penalty", f.frequency_penalty),
             ("presence_penalty", f.presence_penalty),
         ] {
-            if v.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::invalid_param(name, format!("{name} is not supported")));
+            if v.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("{name} must be in [-2, 2], got {}", v.unwrap_or_default()),
+                ));
             }
+        }
+        let repetition_penalty = f.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+            return Err(ApiError::invalid_param(
+                "repetition_penalty",
+                format!("repetition_penalty must be above 0, got {repetition_penalty}"),
+            ));
         }
         if f.logprobs
             .as_ref()
@@ -127,6 +137,9 @@ impl GenParams {
                 top_p,
                 top_k,
                 seed: f.seed,
+                presence_penalty: f.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+                repetition_penalty,
             },
             stops,
             stop_token_ids,

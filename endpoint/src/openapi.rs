@@ -62,8 +62,9 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
         "ignore_eos": {"type": "boolean", "description": "vLLM extension: generate past EOS"},
         "stream": {"type": "boolean"},
         "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}, "description": "Only with stream: true"},
-        "frequency_penalty": {"type": ["number", "null"], "const": 0, "description": "Only 0 (penalties are not supported)"},
-        "presence_penalty": {"type": ["number", "null"], "const": 0, "description": "Only 0 (penalties are not supported)"},
+        "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Subtracted from a token's logit per time it was generated"},
+        "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Subtracted once from the logit of every generated token"},
+        "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "vLLM extension: logits of prompt and generated tokens divided by it (positive) or multiplied (negative); 1 is off"},
         "logprobs": {"type": ["boolean", "null"], "const": false, "description": "Not supported"},
         "return_token_ids": {"type": "boolean", "description": "vLLM extension: prompt and generated token ids in each choice"}
     });

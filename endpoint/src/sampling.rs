@@ -1,5 +1,7 @@
-//! Next-token choice from one row of logits: greedy, or temperature / top-k / top-p sampling
-//! with a per-sequence random generator (seeded when the request gives a seed).
+//! Next-token choice from one row of logits: penalties on the tokens seen so far (OpenAI's
+//! presence and frequency penalties on the generated tokens, vLLM's repetition penalty on prompt
+//! and generated tokens), then greedy, or temperature / top-k / top-p sampling with a
+//! per-sequence random generator (seeded when the request gives a seed).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -13,6 +15,13 @@ pub struct SamplingParams {
     /// 0 keeps every token.
     pub top_k: usize,
     pub seed: Option<u64>,
+    /// Subtracted once from the logit of every token generated so far (OpenAI, in [-2, 2]).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated (OpenAI, in [-2, 2]).
+    pub frequency_penalty: f32,
+    /// vLLM's: the logit of every token in the prompt or generated so far is divided by it when
+    /// positive and multiplied by it when not (> 0; 1 is off).
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -22,6 +31,9 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
         }
     }
 }
@@ -29,6 +41,44 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature < 1e-5 || self.top_k == 1
+    }
+
+    pub fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
+    }
+
+    /// `logits` with the penalties applied, for a sequence whose tokens so far are `tokens`, the
+    /// last `generated` of them generated (the rest is the prompt).
+    pub fn penalize(&self, logits: &[f32], tokens: &[u32], generated: usize) -> Vec<f32> {
+        let mut out = logits.to_vec();
+        let prompt_len = tokens.len().saturating_sub(generated);
+        if self.repetition_penalty != 1.0 {
+            let mut seen = vec![false; out.len()];
+            for &t in tokens {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    *s = true;
+                }
+            }
+            for (v, _) in out.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+                *v = if *v > 0.0 {
+                    *v / self.repetition_penalty
+                } else {
+                    *v * self.repetition_penalty
+                };
+            }
+        }
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            let mut counts = vec![0u32; out.len()];
+            for &t in &tokens[prompt_len..] {
+                if let Some(c) = counts.get_mut(t as usize) {
+                    *c += 1;
+                }
+            }
+            for (v, &c) in out.iter_mut().zip(&counts).filter(|(_, &c)| c > 0) {
+                *v -= self.frequency_penalty * c as f32 + self.presence_penalty;
+            }
+        }
+        out
     }
 }
 
@@ -47,7 +97,16 @@ impl Sampler {
         Self { params, rng }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The next token of a sequence whose tokens so far are `tokens` (the last `generated` of
+    /// them generated), from its next-token `logits`.
+    pub fn sample(&mut self, logits: &[f32], tokens: &[u32], generated: usize) -> u32 {
+        let penalized;
+        let logits = if self.params.has_penalties() {
+            penalized = self.params.penalize(logits, tokens, generated);
+            &penalized[..]
+        } else {
+            logits
+        };
         if self.params.is_greedy() || logits.is_empty() {
             return data_plane::engine::argmax(logits);
         }
@@ -107,7 +166,7 @@ mod tests {
             },
             0,
         );
-        assert_eq!(s.sample(&[0.1, 3.0, 2.0]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[], 0), 1);
     }
 
     #[test]
@@ -125,7 +184,7 @@ mod tests {
         ] {
             let mut s = Sampler::new(p, 0);
             for _ in 0..20 {
-                assert_eq!(s.sample(&logits), 2);
+                assert_eq!(s.sample(&logits, &[], 0), 2);
             }
         }
     }
@@ -139,13 +198,53 @@ mod tests {
         };
         let a: Vec<u32> = {
             let mut s = Sampler::new(p, 0);
-            (0..30).map(|_| s.sample(&logits)).collect()
+            (0..30).map(|_| s.sample(&logits, &[], 0)).collect()
         };
         let b: Vec<u32> = {
             let mut s = Sampler::new(p, 0);
-            (0..30).map(|_| s.sample(&logits)).collect()
+            (0..30).map(|_| s.sample(&logits, &[], 0)).collect()
         };
         assert_eq!(a, b);
         assert!(a.iter().any(|&t| t != a[0]), "temperature 1 should not be constant");
+    }
+
+    #[test]
+    fn penalties_follow_openai_and_vllm() {
+        let greedy = |p: SamplingParams| Sampler::new(SamplingParams { temperature: 0.0, ..p }, 0);
+        // Prompt [2], generated [0, 0]: token 0 was generated twice, token 2 is prompt only.
+        let (logits, tokens) = ([3.0f32, 2.9, 2.95, -1.0], [2u32, 0, 0]);
+        assert_eq!(greedy(SamplingParams::default()).sample(&logits, &tokens, 2), 0);
+        let presence = SamplingParams {
+            presence_penalty: 0.25,
+            ..Default::default()
+        };
+        assert_eq!(presence.penalize(&logits, &tokens, 2), vec![2.75, 2.9, 2.95, -1.0]);
+        assert_eq!(
+            greedy(presence).sample(&logits, &tokens, 2),
+            2,
+            "the prompt is not penalised"
+        );
+        let frequency = SamplingParams {
+            frequency_penalty: 0.125,
+            ..Default::default()
+        };
+        assert_eq!(frequency.penalize(&logits, &tokens, 2), vec![2.75, 2.9, 2.95, -1.0]);
+        let negative = SamplingParams {
+            frequency_penalty: -1.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            negative.penalize(&logits, &tokens, 2)[0],
+            5.0,
+            "a negative penalty favours repeats"
+        );
+        // Repetition (vLLM): prompt and generated alike, divided when positive, multiplied when not.
+        let repetition = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(repetition.penalize(&logits, &[3, 0], 1), vec![1.5, 2.9, 2.95, -2.0]);
+        assert_eq!(greedy(repetition).sample(&logits, &[3, 0], 1), 2);
+        assert_eq!(repetition.penalize(&logits, &[], 0), logits.to_vec());
     }
 }

@@ -433,7 +433,7 @@ impl Scheduler {
                 done.push((i, FinishReason::Error));
                 continue;
             };
-            let t = s.sampler.sample(row);
+            let t = s.sampler.sample(row, &s.tokens, s.generated);
             s.tokens.push(t);
             s.generated += 1;
             generated += 1;

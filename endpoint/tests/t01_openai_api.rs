@@ -327,3 +327,63 @@ async fn metrics_and_version_are_served() {
     assert!(v["version"].is_string());
     server.shutdown().await.unwrap();
 }
+
+/// Presence, frequency and repetition penalties through HTTP give what greedy decoding with
+/// the same penalties gives on the engine alone (step by step, `SamplingParams::penalize` then
+/// argmax); out-of-range values are 400s naming the parameter.
+#[tokio::test]
+async fn penalties_shape_greedy_output_and_are_range_checked() {
+    use data_plane::engine::argmax;
+    use data_plane::model::LogitsWanted;
+    use endpoint::sampling::SamplingParams;
+
+    let (server, base) = start(config()).await;
+    let prompt: Vec<u32> = "penalty probe, penalty probe".bytes().map(u32::from).collect();
+    let params = SamplingParams {
+        temperature: 0.0,
+        presence_penalty: 0.5,
+        frequency_penalty: 0.75,
+        repetition_penalty: 1.5,
+        ..Default::default()
+    };
+    let engine = Engine::builtin().unwrap();
+    let mut cache = engine.new_cache();
+    let (mut tokens, mut next, mut expected) = (prompt.clone(), prompt.clone(), Vec::new());
+    for _ in 0..24 {
+        let (logits, _) = engine
+            .step(std::slice::from_mut(&mut cache), &[&next], LogitsWanted::Last)
+            .unwrap();
+        let row = logits[0].row(logits[0].rows() - 1);
+        let t = argmax(&params.penalize(row, &tokens, expected.len()));
+        expected.push(t);
+        tokens.push(t);
+        next = vec![t];
+    }
+    let plain = engine
+        .generate_greedy(std::slice::from_ref(&prompt), 24)
+        .unwrap()
+        .remove(0);
+    assert_ne!(
+        expected, plain,
+        "the penalties must change this output for the test to see them"
+    );
+
+    let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true,
+        "presence_penalty": 0.5, "frequency_penalty": 0.75, "repetition_penalty": 1.5, "return_token_ids": true});
+    let (status, v) = post(&base, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(token_ids(&v["choices"][0]), expected);
+
+    for (param, value) in [
+        ("frequency_penalty", json!(2.5)),
+        ("presence_penalty", json!(-3)),
+        ("repetition_penalty", json!(0)),
+    ] {
+        let mut body = json!({"prompt": "x", "max_tokens": 1});
+        body[param] = value;
+        let (status, v) = post(&base, "/v1/completions", &body).await;
+        assert_eq!(status, 400, "{param}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    server.shutdown().await.unwrap();
+}
