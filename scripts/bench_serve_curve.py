@@ -11,13 +11,12 @@ Reference data: $MOELESS_SHARED_DIR (default ../shared) for the ShareGPT prompts
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from local_server import free_port, wait_healthy  # noqa: E402
+from local_server import free_port, stop_server, wait_healthy  # noqa: E402
 
 SETUPS = [("in-process experts", []), ("2 worker processes", ["--workers", "2"])]
 
@@ -121,11 +120,7 @@ def main():
                       f"{p['output_throughput']:.0f} | {p['ttft_p50']:.1f} / {p['ttft_p99']:.1f} | "
                       f"{p['tpot_p50']:.2f} | {p['e2e_p50']:.0f} / {p['e2e_p99']:.0f} |", flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
         finite = [float(p["rate"]) for p in points if p["rate"] != "inf"]
         for p in points:
             p["rate_x"] = float(p["rate"]) if p["rate"] != "inf" else (max(finite) * 1.5 if finite else 1.0)

@@ -11,14 +11,13 @@ scripts/fuzz_endpoint.py [path/to/moeless] [--max-examples N]  (default target/d
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from local_server import free_port, wait_healthy  # noqa: E402
+from local_server import free_port, stop_server, wait_healthy  # noqa: E402
 
 KEY = "fuzz-key"
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
@@ -59,12 +58,7 @@ def main():
         if run.returncode != 0:
             sys.exit(f"schemathesis found failures (exit {run.returncode})")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "killed"
+        rc = stop_server(proc)
         if rc != 0:
             log.seek(0)
             sys.stderr.write(log.read()[-4000:])

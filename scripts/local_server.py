@@ -1,6 +1,8 @@
 """Helpers for the scripts that start `moeless up` and talk HTTP to it: a free local port and
 waiting until `/health` answers (failing if the server exits first)."""
+import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -24,3 +26,13 @@ def wait_healthy(base, proc, timeout=60):
         except OSError:
             time.sleep(0.1)
     sys.exit("server did not become healthy")
+
+
+def stop_server(proc, timeout=30):
+    """SIGTERM, then the exit status (or "killed" if it did not exit within `timeout` s)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return "killed"

@@ -7,14 +7,13 @@ clean exit. Usage: scripts/openai_client_check.py [path/to/moeless]  (default ta
 or $MOELESS_BIN).
 """
 import os
-import signal
 import subprocess
 import sys
 
 import openai
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from local_server import free_port, wait_healthy  # noqa: E402
+from local_server import free_port, stop_server, wait_healthy  # noqa: E402
 
 KEY = "check-key"
 MODEL = "moeless-builtin"
@@ -76,12 +75,7 @@ def main():
         expect_error(openai.BadRequestError,
                      lambda: client.completions.create(model=MODEL, prompt="x" * 300, max_tokens=1))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "killed"
+        rc = stop_server(proc)
     assert rc == 0, f"server exit status after SIGTERM: {rc}\n{proc.stderr.read()}"
     print("openai client check: ok")
 
