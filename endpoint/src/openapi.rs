@@ -143,7 +143,7 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
                             {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
                             {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}, "minItems": 1}
                         ], "description": "Text, texts, token ids or lists of token ids (ids inside the vocabulary)"},
-                        "echo": {"type": "boolean", "const": false, "description": "Not supported"}
+                        "echo": {"type": "boolean", "description": "Each choice's text starts with its prompt (streaming: one chunk per choice before the first token)"}
                     }))
                 },
                 "ChatMessage": {

@@ -382,10 +382,26 @@ async fn completions(State(st): State<Arc<AppState>>, ApiJson(req): ApiJson<Comp
 async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     st.check_model(req.gen.model.as_deref())?;
-    if req.echo {
-        return Err(ApiError::invalid_param("echo", "echo is not supported"));
-    }
     let params = GenParams::validate(&req.gen, None, &st.limits)?;
+    // `echo`: each choice's text starts with its prompt (as given, or decoded from its ids).
+    let echo: Vec<String> = if req.echo {
+        let decode = |ids: &[u32]| -> Result<String, ApiError> {
+            match &st.tokenizer {
+                Some(t) => t
+                    .decode(ids)
+                    .map_err(|e| ApiError::invalid_param("prompt", e.to_string())),
+                None => Ok(String::new()),
+            }
+        };
+        match &req.prompt {
+            PromptInput::Text(s) => vec![s.clone()],
+            PromptInput::Texts(v) => v.clone(),
+            PromptInput::Ids(v) => vec![decode(v)?],
+            PromptInput::IdLists(v) => v.iter().map(|ids| decode(ids)).collect::<Result<_, _>>()?,
+        }
+    } else {
+        Vec::new()
+    };
     let raw: Vec<Vec<u32>> = match req.prompt {
         PromptInput::Text(s) => vec![st.encode(&s, true)?],
         PromptInput::Texts(v) => v.iter().map(|s| st.encode(s, true)).collect::<Result<_, _>>()?,
@@ -421,10 +437,28 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
             usage,
         };
         let usage_chunk = chunk.clone();
+        let echo_chunk = chunk.clone();
+        let opening = move || {
+            (0..echo.len() * n)
+                .map(|i| {
+                    echo_chunk(
+                        vec![CompletionChoice {
+                            index: i,
+                            text: echo[i / n].clone(),
+                            logprobs: None,
+                            finish_reason: None,
+                            prompt_token_ids: None,
+                            token_ids: None,
+                        }],
+                        None,
+                    )
+                })
+                .collect()
+        };
         let stream = sse_stream(
             gen,
             include_usage,
-            Vec::new,
+            opening,
             move |u: ChoiceUpdate| {
                 chunk(
                     vec![CompletionChoice {
@@ -446,7 +480,10 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
     let choices = (0..texts.len())
         .map(|i| CompletionChoice {
             index: i,
-            text: std::mem::take(&mut texts[i]),
+            text: match echo.get(i / n) {
+                Some(prompt) => format!("{prompt}{}", texts[i]),
+                None => std::mem::take(&mut texts[i]),
+            },
             logprobs: None,
             finish_reason: reasons[i],
             prompt_token_ids: prompt_ids.get(i / n).cloned(),

@@ -387,3 +387,60 @@ async fn penalties_shape_greedy_output_and_are_range_checked() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// `echo`: each choice's text starts with its prompt, text or token ids; streamed, the prompt
+/// comes as the first chunk of each choice.
+#[tokio::test]
+async fn echo_prepends_the_prompt() {
+    let (server, base) = start(config()).await;
+    let plain = json!({"prompt": "echo me", "max_tokens": 5, "temperature": 0});
+    let (status, v) = post(&base, "/v1/completions", &plain).await;
+    assert_eq!(status, 200, "{v}");
+    let generated = v["choices"][0]["text"].as_str().unwrap().to_string();
+
+    let mut echoed = plain.clone();
+    echoed["echo"] = json!(true);
+    let (status, v) = post(&base, "/v1/completions", &echoed).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], format!("echo me{generated}"));
+    assert_eq!(v["usage"]["completion_tokens"], 5, "the echo is not generated text");
+
+    let ids: Vec<u32> = "ids too".bytes().map(u32::from).collect();
+    let (status, v) = post(
+        &base,
+        "/v1/completions",
+        &json!({"prompt": [ids.clone(), ids], "max_tokens": 2, "echo": true, "n": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    assert!(
+        choices
+            .iter()
+            .all(|c| c["text"].as_str().unwrap().starts_with("ids too")),
+        "{v}"
+    );
+
+    echoed["stream"] = json!(true);
+    let r = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&echoed)
+        .send()
+        .await
+        .unwrap();
+    let data = sse_data(&r.text().await.unwrap());
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["choices"][0]["text"], "echo me", "{data:?}");
+    let all: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(all, format!("echo me{generated}"));
+    server.shutdown().await.unwrap();
+}
