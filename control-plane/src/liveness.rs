@@ -46,13 +46,10 @@ impl InstanceState {
 impl FromStr for InstanceState {
     type Err = UnknownInstanceState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "loading" => Ok(InstanceState::Loading),
-            "warm" => Ok(InstanceState::Warm),
-            "idle" => Ok(InstanceState::Idle),
-            "evicted" => Ok(InstanceState::Evicted),
-            other => Err(UnknownInstanceState(other.to_string())),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|st| st.label() == s)
+            .ok_or_else(|| UnknownInstanceState(s.to_string()))
     }
 }
 
