@@ -1,12 +1,13 @@
 //! The OpenAPI 3.1 description of the endpoint (`GET /openapi.json`, as vLLM serves it): the
 //! request bodies with the limits the server enforces, and the responses it gives, so that
 //! clients can be generated from it and schema-driven fuzzers (`scripts/fuzz_endpoint.py`,
-//! schemathesis) can exercise every route. A test checks that it names every route of the
-//! router and nothing else.
+//! schemathesis) can exercise every route. `ROUTES` is the list both sides are checked against:
+//! the unit test below (the document describes exactly these) and `endpoint/tests/t01` (the
+//! server answers each of them).
 
 use serde_json::{json, Value};
 
-/// The routes of the router, as (method, path); the document describes exactly these.
+/// The routes of the router, as (method, path).
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/completions"),
     ("post", "/v1/chat/completions"),

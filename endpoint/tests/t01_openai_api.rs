@@ -444,3 +444,32 @@ async fn echo_prepends_the_prompt() {
     assert_eq!(all, format!("echo me{generated}"));
     server.shutdown().await.unwrap();
 }
+
+/// Every route the OpenAPI document describes (`endpoint::openapi::ROUTES`) is served with that
+/// method: neither 404 nor 405 (a POST with an empty object is a 400).
+#[tokio::test]
+async fn every_documented_route_is_served() {
+    let (server, base) = start(config()).await;
+    for &(method, path) in endpoint::openapi::ROUTES {
+        let url = format!("{base}{path}");
+        let r = match method {
+            "get" => client().get(&url).send().await,
+            "post" => client().post(&url).json(&json!({})).send().await,
+            other => panic!("no client call for method {other}"),
+        }
+        .expect("request sent");
+        let status = r.status().as_u16();
+        assert!(status != 404 && status != 405, "{method} {path}: {status}");
+    }
+    let (status, doc) = {
+        let r = client().get(format!("{base}/openapi.json")).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 200);
+    assert_eq!(
+        doc["components"]["schemas"]["CompletionRequest"]["properties"]["n"]["maximum"],
+        config().max_n,
+        "the server's own max_n"
+    );
+    server.shutdown().await.unwrap();
+}
