@@ -5,6 +5,7 @@
 //! candle uses on CPU) for matrix products and rayon-parallel loops for the rest. A CUDA
 //! backend (issue 9) implements the same trait.
 
+use crate::kv_cache::KvView;
 use crate::tensor::Tensor;
 use crate::weight::Weight;
 use rayon::prelude::*;
@@ -50,15 +51,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Causal scaled-dot-product attention of `t` new queries of one sequence.
     ///
-    /// `q`: `[t, heads, qk_dim]` at positions `q_start..q_start+t`; `k`: `[P, kv_heads, qk_dim]`
-    /// and `v`: `[P, kv_heads, v_dim]` for positions `0..P` with `P >= q_start + t`.
+    /// `q`: `[t, heads, qk_dim]` at positions `q_start..q_start+t`; `kv`: per position a key
+    /// row `[kv_heads, qk_dim]` and a value row `[kv_heads, v_dim]` for positions `0..P` with
+    /// `P >= q_start + t` (contiguous, or paged through a block table).
     /// `sinks`: one learned logit per head that joins each softmax and is then dropped.
     /// Returns `[t, heads * v_dim]`.
     fn attention(
         &self,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        kv: &KvView<'_>,
         q_start: usize,
         sinks: Option<&[f32]>,
         shape: &AttentionShape,
@@ -380,8 +381,7 @@ impl Backend for CpuBackend {
     fn attention(
         &self,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        kv: &KvView<'_>,
         q_start: usize,
         sinks: Option<&[f32]>,
         s: &AttentionShape,
@@ -397,10 +397,7 @@ impl Backend for CpuBackend {
             let lo = s.window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
             let qv = &q[(i * s.heads + h) * s.qk_dim..(i * s.heads + h + 1) * s.qk_dim];
             let mut scores: Vec<f32> = (lo..=pos)
-                .map(|j| {
-                    let kv = &k[(j * s.kv_heads + kvh) * s.qk_dim..(j * s.kv_heads + kvh + 1) * s.qk_dim];
-                    dot(qv, kv) * s.scale
-                })
+                .map(|j| dot(qv, &kv.key(j)[kvh * s.qk_dim..(kvh + 1) * s.qk_dim]) * s.scale)
                 .collect();
             let sink = sinks.map(|sk| sk[h]);
             let mut max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -418,7 +415,7 @@ impl Backend for CpuBackend {
             for (jj, p) in scores.iter().enumerate() {
                 let j = lo + jj;
                 let w = p / denom;
-                let vv = &v[(j * s.kv_heads + kvh) * s.v_dim..(j * s.kv_heads + kvh + 1) * s.v_dim];
+                let vv = &kv.value(j)[kvh * s.v_dim..(kvh + 1) * s.v_dim];
                 for (a, b) in o.iter_mut().zip(vv) {
                     *a += w * b;
                 }
@@ -519,7 +516,7 @@ mod tests {
         let q = [1.0f32];
         let k = [5.0f32, 1.0, 2.0];
         let v = [100.0f32, 10.0, 20.0];
-        let out = CpuBackend.attention(&q, &k, &v, 2, Some(&[0.5]), &s);
+        let out = CpuBackend.attention(&q, &KvView::contiguous(&k, &v, 1, 1), 2, Some(&[0.5]), &s);
         // window 2 at position 2 sees keys 1 and 2 only.
         let e = [1.0f32.exp(), 2.0f32.exp(), 0.5f32.exp()];
         let want = (10.0 * e[0] + 20.0 * e[1]) / (e[0] + e[1] + e[2]);

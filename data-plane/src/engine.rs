@@ -9,7 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, LoadError};
 use crate::expert::{ExpertFunction, LocalExperts, ShareSource, SingleInstance};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvPool};
 use crate::model::{BatchOutput, LayerRouting, LogitsWanted, Model, SeqInput};
 use crate::tensor::Tensor;
 
@@ -152,6 +152,11 @@ impl Engine {
 
     pub fn new_cache(&self) -> KvCache {
         self.model.new_cache()
+    }
+
+    /// A shared pool of paged KV blocks for this engine's sequences (see `Model::new_kv_pool`).
+    pub fn new_kv_pool(&self, block_size: usize, num_blocks: usize, prefix_caching: bool) -> Arc<KvPool> {
+        self.model.new_kv_pool(block_size, num_blocks, prefix_caching)
     }
 
     /// One batched step: appends `tokens[i]` to `caches[i]` for every `i`.

@@ -77,6 +77,8 @@ pub enum EngineError {
     TooLong { len: usize, max: usize },
     #[error("expert function: {0}")]
     Expert(#[from] crate::expert::ExpertError),
+    #[error("{0}")]
+    KvCache(#[from] crate::kv_cache::OutOfBlocks),
 }
 
 impl EngineError {
@@ -86,6 +88,7 @@ impl EngineError {
             EngineError::EmptySequence => "empty_sequence",
             EngineError::TooLong { .. } => "too_long",
             EngineError::Expert(_) => "expert",
+            EngineError::KvCache(_) => "kv_cache_full",
         }
     }
 }

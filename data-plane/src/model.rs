@@ -13,7 +13,7 @@ use crate::checkpoint::TensorSource;
 use crate::config::{AttentionKind, FfnKind, ModelConfig, NormKind, QkNorm, RouterKind, SharedExpert};
 use crate::error::{EngineError, LoadError};
 use crate::expert::{split_counts, ExpertFunction, ExpertTask, ShareSource};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvPool, KvPoolConfig};
 use crate::rope::{yarn_mscale, Rope};
 use crate::tensor::Tensor;
 use crate::weight::Weight;
@@ -513,6 +513,20 @@ impl Model {
         KvCache::new(self.config.num_layers, heads * k_dim, heads * v_dim)
     }
 
+    /// A pool of `num_blocks` KV blocks of `block_size` positions shaped for this model; its
+    /// caches (`KvPool::new_cache`) run through `forward` like owned ones.
+    pub fn new_kv_pool(&self, block_size: usize, num_blocks: usize, prefix_caching: bool) -> Arc<KvPool> {
+        let (k_dim, v_dim, heads) = self.kv_geometry();
+        KvPool::new(KvPoolConfig {
+            num_layers: self.config.num_layers,
+            k_width: heads * k_dim,
+            v_width: heads * v_dim,
+            block_size,
+            num_blocks,
+            prefix_caching,
+        })
+    }
+
     /// `(key dim per head, value dim per head, cached heads)`.
     fn kv_geometry(&self) -> (usize, usize, usize) {
         match &self.config.attention {
@@ -555,6 +569,9 @@ impl Model {
                 });
             }
         }
+        for s in seqs.iter_mut() {
+            s.cache.begin_step(s.tokens.len())?;
+        }
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let mut x = self
             .embed
@@ -591,7 +608,7 @@ impl Model {
             }
         }
         for s in seqs.iter_mut() {
-            s.cache.commit(s.tokens.len());
+            s.cache.commit(s.tokens);
         }
         let rows: Vec<usize> = match wanted {
             LogitsWanted::All | LogitsWanted::AllWithHidden => (0..x.rows()).collect(),
@@ -733,9 +750,11 @@ impl Model {
             let kc = k.slice_rows(row, row + n);
             let vc = v.slice_rows(row, row + n);
             s.cache.append(li, kc.data(), vc.data());
-            let (kk, vv) = s.cache.layer(li);
             let qs = &q.data()[row * q.cols()..(row + n) * q.cols()];
-            outs.push(be.attention(qs, kk, vv, pos0, sinks.map(|t| t.data()), &shape));
+            outs.push(
+                s.cache
+                    .with_layer(li, |kv| be.attention(qs, kv, pos0, sinks.map(|t| t.data()), &shape)),
+            );
         }
         o.apply(be, &Tensor::concat_rows(&outs))
     }

@@ -1,5 +1,6 @@
 //! Invariants of the engine on generated checkpoints (no reference data needed):
-//! KV-cache decoding equals full recomputation, and splitting experts into instances does not
+//! KV-cache decoding equals full recomputation, the paged cache equals per-sequence buffers,
+//! prefix-cached prompts equal full prefills, and splitting experts into instances does not
 //! change outputs, for every architecture.
 
 use std::sync::Arc;
@@ -164,4 +165,82 @@ fn bf16_weights_compute_exactly_like_their_f32_widening() {
         assert_close("bf16 vs widened f32", p.logits.data(), q.logits.data(), 1e-5, 1e-5);
     }
     assert_eq!(a.generate_greedy(&ps, 5).unwrap(), b.generate_greedy(&ps, 5).unwrap());
+}
+
+/// The server's paged KV cache (blocks of a shared pool, named by block tables that interleave
+/// between sequences) gives bit-identical logits to per-sequence buffers, for every
+/// architecture (MLA, sliding windows and sinks included).
+#[test]
+fn paged_kv_cache_equals_owned_buffers() {
+    for arch in Arch::ALL {
+        let (_dir, engine) = tiny(arch);
+        let pool = engine.new_kv_pool(3, 64, false);
+        let prompts = prompts();
+        let mut owned: Vec<_> = prompts.iter().map(|_| engine.new_cache()).collect();
+        let mut paged: Vec<_> = prompts.iter().map(|_| pool.new_cache()).collect();
+        let mut feed: Vec<Vec<u32>> = prompts.clone();
+        for step in 0..7 {
+            let toks: Vec<&[u32]> = feed.iter().map(|t| t.as_slice()).collect();
+            let (a, _) = engine.step(&mut owned, &toks, LogitsWanted::Last).expect("owned step");
+            let (b, _) = engine.step(&mut paged, &toks, LogitsWanted::Last).expect("paged step");
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(x.data(), y.data(), "{arch:?} step {step} sequence {i}");
+            }
+            feed = a.iter().map(|l| vec![argmax(l.row(0))]).collect();
+        }
+        let table = paged[2].block_table().expect("paged");
+        assert!(
+            table.windows(2).any(|w| w[1] != w[0] + 1),
+            "{arch:?}: blocks should interleave between sequences: {table:?}"
+        );
+        drop(paged);
+        assert_eq!(pool.blocks_in_use(), 0, "{arch:?}: dropped caches return their blocks");
+    }
+}
+
+/// A prompt that starts with blocks another sequence already computed reuses them (prefix
+/// caching) and gets the logits a full prefill gives.
+#[test]
+fn prefix_cached_prompt_matches_full_prefill() {
+    for arch in Arch::ALL {
+        let (_dir, engine) = tiny(arch);
+        let pool = engine.new_kv_pool(4, 32, true);
+        let first: Vec<u32> = (0..13).map(|i| (i * 7 + 3) % 90).collect();
+        let mut second = first[..11].to_vec();
+        second.extend([90, 91, 92]);
+        let mut a = vec![pool.new_cache()];
+        engine
+            .step(&mut a, &[&first], LogitsWanted::Last)
+            .expect("first prompt");
+
+        let mut b = vec![pool.new_cache()];
+        let hit = pool.attach_prefix(&mut b[0], &second);
+        assert_eq!(hit, 8, "{arch:?}: two full blocks in common");
+        let (cached, _) = engine
+            .step(&mut b, &[&second[hit..]], LogitsWanted::All)
+            .expect("suffix prefill");
+        let full = engine.forward_prompts(&[second.clone()], false).expect("full prefill");
+        for (r, pos) in (hit..second.len()).enumerate() {
+            assert_close(
+                &format!("{arch:?} position {pos}"),
+                cached[0].row(r),
+                full[0].logits.row(pos),
+                1e-4,
+                1e-4,
+            );
+        }
+        // Decoding on from the shared blocks still matches.
+        let next = argmax(cached[0].row(cached[0].rows() - 1));
+        let (d, _) = engine.step(&mut b, &[&[next]], LogitsWanted::Last).expect("decode");
+        let mut longer = second.clone();
+        longer.push(next);
+        let full = engine.forward_prompts(&[longer.clone()], false).expect("recompute");
+        assert_close(
+            &format!("{arch:?} decode"),
+            d[0].data(),
+            full[0].logits.row(longer.len() - 1),
+            1e-4,
+            1e-4,
+        );
+    }
 }

@@ -21,6 +21,7 @@ use data_plane::cuda::experts::{DeviceExpert, DeviceExpertLayer};
 use data_plane::cuda::nccl::{nccl_available, LocalComms};
 use data_plane::cuda::Gpu;
 use data_plane::engine::Engine;
+use data_plane::kv_cache::KvView;
 use data_plane::model::route;
 use data_plane::reference::{check_engine_against_golden, shared_dir, ARCHS};
 use data_plane::tensor::Tensor;
@@ -270,8 +271,9 @@ fn backend_operations_match_the_cpu_backend() {
         let v = randn(&mut r, p * 2 * 32, 1.0);
         let sk = randn(&mut r, 8, 1.0);
         let sinks = sinks.then_some(sk.as_slice());
-        let cpu = CpuBackend.attention(&q, &k, &v, p - t, sinks, &s);
-        let gpu = be.attention(&q, &k, &v, p - t, sinks, &s);
+        let kv = KvView::contiguous(&k, &v, 2 * 32, 2 * 32);
+        let cpu = CpuBackend.attention(&q, &kv, p - t, sinks, &s);
+        let gpu = be.attention(&q, &kv, p - t, sinks, &s);
         data_plane::reference::assert_close(&format!("attention P={p}"), gpu.data(), cpu.data(), 1e-5, 1e-4);
     }
 }

@@ -22,6 +22,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{dptr, elementwise_cfg, CudaError, GemmTypes, Gpu};
 use crate::backend::{AttentionShape, Backend, CpuBackend};
+use crate::kv_cache::KvView;
 use crate::lru::LruBytes;
 use crate::tensor::Tensor;
 use crate::weight::Weight;
@@ -485,16 +486,18 @@ impl Backend for CudaBackend {
     fn attention(
         &self,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        kv: &KvView<'_>,
         q_start: usize,
         sinks: Option<&[f32]>,
         shape: &AttentionShape,
     ) -> Tensor {
-        match self.try_attention(q, k, v, q_start, sinks, shape) {
+        // The kernel reads contiguous keys and values: a paged cache is gathered on the host
+        // through its block table before the upload (the cache itself lives in host memory).
+        let (k, v) = kv.contiguous_kv();
+        match self.try_attention(q, &k, &v, q_start, sinks, shape) {
             Ok(Some(t)) => t,
             // Longer than one block's shared memory holds: the host computes it.
-            Ok(None) => CpuBackend.attention(q, k, v, q_start, sinks, shape),
+            Ok(None) => CpuBackend.attention(q, kv, q_start, sinks, shape),
             Err(e) => fail("attention", e),
         }
     }
