@@ -2,7 +2,7 @@
 """Drives `moeless up` with the official `openai` Python client (pip install openai).
 
 Starts the binary on a free port with an API key, checks completions and chat (streaming and
-not, usage, stop, n) and the error mapping (401, 404, 400), then sends SIGTERM and expects a
+not, usage, stop, n, logprobs) and the error mapping (401, 404, 400), then sends SIGTERM and expects a
 clean exit. Usage: scripts/openai_client_check.py [path/to/moeless]  (default target/debug/moeless,
 or $MOELESS_BIN).
 """
@@ -67,6 +67,18 @@ def main():
         chunks = list(stream)
         assert chunks[0].choices[0].delta.role == "assistant"
         assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 6
+
+        # Log-probabilities parse into the client's typed objects, in both formats.
+        lp = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+        lps = lp.choices[0].logprobs
+        assert len(lps.tokens) == 4 and len(lps.token_logprobs) == 4 and len(lps.text_offset) == 4, lps
+        assert all(v <= 0 for v in lps.token_logprobs) and all(1 <= len(t) <= 3 for t in lps.top_logprobs), lps
+        c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                           extra_body={"ignore_eos": True})
+        content = c.choices[0].logprobs.content
+        assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content), content
+        assert content[0].logprob <= 0 and isinstance(content[0].bytes, list), content[0]
 
         bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
         expect_error(openai.AuthenticationError, lambda: bad.models.list())

@@ -59,6 +59,7 @@ pub struct GenerationFields {
     pub presence_penalty: Option<f32>,
     /// vLLM extension (> 0; 1 is off).
     pub repetition_penalty: Option<f32>,
+    /// Completions: alternatives per token (an integer); chat: a boolean (see `top_logprobs`).
     pub logprobs: Option<Value>,
     /// vLLM extension: return prompt and generated token ids in each choice.
     #[serde(default)]
@@ -101,6 +102,8 @@ pub struct ChatMessage {
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub max_completion_tokens: Option<i64>,
+    /// Alternatives per token with `logprobs: true`.
+    pub top_logprobs: Option<Value>,
     pub tools: Option<Value>,
     /// vLLM extension (default true).
     pub add_generation_prompt: Option<bool>,
@@ -137,11 +140,44 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+/// `logprobs` of a `/v1/completions` choice (the legacy format): per generated token its text,
+/// log-probability, the most likely alternatives (plus the chosen token) and its character
+/// offset in the choice's text.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<Map<String, Value>>,
+    pub text_offset: Vec<usize>,
+}
+
+/// `logprobs` of a chat choice.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes (a token may hold part of a character).
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<FinishReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
@@ -171,7 +207,7 @@ pub struct AssistantMessage {
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<FinishReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
@@ -201,7 +237,7 @@ pub struct Delta {
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: Delta,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<FinishReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,

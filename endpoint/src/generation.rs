@@ -5,12 +5,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::api::{FinishReason, GenerationFields, Usage};
 use crate::error::ApiError;
 use crate::metrics;
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::scheduler::{SchedulerHandle, SeqEvent, SeqRequest};
 use crate::tokenizer::{IncrementalDecoder, StopMatcher, TextTokenizer};
 
@@ -26,6 +27,9 @@ pub struct GenParams {
     pub stream: bool,
     pub include_usage: bool,
     pub return_token_ids: bool,
+    /// Log-probabilities of each generated token with this many alternatives (set by the
+    /// route: [`completion_logprobs`], [`chat_logprobs`]).
+    pub logprobs: Option<usize>,
 }
 
 /// Limits the validation needs from the server.
@@ -103,12 +107,6 @@ impl GenParams {
                 format!("repetition_penalty must be above 0, got {repetition_penalty}"),
             ));
         }
-        if f.logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v != &serde_json::Value::Bool(false))
-        {
-            return Err(ApiError::invalid_param("logprobs", "logprobs are not supported"));
-        }
         let stops = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
         if stops.len() > MAX_STOPS || stops.iter().any(String::is_empty) {
             return Err(ApiError::invalid_param(
@@ -147,8 +145,59 @@ impl GenParams {
             stream: f.stream,
             include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
             return_token_ids: f.return_token_ids,
+            logprobs: None,
         })
     }
+}
+
+/// Most alternatives a request may ask for per token (vLLM's default `max_logprobs`).
+pub const MAX_LOGPROBS: u64 = 20;
+
+fn logprobs_count(param: &str, v: &Value) -> Result<usize, ApiError> {
+    v.as_u64()
+        .filter(|&k| k <= MAX_LOGPROBS)
+        .map(|k| k as usize)
+        .ok_or_else(|| {
+            ApiError::invalid_param(
+                param,
+                format!("{param} must be an integer in [0, {MAX_LOGPROBS}], got {v}"),
+            )
+        })
+}
+
+/// `/v1/completions`' `logprobs`: how many alternatives to report per token (`null` or
+/// `false`: no log-probabilities).
+pub fn completion_logprobs(v: Option<&Value>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+        Some(v) => logprobs_count("logprobs", v).map(Some),
+    }
+}
+
+/// Chat's `logprobs` (a boolean) and `top_logprobs` (alternatives per token, needs
+/// `logprobs: true` when above 0).
+pub fn chat_logprobs(logprobs: Option<&Value>, top_logprobs: Option<&Value>) -> Result<Option<usize>, ApiError> {
+    let on = match logprobs {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                format!("logprobs must be a boolean, got {v}"),
+            ))
+        }
+    };
+    let top = match top_logprobs {
+        None | Some(Value::Null) => 0,
+        Some(v) => logprobs_count("top_logprobs", v)?,
+    };
+    if top > 0 && !on {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            "top_logprobs needs logprobs to be true",
+        ));
+    }
+    Ok(on.then_some(top))
 }
 
 /// Checks one prompt against the vocabulary and context length; returns its `max_tokens`.
@@ -199,8 +248,11 @@ struct ChoiceState {
     cancel: Arc<AtomicBool>,
     finished: Option<FinishReason>,
     tokens: Vec<u32>,
+    /// Log-probabilities of `tokens`, when asked for.
+    logprobs: Vec<TokenLogprob>,
     /// Token ids not yet reported (their text is still held back).
     unreported: Vec<u32>,
+    unreported_logprobs: Vec<TokenLogprob>,
 }
 
 /// One update of one choice: new text, the token ids it came from, maybe its end.
@@ -209,6 +261,8 @@ pub struct ChoiceUpdate {
     pub index: usize,
     pub text: String,
     pub token_ids: Vec<u32>,
+    /// Log-probabilities of `token_ids`, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
     pub finish: Option<FinishReason>,
     pub error: Option<String>,
 }
@@ -253,6 +307,7 @@ impl Generation {
                     prompt: prompt.clone(),
                     max_tokens,
                     sampling: params.sampling,
+                    logprobs: params.logprobs,
                     stop_token_ids: stop_ids.clone(),
                     arrival,
                     cancel: cancel.clone(),
@@ -264,7 +319,9 @@ impl Generation {
                     cancel,
                     finished: None,
                     tokens: Vec::new(),
+                    logprobs: Vec::new(),
                     unreported: Vec::new(),
+                    unreported_logprobs: Vec::new(),
                 });
             }
         }
@@ -295,6 +352,14 @@ impl Generation {
 
     pub fn token_ids(&self, index: usize) -> Vec<u32> {
         self.choices.get(index).map(|c| c.tokens.clone()).unwrap_or_default()
+    }
+
+    /// Log-probabilities of a choice's tokens (empty unless asked for).
+    pub fn logprobs(&self, index: usize) -> &[TokenLogprob] {
+        self.choices
+            .get(index)
+            .map(|c| c.logprobs.as_slice())
+            .unwrap_or_default()
     }
 
     fn finish(&mut self, index: usize, reason: FinishReason) {
@@ -331,11 +396,15 @@ impl Generation {
                 continue;
             }
             match ev {
-                SeqEvent::Token { id, .. } => {
+                SeqEvent::Token { id, logprob, .. } => {
                     let tok = self.tokenizer.clone();
                     let c = &mut self.choices[index];
                     c.tokens.push(id);
                     c.unreported.push(id);
+                    if let Some(lp) = logprob {
+                        c.logprobs.push(lp.clone());
+                        c.unreported_logprobs.push(lp);
+                    }
                     let delta = match &tok {
                         Some(t) => match c.decoder.push(t, id) {
                             Ok(d) => d,
@@ -349,6 +418,7 @@ impl Generation {
                         continue;
                     }
                     let token_ids = std::mem::take(&mut c.unreported);
+                    let logprobs = std::mem::take(&mut c.unreported_logprobs);
                     let finish = hit.then_some(FinishReason::Stop);
                     if hit {
                         self.finish(index, FinishReason::Stop);
@@ -357,6 +427,7 @@ impl Generation {
                         index,
                         text,
                         token_ids,
+                        logprobs,
                         finish,
                         error: None,
                     });
@@ -374,11 +445,13 @@ impl Generation {
                     }
                     let reason = if hit { FinishReason::Stop } else { reason };
                     let token_ids = std::mem::take(&mut c.unreported);
+                    let logprobs = std::mem::take(&mut c.unreported_logprobs);
                     self.finish(index, reason);
                     return Some(ChoiceUpdate {
                         index,
                         text,
                         token_ids,
+                        logprobs,
                         finish: Some(reason),
                         error: None,
                     });

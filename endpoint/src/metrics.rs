@@ -78,6 +78,14 @@ fn describe() {
     describe_counter!("moeless:prompt_tokens_total", "Prompt tokens prefilled.");
     describe_counter!("moeless:generation_tokens_total", "Tokens generated.");
     describe_counter!(
+        "moeless:prefix_cache_queries_total",
+        "Prompt tokens looked up in the prefix cache when a sequence is admitted."
+    );
+    describe_counter!(
+        "moeless:prefix_cache_hits_total",
+        "Of those, tokens whose KV blocks were found cached (not recomputed)."
+    );
+    describe_counter!(
         "moeless:num_preemptions_total",
         "Sequences preempted for lack of KV blocks."
     );
@@ -103,6 +111,8 @@ pub struct EngineMetrics {
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub preemptions: Counter,
+    pub prefix_queries: Counter,
+    pub prefix_hits: Counter,
     model: String,
     /// Per MoE layer: one counter per expert, and the layer's balancedness gauge.
     experts: std::collections::HashMap<usize, (Vec<Counter>, Gauge)>,
@@ -121,6 +131,8 @@ impl EngineMetrics {
             prompt_tokens: counter!("moeless:prompt_tokens_total", "model_name" => m.clone()),
             generation_tokens: counter!("moeless:generation_tokens_total", "model_name" => m.clone()),
             preemptions: counter!("moeless:num_preemptions_total", "model_name" => m.clone()),
+            prefix_queries: counter!("moeless:prefix_cache_queries_total", "model_name" => m.clone()),
+            prefix_hits: counter!("moeless:prefix_cache_hits_total", "model_name" => m.clone()),
             model: m,
             experts: Default::default(),
         }

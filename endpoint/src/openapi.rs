@@ -45,6 +45,26 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
     let token_ids = json!({"type": "array", "items": {"type": "integer", "minimum": 0}});
     let usage = json!({"$ref": "#/components/schemas/Usage"});
     let finish = json!({"type": ["string", "null"], "enum": ["stop", "length", "abort", "error", null]});
+    let max_logprobs = crate::generation::MAX_LOGPROBS;
+    let completion_logprobs = json!({"oneOf": [{"type": "null"}, {"type": "object",
+    "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+    "properties": {
+        "tokens": {"type": "array", "items": {"type": "string"}},
+        "token_logprobs": {"type": "array", "items": {"type": "number"}},
+        "top_logprobs": {"type": "array", "items": {"type": "object", "additionalProperties": {"type": "number"}}},
+        "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}}
+    }}]});
+    let top_logprob = json!({"type": "object", "required": ["token", "logprob", "bytes"], "properties": {
+        "token": {"type": "string"}, "logprob": {"type": "number"},
+        "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}
+    }});
+    let chat_logprobs = json!({"oneOf": [{"type": "null"}, {"type": "object", "required": ["content"], "properties": {
+        "content": {"type": "array", "items": {"type": "object", "required": ["token", "logprob", "bytes", "top_logprobs"], "properties": {
+            "token": {"type": "string"}, "logprob": {"type": "number"},
+            "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+            "top_logprobs": {"type": "array", "items": top_logprob}
+        }}}
+    }}]});
     // Fields both generation routes take (vLLM's extensions marked).
     let sampling = json!({
         "model": {"type": "string", "description": "The served model's name (404 for another)"},
@@ -66,7 +86,6 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
         "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Subtracted from a token's logit per time it was generated"},
         "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "description": "Subtracted once from the logit of every generated token"},
         "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0, "description": "vLLM extension: logits of prompt and generated tokens divided by it (positive) or multiplied (negative); 1 is off"},
-        "logprobs": {"type": ["boolean", "null"], "const": false, "description": "Not supported"},
         "return_token_ids": {"type": "boolean", "description": "vLLM extension: prompt and generated token ids in each choice"}
     });
     let with = |extra: Value| {
@@ -144,7 +163,12 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
                             {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
                             {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}, "minItems": 1}
                         ], "description": "Text, texts, token ids or lists of token ids (ids inside the vocabulary)"},
-                        "echo": {"type": "boolean", "description": "Each choice's text starts with its prompt (streaming: one chunk per choice before the first token)"}
+                        "echo": {"type": "boolean", "description": "Each choice's text starts with its prompt (streaming: one chunk per choice before the first token)"},
+                        "logprobs": {"oneOf": [
+                            {"type": "integer", "minimum": 0, "maximum": max_logprobs},
+                            {"const": false},
+                            {"type": "null"}
+                        ], "description": "Log-probability of each generated token and this many alternatives (of the model's raw distribution); not with echo"}
                     }))
                 },
                 "ChatMessage": {
@@ -168,7 +192,9 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
                         "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "description": "Wins over max_tokens"},
                         "tools": {"description": "Passed to the chat template"},
                         "add_generation_prompt": {"type": ["boolean", "null"], "description": "vLLM extension (default true)"},
-                        "chat_template_kwargs": {"type": ["object", "null"], "description": "vLLM extension: extra template variables"}
+                        "chat_template_kwargs": {"type": ["object", "null"], "description": "vLLM extension: extra template variables"},
+                        "logprobs": {"type": ["boolean", "null"], "description": "Log-probability of each generated token (of the model's raw distribution)"},
+                        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": max_logprobs, "description": "Alternatives per token; above 0 needs logprobs: true"}
                     }))
                 },
                 "Usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
@@ -177,7 +203,7 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
                 "Completion": {"type": "object", "required": ["id", "object", "created", "model", "choices"], "properties": {
                     "id": {"type": "string"}, "object": {"const": "text_completion"}, "created": {"type": "integer"}, "model": {"type": "string"},
                     "choices": {"type": "array", "items": {"type": "object", "required": ["index", "text", "finish_reason"], "properties": {
-                        "index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": {"type": "null"}, "finish_reason": finish,
+                        "index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": completion_logprobs, "finish_reason": finish,
                         "prompt_token_ids": token_ids, "token_ids": token_ids
                     }}},
                     "usage": usage
@@ -187,7 +213,7 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
                     "choices": {"type": "array", "items": {"type": "object", "required": ["index", "message", "finish_reason"], "properties": {
                         "index": {"type": "integer"},
                         "message": {"type": "object", "required": ["role", "content"], "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
-                        "logprobs": {"type": "null"}, "finish_reason": finish, "token_ids": token_ids
+                        "logprobs": chat_logprobs, "finish_reason": finish, "token_ids": token_ids
                     }}},
                     "usage": usage,
                     "prompt_token_ids": token_ids
@@ -197,7 +223,7 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
                     "choices": {"type": "array", "items": {"type": "object", "required": ["index", "delta"], "properties": {
                         "index": {"type": "integer"},
                         "delta": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
-                        "logprobs": {"type": "null"}, "finish_reason": finish, "token_ids": token_ids
+                        "logprobs": chat_logprobs, "finish_reason": finish, "token_ids": token_ids
                     }}},
                     "usage": usage
                 }},

@@ -153,9 +153,78 @@ impl Sampler {
     }
 }
 
+/// The lowest log-probability reported (vLLM's floor; JSON has no -inf).
+pub const MIN_LOGPROB: f32 = -9999.0;
+
+/// Log-probabilities of one generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (ties to the
+    /// lower id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// `chosen`'s log-probability and the `top` most likely tokens under the model's next-token
+/// distribution `log_softmax(logits)`, before penalties, temperature and truncation (vLLM's
+/// default, `raw_logprobs`).
+pub fn token_logprobs(logits: &[f32], chosen: u32, top: usize) -> TokenLogprob {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| f64::from(v - max).exp())
+        .sum();
+    let lse = max + sum.ln() as f32;
+    let lp = |v: f32| {
+        let x = v - lse;
+        if x.is_nan() {
+            MIN_LOGPROB
+        } else {
+            x.max(MIN_LOGPROB)
+        }
+    };
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let k = top.min(cand.len());
+    if k > 0 && k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, desc);
+    }
+    cand.truncate(k);
+    cand.sort_unstable_by(desc);
+    TokenLogprob {
+        logprob: logits.get(chosen as usize).map_or(MIN_LOGPROB, |&v| lp(v)),
+        top: cand.into_iter().map(|(t, v)| (t, lp(v))).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_tokens() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, f32::NEG_INFINITY];
+        let lse = (1f64.exp() + 2.0 * 3f64.exp() + 2f64.exp()).ln() as f32;
+        let t = token_logprobs(&logits, 2, 3);
+        assert!((t.logprob - (2.0 - lse)).abs() < 1e-6);
+        let ids: Vec<u32> = t.top.iter().map(|p| p.0).collect();
+        assert_eq!(ids, [1, 3, 2], "most likely first, ties to the lower id");
+        assert!((t.top[0].1 - (3.0 - lse)).abs() < 1e-6);
+        let total: f32 = logits
+            .iter()
+            .map(|&v| token_logprobs(&logits, 0, 0).logprob - 1.0 + v)
+            .map(f32::exp)
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "probabilities sum to one: {total}");
+        assert_eq!(token_logprobs(&logits, 4, 0).logprob, MIN_LOGPROB, "-inf is floored");
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(token_logprobs(&logits, 0, 99).top.len(), 5);
+    }
 
     #[test]
     fn greedy_picks_argmax() {

@@ -2,8 +2,10 @@
 //! drops cancelled ones, schedules running sequences first (a decode token or the next prefill
 //! chunk each) and then admits waiting ones under a token budget and `max_num_seqs`, runs one
 //! engine step over the whole mixed batch, samples, and sends each new token to its request.
-//! KV memory is granted in blocks before each step; when blocks run out the most recently
-//! admitted sequence is preempted (its cache dropped, recomputed later from its tokens).
+//! KV memory is a pool of paged blocks (`data_plane::kv_cache::KvPool`) granted before each
+//! step; when blocks run out the most recently admitted sequence is preempted (its cache
+//! dropped, recomputed later from its tokens). With prefix caching a sequence starts from the
+//! cached blocks of the longest prefix of its tokens already computed by any sequence.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -12,15 +14,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use data_plane::engine::Engine;
-use data_plane::kv_cache::KvCache;
+use data_plane::kv_cache::{KvCache, KvPool};
 use data_plane::model::LogitsWanted;
 use tokio::sync::mpsc;
 
 use crate::api::FinishReason;
-use crate::blocks::BlockAllocator;
 use crate::error::ApiError;
 use crate::metrics::EngineMetrics;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{token_logprobs, Sampler, SamplingParams, TokenLogprob};
 
 /// One sequence to generate (a request with `n` choices submits `n` of these).
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct SeqRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// Report each generated token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
     /// Tokens that end the sequence (EOS unless ignored, plus the request's stop ids).
     pub stop_token_ids: Vec<u32>,
     pub arrival: Instant,
@@ -41,9 +44,19 @@ pub struct SeqRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
-    Token { index: usize, id: u32 },
-    Finished { index: usize, reason: FinishReason },
-    Failed { index: usize, message: String },
+    Token {
+        index: usize,
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
+    Finished {
+        index: usize,
+        reason: FinishReason,
+    },
+    Failed {
+        index: usize,
+        message: String,
+    },
 }
 
 #[derive(Debug)]
@@ -62,6 +75,7 @@ pub struct SchedulerConfig {
     pub max_queued: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+    pub prefix_caching: bool,
     pub model_name: String,
 }
 
@@ -75,6 +89,9 @@ pub struct SchedulerStats {
     pub steps: AtomicU64,
     pub preemptions: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Prompt tokens looked up in, and found in, the prefix cache at admission.
+    pub prefix_queries: AtomicU64,
+    pub prefix_hits: AtomicU64,
     pub dead: AtomicBool,
 }
 
@@ -129,8 +146,8 @@ struct Seq {
     generated: usize,
     /// Positions whose keys and values are in `cache`.
     computed: usize,
+    /// Paged in the scheduler's pool; dropping it returns its blocks.
     cache: KvCache,
-    blocks: Vec<u32>,
     sampler: Sampler,
     /// Still counted in the admission queue (never scheduled yet).
     in_queue: bool,
@@ -163,7 +180,7 @@ pub fn spawn(
         max_queued: cfg.max_queued,
     };
     let sched = Scheduler {
-        alloc: BlockAllocator::new(cfg.num_blocks, cfg.block_size),
+        pool: engine.new_kv_pool(cfg.block_size, cfg.num_blocks, cfg.prefix_caching),
         metrics: EngineMetrics::new(&cfg.model_name),
         engine,
         cfg,
@@ -186,7 +203,7 @@ struct Scheduler {
     rx: mpsc::UnboundedReceiver<Command>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
-    alloc: BlockAllocator,
+    pool: Arc<KvPool>,
     stats: Arc<SchedulerStats>,
     queued: Arc<AtomicUsize>,
     metrics: EngineMetrics,
@@ -237,8 +254,7 @@ impl Scheduler {
                         tokens: req.prompt.clone(),
                         generated: 0,
                         computed: 0,
-                        cache: self.engine.new_cache(),
-                        blocks: Vec::new(),
+                        cache: self.pool.new_cache(),
                         sampler,
                         in_queue: true,
                         last_token_at: None,
@@ -280,9 +296,8 @@ impl Scheduler {
         }
     }
 
-    /// Returns a sequence's blocks and queue slot; its cache goes with it.
-    fn drop_seq(&mut self, mut s: Seq) {
-        self.alloc.release(&mut s.blocks);
+    /// Returns a sequence's queue slot; its cache (and so its blocks) goes with it.
+    fn drop_seq(&mut self, s: Seq) {
         if s.in_queue {
             self.queued.fetch_sub(1, Ordering::AcqRel);
         }
@@ -308,9 +323,8 @@ impl Scheduler {
     }
 
     fn preempt(&mut self, mut s: Seq) {
-        self.alloc.release(&mut s.blocks);
         s.computed = 0;
-        s.cache = self.engine.new_cache();
+        s.cache = self.pool.new_cache();
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         self.metrics.preemptions.increment(1);
         self.waiting.push_front(s);
@@ -327,7 +341,7 @@ impl Scheduler {
             let n = (total - computed).min(budget);
             let mut granted = false;
             loop {
-                if self.alloc.ensure(&mut self.running[i].blocks, computed + n) {
+                if self.running[i].cache.grow_to(computed + n).is_ok() {
                     granted = true;
                     break;
                 }
@@ -356,13 +370,30 @@ impl Scheduler {
         }
         let now = Instant::now();
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(front) = self.waiting.front() else { break };
+            let Some(front) = self.waiting.front_mut() else { break };
+            let hit = if front.computed == 0 {
+                self.pool.attach_prefix(&mut front.cache, &front.tokens)
+            } else {
+                0
+            };
+            front.computed += hit;
             let n = (front.tokens.len() - front.computed).min(budget);
-            if !self.alloc.can_grow(&front.blocks, front.computed + n) {
+            if front.cache.grow_to(front.computed + n).is_err() {
+                // Not admitted: let go of the cached blocks found for it too.
+                if hit > 0 {
+                    front.cache = self.pool.new_cache();
+                    front.computed = 0;
+                }
                 break;
             }
             let Some(mut s) = self.waiting.pop_front() else { break };
-            self.alloc.ensure(&mut s.blocks, s.computed + n);
+            if self.pool.prefix_caching() {
+                let queried = s.tokens.len() as u64;
+                self.stats.prefix_queries.fetch_add(queried, Ordering::Relaxed);
+                self.stats.prefix_hits.fetch_add(hit as u64, Ordering::Relaxed);
+                self.metrics.prefix_queries.increment(queried);
+                self.metrics.prefix_hits.increment(hit as u64);
+            }
             if s.in_queue {
                 s.in_queue = false;
                 self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -434,6 +465,7 @@ impl Scheduler {
                 continue;
             };
             let t = s.sampler.sample(row, &s.tokens, s.generated);
+            let logprob = s.req.logprobs.map(|k| token_logprobs(row, t, k));
             s.tokens.push(t);
             s.generated += 1;
             generated += 1;
@@ -448,6 +480,7 @@ impl Scheduler {
             let _ = s.req.events.send(SeqEvent::Token {
                 index: s.req.index,
                 id: t,
+                logprob,
             });
             if s.req.stop_token_ids.contains(&t) {
                 done.push((i, FinishReason::Stop));
@@ -469,13 +502,13 @@ impl Scheduler {
     }
 
     fn publish(&self) {
-        let (r, w, used) = (self.running.len(), self.waiting.len(), self.alloc.used());
+        let (r, w, used) = (self.running.len(), self.waiting.len(), self.pool.blocks_in_use());
         self.stats.running.store(r, Ordering::Relaxed);
         self.stats.waiting.store(w, Ordering::Relaxed);
         self.stats.kv_blocks_used.store(used, Ordering::Relaxed);
         self.metrics.running.set(r as f64);
         self.metrics.waiting.set(w as f64);
-        let total = self.alloc.total().max(1);
+        let total = self.pool.num_blocks().max(1);
         self.metrics.kv_usage.set(used as f64 / total as f64);
     }
 }

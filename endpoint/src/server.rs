@@ -20,7 +20,10 @@ use serde_json::Value;
 
 use crate::api::*;
 use crate::error::ApiError;
-use crate::generation::{check_prompt, ChoiceUpdate, GenParams, Generation, Limits};
+use crate::generation::{
+    chat_logprobs, check_prompt, completion_logprobs, ChoiceUpdate, GenParams, Generation, Limits,
+};
+use crate::logprobs;
 use crate::scheduler::{self, SchedulerConfig, SchedulerHandle, SchedulerStats};
 use crate::tokenizer::TextTokenizer;
 
@@ -39,6 +42,9 @@ pub struct ServeConfig {
     /// KV blocks; defaults to what `kv_cache_bytes` holds.
     pub num_kv_blocks: Option<usize>,
     pub kv_cache_bytes: usize,
+    /// Reuse the KV blocks of prompt prefixes already computed (vLLM's automatic prefix
+    /// caching).
+    pub prefix_caching: bool,
     pub max_body_bytes: usize,
     pub max_n: usize,
     pub shutdown_timeout: Duration,
@@ -58,6 +64,7 @@ impl Default for ServeConfig {
             block_size: 16,
             num_kv_blocks: None,
             kv_cache_bytes: 2 << 30,
+            prefix_caching: true,
             max_body_bytes: 8 << 20,
             max_n: 16,
             tls: None,
@@ -153,6 +160,7 @@ impl Server {
                 max_queued: cfg.max_queued,
                 block_size: cfg.block_size,
                 num_blocks,
+                prefix_caching: cfg.prefix_caching,
                 model_name: cfg.model_name.clone(),
             },
         )?;
@@ -382,7 +390,14 @@ async fn completions(State(st): State<Arc<AppState>>, ApiJson(req): ApiJson<Comp
 async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     st.check_model(req.gen.model.as_deref())?;
-    let params = GenParams::validate(&req.gen, None, &st.limits)?;
+    let mut params = GenParams::validate(&req.gen, None, &st.limits)?;
+    params.logprobs = completion_logprobs(req.gen.logprobs.as_ref())?;
+    if req.echo && params.logprobs.is_some() {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "logprobs with echo (log-probabilities of the prompt) are not supported",
+        ));
+    }
     // `echo`: each choice's text starts with its prompt (as given, or decoded from its ids).
     let echo: Vec<String> = if req.echo {
         let decode = |ids: &[u32]| -> Result<String, ApiError> {
@@ -425,7 +440,11 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
     let id = request_id("cmpl");
     let (model, created) = (st.model_name.clone(), unix_now());
     let n = params.n;
+    let with_logprobs = params.logprobs.is_some();
+    let tok = st.tokenizer.clone();
     if params.stream {
+        // Character offset of each choice's next token in its text.
+        let mut offsets = vec![0usize; gen.num_choices()];
         let include_usage = params.include_usage;
         let return_ids = params.return_token_ids;
         let chunk = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
@@ -460,11 +479,15 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
             include_usage,
             opening,
             move |u: ChoiceUpdate| {
+                let logprobs = with_logprobs.then(|| {
+                    let offset = &mut offsets[u.index];
+                    logprobs::completion(tok.as_deref(), &u.token_ids, &u.logprobs, offset)
+                });
                 chunk(
                     vec![CompletionChoice {
                         index: u.index,
                         text: u.text,
-                        logprobs: None,
+                        logprobs,
                         finish_reason: u.finish,
                         prompt_token_ids: None,
                         token_ids: return_ids.then_some(u.token_ids),
@@ -484,7 +507,8 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
                 Some(prompt) => format!("{prompt}{}", texts[i]),
                 None => std::mem::take(&mut texts[i]),
             },
-            logprobs: None,
+            logprobs: with_logprobs
+                .then(|| logprobs::completion(tok.as_deref(), &gen.token_ids(i), gen.logprobs(i), &mut 0)),
             finish_reason: reasons[i],
             prompt_token_ids: prompt_ids.get(i / n).cloned(),
             token_ids: params.return_token_ids.then(|| gen.token_ids(i)),
@@ -535,7 +559,7 @@ fn sse_stream<C, O, F, U>(
 where
     C: serde::Serialize,
     O: FnOnce() -> Vec<C> + Send + 'static,
-    F: Fn(ChoiceUpdate) -> C + Send + 'static,
+    F: FnMut(ChoiceUpdate) -> C + Send + 'static,
     U: Fn(Usage) -> String + Send + 'static,
 {
     enum Phase {
@@ -551,7 +575,7 @@ where
     let state = (gen, first, Phase::Body, chunk, usage_chunk);
     futures_util::stream::unfold(
         state,
-        move |(mut gen, mut pending, mut phase, chunk, usage_chunk)| async move {
+        move |(mut gen, mut pending, mut phase, mut chunk, usage_chunk)| async move {
             loop {
                 if let Some(ev) = pending.pop_front() {
                     return Some((Ok(ev), (gen, pending, phase, chunk, usage_chunk)));
@@ -621,7 +645,8 @@ async fn chat_completions(State(st): State<Arc<AppState>>, ApiJson(req): ApiJson
 async fn chat_inner(st: Arc<AppState>, req: ChatRequest) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     st.check_model(req.gen.model.as_deref())?;
-    let params = GenParams::validate(&req.gen, req.max_completion_tokens, &st.limits)?;
+    let mut params = GenParams::validate(&req.gen, req.max_completion_tokens, &st.limits)?;
+    params.logprobs = chat_logprobs(req.gen.logprobs.as_ref(), req.top_logprobs.as_ref())?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
     }
@@ -647,6 +672,8 @@ async fn chat_inner(st: Arc<AppState>, req: ChatRequest) -> Result<Response, Api
     let mut gen = st.submit(vec![(prompt, mt)], &params, arrival)?;
     let id = request_id("chatcmpl");
     let (model, created) = (st.model_name.clone(), unix_now());
+    let with_logprobs = params.logprobs.is_some();
+    let tok = st.tokenizer.clone();
     if params.stream {
         let return_ids = params.return_token_ids;
         let k = gen.num_choices();
@@ -691,7 +718,7 @@ async fn chat_inner(st: Arc<AppState>, req: ChatRequest) -> Result<Response, Api
                             role: None,
                             content: (!u.text.is_empty() || u.finish.is_none()).then_some(u.text),
                         },
-                        logprobs: None,
+                        logprobs: with_logprobs.then(|| logprobs::chat(tok.as_deref(), &u.token_ids, &u.logprobs)),
                         finish_reason: u.finish,
                         token_ids: return_ids.then_some(u.token_ids),
                     }],
@@ -710,7 +737,7 @@ async fn chat_inner(st: Arc<AppState>, req: ChatRequest) -> Result<Response, Api
                 role: "assistant",
                 content: std::mem::take(&mut texts[i]),
             },
-            logprobs: None,
+            logprobs: with_logprobs.then(|| logprobs::chat(tok.as_deref(), &gen.token_ids(i), gen.logprobs(i))),
             finish_reason: reasons[i],
             token_ids: params.return_token_ids.then(|| gen.token_ids(i)),
         })

@@ -176,6 +176,26 @@ impl TextTokenizer {
         }
     }
 
+    /// One token's text (special tokens included) and bytes, as log-probabilities report it.
+    /// A byte-level token that is only part of a character reads as U+FFFD; its bytes are exact.
+    pub fn token_piece(&self, id: u32) -> (String, Vec<u8>) {
+        match self {
+            TextTokenizer::Bytes { .. } => {
+                let bytes: Vec<u8> = u8::try_from(id).map(|b| vec![b]).unwrap_or_default();
+                (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+            }
+            TextTokenizer::Hf { tokenizer, .. } => {
+                let text = tokenizer
+                    .decode(&[id], false)
+                    .ok()
+                    .or_else(|| tokenizer.id_to_token(id))
+                    .unwrap_or_default();
+                let bytes = text.as_bytes().to_vec();
+                (text, bytes)
+            }
+        }
+    }
+
     pub fn template(&self) -> &ChatTemplate {
         match self {
             TextTokenizer::Bytes { template } | TextTokenizer::Hf { template, .. } => template,

@@ -473,3 +473,139 @@ async fn every_documented_route_is_served() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// `logprobs`: the reported values are the engine's own next-token log-softmax, in the legacy
+/// completions format and chat's per-token list (streamed or not); bad values are 400s.
+#[tokio::test]
+async fn logprobs_are_the_models_in_both_formats() {
+    use data_plane::engine::argmax;
+    use data_plane::model::LogitsWanted;
+    use endpoint::sampling::token_logprobs;
+
+    let (server, base) = start(config()).await;
+    let prompt: Vec<u32> = "logprob probe".bytes().map(u32::from).collect();
+    let engine = Engine::builtin().unwrap();
+    let mut cache = engine.new_cache();
+    let (logits, _) = engine
+        .step(std::slice::from_mut(&mut cache), &[&prompt], LogitsWanted::Last)
+        .unwrap();
+    let row = logits[0].row(0);
+    let expected = token_logprobs(row, argmax(row), 5);
+    let close = |a: &Value, b: f32| (a.as_f64().unwrap() as f32 - b).abs() < 1e-4;
+
+    let (status, v) = post(
+        &base,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": true, "logprobs": 5}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(lp[field].as_array().map(Vec::len), Some(6), "{field}: {v}");
+    }
+    assert!(close(&lp["token_logprobs"][0], expected.logprob), "{lp}");
+    for (id, l) in expected.top.iter().filter(|(id, _)| *id < 128) {
+        let key = char::from(*id as u8).to_string();
+        assert!(close(&lp["top_logprobs"][0][&key], *l), "{key}: {lp}");
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    for i in 0..6 {
+        let best = lp["top_logprobs"][i]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::NEG_INFINITY, f64::max);
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(
+            chosen <= 0.0 && (chosen - best).abs() < 1e-6,
+            "greedy picks the most likely: {lp}"
+        );
+    }
+    let (_, plain) = post(&base, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).await;
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
+
+    // Chat: per-token entries with `top_logprobs` alternatives; the bytes spell the content.
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+        "ignore_eos": true, "logprobs": true, "top_logprobs": 2});
+    let (status, v) = post(&base, "/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len(), 5, "{v}");
+    let mut bytes = Vec::new();
+    for c in &content {
+        assert_eq!(c["top_logprobs"].as_array().unwrap().len(), 2, "{c}");
+        assert!(c["logprob"].as_f64().unwrap() <= 0.0);
+        bytes.extend(c["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let r = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let mut from_chunks = Vec::new();
+    for d in sse_data(&r.text().await.unwrap()) {
+        if d == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&d).unwrap();
+        if let Some(c) = chunk["choices"][0]["logprobs"]["content"].as_array() {
+            from_chunks.extend(c.iter().cloned());
+        }
+    }
+    // The same tokens; values equal up to rounding (the repeat prefilled only what the prefix
+    // cache did not hold, a differently shaped computation).
+    assert_eq!(from_chunks.len(), content.len());
+    for (a, b) in from_chunks.iter().zip(&content) {
+        assert_eq!(a["bytes"], b["bytes"], "{a} vs {b}");
+        assert!(
+            close(&a["logprob"], b["logprob"].as_f64().unwrap() as f32),
+            "{a} vs {b}"
+        );
+    }
+
+    for (path, body, param) in [
+        ("/v1/completions", json!({"prompt": "x", "logprobs": 21}), "logprobs"),
+        ("/v1/completions", json!({"prompt": "x", "logprobs": true}), "logprobs"),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "logprobs": 1, "echo": true}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+    ] {
+        let (status, v) = post(&base, path, &body).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    server.shutdown().await.unwrap();
+}

@@ -1,6 +1,7 @@
 //! Continuous batching under pressure: disconnects free KV blocks, running out of blocks
-//! preempts and recomputes without changing greedy outputs, and a bounded load test of many
-//! concurrent requests finishes with no failures.
+//! preempts and recomputes without changing greedy outputs, prefix caching reuses blocks
+//! without changing them either, and a bounded load test of many concurrent requests finishes
+//! with no failures.
 
 mod common;
 
@@ -165,4 +166,78 @@ async fn server_overhead_per_request_is_small() {
     );
     assert!(h - e < 0.02, "server overhead p50 {:.3} ms", (h - e) * 1e3);
     server.shutdown().await.unwrap();
+}
+
+/// Prefix caching: a prompt that starts like an earlier one reuses that one's full KV blocks
+/// (counted in the metrics), and greedy outputs stay those of the engine alone; with it off
+/// nothing is reused.
+#[tokio::test]
+async fn prefix_caching_reuses_blocks_without_changing_outputs() {
+    let system = "You are a careful assistant; answer in one short sentence. ";
+    let prompts: Vec<String> = ["What is MoE?", "What is EPLB?", "What is MoE?"]
+        .iter()
+        .map(|q| format!("{system}{q}"))
+        .collect();
+    let engine = Engine::builtin().unwrap();
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    for caching in [true, false] {
+        let mut cfg = config();
+        cfg.block_size = 4;
+        cfg.prefix_caching = caching;
+        let (server, base) = start(cfg).await;
+        let stats = server.stats().clone();
+        let mut hits = Vec::new();
+        for p in &prompts {
+            let before = stats.prefix_hits.load(Ordering::Relaxed);
+            let body =
+                json!({"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+            let (status, v) = post(&base, "/v1/completions", &body).await;
+            assert_eq!(status, 200, "{v}");
+            let ids: Vec<u32> = p.bytes().map(u32::from).collect();
+            let expected = engine
+                .generate_greedy(std::slice::from_ref(&ids), 12)
+                .unwrap()
+                .remove(0);
+            assert_eq!(token_ids(&v["choices"][0]), expected, "caching {caching}: {p}");
+            hits.push(stats.prefix_hits.load(Ordering::Relaxed) - before);
+        }
+        if caching {
+            // "...What is " is common to the first two; the third repeats the first.
+            let common = system.len() + "What is ".len();
+            assert_eq!(
+                hits,
+                [0, (common / 4 * 4) as u64, ((prompts[2].len() - 1) / 4 * 4) as u64]
+            );
+            let text = client()
+                .get(format!("{base}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            // The recorder is process-wide: other tests' servers add to the same series.
+            assert!(
+                metric(&text, "moeless:prefix_cache_hits_total") >= hits.iter().sum::<u64>(),
+                "{text}"
+            );
+            assert!(metric(&text, "moeless:prefix_cache_queries_total") > 0);
+        } else {
+            assert_eq!(hits, [0, 0, 0]);
+            assert_eq!(stats.prefix_queries.load(Ordering::Relaxed), 0);
+        }
+        // The scheduler publishes the freed blocks just after the last token goes out.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stats.kv_blocks_used.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "blocks still held: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.shutdown().await.unwrap();
+    }
 }

@@ -57,6 +57,10 @@ pub struct ServeArgs {
     pub block_size: usize,
     #[arg(long, default_value_t = 2.0)]
     pub kv_cache_gib: f64,
+    /// Recompute every prompt in full instead of reusing the cached KV blocks of prefixes
+    /// other requests already computed (vLLM's flag).
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
     /// Request bodies larger than this get 413.
     #[arg(long, default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
@@ -214,6 +218,7 @@ pub fn serve(args: ServeArgs, require_model: bool) -> anyhow::Result<()> {
         block_size: args.block_size,
         num_kv_blocks: args.num_kv_blocks,
         kv_cache_bytes: (args.kv_cache_gib.max(0.0) * (1u64 << 30) as f64) as usize,
+        prefix_caching: !args.no_enable_prefix_caching,
         max_body_bytes: args.max_body_bytes,
         max_n: 16,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
