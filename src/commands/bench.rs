@@ -66,6 +66,13 @@ pub struct EngineBenchArgs {
     /// Decode steps timed per repetition.
     #[arg(long, default_value_t = 8)]
     pub decode_steps: usize,
+    /// Tokens of context each decoding sequence starts from.
+    #[arg(long, default_value_t = 16)]
+    pub decode_context: usize,
+    /// Also time decoding with the server's paged KV cache (blocks of 16 in a shared pool)
+    /// beside per-sequence buffers, in the same run.
+    #[arg(long)]
+    pub paged: bool,
     /// Repetitions; medians are reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -186,10 +193,24 @@ fn prompts(batch: usize, len: usize, vocab: usize, salt: usize) -> Vec<Vec<u32>>
         .collect()
 }
 
-/// Decode tokens/s of our engine: prefill `batch` short prompts, then time `steps` batched steps.
-fn ours_decode(engine: &Engine, batch: usize, steps: usize, vocab: usize, rep: usize) -> anyhow::Result<f64> {
-    let ps = prompts(batch, 16, vocab, rep);
-    let mut caches: Vec<_> = ps.iter().map(|_| engine.new_cache()).collect();
+/// Decode tokens/s of our engine: prefill `batch` prompts of `context` tokens, then time `steps`
+/// batched steps; `paged`: the caches are blocks of one shared pool, as the server runs them.
+fn ours_decode(
+    engine: &Engine,
+    batch: usize,
+    steps: usize,
+    context: usize,
+    vocab: usize,
+    rep: usize,
+    paged: bool,
+) -> anyhow::Result<f64> {
+    let ps = prompts(batch, context.max(1), vocab, rep);
+    const BLOCK: usize = 16;
+    let pool = paged.then(|| engine.new_kv_pool(BLOCK, batch * (context + steps + 1).div_ceil(BLOCK), false));
+    let mut caches: Vec<_> = ps
+        .iter()
+        .map(|_| pool.as_ref().map_or_else(|| engine.new_cache(), |p| p.new_cache()))
+        .collect();
     let toks: Vec<&[u32]> = ps.iter().map(|p| p.as_slice()).collect();
     let (logits, _) = engine.step(&mut caches, &toks, LogitsWanted::Last)?;
     let mut next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l.row(0))]).collect();
@@ -283,10 +304,43 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
                 ours.push(if is_prefill {
                     ours_prefill(&engine, a.prompt_len, a.vocab, rep)?
                 } else {
-                    ours_decode(&engine, batch, a.decode_steps, a.vocab, rep)?
+                    ours_decode(&engine, batch, a.decode_steps, a.decode_context, a.vocab, rep, false)?
                 });
             }
             let ours = median(ours);
+            if a.paged && !is_prefill {
+                // Alternate with fresh owned runs so drift hits both alike.
+                let (mut owned, mut paged) = (Vec::new(), Vec::new());
+                for rep in 0..a.repeats {
+                    owned.push(ours_decode(
+                        &engine,
+                        batch,
+                        a.decode_steps,
+                        a.decode_context,
+                        a.vocab,
+                        rep,
+                        false,
+                    )?);
+                    paged.push(ours_decode(
+                        &engine,
+                        batch,
+                        a.decode_steps,
+                        a.decode_context,
+                        a.vocab,
+                        rep,
+                        true,
+                    )?);
+                }
+                let (owned, paged) = (median(owned), median(paged));
+                println!(
+                    "| {dt} | {name} paged KV (context {}) | {paged:.2} | owned {owned:.2} | {:.3}x |",
+                    a.decode_context,
+                    paged / owned
+                );
+                results.push(json!({"dtype": dt, "measure": format!("{name} paged"), "batch": batch,
+                    "context": a.decode_context, "paged_tokens_per_s": paged, "owned_tokens_per_s": owned,
+                    "paged_over_owned": paged / owned}));
+            }
             eprintln!("[{dt}] {name}: candle ...");
             let theirs = match peer(&dir, dtype, batch, &a, is_prefill) {
                 Ok(t) => t,
