@@ -291,14 +291,7 @@ async fn metrics_and_version_are_served() {
     let (server, base) = start(config()).await;
     let (status, _) = post(&base, "/v1/completions", &json!({"prompt": "m", "max_tokens": 3})).await;
     assert_eq!(status, 200);
-    let text = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&base, "/metrics").await;
     for name in [
         "moeless:time_to_first_token_seconds",
         "moeless:inter_token_latency_seconds",

@@ -214,14 +214,7 @@ async fn prefix_caching_reuses_blocks_without_changing_outputs() {
                 hits,
                 [0, (common / 4 * 4) as u64, ((prompts[2].len() - 1) / 4 * 4) as u64]
             );
-            let text = client()
-                .get(format!("{base}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = get_text(&base, "/metrics").await;
             // The recorder is process-wide: other tests' servers add to the same series.
             assert!(
                 metric(&text, "moeless:prefix_cache_hits_total") >= hits.iter().sum::<u64>(),

@@ -299,12 +299,14 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
         measures.push((format!("prefill {} tokens", a.prompt_len), 1, true));
         for (name, batch, is_prefill) in measures {
             eprintln!("[{dt}] {name}: MoEless x{} ...", a.repeats);
+            let decode =
+                |rep, paged| ours_decode(&engine, batch, a.decode_steps, a.decode_context, a.vocab, rep, paged);
             let mut ours = Vec::new();
             for rep in 0..a.repeats {
                 ours.push(if is_prefill {
                     ours_prefill(&engine, a.prompt_len, a.vocab, rep)?
                 } else {
-                    ours_decode(&engine, batch, a.decode_steps, a.decode_context, a.vocab, rep, false)?
+                    decode(rep, false)?
                 });
             }
             let ours = median(ours);
@@ -312,24 +314,8 @@ fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
                 // Alternate with fresh owned runs so drift hits both alike.
                 let (mut owned, mut paged) = (Vec::new(), Vec::new());
                 for rep in 0..a.repeats {
-                    owned.push(ours_decode(
-                        &engine,
-                        batch,
-                        a.decode_steps,
-                        a.decode_context,
-                        a.vocab,
-                        rep,
-                        false,
-                    )?);
-                    paged.push(ours_decode(
-                        &engine,
-                        batch,
-                        a.decode_steps,
-                        a.decode_context,
-                        a.vocab,
-                        rep,
-                        true,
-                    )?);
+                    owned.push(decode(rep, false)?);
+                    paged.push(decode(rep, true)?);
                 }
                 let (owned, paged) = (median(owned), median(paged));
                 println!(

@@ -44,6 +44,18 @@ pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
     (status, v)
 }
 
+/// The body of a GET as text.
+pub async fn get_text(base: &str, path: &str) -> String {
+    client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .expect("request sent")
+        .text()
+        .await
+        .expect("body read")
+}
+
 /// The `data:` payloads of a server-sent-event body.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.lines()
