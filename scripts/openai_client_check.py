@@ -73,6 +73,10 @@ def main():
         lps = lp.choices[0].logprobs
         assert len(lps.tokens) == 4 and len(lps.token_logprobs) == 4 and len(lps.text_offset) == 4, lps
         assert all(v <= 0 for v in lps.token_logprobs) and all(1 <= len(t) <= 3 for t in lps.top_logprobs), lps
+        scored = client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, temperature=0, echo=True,
+                                           logprobs=1).choices[0].logprobs
+        assert len(scored.tokens) == 6 and scored.token_logprobs[0] is None, scored
+        assert all(v <= 0 for v in scored.token_logprobs[1:]), scored
         c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
                                            extra_body={"ignore_eos": True})

@@ -140,14 +140,15 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
-/// `logprobs` of a `/v1/completions` choice (the legacy format): per generated token its text,
-/// log-probability, the most likely alternatives (plus the chosen token) and its character
-/// offset in the choice's text.
+/// `logprobs` of a `/v1/completions` choice (the legacy format): per token its text,
+/// log-probability, the most likely alternatives (plus the token itself) and its character
+/// offset. With `echo` the prompt's tokens come first, the very first with `null`s (nothing
+/// precedes it).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<Map<String, Value>>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<Map<String, Value>>>,
     pub text_offset: Vec<usize>,
 }
 

@@ -30,6 +30,8 @@ pub struct GenParams {
     /// Log-probabilities of each generated token with this many alternatives (set by the
     /// route: [`completion_logprobs`], [`chat_logprobs`]).
     pub logprobs: Option<usize>,
+    /// Log-probabilities of the prompt's tokens too (completions with `echo`).
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Limits the validation needs from the server.
@@ -146,6 +148,7 @@ impl GenParams {
             include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
             return_token_ids: f.return_token_ids,
             logprobs: None,
+            prompt_logprobs: None,
         })
     }
 }
@@ -250,6 +253,8 @@ struct ChoiceState {
     tokens: Vec<u32>,
     /// Log-probabilities of `tokens`, when asked for.
     logprobs: Vec<TokenLogprob>,
+    /// Of the prompt's tokens after the first, when asked for.
+    prompt_logprobs: Vec<TokenLogprob>,
     /// Token ids not yet reported (their text is still held back).
     unreported: Vec<u32>,
     unreported_logprobs: Vec<TokenLogprob>,
@@ -308,6 +313,7 @@ impl Generation {
                     max_tokens,
                     sampling: params.sampling,
                     logprobs: params.logprobs,
+                    prompt_logprobs: params.prompt_logprobs,
                     stop_token_ids: stop_ids.clone(),
                     arrival,
                     cancel: cancel.clone(),
@@ -320,6 +326,7 @@ impl Generation {
                     finished: None,
                     tokens: Vec::new(),
                     logprobs: Vec::new(),
+                    prompt_logprobs: Vec::new(),
                     unreported: Vec::new(),
                     unreported_logprobs: Vec::new(),
                 });
@@ -362,6 +369,14 @@ impl Generation {
             .unwrap_or_default()
     }
 
+    /// Log-probabilities of a choice's prompt tokens after the first (empty unless asked for).
+    pub fn prompt_logprobs(&self, index: usize) -> &[TokenLogprob] {
+        self.choices
+            .get(index)
+            .map(|c| c.prompt_logprobs.as_slice())
+            .unwrap_or_default()
+    }
+
     fn finish(&mut self, index: usize, reason: FinishReason) {
         let c = &mut self.choices[index];
         c.finished = Some(reason);
@@ -388,9 +403,10 @@ impl Generation {
                 });
             };
             let index = match &ev {
-                SeqEvent::Token { index, .. } | SeqEvent::Finished { index, .. } | SeqEvent::Failed { index, .. } => {
-                    *index
-                }
+                SeqEvent::Token { index, .. }
+                | SeqEvent::PromptLogprobs { index, .. }
+                | SeqEvent::Finished { index, .. }
+                | SeqEvent::Failed { index, .. } => *index,
             };
             if self.choices.get(index).is_none_or(|c| c.finished.is_some()) {
                 continue;
@@ -456,6 +472,7 @@ impl Generation {
                         error: None,
                     });
                 }
+                SeqEvent::PromptLogprobs { logprobs, .. } => self.choices[index].prompt_logprobs.extend(logprobs),
                 SeqEvent::Failed { message, .. } => return Some(self.fail(index, message)),
             }
         }

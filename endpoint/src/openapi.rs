@@ -50,8 +50,8 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
     "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
     "properties": {
         "tokens": {"type": "array", "items": {"type": "string"}},
-        "token_logprobs": {"type": "array", "items": {"type": "number"}},
-        "top_logprobs": {"type": "array", "items": {"type": "object", "additionalProperties": {"type": "number"}}},
+        "token_logprobs": {"type": "array", "items": {"type": ["number", "null"]}},
+        "top_logprobs": {"type": "array", "items": {"type": ["object", "null"], "additionalProperties": {"type": "number"}}},
         "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}}
     }}]});
     let top_logprob = json!({"type": "object", "required": ["token", "logprob", "bytes"], "properties": {
@@ -168,7 +168,7 @@ pub fn document(max_n: usize, max_stops: usize) -> Value {
                             {"type": "integer", "minimum": 0, "maximum": max_logprobs},
                             {"const": false},
                             {"type": "null"}
-                        ], "description": "Log-probability of each generated token and this many alternatives (of the model's raw distribution); not with echo"}
+                        ], "description": "Log-probability of each generated token and this many alternatives (of the model's raw distribution); with echo, of the prompt's tokens too (the first null; not streamed)"}
                     }))
                 },
                 "ChatMessage": {

@@ -33,6 +33,10 @@ pub struct SeqRequest {
     pub sampling: SamplingParams,
     /// Report each generated token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// Report the log-probability of every prompt token after the first (given the tokens
+    /// before it), with this many alternatives. Such a prompt is computed in full: it does
+    /// not start from cached prefix blocks, whose logits were never kept.
+    pub prompt_logprobs: Option<usize>,
     /// Tokens that end the sequence (EOS unless ignored, plus the request's stop ids).
     pub stop_token_ids: Vec<u32>,
     pub arrival: Instant,
@@ -48,6 +52,12 @@ pub enum SeqEvent {
         index: usize,
         id: u32,
         logprob: Option<TokenLogprob>,
+    },
+    /// Log-probabilities of prompt tokens, in order, in one or more events (one per prefill
+    /// chunk) before the first `Token`; the prompt's first token has none.
+    PromptLogprobs {
+        index: usize,
+        logprobs: Vec<TokenLogprob>,
     },
     Finished {
         index: usize,
@@ -146,6 +156,9 @@ struct Seq {
     generated: usize,
     /// Positions whose keys and values are in `cache`.
     computed: usize,
+    /// Prompt tokens whose log-probabilities were sent (they are not sent again when a
+    /// preempted sequence recomputes its prompt).
+    prompt_logprobs_sent: usize,
     /// Paged in the scheduler's pool; dropping it returns its blocks.
     cache: KvCache,
     sampler: Sampler,
@@ -254,6 +267,7 @@ impl Scheduler {
                         tokens: req.prompt.clone(),
                         generated: 0,
                         computed: 0,
+                        prompt_logprobs_sent: 0,
                         cache: self.pool.new_cache(),
                         sampler,
                         in_queue: true,
@@ -371,7 +385,7 @@ impl Scheduler {
         let now = Instant::now();
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(front) = self.waiting.front_mut() else { break };
-            let hit = if front.computed == 0 {
+            let hit = if front.computed == 0 && front.req.prompt_logprobs.is_none() {
                 self.pool.attach_prefix(&mut front.cache, &front.tokens)
             } else {
                 0
@@ -421,8 +435,17 @@ impl Scheduler {
                 &s.tokens[s.computed..s.computed + n]
             })
             .collect();
+        // Every position's logits only when a prompt chunk in this batch needs them.
+        let wanted = if plan.iter().any(|&(i, _)| {
+            let s = &self.running[i];
+            s.req.prompt_logprobs.is_some() && s.computed < s.req.prompt.len()
+        }) {
+            LogitsWanted::All
+        } else {
+            LogitsWanted::Last
+        };
         let engine = &self.engine;
-        let res = std::panic::catch_unwind(AssertUnwindSafe(|| engine.step(&mut caches, &toks, LogitsWanted::Last)));
+        let res = std::panic::catch_unwind(AssertUnwindSafe(|| engine.step(&mut caches, &toks, wanted)));
         for (&(i, _), c) in plan.iter().zip(caches) {
             self.running[i].cache = c;
         }
@@ -456,6 +479,21 @@ impl Scheduler {
         let mut generated = 0u64;
         for (j, &(i, n)) in plan.iter().enumerate() {
             let s = &mut self.running[i];
+            if let (Some(k), Some(l)) = (s.req.prompt_logprobs, logits.get(j)) {
+                // Row r of a full chunk predicts position computed + r + 1.
+                let (prompt_len, from) = (s.req.prompt.len(), s.computed);
+                let lps: Vec<TokenLogprob> = (from + 1..from + 1 + n)
+                    .filter(|&pos| pos < prompt_len && pos > s.prompt_logprobs_sent && pos - 1 - from < l.rows())
+                    .map(|pos| token_logprobs(l.row(pos - 1 - from), s.req.prompt[pos], k))
+                    .collect();
+                if !lps.is_empty() {
+                    s.prompt_logprobs_sent += lps.len();
+                    s.send(SeqEvent::PromptLogprobs {
+                        index: s.req.index,
+                        logprobs: lps,
+                    });
+                }
+            }
             s.computed += n;
             if s.computed < s.tokens.len() {
                 continue; // the middle of a chunked prefill: no token yet

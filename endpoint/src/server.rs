@@ -393,10 +393,14 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
     let mut params = GenParams::validate(&req.gen, None, &st.limits)?;
     params.logprobs = completion_logprobs(req.gen.logprobs.as_ref())?;
     if req.echo && params.logprobs.is_some() {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            "logprobs with echo (log-probabilities of the prompt) are not supported",
-        ));
+        // The prompt's log-probabilities too (what evaluation harnesses score with).
+        if params.stream {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                "logprobs with echo are returned whole: set stream to false",
+            ));
+        }
+        params.prompt_logprobs = params.logprobs;
     }
     // `echo`: each choice's text starts with its prompt (as given, or decoded from its ids).
     let echo: Vec<String> = if req.echo {
@@ -431,7 +435,7 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
         let mt = check_prompt(&p, params.max_tokens, &st.limits, "prompt")?;
         prompts.push((p, mt));
     }
-    let prompt_ids: Vec<Vec<u32>> = if params.return_token_ids {
+    let prompt_ids: Vec<Vec<u32>> = if params.return_token_ids || params.prompt_logprobs.is_some() {
         prompts.iter().map(|(p, _)| p.clone()).collect()
     } else {
         Vec::new()
@@ -507,10 +511,21 @@ async fn completions_inner(st: Arc<AppState>, req: CompletionRequest) -> Result<
                 Some(prompt) => format!("{prompt}{}", texts[i]),
                 None => std::mem::take(&mut texts[i]),
             },
-            logprobs: with_logprobs
-                .then(|| logprobs::completion(tok.as_deref(), &gen.token_ids(i), gen.logprobs(i), &mut 0)),
+            logprobs: with_logprobs.then(|| match params.prompt_logprobs.and(prompt_ids.get(i / n)) {
+                Some(p) => logprobs::completion_echo(
+                    tok.as_deref(),
+                    p,
+                    gen.prompt_logprobs(i),
+                    &gen.token_ids(i),
+                    gen.logprobs(i),
+                ),
+                None => logprobs::completion(tok.as_deref(), &gen.token_ids(i), gen.logprobs(i), &mut 0),
+            }),
             finish_reason: reasons[i],
-            prompt_token_ids: prompt_ids.get(i / n).cloned(),
+            prompt_token_ids: params
+                .return_token_ids
+                .then(|| prompt_ids.get(i / n).cloned())
+                .flatten(),
             token_ids: params.return_token_ids.then(|| gen.token_ids(i)),
         })
         .collect();

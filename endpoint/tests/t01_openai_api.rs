@@ -577,7 +577,7 @@ async fn logprobs_are_the_models_in_both_formats() {
         ("/v1/completions", json!({"prompt": "x", "logprobs": true}), "logprobs"),
         (
             "/v1/completions",
-            json!({"prompt": "x", "logprobs": 1, "echo": true}),
+            json!({"prompt": "x", "logprobs": 1, "echo": true, "stream": true}),
             "logprobs",
         ),
         (
@@ -601,4 +601,55 @@ async fn logprobs_are_the_models_in_both_formats() {
         assert_eq!(v["error"]["param"], param, "{v}");
     }
     server.shutdown().await.unwrap();
+}
+
+/// `echo` with `logprobs` (how evaluation harnesses score text): the prompt's tokens come
+/// first, each with its log-probability given the tokens before it (the first `null`), equal
+/// to the engine's full-prompt forward pass, with prefill in one step or in chunks, and on a
+/// repeat (the prefix cache is not used for it).
+#[tokio::test]
+async fn echo_with_logprobs_scores_the_prompt() {
+    use endpoint::sampling::token_logprobs;
+
+    let prompt: Vec<u32> = "score this prompt".bytes().map(u32::from).collect();
+    let engine = Engine::builtin().unwrap();
+    let full = engine.forward_prompts(std::slice::from_ref(&prompt), false).unwrap();
+    let expected: Vec<f32> = (1..prompt.len())
+        .map(|p| token_logprobs(full[0].logits.row(p - 1), prompt[p], 0).logprob)
+        .collect();
+    for budget in [2048, 5] {
+        let mut cfg = config();
+        cfg.max_num_batched_tokens = budget;
+        let (server, base) = start(cfg).await;
+        for attempt in 0..2 {
+            let body = json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": true,
+                "echo": true, "logprobs": 1});
+            let (status, v) = post(&base, "/v1/completions", &body).await;
+            assert_eq!(status, 200, "{v}");
+            let lp = &v["choices"][0]["logprobs"];
+            let n = prompt.len() + 3;
+            for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                assert_eq!(lp[field].as_array().map(Vec::len), Some(n), "{field}: {v}");
+            }
+            assert!(
+                lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(),
+                "{lp}"
+            );
+            assert_eq!(lp["tokens"][1], "c");
+            for (i, want) in expected.iter().enumerate() {
+                let got = lp["token_logprobs"][i + 1].as_f64().unwrap() as f32;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "budget {budget} attempt {attempt} token {}: {got} vs {want}",
+                    i + 1
+                );
+            }
+            assert!(lp["token_logprobs"][n - 1].as_f64().unwrap() <= 0.0);
+            assert!(v["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("score this prompt"));
+        }
+        server.shutdown().await.unwrap();
+    }
 }
