@@ -217,8 +217,9 @@ struct Live {
     decoding: bool,
 }
 
-/// Progress callback: (policy, simulated seconds, total seconds).
-pub type Progress<'a> = &'a mut dyn FnMut(&str, f64, f64);
+/// Progress callback: (policy, simulated seconds, total seconds). Policies run on threads of
+/// their own, so it is called from several threads (one at a time).
+pub type Progress<'a> = &'a mut (dyn FnMut(&str, f64, f64) + Send);
 
 /// Simulate every policy on the same requests; one report per policy.
 pub fn simulate(
@@ -249,8 +250,14 @@ pub fn simulate(
         });
     }
     let lay = layout(cfg, model)?;
-    let mut out = Vec::new();
-    for &p in policies {
+    let progress = std::sync::Mutex::new(progress);
+    // Policies share nothing but their inputs: one thread each (results do not depend on it).
+    let run_policy = |p: PolicyKind| -> Result<PolicyReport, SimError> {
+        let mut report = |label: &str, t: f64, total: f64| {
+            if let Ok(mut f) = progress.lock() {
+                (*f)(label, t, total)
+            }
+        };
         let mut rep = PolicyReport::new(p.label(), billing(p));
         for g in 0..lay.groups {
             let reqs: Vec<(u64, Request)> = requests
@@ -265,13 +272,37 @@ pub fn simulate(
                 p.label().to_string()
             };
             run_group(
-                cfg, model, routing, &lay, &reqs, duration_s, p, &mut rep, &label, progress,
+                cfg,
+                model,
+                routing,
+                &lay,
+                &reqs,
+                duration_s,
+                p,
+                &mut rep,
+                &label,
+                &mut report,
             )?;
         }
         rep.finish(cfg, model, &lay, duration_s);
-        out.push(rep);
+        Ok(rep)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || policies.len() < 2 {
+        return policies.iter().map(|&p| run_policy(p)).collect();
     }
-    Ok(out)
+    let run_policy = &run_policy;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = policies.iter().map(|&p| s.spawn(move || run_policy(p))).collect();
+        handles
+            .into_iter()
+            .zip(policies)
+            .map(|(h, p)| {
+                h.join()
+                    .unwrap_or_else(|_| Err(SimError::Config(format!("simulating policy {} panicked", p.label()))))
+            })
+            .collect()
+    })
 }
 
 /// Static EP and EPLB run as reserved deployments; MoEless and the oracle as serverless.
