@@ -162,102 +162,184 @@ pub fn split_tokens(count: u32, shares: &[f64], out: &mut Vec<u32>) {
     }
 }
 
-/// The flow problem behind min-max dispatch: experts held on several GPUs ("fluid") send their
-/// tokens to any GPU holding them; everything else is a fixed load. All amounts are integers
-/// (tokens, possibly scaled) so that the result is exact.
-struct DispatchFlow {
-    /// Per fluid expert: its distinct GPUs and the first instance on each.
-    holders: Vec<Vec<(usize, usize)>>,
-    /// Per fluid expert: amount not yet placed.
+/// Min-max dispatch of routed counts over a layer's instances, with its working memory kept
+/// between calls (the replay and the simulator run it for every layer of every step).
+///
+/// The flow problem: experts held on several GPUs ("fluid") send their tokens to any GPU
+/// holding them; everything else is a fixed load. All amounts are integers (tokens, possibly
+/// scaled by a common factor) so that the result is exact. Fluid experts, their holders and
+/// each GPU's holders are kept in flat arrays (offsets per expert and per GPU).
+#[derive(Debug, Default, Clone)]
+pub struct MinMaxDispatch {
+    /// Per fluid expert `j`: its holders are `h_start[j]..h_start[j + 1]`.
+    h_start: Vec<usize>,
+    /// Per fluid expert: its unscaled count, and what is not yet placed (scaled).
+    amount: Vec<u64>,
     left: Vec<u64>,
-    /// Per fluid expert and holder: amount placed there.
-    flow: Vec<Vec<u64>>,
+    /// Per holder (a distinct GPU of a fluid expert, its first instance there): GPU, instance,
+    /// fluid expert, and the amount placed there.
+    h_gpu: Vec<usize>,
+    h_inst: Vec<usize>,
+    h_fluid: Vec<usize>,
+    flow: Vec<u64>,
+    /// Per GPU: unscaled fixed load, current (scaled) load, and its holders
+    /// `g_hold[g_start[g]..g_start[g + 1]]` in fluid order.
+    fixed: Vec<u64>,
     load: Vec<u64>,
-    /// GPU -> (fluid expert, holder index) pairs.
-    on_gpu: Vec<Vec<(usize, usize)>>,
+    g_start: Vec<usize>,
+    g_hold: Vec<usize>,
+    /// Experts held on one GPU with tokens: (first instance, count).
+    single: Vec<(usize, u32)>,
+    /// Unscaled tokens of experts that have an instance.
+    total: u64,
+    // Scratch.
+    e_start: Vec<usize>,
+    e_gpu: Vec<usize>,
+    e_inst: Vec<usize>,
+    e_len: Vec<usize>,
+    gpu_from: Vec<usize>,
+    expert_via: Vec<usize>,
+    queue: Vec<usize>,
+    order: Vec<(u64, usize, usize)>,
+    best_flow: Vec<u64>,
+    int_tokens: Vec<u32>,
 }
 
-impl DispatchFlow {
-    /// Split the experts of `plan` with non-zero `counts` into fixed load (scaled by `scale`)
-    /// and fluid experts. Returns the problem, the fluid experts' ids and the unscaled total.
-    fn new(plan: &LayerPlan, counts: &[u32], gpus: usize, scale: u64) -> (Self, Vec<usize>, u64) {
-        let mut by_expert: Vec<Vec<(usize, usize)>> = vec![Vec::new(); counts.len()];
+const NONE: usize = usize::MAX;
+
+impl MinMaxDispatch {
+    /// Split the experts of `plan` with non-zero `counts` into fixed load and fluid experts
+    /// (amounts unscaled; [`Self::rescale`] sets the scale).
+    fn build(&mut self, plan: &LayerPlan, counts: &[u32], gpus: usize) {
+        let e = counts.len();
+        // Distinct GPUs of every expert, first instance on each, in plan order.
+        self.e_start.clear();
+        self.e_start.resize(e + 1, 0);
+        for inst in &plan.instances {
+            self.e_start[inst.expert as usize + 1] += 1;
+        }
+        for x in 0..e {
+            self.e_start[x + 1] += self.e_start[x];
+        }
+        let n = plan.instances.len();
+        self.e_gpu.clear();
+        self.e_gpu.resize(n, 0);
+        self.e_inst.clear();
+        self.e_inst.resize(n, 0);
+        self.e_len.clear();
+        self.e_len.resize(e, 0);
         for (i, inst) in plan.instances.iter().enumerate() {
-            let h = &mut by_expert[inst.expert as usize];
-            if !h.iter().any(|&(g, _)| g == inst.gpu as usize) {
-                h.push((inst.gpu as usize, i));
+            let x = inst.expert as usize;
+            let (s, len) = (self.e_start[x], self.e_len[x]);
+            let g = inst.gpu as usize;
+            if !self.e_gpu[s..s + len].contains(&g) {
+                self.e_gpu[s + len] = g;
+                self.e_inst[s + len] = i;
+                self.e_len[x] += 1;
             }
         }
-        let mut f = DispatchFlow {
-            holders: Vec::new(),
-            left: Vec::new(),
-            flow: Vec::new(),
-            load: vec![0; gpus],
-            on_gpu: vec![Vec::new(); gpus],
-        };
-        let mut ids = Vec::new();
-        let mut total = 0u64;
-        for (e, &c) in counts.iter().enumerate() {
-            let h = &by_expert[e];
-            if c == 0 || h.is_empty() {
+        self.h_start.clear();
+        self.h_start.push(0);
+        self.amount.clear();
+        self.h_gpu.clear();
+        self.h_inst.clear();
+        self.h_fluid.clear();
+        self.single.clear();
+        self.fixed.clear();
+        self.fixed.resize(gpus, 0);
+        self.total = 0;
+        for (x, &c) in counts.iter().enumerate() {
+            let (s, len) = (self.e_start[x], self.e_len[x]);
+            if c == 0 || len == 0 {
                 continue;
             }
-            total += u64::from(c);
-            if h.len() == 1 {
-                f.load[h[0].0] += u64::from(c) * scale;
+            self.total += u64::from(c);
+            if len == 1 {
+                self.fixed[self.e_gpu[s]] += u64::from(c);
+                self.single.push((self.e_inst[s], c));
             } else {
-                let j = f.holders.len();
-                for (k, &(g, _)) in h.iter().enumerate() {
-                    f.on_gpu[g].push((j, k));
-                }
-                f.flow.push(vec![0; h.len()]);
-                f.holders.push(h.clone());
-                f.left.push(u64::from(c) * scale);
-                ids.push(e);
+                let j = self.amount.len();
+                self.amount.push(u64::from(c));
+                self.h_gpu.extend_from_slice(&self.e_gpu[s..s + len]);
+                self.h_inst.extend_from_slice(&self.e_inst[s..s + len]);
+                self.h_fluid.extend(std::iter::repeat_n(j, len));
+                self.h_start.push(self.h_gpu.len());
             }
         }
-        (f, ids, total)
+        // Holders per GPU, in fluid order.
+        self.g_start.clear();
+        self.g_start.resize(gpus + 1, 0);
+        for &g in &self.h_gpu {
+            self.g_start[g + 1] += 1;
+        }
+        for g in 0..gpus {
+            self.g_start[g + 1] += self.g_start[g];
+        }
+        self.g_hold.clear();
+        self.g_hold.resize(self.h_gpu.len(), 0);
+        // `e_len` is free again: reuse it as the per-GPU fill cursor.
+        self.e_len.clear();
+        self.e_len.extend_from_slice(&self.g_start[..gpus]);
+        for (h, &g) in self.h_gpu.iter().enumerate() {
+            self.g_hold[self.e_len[g]] = h;
+            self.e_len[g] += 1;
+        }
+    }
+
+    /// Start over with every amount multiplied by `scale`.
+    fn rescale(&mut self, scale: u64) {
+        self.load.clear();
+        self.load.extend(self.fixed.iter().map(|&f| f * scale));
+        self.left.clear();
+        self.left.extend(self.amount.iter().map(|&a| a * scale));
+        self.flow.clear();
+        self.flow.resize(self.h_gpu.len(), 0);
     }
 
     /// Push as much as possible with every GPU capped at `cap` (augmenting paths, bottleneck
     /// amounts). Returns whether everything is placed; the flow stays valid for a larger cap.
     fn fill(&mut self, cap: u64) -> bool {
-        let nf = self.holders.len();
+        let nf = self.amount.len();
         let gpus = self.load.len();
-        let mut gpu_from: Vec<Option<(usize, usize)>> = vec![None; gpus];
-        let mut expert_via: Vec<Option<(usize, usize)>> = vec![None; nf];
-        let mut queue: Vec<usize> = Vec::with_capacity(nf);
-        let mut order: Vec<(usize, usize)> = Vec::new();
+        self.gpu_from.clear();
+        self.gpu_from.resize(gpus, NONE);
+        self.expert_via.clear();
+        self.expert_via.resize(nf, NONE);
         loop {
             let mut progressed = false;
             for j0 in 0..nf {
                 while self.left[j0] > 0 {
-                    gpu_from.iter_mut().for_each(|p| *p = None);
-                    expert_via.iter_mut().for_each(|p| *p = None);
-                    queue.clear();
-                    queue.push(j0);
+                    self.gpu_from.iter_mut().for_each(|p| *p = NONE);
+                    self.expert_via.iter_mut().for_each(|p| *p = NONE);
+                    self.queue.clear();
+                    self.queue.push(j0);
                     let mut found = None;
                     let mut qi = 0;
-                    'bfs: while qi < queue.len() {
-                        let j = queue[qi];
+                    'bfs: while qi < self.queue.len() {
+                        let j = self.queue[qi];
                         qi += 1;
                         // Least loaded holders first, so that ties fill evenly.
-                        order.clear();
-                        order.extend(self.holders[j].iter().enumerate().map(|(k, h)| (h.0, k)));
-                        order.sort_by_key(|&(g, _)| (self.load[g], g));
-                        for &(g, k) in &order {
-                            if gpu_from[g].is_some() {
+                        self.order.clear();
+                        for h in self.h_start[j]..self.h_start[j + 1] {
+                            let g = self.h_gpu[h];
+                            self.order.push((self.load[g], g, h));
+                        }
+                        self.order.sort_unstable();
+                        for oi in 0..self.order.len() {
+                            let (_, g, h) = self.order[oi];
+                            if self.gpu_from[g] != NONE {
                                 continue;
                             }
-                            gpu_from[g] = Some((j, k));
+                            self.gpu_from[g] = h;
                             if self.load[g] < cap {
                                 found = Some(g);
                                 break 'bfs;
                             }
-                            for &(j2, k2) in &self.on_gpu[g] {
-                                if j2 != j0 && expert_via[j2].is_none() && self.flow[j2][k2] > 0 {
-                                    expert_via[j2] = Some((g, k2));
-                                    queue.push(j2);
+                            for &h2 in &self.g_hold[self.g_start[g]..self.g_start[g + 1]] {
+                                let j2 = self.h_fluid[h2];
+                                if j2 != j0 && self.expert_via[j2] == NONE && self.flow[h2] > 0 {
+                                    self.expert_via[j2] = h2;
+                                    self.queue.push(j2);
                                 }
                             }
                         }
@@ -267,25 +349,26 @@ impl DispatchFlow {
                     let mut amount = self.left[j0].min(cap - self.load[end]);
                     let mut g = end;
                     loop {
-                        let (j, _) = gpu_from[g].expect("GPU on the augmenting path");
+                        let j = self.h_fluid[self.gpu_from[g]];
                         if j == j0 {
                             break;
                         }
-                        let (back, kb) = expert_via[j].expect("expert on the augmenting path");
-                        amount = amount.min(self.flow[j][kb]);
-                        g = back;
+                        let back = self.expert_via[j];
+                        amount = amount.min(self.flow[back]);
+                        g = self.h_gpu[back];
                     }
                     self.load[end] += amount;
                     let mut g = end;
                     loop {
-                        let (j, k) = gpu_from[g].expect("GPU on the augmenting path");
-                        self.flow[j][k] += amount;
+                        let h = self.gpu_from[g];
+                        self.flow[h] += amount;
+                        let j = self.h_fluid[h];
                         if j == j0 {
                             break;
                         }
-                        let (back, kb) = expert_via[j].expect("expert on the augmenting path");
-                        self.flow[j][kb] -= amount;
-                        g = back;
+                        let back = self.expert_via[j];
+                        self.flow[back] -= amount;
+                        g = self.h_gpu[back];
                     }
                     self.left[j0] -= amount;
                     progressed = true;
@@ -299,119 +382,113 @@ impl DispatchFlow {
             }
         }
     }
-}
 
-/// Integer dispatch of routed `counts` across the instances of `plan` that minimises the
-/// maximum tokens on a GPU, exactly: tokens of single-GPU experts are fixed, the rest is a
-/// bipartite flow (expert -> GPUs holding it) whose GPU capacity starts at the lower bound
-/// `max(ceil(total / gpus), max fixed load)` and grows by one token whenever no augmenting path
-/// is left. Returns tokens per instance (aligned with `plan.instances`); several instances of
-/// one expert on the same GPU: the first listed takes the GPU's tokens.
-pub fn min_max_token_split(plan: &LayerPlan, counts: &[u32], gpus: usize) -> Vec<u32> {
-    let mut out = vec![0u32; plan.instances.len()];
-    let (mut f, ids, total) = DispatchFlow::new(plan, counts, gpus, 1);
-    let mut cap = total.div_ceil(gpus.max(1) as u64);
-    cap = cap.max(f.load.iter().copied().max().unwrap_or(0));
-    while !f.fill(cap) {
-        cap += 1;
-    }
-    fill_single_gpu_experts(plan, counts, &mut out);
-    for (j, holders) in f.holders.iter().enumerate() {
-        for (k, &(_, i)) in holders.iter().enumerate() {
-            out[i] = f.flow[j][k] as u32;
+    /// Integer dispatch of routed `counts` across the instances of `plan` that minimises the
+    /// maximum tokens on a GPU, exactly: tokens of single-GPU experts are fixed, the rest is a
+    /// bipartite flow (expert -> GPUs holding it) whose GPU capacity starts at the lower bound
+    /// `max(ceil(total / gpus), max fixed load)` and grows by one token whenever no augmenting
+    /// path is left. Writes tokens per instance (aligned with `plan.instances`) into `out`;
+    /// several instances of one expert on the same GPU: the first listed takes the GPU's tokens.
+    pub fn token_split(&mut self, plan: &LayerPlan, counts: &[u32], gpus: usize, out: &mut Vec<u32>) {
+        self.build(plan, counts, gpus);
+        self.rescale(1);
+        let mut cap = self.total.div_ceil(gpus.max(1) as u64);
+        cap = cap.max(self.load.iter().copied().max().unwrap_or(0));
+        while !self.fill(cap) {
+            cap += 1;
+        }
+        out.clear();
+        out.resize(plan.instances.len(), 0);
+        for &(i, c) in &self.single {
+            out[i] = c;
+        }
+        for (&i, &f) in self.h_inst.iter().zip(&self.flow) {
+            out[i] = f as u32;
         }
     }
-    debug_assert_eq!(ids.len(), f.holders.len());
+
+    /// The smallest possible maximum GPU load when each expert's `counts` may be split across
+    /// its instances in any real proportions, with shares that reach it (aligned with
+    /// `plan.instances`). Exact: the optimum is `a / b` with `b` a number of GPUs (it is the load
+    /// of some set of experts over the GPUs holding them), and lies within one token below the
+    /// integer optimum, so a binary search over those fractions with integer flows (amounts
+    /// scaled by `b`) finds it.
+    pub fn fractional_split(&mut self, plan: &LayerPlan, counts: &[u32], gpus: usize) -> (f64, Vec<f64>) {
+        let mut int_tokens = std::mem::take(&mut self.int_tokens);
+        self.token_split(plan, counts, gpus, &mut int_tokens);
+        let mut int_load = vec![0u64; gpus];
+        for (inst, &n) in plan.instances.iter().zip(&int_tokens) {
+            int_load[inst.gpu as usize] += u64::from(n);
+        }
+        let m_int = int_load.iter().copied().max().unwrap_or(0);
+        let rc = plan.replica_counts(counts.len());
+        let share_of = |tokens: &mut dyn Iterator<Item = f64>| -> Vec<f64> {
+            plan.instances
+                .iter()
+                .zip(tokens)
+                .map(|(i, n)| match counts[i.expert as usize] {
+                    0 => 1.0 / f64::from(rc[i.expert as usize]),
+                    c => n / f64::from(c),
+                })
+                .collect()
+        };
+        let int_shares = share_of(&mut int_tokens.iter().map(|&n| f64::from(n)));
+        self.int_tokens = int_tokens;
+        if m_int == 0 {
+            return (0.0, int_shares);
+        }
+        // Candidates a / b in (m_int - 1, m_int], ascending, deduplicated.
+        let mut cand: Vec<(u64, u64)> = Vec::new();
+        for b in 1..=gpus as u64 {
+            for a in ((m_int - 1) * b + 1)..=(m_int * b) {
+                cand.push((a, b));
+            }
+        }
+        cand.sort_by(|x, y| (x.0 * y.1).cmp(&(y.0 * x.1)));
+        cand.dedup_by(|x, y| x.0 * y.1 == y.0 * x.1);
+        let (mut lo, mut hi) = (0usize, cand.len() - 1); // cand[hi] = m_int / 1 is feasible
+                                                         // The fluid/fixed split does not depend on the scale: built once (by `token_split`).
+        let mut best_scale = None;
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let (a, b) = cand[mid];
+            self.rescale(b);
+            let fixed_ok = self.load.iter().all(|&l| l <= a);
+            if fixed_ok && self.fill(a) {
+                hi = mid;
+                best_scale = Some(b);
+                self.best_flow.clear();
+                self.best_flow.extend_from_slice(&self.flow);
+            } else {
+                lo = mid + 1;
+            }
+        }
+        // `best_flow` is the flow found for `cand[hi]` whenever the search lowered `hi`.
+        let (a, b) = cand[hi];
+        let Some(scale) = best_scale else {
+            return (m_int as f64, int_shares);
+        };
+        let mut tokens = vec![0.0; plan.instances.len()];
+        for &(i, c) in &self.single {
+            tokens[i] = f64::from(c);
+        }
+        for (&i, &f) in self.h_inst.iter().zip(&self.best_flow) {
+            tokens[i] = f as f64 / scale as f64;
+        }
+        (a as f64 / b as f64, share_of(&mut tokens.into_iter()))
+    }
+}
+
+/// One-off form of [`MinMaxDispatch::token_split`].
+pub fn min_max_token_split(plan: &LayerPlan, counts: &[u32], gpus: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    MinMaxDispatch::default().token_split(plan, counts, gpus, &mut out);
     out
 }
 
-/// Tokens of experts held on one GPU only go to their first instance.
-fn fill_single_gpu_experts(plan: &LayerPlan, counts: &[u32], out: &mut [u32]) {
-    let mut first: Vec<Option<(u32, usize)>> = vec![None; counts.len()];
-    let mut multi = vec![false; counts.len()];
-    for (i, inst) in plan.instances.iter().enumerate() {
-        let e = inst.expert as usize;
-        match first[e] {
-            None => first[e] = Some((inst.gpu, i)),
-            Some((g, _)) if g != inst.gpu => multi[e] = true,
-            _ => {}
-        }
-    }
-    for (e, f) in first.iter().enumerate() {
-        if let (Some((_, i)), false) = (f, multi[e]) {
-            out[*i] = counts[e];
-        }
-    }
-}
-
-/// The smallest possible maximum GPU load when each expert's `counts` may be split across its
-/// instances in any real proportions, with shares that reach it (aligned with `plan.instances`).
-/// Exact: the optimum is `a / b` with `b` a number of GPUs (it is the load of some set of
-/// experts over the GPUs holding them), and lies within one token below the integer optimum,
-/// so a binary search over those fractions with integer flows (amounts scaled by `b`) finds it.
+/// One-off form of [`MinMaxDispatch::fractional_split`].
 pub fn min_max_fractional_split(plan: &LayerPlan, counts: &[u32], gpus: usize) -> (f64, Vec<f64>) {
-    let int_tokens = min_max_token_split(plan, counts, gpus);
-    let mut int_load = vec![0u64; gpus];
-    for (inst, &n) in plan.instances.iter().zip(&int_tokens) {
-        int_load[inst.gpu as usize] += u64::from(n);
-    }
-    let m_int = int_load.iter().copied().max().unwrap_or(0);
-    let share_of = |tokens: &[f64]| -> Vec<f64> {
-        let rc = plan.replica_counts(counts.len());
-        plan.instances
-            .iter()
-            .zip(tokens)
-            .map(|(i, &n)| match counts[i.expert as usize] {
-                0 => 1.0 / f64::from(rc[i.expert as usize]),
-                c => n / f64::from(c),
-            })
-            .collect()
-    };
-    let int_shares = || share_of(&int_tokens.iter().map(|&n| f64::from(n)).collect::<Vec<_>>());
-    if m_int == 0 {
-        return (0.0, int_shares());
-    }
-    // Candidates a / b in (m_int - 1, m_int], ascending, deduplicated.
-    let mut cand: Vec<(u64, u64)> = Vec::new();
-    for b in 1..=gpus as u64 {
-        for a in ((m_int - 1) * b + 1)..=(m_int * b) {
-            cand.push((a, b));
-        }
-    }
-    cand.sort_by(|x, y| (x.0 * y.1).cmp(&(y.0 * x.1)));
-    cand.dedup_by(|x, y| x.0 * y.1 == y.0 * x.1);
-    let (mut lo, mut hi) = (0usize, cand.len() - 1); // cand[hi] = m_int / 1 is feasible
-    let mut best: Option<(DispatchFlow, Vec<usize>, u64)> = None;
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        let (a, b) = cand[mid];
-        let (mut f, ids, _) = DispatchFlow::new(plan, counts, gpus, b);
-        let fixed_ok = f.load.iter().all(|&l| l <= a);
-        if fixed_ok && f.fill(a) {
-            hi = mid;
-            best = Some((f, ids, b));
-        } else {
-            lo = mid + 1;
-        }
-    }
-    // `best` is the flow found for `cand[hi]` whenever the search lowered `hi`.
-    let (a, b) = cand[hi];
-    let Some((f, ids, scale)) = best else {
-        return (m_int as f64, int_shares());
-    };
-    let mut tokens = vec![0.0; plan.instances.len()];
-    let mut whole = vec![0u32; plan.instances.len()];
-    fill_single_gpu_experts(plan, counts, &mut whole);
-    for (t, &w) in tokens.iter_mut().zip(&whole) {
-        *t = f64::from(w);
-    }
-    debug_assert_eq!(ids.len(), f.holders.len());
-    for (j, holders) in f.holders.iter().enumerate() {
-        for (k, &(_, i)) in holders.iter().enumerate() {
-            tokens[i] = f.flow[j][k] as f64 / scale as f64;
-        }
-    }
-    (a as f64 / b as f64, share_of(&tokens))
+    MinMaxDispatch::default().fractional_split(plan, counts, gpus)
 }
 
 /// Shares that minimise the maximum GPU load for given `loads`: for each replicated expert,
@@ -793,6 +870,27 @@ mod dispatch_props {
             // Integrality of bipartite flows: the integer optimum is the fractional one rounded up.
             let int = f64::from(brute_force(&plan, &counts, gpus));
             prop_assert!((m - 1e-9).ceil() == int, "fractional {} integer {}", m, int);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(100))]
+
+        /// One dispatcher reused across layers of different shapes answers exactly what fresh
+        /// ones do (its working memory carries nothing over).
+        #[test]
+        fn reused_dispatcher_matches_fresh_ones(a in case(), b in case()) {
+            let mut d = MinMaxDispatch::default();
+            let mut out = Vec::new();
+            for (gpus, pairs, counts) in [&a, &b, &a] {
+                let plan = plan_of(pairs);
+                d.token_split(&plan, counts, *gpus, &mut out);
+                prop_assert_eq!(&out, &min_max_token_split(&plan, counts, *gpus));
+                let (m, s) = d.fractional_split(&plan, counts, *gpus);
+                let (m2, s2) = min_max_fractional_split(&plan, counts, *gpus);
+                prop_assert_eq!(m.to_bits(), m2.to_bits());
+                prop_assert_eq!(s, s2);
+            }
         }
     }
 

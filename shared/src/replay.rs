@@ -7,8 +7,7 @@
 
 use crate::eplb::{rebalance_experts, EplbShape};
 use crate::plan::{
-    min_max_fractional_split, min_max_token_split, split_tokens, static_ep, water_fill_shares, Instance, LayerPlan,
-    PlanError, ShareFill,
+    split_tokens, static_ep, water_fill_shares, Instance, LayerPlan, MinMaxDispatch, PlanError, ShareFill,
 };
 use crate::predict::{LoadPredictor, PredictorKind, SlidingWindow};
 use crate::trace::Step;
@@ -272,11 +271,14 @@ pub struct Replayer {
     split: Vec<u32>,
     idx_by_expert: Vec<Vec<usize>>,
     share_fill: ShareFill,
+    dispatch: MinMaxDispatch,
+    int_tokens: Vec<u32>,
     last_routed: Vec<Vec<usize>>,
     t: usize,
     bal_sum: f64,
     frac_sum: f64,
     keep_step_detail: bool,
+    fractional_metric: bool,
     last: Vec<LayerOutcome>,
     report: ReplayReport,
 }
@@ -348,11 +350,14 @@ impl Replayer {
             split: Vec::new(),
             idx_by_expert: vec![Vec::new(); num_experts],
             share_fill: ShareFill::new(num_experts, g),
+            dispatch: MinMaxDispatch::default(),
+            int_tokens: Vec::new(),
             last_routed: vec![vec![0usize; num_experts]; layers],
             t: 0,
             bal_sum: 0.0,
             frac_sum: 0.0,
             keep_step_detail: true,
+            fractional_metric: true,
             last: Vec::new(),
             report: ReplayReport {
                 policy: policy.label().to_string(),
@@ -376,6 +381,14 @@ impl Replayer {
     /// last step stays available through [`Replayer::last_step`].
     pub fn without_step_detail(mut self) -> Self {
         self.keep_step_detail = false;
+        self
+    }
+
+    /// Skip the fractional balancedness metric (reported as NaN): it solves a second, exact
+    /// fractional dispatch per layer and step that callers reading only what ran (the cluster
+    /// simulator) do not need.
+    pub fn without_fractional_metric(mut self) -> Self {
+        self.fractional_metric = false;
         self
     }
 
@@ -414,6 +427,9 @@ impl Replayer {
         let idx_by_expert = &mut self.idx_by_expert;
         let share_fill = &mut self.share_fill;
         let frac_sum = &mut self.frac_sum;
+        let dispatch = &mut self.dispatch;
+        let int_tokens = &mut self.int_tokens;
+        let fractional_metric = self.fractional_metric;
         if step.counts.len() != layers || step.counts.iter().any(|c| c.len() != num_experts) {
             return Err(PlanError::Shape(format!(
                 "step {t} has a different number of layers or experts"
@@ -509,12 +525,14 @@ impl Replayer {
             };
             let shares: Vec<f64> = match policy {
                 _ if min_max => {
-                    frac_shares = Some(min_max_fractional_split(&plan, counts, g).1);
-                    let tok = min_max_token_split(&plan, counts, g);
+                    if fractional_metric {
+                        frac_shares = Some(dispatch.fractional_split(&plan, counts, g).1);
+                    }
+                    dispatch.token_split(&plan, counts, g, int_tokens);
                     let rc = plan.replica_counts(num_experts);
                     plan.instances
                         .iter()
-                        .zip(&tok)
+                        .zip(int_tokens.iter())
                         .map(|(i, &n)| match counts[i.expert as usize] {
                             0 => 1.0 / rc[i.expert as usize] as f64,
                             c => n as f64 / c as f64,
@@ -643,6 +661,9 @@ impl Replayer {
         } else {
             self.frac_sum / (steps * self.layers) as f64
         };
+        if !self.fractional_metric {
+            self.report.balancedness_fractional = f64::NAN;
+        }
         self.report.instances_created = self.fleet.created;
         self.report
     }

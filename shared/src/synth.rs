@@ -87,14 +87,14 @@ impl SplitMix {
 }
 
 /// Draw `k` distinct experts from weights `w` (sequentially, without replacement).
-fn draw_top_k(w: &[f64], k: usize, rng: &mut SplitMix, out: &mut Vec<u32>) {
+fn draw_top_k(w: &[f64], k: usize, rng: &mut SplitMix, taken: &mut [bool], out: &mut Vec<u32>) {
     out.clear();
     let mut total: f64 = w.iter().sum();
     for _ in 0..k {
         let mut x = rng.unit() * total;
         let mut pick = None;
         for (e, &v) in w.iter().enumerate() {
-            if v <= 0.0 || out.contains(&(e as u32)) {
+            if v <= 0.0 || taken[e] {
                 continue;
             }
             pick = Some(e);
@@ -103,10 +103,13 @@ fn draw_top_k(w: &[f64], k: usize, rng: &mut SplitMix, out: &mut Vec<u32>) {
             }
             x -= v;
         }
-        // Fewer positive weights than k: fill with the lowest unused ids.
-        let e = pick.unwrap_or_else(|| (0..w.len()).find(|e| !out.contains(&(*e as u32))).unwrap_or(0));
+        let e = pick.unwrap_or_else(|| (0..w.len()).find(|&e| !taken[e]).unwrap_or(0));
         total -= w[e].max(0.0);
+        taken[e] = true;
         out.push(e as u32);
+    }
+    for &e in out.iter() {
+        taken[e as usize] = false;
     }
 }
 
@@ -156,6 +159,7 @@ pub fn generate(
     let mut steps = Vec::with_capacity(cfg.groups * cfg.steps_per_group);
     let mut w = vec![0.0; experts];
     let mut pick = Vec::with_capacity(k);
+    let mut taken = vec![false; experts];
     for g in 0..cfg.groups {
         let group_pop: Vec<Vec<f64>> = (0..layers)
             .map(|l| {
@@ -190,7 +194,7 @@ pub fn generate(
                             *v = (1.0 - aw) * *v + aw * cond;
                         }
                     }
-                    draw_top_k(&w, k, &mut rng, &mut pick);
+                    draw_top_k(&w, k, &mut rng, &mut taken, &mut pick);
                     routes[l].extend_from_slice(&pick);
                 }
             }

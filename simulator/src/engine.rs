@@ -340,7 +340,9 @@ fn run_group(
     rc.eplb_window = cfg.eplb_window;
     rc.eplb_interval = cfg.eplb_interval;
     rc.stall_penalty = 0.0;
-    let mut replayer = Replayer::new(layers, model.num_experts, k, policy, &rc)?.without_step_detail();
+    let mut replayer = Replayer::new(layers, model.num_experts, k, policy, &rc)?
+        .without_step_detail()
+        .without_fractional_metric();
 
     let mut q = EventQueue::default();
     for (i, (_, r)) in reqs.iter().enumerate() {
