@@ -15,6 +15,8 @@ pub enum ArrivalError {
     BadDuration(f64),
     #[error("rate scale must be positive, got {0}")]
     BadRateScale(f64),
+    #[error("arrivals: {0}")]
+    Format(String),
 }
 
 /// One request as the trace gives it.

@@ -9,6 +9,7 @@ pub mod plan;
 pub mod predict;
 pub mod replay;
 pub mod secret;
+pub mod servegen;
 pub mod source;
 pub mod synth;
 pub mod trace;

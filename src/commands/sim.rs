@@ -5,7 +5,7 @@ use std::io::{BufReader, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
@@ -22,9 +22,14 @@ pub struct SimArgs {
     /// Routing trace: per-token top-k CSV (Llama-4 MMLU) or per-layer fractions (Qwen3; synthesised).
     #[arg(long, env = "MOELESS_ROUTING_TRACE")]
     pub routing_trace: PathBuf,
-    /// Arrivals: Azure LLM 2023 CSV or Mooncake JSONL.
+    /// Arrivals: Azure LLM 2023 CSV, Mooncake JSONL, or a ServeGen client directory (e.g.
+    /// `servegen/language/m-large`: arrivals generated from its fitted per-client statistics).
     #[arg(long, env = "MOELESS_ARRIVALS")]
     pub arrivals: PathBuf,
+    /// ServeGen only: second of the 14 recorded days where the simulated window starts
+    /// (e.g. 72000 for 20:00 on day one).
+    #[arg(long, default_value_t = 0.0)]
+    pub arrivals_start: f64,
     #[arg(long, env = "MOELESS_GPUS")]
     pub gpus: usize,
     /// a6000, a100, h100 or h200.
@@ -85,9 +90,21 @@ pub fn run(a: SimArgs) -> Result<()> {
         .with_context(|| format!("opening routing trace {}", a.routing_trace.display()))?;
     let routing = RoutingPool::read(BufReader::new(f), model.num_experts, model.top_k, a.seed)
         .with_context(|| format!("reading routing trace {}", a.routing_trace.display()))?;
-    let text = fs::read_to_string(&a.arrivals).with_context(|| format!("reading arrivals {}", a.arrivals.display()))?;
-    let all = arrivals::parse_auto(&text).with_context(|| format!("reading arrivals {}", a.arrivals.display()))?;
-    let requests = arrivals::window(&all, a.duration, a.rate_scale)?;
+    let requests = if a.arrivals.is_dir() {
+        let pool = arrivals::read_servegen_dir(&a.arrivals)
+            .with_context(|| format!("reading ServeGen clients {}", a.arrivals.display()))?;
+        pool.generate(a.arrivals_start, a.duration, a.rate_scale, a.seed)
+            .map_err(simulator::SimError::from)
+            .with_context(|| format!("generating arrivals from {}", a.arrivals.display()))?
+    } else {
+        if a.arrivals_start != 0.0 {
+            bail!("--arrivals-start applies to ServeGen directories only");
+        }
+        let text =
+            fs::read_to_string(&a.arrivals).with_context(|| format!("reading arrivals {}", a.arrivals.display()))?;
+        let all = arrivals::parse_auto(&text).with_context(|| format!("reading arrivals {}", a.arrivals.display()))?;
+        arrivals::window(&all, a.duration, a.rate_scale)?
+    };
     let mut cfg = SimConfig::new(a.gpus, gpu.profile());
     cfg.ep_size = a.ep_size;
     cfg.slots_per_gpu = a.slots_per_gpu;
@@ -131,7 +148,7 @@ pub fn run(a: SimArgs) -> Result<()> {
     let report = json!({
         "config": {
             "model": model.name, "model_config": a.model_config, "routing_trace": a.routing_trace,
-            "routing_source": routing.source, "arrivals": a.arrivals, "gpus": a.gpus, "gpu_type": gpu.label(),
+            "routing_source": routing.source, "arrivals": a.arrivals, "arrivals_start_s": a.arrivals_start, "gpus": a.gpus, "gpu_type": gpu.label(),
             "ep_size": lay.ep_size, "groups": lay.groups, "slots_per_gpu": lay.slots_per_gpu,
             "kv_tokens_per_gpu": lay.kv_tokens_per_gpu, "duration_s": a.duration, "rate_scale": a.rate_scale,
             "requests": requests.len(), "token_budget_per_gpu": a.token_budget_per_gpu,
