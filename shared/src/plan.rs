@@ -197,8 +197,13 @@ pub struct MinMaxDispatch {
     e_gpu: Vec<usize>,
     e_inst: Vec<usize>,
     e_len: Vec<usize>,
+    /// Search marks: `gpu_from[g]` / `expert_via[j]` are valid only where `*_mark` equals the
+    /// current search's stamp (so nothing is cleared between augmenting paths).
     gpu_from: Vec<usize>,
+    gpu_mark: Vec<u32>,
     expert_via: Vec<usize>,
+    expert_mark: Vec<u32>,
+    stamp: u32,
     queue: Vec<usize>,
     order: Vec<(u64, usize, usize)>,
     best_flow: Vec<u64>,
@@ -296,21 +301,31 @@ impl MinMaxDispatch {
         self.flow.resize(self.h_gpu.len(), 0);
     }
 
+    /// A stamp no mark holds yet: it forgets every mark of the previous search.
+    fn new_stamp(&mut self) -> u32 {
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            self.gpu_mark.iter_mut().for_each(|m| *m = 0);
+            self.expert_mark.iter_mut().for_each(|m| *m = 0);
+            self.stamp = 1;
+        }
+        self.stamp
+    }
+
     /// Push as much as possible with every GPU capped at `cap` (augmenting paths, bottleneck
     /// amounts). Returns whether everything is placed; the flow stays valid for a larger cap.
     fn fill(&mut self, cap: u64) -> bool {
         let nf = self.amount.len();
         let gpus = self.load.len();
-        self.gpu_from.clear();
         self.gpu_from.resize(gpus, NONE);
-        self.expert_via.clear();
+        self.gpu_mark.resize(gpus, 0);
         self.expert_via.resize(nf, NONE);
+        self.expert_mark.resize(nf, 0);
         loop {
             let mut progressed = false;
             for j0 in 0..nf {
                 while self.left[j0] > 0 {
-                    self.gpu_from.iter_mut().for_each(|p| *p = NONE);
-                    self.expert_via.iter_mut().for_each(|p| *p = NONE);
+                    let stamp = self.new_stamp();
                     self.queue.clear();
                     self.queue.push(j0);
                     let mut found = None;
@@ -327,9 +342,10 @@ impl MinMaxDispatch {
                         self.order.sort_unstable();
                         for oi in 0..self.order.len() {
                             let (_, g, h) = self.order[oi];
-                            if self.gpu_from[g] != NONE {
+                            if self.gpu_mark[g] == stamp {
                                 continue;
                             }
+                            self.gpu_mark[g] = stamp;
                             self.gpu_from[g] = h;
                             if self.load[g] < cap {
                                 found = Some(g);
@@ -337,7 +353,8 @@ impl MinMaxDispatch {
                             }
                             for &h2 in &self.g_hold[self.g_start[g]..self.g_start[g + 1]] {
                                 let j2 = self.h_fluid[h2];
-                                if j2 != j0 && self.expert_via[j2] == NONE && self.flow[h2] > 0 {
+                                if j2 != j0 && self.expert_mark[j2] != stamp && self.flow[h2] > 0 {
+                                    self.expert_mark[j2] = stamp;
                                     self.expert_via[j2] = h2;
                                     self.queue.push(j2);
                                 }
@@ -383,11 +400,51 @@ impl MinMaxDispatch {
         }
     }
 
+    /// After `fill(cap)` failed: a cap the optimum cannot be below. Every GPU reachable (in the
+    /// residual graph) from an expert with tokens left is at `cap`, and no flow can leave that
+    /// set, so its GPUs must also absorb what is left: the optimum is at least
+    /// `cap + ceil(left / |set|)`. Jumping there (instead of one token at a time) keeps the
+    /// result exact.
+    fn next_cap(&mut self, cap: u64) -> u64 {
+        let stamp = self.new_stamp();
+        self.queue.clear();
+        let mut left = 0u64;
+        for j in 0..self.amount.len() {
+            if self.left[j] > 0 {
+                left += self.left[j];
+                self.expert_mark[j] = stamp;
+                self.queue.push(j);
+            }
+        }
+        let mut reached = 0u64;
+        let mut qi = 0;
+        while qi < self.queue.len() {
+            let j = self.queue[qi];
+            qi += 1;
+            for h in self.h_start[j]..self.h_start[j + 1] {
+                let g = self.h_gpu[h];
+                if self.gpu_mark[g] == stamp {
+                    continue;
+                }
+                self.gpu_mark[g] = stamp;
+                reached += 1;
+                for &h2 in &self.g_hold[self.g_start[g]..self.g_start[g + 1]] {
+                    let j2 = self.h_fluid[h2];
+                    if self.expert_mark[j2] != stamp && self.flow[h2] > 0 {
+                        self.expert_mark[j2] = stamp;
+                        self.queue.push(j2);
+                    }
+                }
+            }
+        }
+        cap + left.div_ceil(reached.max(1)).max(1)
+    }
+
     /// Integer dispatch of routed `counts` across the instances of `plan` that minimises the
     /// maximum tokens on a GPU, exactly: tokens of single-GPU experts are fixed, the rest is a
     /// bipartite flow (expert -> GPUs holding it) whose GPU capacity starts at the lower bound
-    /// `max(ceil(total / gpus), max fixed load)` and grows by one token whenever no augmenting
-    /// path is left. Writes tokens per instance (aligned with `plan.instances`) into `out`;
+    /// `max(ceil(total / gpus), max fixed load)` and grows to the next lower bound
+    /// ([`Self::next_cap`]) whenever no augmenting path is left. Writes tokens per instance (aligned with `plan.instances`) into `out`;
     /// several instances of one expert on the same GPU: the first listed takes the GPU's tokens.
     pub fn token_split(&mut self, plan: &LayerPlan, counts: &[u32], gpus: usize, out: &mut Vec<u32>) {
         self.build(plan, counts, gpus);
@@ -395,7 +452,7 @@ impl MinMaxDispatch {
         let mut cap = self.total.div_ceil(gpus.max(1) as u64);
         cap = cap.max(self.load.iter().copied().max().unwrap_or(0));
         while !self.fill(cap) {
-            cap += 1;
+            cap = self.next_cap(cap);
         }
         out.clear();
         out.resize(plan.instances.len(), 0);
@@ -875,6 +932,36 @@ mod dispatch_props {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(100))]
+
+        /// On layers too large for brute force, the integer split is still optimal: complete,
+        /// and no flow fits under one token less (a max-flow check at a fixed cap, independent
+        /// of how the cap was found).
+        #[test]
+        fn integer_split_is_optimal_on_larger_layers(
+            gpus in 2usize..9,
+            extra in prop::collection::vec((0u32..16, 0u32..8), 0..24),
+            counts in prop::collection::vec(0u32..60, 16),
+        ) {
+            let mut pairs: Vec<(u32, u32)> = (0..16u32).map(|e| (e, e % gpus as u32)).collect();
+            pairs.extend(extra.iter().map(|&(e, g)| (e, g % gpus as u32)));
+            let plan = plan_of(&pairs);
+            let tok = min_max_token_split(&plan, &counts, gpus);
+            let mut per_expert = vec![0u32; counts.len()];
+            let mut load = vec![0u64; gpus];
+            for (i, &n) in plan.instances.iter().zip(&tok) {
+                per_expert[i.expert as usize] += n;
+                load[i.gpu as usize] += u64::from(n);
+            }
+            prop_assert_eq!(&per_expert, &counts);
+            let m = *load.iter().max().unwrap();
+            if m > 0 {
+                let mut d = MinMaxDispatch::default();
+                d.build(&plan, &counts, gpus);
+                d.rescale(1);
+                let fixed_ok = d.load.iter().all(|&l| l < m);
+                prop_assert!(!(fixed_ok && d.fill(m - 1)), "a split with max {} exists", m - 1);
+            }
+        }
 
         /// One dispatcher reused across layers of different shapes answers exactly what fresh
         /// ones do (its working memory carries nothing over).

@@ -360,6 +360,12 @@ impl PredictorKind {
         }
     }
 
+    /// Whether the predictor reads the routes of the current step's earlier layers (and not
+    /// only per-expert counts): callers that only have counts can skip building routes.
+    pub fn reads_routes(self) -> bool {
+        matches!(self, PredictorKind::Affinity | PredictorKind::Combined)
+    }
+
     /// Build with the defaults used in the reports.
     pub fn build(self, layers: usize, experts: usize, top_k: usize) -> Box<dyn LoadPredictor + Send> {
         match self {

@@ -392,6 +392,12 @@ impl Replayer {
         self
     }
 
+    /// Whether [`Self::step`] reads `Step::routes` (MoEless with a predictor that uses the
+    /// current step's routes); otherwise steps may carry counts only, with empty routes.
+    pub fn needs_routes(&self) -> bool {
+        self.policy == PolicyKind::Moeless && self.cfg.predictor.reads_routes()
+    }
+
     /// Per layer, what the last step executed.
     pub fn last_step(&self) -> &[LayerOutcome] {
         &self.last

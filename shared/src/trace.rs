@@ -222,6 +222,8 @@ pub struct Step {
     /// Index of the step within its group.
     pub index: usize,
     /// `routes[layer]`: expert choices of all tokens at that MoE layer (token-major, k per token).
+    /// Left empty by producers whose consumer reads counts only (see
+    /// `replay::Replayer::needs_routes`).
     pub routes: Vec<Vec<u32>>,
     /// `counts[layer][expert]`: tokens routed to each expert.
     pub counts: Vec<Vec<u32>>,

@@ -366,6 +366,10 @@ fn run_group(
     let mut instances_now = held_instances(&replayer);
     let mut sample_bal = (0.0f64, 0usize);
     let mut routes: Vec<Vec<u32>> = vec![Vec::new(); layers];
+    let mut counts: Vec<Vec<u32>> = vec![vec![0; model.num_experts]; layers];
+    // Routes are built only for a predictor that reads them; otherwise counts straight from
+    // the routing table (the same counts, without a per-layer copy of every token's choices).
+    let need_routes = replayer.needs_routes();
     rep.arrived += reqs.len();
 
     while let Some(ev) = q.pop() {
@@ -490,6 +494,9 @@ fn run_group(
         for r in routes.iter_mut() {
             r.clear();
         }
+        for c in counts.iter_mut() {
+            c.iter_mut().for_each(|x| *x = 0);
+        }
         let mut origin = vec![0usize; g];
         for l in running.iter() {
             let (n, prefill, start) = if l.decoding {
@@ -498,16 +505,32 @@ fn run_group(
                 (l.chunk, true, l.prefilled)
             };
             origin[l.gpu] += n;
-            for p in start..start + n {
-                let tok = routing.token(l.query, prefill, p);
-                for (layer, r) in routes.iter_mut().enumerate() {
-                    r.extend_from_slice(routing.experts(tok, layer));
+            if need_routes {
+                for p in start..start + n {
+                    let tok = routing.token(l.query, prefill, p);
+                    for (layer, r) in routes.iter_mut().enumerate() {
+                        r.extend_from_slice(routing.experts(tok, layer));
+                    }
                 }
+            } else {
+                routing.count_range(l.query, prefill, start, n, &mut counts);
             }
         }
-        let step = Step::new(0, step_index, std::mem::take(&mut routes), model.num_experts);
+        let step = if need_routes {
+            Step::new(0, step_index, std::mem::take(&mut routes), model.num_experts)
+        } else {
+            Step {
+                group: 0,
+                index: step_index,
+                routes: std::mem::take(&mut routes),
+                counts: std::mem::take(&mut counts),
+            }
+        };
         replayer.step(&step)?;
         routes = step.routes;
+        if !need_routes {
+            counts = step.counts;
+        }
         step_index += 1;
         instances_now = held_instances(&replayer);
 

@@ -23,6 +23,10 @@ use crate::SimError;
 struct Query {
     prefill: Vec<u32>,
     decode: Vec<u32>,
+    /// Per phase, counts of one whole pass over its tokens (`[layer * experts + expert]`),
+    /// where that is cheaper than counting the tokens: long prompts cycle many times.
+    prefill_cycle: Option<Vec<u32>>,
+    decode_cycle: Option<Vec<u32>>,
 }
 
 /// Routes of trace tokens, `table[token * layers * k ..]`, grouped into queries.
@@ -74,6 +78,7 @@ impl RoutingPool {
                 Query {
                     prefill: pick(Phase::Prefill),
                     decode: pick(Phase::Decode),
+                    ..Default::default()
                 }
             })
             .collect();
@@ -119,14 +124,34 @@ impl RoutingPool {
         if queries.is_empty() || layers == 0 || top_k == 0 {
             return Err(SimError::Routing("the trace holds no routed tokens".into()));
         }
-        Ok(Self {
+        let mut pool = Self {
             num_experts,
             top_k,
             layers,
             source,
             table,
             queries,
-        })
+        };
+        // A pass over a list costs `len * layers * k` increments token by token and
+        // `layers * experts` additions from its counts: keep the counts where they are at most
+        // half the work (so they also take at most half the table's memory).
+        let cycle = |pool: &Self, list: &[u32]| -> Option<Vec<u32>> {
+            if list.len() * top_k < 2 * num_experts {
+                return None;
+            }
+            let mut c = vec![vec![0u32; num_experts]; layers];
+            for &t in list {
+                pool.count_token(t as usize, &mut c);
+            }
+            Some(c.concat())
+        };
+        for i in 0..pool.queries.len() {
+            let pc = cycle(&pool, &pool.queries[i].prefill);
+            let dc = cycle(&pool, &pool.queries[i].decode);
+            pool.queries[i].prefill_cycle = pc;
+            pool.queries[i].decode_cycle = dc;
+        }
+        Ok(pool)
     }
 
     /// Read a routing file, choosing the format from its header: the Llama-4 per-token CSV
@@ -213,7 +238,90 @@ impl RoutingPool {
         &self.table[base..base + self.top_k]
     }
 
+    /// Add the choices of tokens `start..start + n` of `query` in `phase` (the tokens
+    /// [`Self::token`] names) at every layer to `counts[layer][expert]`; whole passes over the
+    /// query's tokens are added from their precomputed counts.
+    pub fn count_range(&self, query: usize, prefill: bool, start: usize, n: usize, counts: &mut [Vec<u32>]) {
+        let q = &self.queries[query];
+        let (list, cycle) = match (prefill, q.prefill.is_empty(), q.decode.is_empty()) {
+            (true, false, _) | (false, _, true) => (&q.prefill, &q.prefill_cycle),
+            _ => (&q.decode, &q.decode_cycle),
+        };
+        let len = list.len();
+        let end = start + n;
+        let mut p = start;
+        let mut i = start % len;
+        if let Some(cyc) = cycle {
+            while p < end && i != 0 {
+                self.count_token(list[i] as usize, counts);
+                p += 1;
+                i = if i + 1 == len { 0 } else { i + 1 };
+            }
+            let full = (end - p) / len;
+            if full > 0 {
+                let f = full as u32;
+                for (c, row) in counts.iter_mut().zip(cyc.chunks_exact(self.num_experts)) {
+                    for (x, &y) in c.iter_mut().zip(row) {
+                        *x += y * f;
+                    }
+                }
+                p += full * len;
+            }
+        }
+        while p < end {
+            self.count_token(list[i] as usize, counts);
+            p += 1;
+            i = if i + 1 == len { 0 } else { i + 1 };
+        }
+    }
+
+    /// Add one token's choices at every layer to `counts[layer][expert]`.
+    pub fn count_token(&self, token: usize, counts: &mut [Vec<u32>]) {
+        let (l, k) = (self.layers, self.top_k);
+        let row = &self.table[token * l * k..(token + 1) * l * k];
+        for (c, choices) in counts.iter_mut().zip(row.chunks_exact(k)) {
+            for &e in choices {
+                c[e as usize] += 1;
+            }
+        }
+    }
+
     pub fn num_queries(&self) -> usize {
         self.queries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counting a range through whole-pass counts gives exactly the token-by-token counts.
+    #[test]
+    fn range_counts_equal_token_by_token_counts() {
+        let (layers, experts, k) = (3, 8, 2);
+        let pop: Vec<Vec<f64>> = (0..layers)
+            .map(|l| (0..experts).map(|e| 1.0 + ((e * 7 + l) % 5) as f64).collect())
+            .collect();
+        let pool = RoutingPool::from_popularity(&pop, k, 5, "test".into()).unwrap();
+        assert!(
+            pool.queries.iter().all(|q| q.decode_cycle.is_some()),
+            "64 tokens x 2 >= 16"
+        );
+        for (query, prefill, start, n) in [
+            (0, true, 0, 1),
+            (3, true, 5, 200),
+            (7, false, 63, 2),
+            (9, true, 64, 128),
+            (11, false, 0, 0),
+            (2, true, 17, 1000),
+        ] {
+            let mut want = vec![vec![0u32; experts]; layers];
+            for p in start..start + n {
+                pool.count_token(pool.token(query, prefill, p), &mut want);
+            }
+            let mut got = vec![vec![0u32; experts]; layers];
+            pool.count_range(query, prefill, start, n, &mut got);
+            assert_eq!(got, want, "query {query} tokens {start}..+{n}");
+        }
     }
 }
