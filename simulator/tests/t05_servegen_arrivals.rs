@@ -2,27 +2,10 @@
 //! `$MOELESS_SHARED_DIR/data/arrivals/servegen` (default `../shared`); a missing directory fails
 //! unless `MOELESS_SKIP_REFERENCE=1`.
 
-use std::path::PathBuf;
+#[path = "../../shared/tests/common/mod.rs"]
+mod common;
 
 use simulator::arrivals::read_servegen_dir;
-
-fn servegen_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("MOELESS_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared")))
-        .join("data/arrivals/servegen");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("MOELESS_SKIP_REFERENCE").as_deref() == Ok("1") {
-        eprintln!("skipping: {} missing and MOELESS_SKIP_REFERENCE=1", dir.display());
-        return None;
-    }
-    panic!(
-        "reference data {} is missing: set MOELESS_SHARED_DIR or MOELESS_SKIP_REFERENCE=1",
-        dir.display()
-    );
-}
 
 /// ServeGen's own per-10-minute totals (`derived_total_rate_per_10min_by_model.csv`), column
 /// `model`, for the first `windows` windows.
@@ -39,7 +22,9 @@ fn derived_rates(dir: &std::path::Path, model: &str, windows: usize) -> Vec<f64>
 
 #[test]
 fn generated_rates_follow_servegens_totals_and_lengths_its_datasets() {
-    let Some(dir) = servegen_dir() else { return };
+    let Some(dir) = common::reference_dir("data/arrivals/servegen") else {
+        return;
+    };
     for (model, scale) in [("language/m-large", 0.02), ("reason/deepseek-r1", 1.0)] {
         let pool = read_servegen_dir(&dir.join(model)).unwrap();
         let windows = 6;
