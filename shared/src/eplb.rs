@@ -5,6 +5,8 @@
 //! node, exactly as in the reference.
 
 use crate::plan::{check_loads, Instance, LayerPlan, PlanError};
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
 
 /// EPLB configuration for one model/cluster shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +46,27 @@ impl EplbLayer {
     }
 }
 
+/// An `f64` ordered by `total_cmp` (loads are finite and >= 0, so this is the numeric order).
+#[derive(Debug, Clone, Copy)]
+struct Key(f64);
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.total_cmp(&o.0) == Ordering::Equal
+    }
+}
+impl Eq for Key {}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
 /// Pack `weights.len()` items into `packs` packs of exactly `weights.len() / packs` items,
 /// heaviest first into the currently lightest pack that is not full.
 /// Returns `(pack_index, rank_in_pack)` per item.
@@ -55,21 +78,22 @@ pub fn balanced_packing(weights: &[f64], packs: usize) -> (Vec<usize>, Vec<usize
     }
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
-    let mut pack_w = vec![0.0f64; packs];
+    // The lightest pack that is not full, lowest index on ties: a min-heap of (weight, pack)
+    // from which full packs leave (what a scan over all packs picks, in O(log packs)).
+    let mut open: BinaryHeap<Reverse<(Key, usize)>> = (0..packs).map(|p| Reverse((Key(0.0), p))).collect();
     let mut pack_n = vec![0usize; packs];
     let mut pack_index = vec![0; n];
     let mut rank = vec![0; n];
     for item in order {
-        let mut best = usize::MAX;
-        for p in 0..packs {
-            if pack_n[p] < per_pack && (best == usize::MAX || pack_w[p] < pack_w[best]) {
-                best = p;
-            }
-        }
+        let Some(Reverse((Key(w), best))) = open.pop() else {
+            break;
+        };
         pack_index[item] = best;
         rank[item] = pack_n[best];
-        pack_w[best] += weights[item];
         pack_n[best] += 1;
+        if pack_n[best] < per_pack {
+            open.push(Reverse((Key(w + weights[item]), best)));
+        }
     }
     (pack_index, rank)
 }
@@ -81,19 +105,15 @@ pub fn replicate_experts(weights: &[f64], num_phy: usize) -> (Vec<usize>, Vec<us
     let mut phy2log: Vec<usize> = (0..n).collect();
     let mut rank = vec![0usize; n];
     let mut logcnt = vec![1u32; n];
+    // The highest load per replica, lowest expert on ties: a max-heap of (load / count, expert).
+    let mut heap: BinaryHeap<(Key, Reverse<usize>)> =
+        weights.iter().enumerate().map(|(e, &w)| (Key(w), Reverse(e))).collect();
     for _ in n..num_phy {
-        let mut best = 0;
-        let mut best_v = f64::NEG_INFINITY;
-        for (e, (&w, &c)) in weights.iter().zip(&logcnt).enumerate() {
-            let v = w / c as f64;
-            if v > best_v {
-                best_v = v;
-                best = e;
-            }
-        }
+        let Some((_, Reverse(best))) = heap.pop() else { break };
         phy2log.push(best);
         rank.push(logcnt[best] as usize);
         logcnt[best] += 1;
+        heap.push((Key(weights[best] / logcnt[best] as f64), Reverse(best)));
     }
     (phy2log, rank, logcnt)
 }
@@ -216,6 +236,71 @@ pub fn rebalance_global(weights: &[f64], num_physical: usize, num_gpus: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The reference's scans, kept to check the heaps against.
+    fn packing_by_scan(weights: &[f64], packs: usize) -> (Vec<usize>, Vec<usize>) {
+        let n = weights.len();
+        let per_pack = n / packs;
+        if per_pack == 1 {
+            return ((0..n).collect(), vec![0; n]);
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+        let (mut pack_w, mut pack_n) = (vec![0.0f64; packs], vec![0usize; packs]);
+        let (mut pack_index, mut rank) = (vec![0; n], vec![0; n]);
+        for item in order {
+            let mut best = usize::MAX;
+            for p in 0..packs {
+                if pack_n[p] < per_pack && (best == usize::MAX || pack_w[p] < pack_w[best]) {
+                    best = p;
+                }
+            }
+            pack_index[item] = best;
+            rank[item] = pack_n[best];
+            pack_w[best] += weights[item];
+            pack_n[best] += 1;
+        }
+        (pack_index, rank)
+    }
+
+    fn replicate_by_scan(weights: &[f64], num_phy: usize) -> (Vec<usize>, Vec<usize>, Vec<u32>) {
+        let n = weights.len();
+        let (mut phy2log, mut rank, mut logcnt): (Vec<usize>, Vec<usize>, Vec<u32>) =
+            ((0..n).collect(), vec![0; n], vec![1; n]);
+        for _ in n..num_phy {
+            let (mut best, mut best_v) = (0, f64::NEG_INFINITY);
+            for (e, (&w, &c)) in weights.iter().zip(&logcnt).enumerate() {
+                if w / c as f64 > best_v {
+                    best_v = w / c as f64;
+                    best = e;
+                }
+            }
+            phy2log.push(best);
+            rank.push(logcnt[best] as usize);
+            logcnt[best] += 1;
+        }
+        (phy2log, rank, logcnt)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Heaps pick exactly what the reference's scans pick, ties included (small integer
+        /// loads make ties common).
+        #[test]
+        fn heaps_match_the_reference_scans(
+            packs in 1usize..9,
+            per_pack in 1usize..6,
+            extra in 0usize..12,
+            loads in prop::collection::vec(0u32..5, 48),
+        ) {
+            let n = packs * per_pack;
+            let w: Vec<f64> = loads[..n].iter().map(|&x| f64::from(x)).collect();
+            prop_assert_eq!(balanced_packing(&w, packs), packing_by_scan(&w, packs));
+            prop_assert_eq!(replicate_experts(&w, n + extra), replicate_by_scan(&w, n + extra));
+        }
+    }
 
     fn max_gpu_load(w: &[f64], l: &EplbLayer, gpus: usize) -> f64 {
         l.to_layer_plan().gpu_loads(w, gpus).into_iter().fold(0.0, f64::max)

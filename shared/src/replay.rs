@@ -177,7 +177,13 @@ struct Fleet {
     slots_per_gpu: usize,
     delay: usize,
     created: u64,
+    /// Scratch of `reconcile`: per `expert * gpus + gpu`, the first unmatched old slot there
+    /// (`NO_SLOT` when none), chained through `next_slot`.
+    head: Vec<usize>,
+    next_slot: Vec<usize>,
 }
+
+const NO_SLOT: usize = usize::MAX;
 
 impl Fleet {
     fn set_warm(&mut self, layer: usize, plan: &LayerPlan, now: usize) {
@@ -207,11 +213,29 @@ impl Fleet {
     /// Replace a layer's instances by `target`, keeping matching (expert, gpu) instances and
     /// their state; new ones are created (usable after `delay`).
     fn reconcile(&mut self, layer: usize, target: &LayerPlan, now: usize, delay: usize) {
-        let mut old = std::mem::take(&mut self.layers[layer]);
+        let old = std::mem::take(&mut self.layers[layer]);
+        let g = self.gpus;
+        let key = |expert: u32, gpu: u32| expert as usize * g + gpu as usize;
+        // Old slots by place, lowest index first: each target instance takes one there if any
+        // is left (a slot kept where it is), otherwise a new one is created.
+        let need = old.iter().map(|s| key(s.expert, s.gpu) + 1).max().unwrap_or(0);
+        if self.head.len() < need {
+            self.head.resize(need, NO_SLOT);
+        }
+        self.next_slot.clear();
+        self.next_slot.resize(old.len(), NO_SLOT);
+        for (i, s) in old.iter().enumerate().rev() {
+            let k = key(s.expert, s.gpu);
+            self.next_slot[i] = self.head[k];
+            self.head[k] = i;
+        }
         let mut next = Vec::with_capacity(target.instances.len());
         for i in &target.instances {
-            if let Some(pos) = old.iter().position(|s| s.expert == i.expert && s.gpu == i.gpu) {
-                next.push(old.swap_remove(pos));
+            let k = key(i.expert, i.gpu);
+            let found = self.head.get(k).copied().unwrap_or(NO_SLOT);
+            if found != NO_SLOT {
+                self.head[k] = self.next_slot[found];
+                next.push(old[found]);
             } else {
                 next.push(Slot {
                     expert: i.expert,
@@ -221,6 +245,9 @@ impl Fleet {
                 });
                 self.created += 1;
             }
+        }
+        for s in &old {
+            self.head[key(s.expert, s.gpu)] = NO_SLOT;
         }
         self.layers[layer] = next;
     }
@@ -313,6 +340,8 @@ impl Replayer {
             slots_per_gpu: cfg.slots_per_gpu,
             delay: cfg.creation_delay,
             created: 0,
+            head: Vec::new(),
+            next_slot: Vec::new(),
         };
         let eplb_shape = EplbShape {
             num_physical: g * cfg.slots_per_gpu,
@@ -696,6 +725,8 @@ pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Resu
         slots_per_gpu: cfg.slots_per_gpu,
         delay: 0,
         created: 0,
+        head: Vec::new(),
+        next_slot: Vec::new(),
     };
     let never_idle = vec![0usize; e];
     let mut fill = ShareFill::new(e, g);
