@@ -137,13 +137,18 @@ pub fn static_ep(num_experts: usize, gpus: usize) -> Result<LayerPlan, PlanError
 /// floor of each share, then the remaining tokens to the largest remainders (lowest index first
 /// on ties). The result always sums to `count`.
 pub fn split_tokens(count: u32, shares: &[f64], out: &mut Vec<u32>) {
+    split_tokens_with(count, shares, out, &mut Vec::new());
+}
+
+/// [`split_tokens`] with the remainders' working memory supplied by the caller (for hot loops).
+pub fn split_tokens_with(count: u32, shares: &[f64], out: &mut Vec<u32>, rema: &mut Vec<(f64, usize)>) {
     out.clear();
     if shares.len() == 1 {
         out.push(count);
         return;
     }
     let mut given = 0u32;
-    let mut rema: Vec<(f64, usize)> = Vec::with_capacity(shares.len());
+    rema.clear();
     for (i, s) in shares.iter().enumerate() {
         let exact = count as f64 * s;
         // Shares recorded as `n / count` must give back `n` despite rounding.

@@ -7,7 +7,7 @@
 
 use crate::eplb::{rebalance_experts, EplbShape};
 use crate::plan::{
-    split_tokens, static_ep, water_fill_shares, Instance, LayerPlan, MinMaxDispatch, PlanError, ShareFill,
+    split_tokens_with, static_ep, water_fill_shares, Instance, LayerPlan, MinMaxDispatch, PlanError, ShareFill,
 };
 use crate::predict::{LoadPredictor, PredictorKind, SlidingWindow};
 use crate::trace::Step;
@@ -300,6 +300,8 @@ pub struct Replayer {
     share_fill: ShareFill,
     dispatch: MinMaxDispatch,
     int_tokens: Vec<u32>,
+    sh_scratch: Vec<f64>,
+    rema_scratch: Vec<(f64, usize)>,
     last_routed: Vec<Vec<usize>>,
     t: usize,
     bal_sum: f64,
@@ -381,6 +383,8 @@ impl Replayer {
             share_fill: ShareFill::new(num_experts, g),
             dispatch: MinMaxDispatch::default(),
             int_tokens: Vec::new(),
+            sh_scratch: Vec::new(),
+            rema_scratch: Vec::new(),
             last_routed: vec![vec![0usize; num_experts]; layers],
             t: 0,
             bal_sum: 0.0,
@@ -464,6 +468,7 @@ impl Replayer {
         let frac_sum = &mut self.frac_sum;
         let dispatch = &mut self.dispatch;
         let int_tokens = &mut self.int_tokens;
+        let (sh, rema) = (&mut self.sh_scratch, &mut self.rema_scratch);
         let fractional_metric = self.fractional_metric;
         if step.counts.len() != layers || step.counts.iter().any(|c| c.len() != num_experts) {
             return Err(PlanError::Shape(format!(
@@ -586,7 +591,7 @@ impl Replayer {
             for (inst, s) in plan.instances.iter_mut().zip(&shares) {
                 inst.share = *s;
             }
-            let frac_shares = frac_shares.unwrap_or_else(|| shares.clone());
+            let frac_shares: &[f64] = frac_shares.as_deref().unwrap_or(&shares);
             for v in idx_by_expert.iter_mut() {
                 v.clear();
             }
@@ -625,8 +630,9 @@ impl Replayer {
                     });
                     continue;
                 }
-                let sh: Vec<f64> = idx.iter().map(|&i| plan.instances[i].share).collect();
-                split_tokens(c, &sh, split);
+                sh.clear();
+                sh.extend(idx.iter().map(|&i| plan.instances[i].share));
+                split_tokens_with(c, sh, split, rema);
                 for (&i, &n) in idx.iter().zip(split.iter()) {
                     let gpu = plan.instances[i].gpu as usize;
                     gpu_tok[gpu] += n;
