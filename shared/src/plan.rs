@@ -98,6 +98,20 @@ impl LayerPlan {
         g
     }
 
+    /// Shares from `tokens` per instance (aligned with `instances`) out of each expert's routed
+    /// `counts`; an expert without tokens splits evenly over its instances.
+    pub fn shares_of_tokens(&self, counts: &[u32], tokens: impl IntoIterator<Item = f64>) -> Vec<f64> {
+        let rc = self.replica_counts(counts.len());
+        self.instances
+            .iter()
+            .zip(tokens)
+            .map(|(i, n)| match counts[i.expert as usize] {
+                0 => 1.0 / f64::from(rc[i.expert as usize]),
+                c => n / f64::from(c),
+            })
+            .collect()
+    }
+
     /// Number of instances of each expert.
     pub fn replica_counts(&self, num_experts: usize) -> Vec<u32> {
         let mut c = vec![0u32; num_experts];
@@ -483,18 +497,7 @@ impl MinMaxDispatch {
             int_load[inst.gpu as usize] += u64::from(n);
         }
         let m_int = int_load.iter().copied().max().unwrap_or(0);
-        let rc = plan.replica_counts(counts.len());
-        let share_of = |tokens: &mut dyn Iterator<Item = f64>| -> Vec<f64> {
-            plan.instances
-                .iter()
-                .zip(tokens)
-                .map(|(i, n)| match counts[i.expert as usize] {
-                    0 => 1.0 / f64::from(rc[i.expert as usize]),
-                    c => n / f64::from(c),
-                })
-                .collect()
-        };
-        let int_shares = share_of(&mut int_tokens.iter().map(|&n| f64::from(n)));
+        let int_shares = plan.shares_of_tokens(counts, int_tokens.iter().map(|&n| f64::from(n)));
         self.int_tokens = int_tokens;
         if m_int == 0 {
             return (0.0, int_shares);
@@ -537,7 +540,7 @@ impl MinMaxDispatch {
         for (&i, &f) in self.h_inst.iter().zip(&self.best_flow) {
             tokens[i] = f as f64 / scale as f64;
         }
-        (a as f64 / b as f64, share_of(&mut tokens.into_iter()))
+        (a as f64 / b as f64, plan.shares_of_tokens(counts, tokens))
     }
 }
 

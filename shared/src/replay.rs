@@ -569,15 +569,7 @@ impl Replayer {
                         frac_shares = Some(dispatch.fractional_split(&plan, counts, g).1);
                     }
                     dispatch.token_split(&plan, counts, g, int_tokens);
-                    let rc = plan.replica_counts(num_experts);
-                    plan.instances
-                        .iter()
-                        .zip(int_tokens.iter())
-                        .map(|(i, &n)| match counts[i.expert as usize] {
-                            0 => 1.0 / rc[i.expert as usize] as f64,
-                            c => n as f64 / c as f64,
-                        })
-                        .collect()
+                    plan.shares_of_tokens(counts, int_tokens.iter().map(|&n| f64::from(n)))
                 }
                 PolicyKind::Moeless => water_fill_shares(&plan, predicted, g),
                 _ => {

@@ -223,12 +223,18 @@ impl RoutingPool {
     /// The trace token for token `pos` of `query` in `phase` (see the module mapping).
     #[inline]
     pub fn token(&self, query: usize, prefill: bool, pos: usize) -> usize {
-        let q = &self.queries[query];
-        let list = match (prefill, q.prefill.is_empty(), q.decode.is_empty()) {
-            (true, false, _) | (false, _, true) => &q.prefill,
-            _ => &q.decode,
-        };
+        let list = self.phase(query, prefill).0;
         list[pos % list.len()] as usize
+    }
+
+    /// The token list a phase of `query` follows (the other phase's when it has none), with
+    /// its whole-pass counts if kept.
+    fn phase(&self, query: usize, prefill: bool) -> (&[u32], Option<&[u32]>) {
+        let q = &self.queries[query];
+        match (prefill, q.prefill.is_empty(), q.decode.is_empty()) {
+            (true, false, _) | (false, _, true) => (&q.prefill, q.prefill_cycle.as_deref()),
+            _ => (&q.decode, q.decode_cycle.as_deref()),
+        }
     }
 
     /// The `top_k` experts of trace token `token` at MoE layer `layer`.
@@ -242,11 +248,7 @@ impl RoutingPool {
     /// [`Self::token`] names) at every layer to `counts[layer][expert]`; whole passes over the
     /// query's tokens are added from their precomputed counts.
     pub fn count_range(&self, query: usize, prefill: bool, start: usize, n: usize, counts: &mut [Vec<u32>]) {
-        let q = &self.queries[query];
-        let (list, cycle) = match (prefill, q.prefill.is_empty(), q.decode.is_empty()) {
-            (true, false, _) | (false, _, true) => (&q.prefill, &q.prefill_cycle),
-            _ => (&q.decode, &q.decode_cycle),
-        };
+        let (list, cycle) = self.phase(query, prefill);
         let len = list.len();
         let end = start + n;
         let mut p = start;
