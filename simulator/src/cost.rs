@@ -1,7 +1,7 @@
 //! Time and money of one step, from a roofline of the GPU corrected by measured efficiencies.
 //!
 //! - A GEMM-like kernel takes `max(flops / (peak x compute_eff), bytes / (hbm x memory_eff))`
-//!   plus a launch overhead ([`crate::gpu::KERNEL_OVERHEAD_S`]). Efficiencies come from Vidur's
+//!   plus a launch overhead (`kernel_overhead_s` of the profile). Efficiencies come from Vidur's
 //!   measured MLP profiles (see [`crate::gpu`]).
 //! - A routed expert with `n` tokens on a GPU: gated FFN, `2 x n x 3 x hidden x inter` FLOPs,
 //!   its weights plus activations in bytes, three kernels. A GPU's expert time in a layer is the
@@ -14,10 +14,17 @@
 //!   holding the chosen instances and receives the outputs back; the time is one link latency
 //!   plus the busiest GPU's bytes over its link bandwidth (NVLink/PCIe within a node,
 //!   InfiniBand/Ethernet across nodes, in proportion to the peers in each).
+//! - With central attention (an engine device in front of expert-only devices, as `moeless
+//!   serve` with workers runs), the engine sends every token's `k` choices and receives them
+//!   back: the engine's link is the busiest.
+//! - A profile may carry operator times measured on the device for this model's shape
+//!   ([`crate::gpu::MeasuredOps`]): then they, not the roofline, give an expert's time by token
+//!   count, a decoder layer's non-expert time, and the serving engine's own time per step
+//!   (scheduling, sampling, streaming; the CPU validation measures them).
 //! - A cold start copies one expert's weights from host memory: bytes over the host-to-device
 //!   bandwidth plus a fixed overhead.
 
-use crate::gpu::{GpuProfile, COLD_START_OVERHEAD_S, KERNEL_OVERHEAD_S, LINK_EFFICIENCY, LINK_LATENCY_S};
+use crate::gpu::{GpuProfile, MeasuredOps};
 use crate::model::ModelShape;
 
 /// The work one GPU's attention does in a step.
@@ -43,18 +50,36 @@ pub struct CostModel {
     pub gpu: GpuProfile,
     pub model: ModelShape,
     pub group_gpus: usize,
+    /// Attention runs on one engine device in front of the group (see
+    /// [`crate::SimConfig::central_attention`]): dispatch crosses a link even with one GPU.
+    pub central_attention: bool,
+    /// The profile's measured operator times, when they were measured for this model's shape.
+    measured: Option<MeasuredOps>,
 }
 
 impl CostModel {
     pub fn new(gpu: GpuProfile, model: ModelShape, group_gpus: usize) -> Self {
-        Self { gpu, model, group_gpus }
+        let key = model.shape_key();
+        let measured = gpu.measured.clone().filter(|m| m.shape == key);
+        Self {
+            gpu,
+            model,
+            group_gpus,
+            central_attention: false,
+            measured,
+        }
+    }
+
+    /// Whether measured operator times (not the roofline) give expert and layer times.
+    pub fn uses_measured_ops(&self) -> bool {
+        self.measured.is_some()
     }
 
     /// Roofline time of `kernels` kernels doing `flops` and moving `bytes`.
     pub fn kernel_time(&self, flops: f64, bytes: f64, kernels: usize) -> f64 {
         let c = flops / (self.gpu.peak_flops * self.gpu.compute_efficiency);
         let m = bytes / (self.gpu.hbm_bandwidth * self.gpu.memory_efficiency);
-        c.max(m) + kernels as f64 * KERNEL_OVERHEAD_S
+        c.max(m) + kernels as f64 * self.gpu.kernel_overhead_s
     }
 
     /// A gated FFN of intermediate size `inter` on `n` tokens (0 tokens: no time).
@@ -71,7 +96,10 @@ impl CostModel {
 
     /// One routed expert instance executing `n` tokens.
     pub fn expert_time(&self, n: usize) -> f64 {
-        self.ffn_time(n, self.model.expert_intermediate)
+        match &self.measured {
+            Some(m) => m.expert_time(n),
+            None => self.ffn_time(n, self.model.expert_intermediate),
+        }
     }
 
     /// Attention (+ router and shared experts for MoE layers) of one decoder layer on one GPU.
@@ -79,6 +107,19 @@ impl CostModel {
         let n = w.tokens();
         if n == 0 {
             return 0.0;
+        }
+        if let Some(ms) = &self.measured {
+            // Measured on a model whose layers are all MoE; a dense layer adds its MLP.
+            let dense = if moe_layer {
+                0.0
+            } else {
+                self.ffn_time(n, self.model.dense_intermediate)
+            };
+            return ms.layer_fixed_s
+                + ms.layer_per_token_s * n as f64
+                + ms.layer_per_context_s * w.decode_context as f64
+                + ms.layer_per_prefill_product_s * w.prefill_context_products
+                + dense;
         }
         let m = &self.model;
         let (h, b) = (m.hidden as f64, m.weight_bytes as f64);
@@ -103,10 +144,20 @@ impl CostModel {
         t
     }
 
+    /// The serving engine's own time per step besides the forward pass, for `seqs` sequences
+    /// (measured profiles only; the roofline has none).
+    pub fn step_overhead(&self, seqs: usize) -> f64 {
+        match &self.measured {
+            Some(m) if seqs > 0 => m.step_fixed_s + m.step_per_sequence_s * seqs as f64,
+            _ => 0.0,
+        }
+    }
+
     /// LM head over the step's tokens on one GPU (only the last prefill token and decode tokens
     /// need logits; we charge `n` rows).
     pub fn lm_head_time(&self, n: usize) -> f64 {
-        if n == 0 {
+        // Measured layer times already carry the LM head, spread over the layers.
+        if n == 0 || self.measured.is_some() {
             return 0.0;
         }
         let (h, v, b) = (
@@ -122,7 +173,7 @@ impl CostModel {
         let g = self.group_gpus.max(1);
         let node = self.gpu.gpus_per_node.max(1);
         if g <= node {
-            return self.gpu.intra_node_bandwidth * LINK_EFFICIENCY;
+            return self.gpu.intra_node_bandwidth * self.gpu.link_efficiency;
         }
         // Peers spread uniformly: a fraction of each GPU's traffic stays in its node.
         let peers = (g - 1) as f64;
@@ -130,22 +181,23 @@ impl CostModel {
         let f_inter = 1.0 - f_intra;
         // Both link types run in parallel; the slower share sets the pace.
         let t_per_byte = (f_intra / self.gpu.intra_node_bandwidth).max(f_inter / self.gpu.inter_node_bandwidth);
-        LINK_EFFICIENCY / t_per_byte
+        self.gpu.link_efficiency / t_per_byte
     }
 
     /// One all-to-all (dispatch, or combine) where each GPU sends `send[g]` and receives
     /// `recv[g]` token vectors from other GPUs: latency plus the busiest GPU's bytes.
     pub fn all_to_all_time(&self, max_vectors_per_gpu: f64) -> f64 {
-        if self.group_gpus <= 1 || max_vectors_per_gpu <= 0.0 {
+        // Within one GPU nothing travels, unless attention runs on an engine device of its own.
+        if (self.group_gpus <= 1 && !self.central_attention) || max_vectors_per_gpu <= 0.0 {
             return 0.0;
         }
         let bytes = max_vectors_per_gpu * (self.model.hidden * self.model.weight_bytes) as f64;
-        LINK_LATENCY_S + bytes / self.all_to_all_bandwidth()
+        self.gpu.link_latency_s + bytes / self.all_to_all_bandwidth()
     }
 
     /// Loading one expert's weights onto a GPU.
     pub fn cold_start_time(&self) -> f64 {
-        self.model.expert_bytes() / self.gpu.host_to_device_bandwidth + COLD_START_OVERHEAD_S
+        self.model.expert_bytes() / self.gpu.host_to_device_bandwidth + self.gpu.cold_start_overhead_s
     }
 }
 

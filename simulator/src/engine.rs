@@ -47,6 +47,12 @@ pub struct SimConfig {
     pub sample_every_s: f64,
     /// Stop simulating (and report the rest as unfinished) this long after the last arrival.
     pub drain_limit_s: f64,
+    /// Disaggregated attention: one engine device per group runs every request's attention,
+    /// router, shared experts, dense layers and LM head, and the group's GPUs run only routed
+    /// experts (the deployment of `moeless serve` with workers). The per-GPU token budget,
+    /// sequence limit and KV capacity then apply to the engine device; every routed token
+    /// crosses a link. `false` (default): attention is data-parallel over the group's GPUs.
+    pub central_attention: bool,
 }
 
 impl SimConfig {
@@ -67,6 +73,7 @@ impl SimConfig {
             seed: 0,
             sample_every_s: 10.0,
             drain_limit_s: 3600.0,
+            central_attention: false,
         }
     }
 }
@@ -109,7 +116,14 @@ pub fn layout(cfg: &SimConfig, model: &ModelShape) -> Result<Layout, SimError> {
     }
     let usable = cfg.gpu.memory_bytes * cfg.gpu_memory_utilization;
     let per_slot = model.expert_bytes() * model.moe_layers.len() as f64;
-    let free_for_experts = usable - model.non_expert_bytes();
+    // With central attention the expert devices hold only experts; the engine device holds
+    // the non-expert weights and the KV cache.
+    let non_expert_here = if cfg.central_attention {
+        0.0
+    } else {
+        model.non_expert_bytes()
+    };
+    let free_for_experts = usable - non_expert_here;
     let max_slots = (free_for_experts / per_slot).floor().max(0.0) as usize;
     let slots = cfg
         .slots_per_gpu
@@ -124,7 +138,11 @@ pub fn layout(cfg: &SimConfig, model: &ModelShape) -> Result<Layout, SimError> {
             e.div_ceil(ep),
         )));
     }
-    let kv_bytes = usable - model.non_expert_bytes() - slots as f64 * per_slot;
+    let kv_bytes = if cfg.central_attention {
+        usable - model.non_expert_bytes()
+    } else {
+        usable - model.non_expert_bytes() - slots as f64 * per_slot
+    };
     let kv_tokens_per_gpu = (kv_bytes / model.kv_bytes_per_token()).floor() as usize;
     if kv_tokens_per_gpu < 1024 {
         return Err(SimError::DoesNotFit(format!(
@@ -327,7 +345,10 @@ fn run_group(
     progress: Progress<'_>,
 ) -> Result<(), SimError> {
     let g = lay.ep_size;
-    let cost = CostModel::new(cfg.gpu, model.clone(), g);
+    let mut cost = CostModel::new(cfg.gpu.clone(), model.clone(), g);
+    cost.central_attention = cfg.central_attention;
+    // Devices that run attention (and hold KV caches and non-expert weights).
+    let attn_devices = if cfg.central_attention { 1 } else { g };
     let layers = model.moe_layers.len();
     let k = routing.top_k;
     // Convert seconds of the policy's knobs into steps with a nominal decode step.
@@ -350,8 +371,8 @@ fn run_group(
     }
     let mut waiting: VecDeque<usize> = VecDeque::new();
     let mut running: Vec<Live> = Vec::new();
-    let mut kv_used = vec![0usize; g];
-    let mut seqs = vec![0usize; g];
+    let mut kv_used = vec![0usize; attn_devices];
+    let mut seqs = vec![0usize; attn_devices];
     let mut busy = false;
     let mut now = 0.0f64;
     let mut last_mem_t = 0.0f64;
@@ -360,7 +381,7 @@ fn run_group(
     let mut step_index = 0usize;
     let hard_stop = duration_s + cfg.drain_limit_s;
     let expert_b = model.expert_bytes();
-    let non_expert_total = model.non_expert_bytes() * g as f64;
+    let non_expert_total = model.non_expert_bytes() * attn_devices as f64;
     let kv_per_tok = model.kv_bytes_per_token();
     let held_instances = |r: &Replayer| (0..layers).map(|l| r.instances_held(l)).sum::<usize>();
     let mut instances_now = held_instances(&replayer);
@@ -444,7 +465,7 @@ fn run_group(
         while let Some(&i) = waiting.front() {
             let (id, r) = reqs[i];
             let need = r.prompt_tokens + r.output_tokens.max(1);
-            let gpu = (0..g).min_by_key(|&x| (kv_used[x], x)).unwrap_or(0);
+            let gpu = (0..attn_devices).min_by_key(|&x| (kv_used[x], x)).unwrap_or(0);
             if kv_used[gpu] + need > lay.kv_tokens_per_gpu || seqs[gpu] >= cfg.max_seqs_per_gpu {
                 break;
             }
@@ -467,8 +488,8 @@ fn run_group(
             continue;
         }
         // Build the step: decode tokens first, then prefill chunks in admission order.
-        let mut budget = vec![cfg.token_budget_per_gpu; g];
-        let mut work = vec![AttentionWork::default(); g];
+        let mut budget = vec![cfg.token_budget_per_gpu; attn_devices];
+        let mut work = vec![AttentionWork::default(); attn_devices];
         for l in running.iter_mut().filter(|l| l.produced > 0) {
             if budget[l.gpu] > 0 {
                 budget[l.gpu] -= 1;
@@ -497,7 +518,7 @@ fn run_group(
         for c in counts.iter_mut() {
             c.iter_mut().for_each(|x| *x = 0);
         }
-        let mut origin = vec![0usize; g];
+        let mut origin = vec![0usize; attn_devices];
         for l in running.iter() {
             let (n, prefill, start) = if l.decoding {
                 (1, false, l.produced - 1)
@@ -540,8 +561,14 @@ fn run_group(
         let attn_dense = work.iter().map(|w| cost.attention_time(w, false)).fold(0.0, f64::max);
         let tokens: usize = origin.iter().sum();
         let lm = work.iter().map(|w| cost.lm_head_time(w.tokens())).fold(0.0, f64::max);
-        let remote = (g - 1) as f64 / g as f64;
-        let mut t = (model.num_layers - layers) as f64 * attn_dense + lm;
+        // The fraction of a device's routed tokens that leave it (all of them from an engine).
+        let remote = if cfg.central_attention {
+            1.0
+        } else {
+            (g - 1) as f64 / g as f64
+        };
+        let scheduled = running.iter().filter(|l| l.decoding || l.chunk > 0).count();
+        let mut t = (model.num_layers - layers) as f64 * attn_dense + lm + cost.step_overhead(scheduled);
         let max_origin = *origin.iter().max().unwrap_or(&0) as f64 * k as f64;
         let cold = cost.cold_start_time();
         for o in replayer.last_step() {

@@ -21,6 +21,10 @@
 //! H100 DGX send/recv profile gives the link latency (17 us for messages up to 18 KB) and 0.77
 //! of NVLink's nominal bandwidth for 64 MB messages (193 us); the same efficiency is applied to
 //! every link (an assumption for PCIe and InfiniBand).
+//!
+//! A profile can also be *measured*: `moeless sim-validate` times this machine's CPU expert
+//! FFN and the QUIC round trip to a worker process, fits the same roofline to them and writes
+//! the result as JSON ([`GpuProfile::from_json`]); `moeless sim --device-profile FILE` reads it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -50,9 +54,9 @@ impl GpuType {
 
     pub fn profile(self) -> GpuProfile {
         const GB: f64 = 1e9;
-        match self {
-            GpuType::A6000 => GpuProfile {
-                gpu: self,
+        let p = match self {
+            GpuType::A6000 => DatasheetProfile {
+                name: self.label(),
                 peak_flops: 154.8e12,
                 hbm_bandwidth: 768.0 * GB,
                 memory_bytes: 48.0 * GB,
@@ -63,8 +67,8 @@ impl GpuType {
                 host_to_device_bandwidth: 25.0 * GB,
                 gpus_per_node: 8,
             },
-            GpuType::A100 => GpuProfile {
-                gpu: self,
+            GpuType::A100 => DatasheetProfile {
+                name: self.label(),
                 peak_flops: 312e12,
                 hbm_bandwidth: 2039.0 * GB,
                 memory_bytes: 80.0 * GB,
@@ -75,8 +79,8 @@ impl GpuType {
                 host_to_device_bandwidth: 25.0 * GB,
                 gpus_per_node: 8,
             },
-            GpuType::H100 => GpuProfile {
-                gpu: self,
+            GpuType::H100 => DatasheetProfile {
+                name: self.label(),
                 peak_flops: 989e12,
                 hbm_bandwidth: 3350.0 * GB,
                 memory_bytes: 80.0 * GB,
@@ -87,8 +91,8 @@ impl GpuType {
                 host_to_device_bandwidth: 50.0 * GB,
                 gpus_per_node: 8,
             },
-            GpuType::H200 => GpuProfile {
-                gpu: self,
+            GpuType::H200 => DatasheetProfile {
+                name: self.label(),
                 peak_flops: 989e12,
                 hbm_bandwidth: 4800.0 * GB,
                 memory_bytes: 141.0 * GB,
@@ -99,7 +103,8 @@ impl GpuType {
                 host_to_device_bandwidth: 50.0 * GB,
                 gpus_per_node: 8,
             },
-        }
+        };
+        p.into()
     }
 }
 
@@ -119,10 +124,47 @@ impl FromStr for GpuType {
     }
 }
 
-/// What the cost model needs to know about one GPU (SI units: FLOP/s, bytes/s, bytes).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The datasheet part of a GPU profile; the overheads below are the same for every GPU.
+struct DatasheetProfile {
+    name: &'static str,
+    peak_flops: f64,
+    hbm_bandwidth: f64,
+    memory_bytes: f64,
+    compute_efficiency: f64,
+    memory_efficiency: f64,
+    intra_node_bandwidth: f64,
+    inter_node_bandwidth: f64,
+    host_to_device_bandwidth: f64,
+    gpus_per_node: usize,
+}
+
+impl From<DatasheetProfile> for GpuProfile {
+    fn from(d: DatasheetProfile) -> Self {
+        GpuProfile {
+            name: d.name.to_string(),
+            peak_flops: d.peak_flops,
+            hbm_bandwidth: d.hbm_bandwidth,
+            memory_bytes: d.memory_bytes,
+            compute_efficiency: d.compute_efficiency,
+            memory_efficiency: d.memory_efficiency,
+            intra_node_bandwidth: d.intra_node_bandwidth,
+            inter_node_bandwidth: d.inter_node_bandwidth,
+            host_to_device_bandwidth: d.host_to_device_bandwidth,
+            gpus_per_node: d.gpus_per_node,
+            kernel_overhead_s: KERNEL_OVERHEAD_S,
+            link_latency_s: LINK_LATENCY_S,
+            link_efficiency: LINK_EFFICIENCY,
+            cold_start_overhead_s: COLD_START_OVERHEAD_S,
+            measured: None,
+        }
+    }
+}
+
+/// What the cost model needs to know about one device (SI units: FLOP/s, bytes/s, bytes, s).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GpuProfile {
-    pub gpu: GpuType,
+    /// `a6000`, `a100`, `h100`, `h200`, or the name a measured profile gives itself.
+    pub name: String,
     pub peak_flops: f64,
     pub hbm_bandwidth: f64,
     pub memory_bytes: f64,
@@ -137,6 +179,145 @@ pub struct GpuProfile {
     /// Host memory to GPU (PCIe), for loading expert weights on a cold start.
     pub host_to_device_bandwidth: f64,
     pub gpus_per_node: usize,
+    /// Fixed cost per kernel ([`KERNEL_OVERHEAD_S`] for GPUs).
+    pub kernel_overhead_s: f64,
+    /// Latency of one message between devices ([`LINK_LATENCY_S`] for GPUs).
+    pub link_latency_s: f64,
+    /// Achieved fraction of a link's nominal bandwidth ([`LINK_EFFICIENCY`] for GPUs).
+    pub link_efficiency: f64,
+    /// Fixed cost of creating an instance besides copying weights ([`COLD_START_OVERHEAD_S`]).
+    pub cold_start_overhead_s: f64,
+    /// Operator times measured on this device for one model shape; they replace the roofline
+    /// for that shape (and only that one).
+    #[serde(default)]
+    pub measured: Option<MeasuredOps>,
+}
+
+/// Operator times measured on a device for one model shape (as Vidur profiles operators
+/// instead of trusting a roofline): the expert FFN by token count, and the non-expert time of a
+/// decoder layer (attention, norms, router, the engine's dispatch bookkeeping, the LM head
+/// spread over the layers) as a linear fit.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MeasuredOps {
+    /// The shape measured ([`crate::ModelShape::shape_key`]).
+    pub shape: String,
+    /// `(tokens, seconds)` of one routed expert, tokens increasing; interpolated linearly in
+    /// between, proportionally past the last point.
+    pub expert_ffn_s: Vec<(usize, f64)>,
+    /// Non-expert seconds of one decoder layer: `fixed + per_token x tokens + per_context x
+    /// decode context tokens + per_prefill_product x sum of chunk x (past + chunk / 2)`.
+    pub layer_fixed_s: f64,
+    pub layer_per_token_s: f64,
+    pub layer_per_context_s: f64,
+    pub layer_per_prefill_product_s: f64,
+    /// The serving engine's time per step outside the forward pass (scheduling, sampling,
+    /// streaming tokens out): `step_fixed_s + step_per_sequence_s x sequences in the step`.
+    #[serde(default)]
+    pub step_fixed_s: f64,
+    #[serde(default)]
+    pub step_per_sequence_s: f64,
+}
+
+impl MeasuredOps {
+    /// One expert on `n` tokens from the measured points.
+    pub fn expert_time(&self, n: usize) -> f64 {
+        let pts = &self.expert_ffn_s;
+        let (Some(&first), Some(&last)) = (pts.first(), pts.last()) else {
+            return 0.0;
+        };
+        if n == 0 {
+            return 0.0;
+        }
+        if n <= first.0 {
+            return first.1;
+        }
+        if n >= last.0 {
+            return last.1 * n as f64 / last.0 as f64;
+        }
+        let i = pts.partition_point(|p| p.0 <= n);
+        let (a, b) = (pts[i - 1], pts[i]);
+        a.1 + (b.1 - a.1) * (n - a.0) as f64 / (b.0 - a.0) as f64
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.expert_ffn_s.is_empty() {
+            return Err("measured.expert_ffn_s is empty".into());
+        }
+        if self.expert_ffn_s.windows(2).any(|w| w[0].0 >= w[1].0) || self.expert_ffn_s[0].0 == 0 {
+            return Err("measured.expert_ffn_s token counts must be positive and increasing".into());
+        }
+        if self.expert_ffn_s.iter().any(|p| !(p.1.is_finite() && p.1 > 0.0)) {
+            return Err("measured.expert_ffn_s times must be positive".into());
+        }
+        for v in [
+            self.layer_fixed_s,
+            self.layer_per_token_s,
+            self.layer_per_context_s,
+            self.layer_per_prefill_product_s,
+            self.step_fixed_s,
+            self.step_per_sequence_s,
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!(
+                    "measured layer and step coefficients must be finite and >= 0, got {v}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GpuProfile {
+    /// A profile from JSON (the fields of [`GpuProfile`]), checked: every rate and size
+    /// positive and finite, efficiencies in (0, 1], overheads finite and not negative.
+    pub fn from_json(text: &str) -> Result<Self, SimError> {
+        let p: GpuProfile = serde_json::from_str(text).map_err(|e| SimError::Config(format!("device profile: {e}")))?;
+        p.check()?;
+        Ok(p)
+    }
+
+    /// Checks the values (see [`GpuProfile::from_json`]).
+    pub fn check(&self) -> Result<(), SimError> {
+        let bad = |what: &str, v: f64| SimError::Config(format!("device profile `{}`: {what} = {v}", self.name));
+        for (what, v) in [
+            ("peak_flops", self.peak_flops),
+            ("hbm_bandwidth", self.hbm_bandwidth),
+            ("memory_bytes", self.memory_bytes),
+            ("intra_node_bandwidth", self.intra_node_bandwidth),
+            ("inter_node_bandwidth", self.inter_node_bandwidth),
+            ("host_to_device_bandwidth", self.host_to_device_bandwidth),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(bad(what, v));
+            }
+        }
+        for (what, v) in [
+            ("compute_efficiency", self.compute_efficiency),
+            ("memory_efficiency", self.memory_efficiency),
+            ("link_efficiency", self.link_efficiency),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(bad(what, v));
+            }
+        }
+        for (what, v) in [
+            ("kernel_overhead_s", self.kernel_overhead_s),
+            ("link_latency_s", self.link_latency_s),
+            ("cold_start_overhead_s", self.cold_start_overhead_s),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(bad(what, v));
+            }
+        }
+        if self.gpus_per_node == 0 {
+            return Err(bad("gpus_per_node", 0.0));
+        }
+        if let Some(m) = &self.measured {
+            m.check()
+                .map_err(|e| SimError::Config(format!("device profile `{}`: {e}", self.name)))?;
+        }
+        Ok(())
+    }
 }
 
 /// Link latency per message (Vidur H100 DGX send/recv, messages up to 18 KB: 17 us).

@@ -124,6 +124,22 @@ impl ModelShape {
         })
     }
 
+    /// The dimensions operator times depend on, as a key for measured profiles
+    /// ([`crate::gpu::MeasuredOps::shape`]).
+    pub fn shape_key(&self) -> String {
+        format!(
+            "h{}-i{}-q{}-kv{}-d{}-e{}-k{}-b{}",
+            self.hidden,
+            self.expert_intermediate,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            self.num_experts,
+            self.top_k,
+            self.weight_bytes
+        )
+    }
+
     /// Bytes of one routed expert (gate, up, down).
     pub fn expert_bytes(&self) -> f64 {
         (3 * self.hidden * self.expert_intermediate * self.weight_bytes) as f64

@@ -159,7 +159,9 @@ impl PolicyReport {
 
     pub fn finish(&mut self, cfg: &SimConfig, model: &ModelShape, lay: &Layout, duration_s: f64) {
         let span = self.sim_end_s.max(duration_s);
-        let gpus = cfg.gpus as f64;
+        // Central attention adds one engine device per group.
+        let engines = if cfg.central_attention { lay.groups } else { 0 };
+        let gpus = (cfg.gpus + engines) as f64;
         let mem_gb = cfg.gpu.memory_bytes / 1e9;
         let pricing = Pricing {
             usd_per_gpu_hour: cfg.pricing_usd_per_gpu_hour,

@@ -291,11 +291,61 @@ impl RoutingPool {
     pub fn num_queries(&self) -> usize {
         self.queries.len()
     }
+
+    /// The same queries and tokens keeping only MoE layers `0..n`: a shallower model routed
+    /// like the trace's first `n` layers (the CPU validation runs a 4-layer model on the
+    /// Llama-4 trace this way).
+    pub fn first_layers(&self, n: usize) -> Result<Self, SimError> {
+        if n == 0 || n > self.layers {
+            return Err(SimError::LayerMismatch {
+                trace: self.layers,
+                model: n,
+            });
+        }
+        let (l, k) = (self.layers, self.top_k);
+        let table = self
+            .table
+            .chunks_exact(l * k)
+            .flat_map(|row| row[..n * k].iter().copied())
+            .collect();
+        let queries = self
+            .queries
+            .iter()
+            .map(|q| Query {
+                prefill: q.prefill.clone(),
+                decode: q.decode.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let source = format!("{} (first {n} of {l} MoE layers)", self.source);
+        Self::checked(self.num_experts, k, n, source, table, queries)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_layers_keeps_each_tokens_leading_choices() {
+        let pop: Vec<Vec<f64>> = (0..3)
+            .map(|l| (0..8).map(|e| 1.0 + ((e * 3 + l) % 5) as f64).collect())
+            .collect();
+        let pool = RoutingPool::from_popularity(&pop, 2, 7, "test".into()).unwrap();
+        let two = pool.first_layers(2).unwrap();
+        assert_eq!((two.layers, two.num_queries()), (2, pool.num_queries()));
+        for q in [0, 5, pool.num_queries() - 1] {
+            for p in 0..10 {
+                let (a, b) = (pool.token(q, false, p), two.token(q, false, p));
+                assert_eq!(a, b);
+                for layer in 0..2 {
+                    assert_eq!(pool.experts(a, layer), two.experts(b, layer));
+                }
+            }
+        }
+        assert!(pool.first_layers(0).is_err());
+        assert!(pool.first_layers(4).is_err());
+    }
 
     /// Counting a range through whole-pass counts gives exactly the token-by-token counts.
     #[test]

@@ -1,8 +1,8 @@
 //! The cost model agrees with hand-computed roofline, communication, cold-start and billing
 //! figures.
 
-use simulator::cost::{CostModel, Pricing};
-use simulator::gpu::{GpuType, KERNEL_OVERHEAD_S, LINK_EFFICIENCY, LINK_LATENCY_S};
+use simulator::cost::{AttentionWork, CostModel, Pricing};
+use simulator::gpu::{GpuType, MeasuredOps, KERNEL_OVERHEAD_S, LINK_EFFICIENCY, LINK_LATENCY_S};
 use simulator::ModelShape;
 
 const MIXTRAL: &str = r#"{"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
@@ -58,6 +58,67 @@ fn communication_and_cold_start() {
     // Cold start on an A6000: 352 MB over 25 GB/s plus 2 ms.
     let a = CostModel::new(GpuType::A6000.profile(), m, 8);
     close(a.cold_start_time(), 352_321_536.0 / 25e9 + 2e-3);
+}
+
+#[test]
+fn measured_profile_fields_drive_the_roofline_and_links() {
+    let m = ModelShape::from_config_json(MIXTRAL, 2).unwrap();
+    let mut p = GpuType::A100.profile();
+    p.kernel_overhead_s = 1e-3;
+    p.link_latency_s = 2e-3;
+    p.link_efficiency = 0.5;
+    let c = CostModel::new(p.clone(), m.clone(), 8);
+    let bytes = 352_321_536.0 + (2.0 * 4096.0 + 2.0 * 14336.0) * 2.0;
+    close(c.expert_time(1), bytes / (2039e9 * 0.75) + 3e-3);
+    close(c.all_to_all_time(1000.0), 2e-3 + 8_192_000.0 / (300e9 * 0.5));
+    // Central attention: one expert GPU behind an engine device still pays the link.
+    let mut c1 = CostModel::new(p, m, 1);
+    assert_eq!(c1.all_to_all_time(1000.0), 0.0);
+    c1.central_attention = true;
+    close(c1.all_to_all_time(1000.0), 2e-3 + 8_192_000.0 / (300e9 * 0.5));
+}
+
+#[test]
+fn measured_operator_times_replace_the_roofline_for_their_shape_only() {
+    let m = ModelShape::from_config_json(MIXTRAL, 2).unwrap();
+    let mut p = GpuType::A100.profile();
+    p.measured = Some(MeasuredOps {
+        shape: m.shape_key(),
+        expert_ffn_s: vec![(1, 1e-3), (4, 2e-3), (16, 8e-3)],
+        layer_fixed_s: 1e-4,
+        layer_per_token_s: 1e-5,
+        layer_per_context_s: 1e-7,
+        layer_per_prefill_product_s: 1e-9,
+        step_fixed_s: 2e-4,
+        step_per_sequence_s: 1e-5,
+    });
+    let c = CostModel::new(p.clone(), m.clone(), 8);
+    assert!(c.uses_measured_ops());
+    close(c.expert_time(1), 1e-3);
+    close(c.expert_time(2), 1e-3 + 1e-3 / 3.0);
+    close(c.expert_time(10), 2e-3 + 6e-3 * 6.0 / 12.0);
+    // Past the last point: proportional to tokens.
+    close(c.expert_time(32), 16e-3);
+    assert_eq!(c.expert_time(0), 0.0);
+    let w = AttentionWork {
+        prefill_tokens: 10,
+        prefill_context_products: 50.0,
+        decode_tokens: 2,
+        decode_context: 300,
+    };
+    close(
+        c.attention_time(&w, true),
+        1e-4 + 12.0 * 1e-5 + 300.0 * 1e-7 + 50.0 * 1e-9,
+    );
+    assert_eq!(c.lm_head_time(12), 0.0, "the LM head is inside the measured layers");
+    close(c.step_overhead(3), 2e-4 + 3e-5);
+    assert_eq!(c.step_overhead(0), 0.0);
+    // Another shape falls back to the roofline.
+    let other = ModelShape::from_config_json(&MIXTRAL.replace("14336", "7168"), 2).unwrap();
+    let c = CostModel::new(p, other.clone(), 8);
+    assert!(!c.uses_measured_ops());
+    assert_eq!(c.step_overhead(3), 0.0);
+    assert_eq!(c.expert_time(1), c.ffn_time(1, 7168));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use shared::replay::PolicyKind;
 use simulator::arrivals::{self, Request};
 use simulator::routing::RoutingPool;
-use simulator::{simulate, GpuType, ModelShape, SimConfig, SimError};
+use simulator::{simulate, GpuProfile, GpuType, ModelShape, SimConfig, SimError};
 
 const SMALL: &str = r#"{"model_type": "olmoe", "hidden_size": 512, "intermediate_size": 256,
  "num_hidden_layers": 4, "num_attention_heads": 8, "num_experts": 8,
@@ -23,6 +23,41 @@ fn unknown_gpu_type() {
     assert!(matches!(e, SimError::UnknownGpu(_)));
     assert!(e.to_string().contains("a6000, a100, h100, h200"), "{e}");
     assert_eq!("H100".parse::<GpuType>().unwrap(), GpuType::H100);
+}
+
+#[test]
+fn device_profiles_from_json_are_checked() {
+    let good = serde_json::to_string(&GpuType::H100.profile()).unwrap();
+    assert_eq!(GpuProfile::from_json(&good).unwrap(), GpuType::H100.profile());
+    for (field, value) in [
+        ("peak_flops", "0.0"),
+        ("hbm_bandwidth", "-1.0"),
+        ("memory_efficiency", "1.5"),
+        ("link_efficiency", "0.0"),
+        ("kernel_overhead_s", "-0.001"),
+        ("gpus_per_node", "0"),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        v[field] = serde_json::from_str(value).unwrap();
+        let e = GpuProfile::from_json(&v.to_string()).unwrap_err();
+        assert!(matches!(e, SimError::Config(_)), "{field}: {e}");
+        assert!(e.to_string().contains(field), "{e}");
+    }
+    // Measured operator times: points must increase in tokens, times be positive.
+    for ops in [
+        r#"{"shape": "s", "expert_ffn_s": [], "layer_fixed_s": 0, "layer_per_token_s": 0, "layer_per_context_s": 0, "layer_per_prefill_product_s": 0}"#,
+        r#"{"shape": "s", "expert_ffn_s": [[4, 1e-3], [2, 2e-3]], "layer_fixed_s": 0, "layer_per_token_s": 0, "layer_per_context_s": 0, "layer_per_prefill_product_s": 0}"#,
+        r#"{"shape": "s", "expert_ffn_s": [[1, 0.0]], "layer_fixed_s": 0, "layer_per_token_s": 0, "layer_per_context_s": 0, "layer_per_prefill_product_s": 0}"#,
+        r#"{"shape": "s", "expert_ffn_s": [[1, 1e-3]], "layer_fixed_s": -1, "layer_per_token_s": 0, "layer_per_context_s": 0, "layer_per_prefill_product_s": 0}"#,
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        v["measured"] = serde_json::from_str(ops).unwrap();
+        let e = GpuProfile::from_json(&v.to_string()).unwrap_err();
+        assert!(e.to_string().contains("measured"), "{e}");
+    }
+    for bad in ["", "{}", "[1, 2]", r#"{"name": "x"}"#] {
+        assert!(matches!(GpuProfile::from_json(bad), Err(SimError::Config(_))), "{bad}");
+    }
 }
 
 #[test]
