@@ -208,12 +208,17 @@ pub struct Model {
     routing_override: Option<Arc<dyn RoutingOverride>>,
 }
 
-/// Forces the experts a MoE layer routes to (trace replay in benchmarks): when it answers, its
-/// ids replace the router's top-k and every chosen expert gets the combine weight `1 / k`.
+/// One sequence's rows in a batch: `(first row, rows, position of the first row)`.
+pub type RowSpan = (usize, usize, usize);
+
+/// Forces the experts a MoE layer routes to (trace replay in benchmarks and the simulator's
+/// validation): when it answers, its ids replace the router's top-k and every chosen expert
+/// gets the combine weight `1 / k`.
 pub trait RoutingOverride: Send + Sync + std::fmt::Debug {
-    /// The `k` expert ids of each of `tokens` tokens at decoder layer `layer` (`tokens * k` ids,
-    /// token-major; ids are taken modulo the layer's expert count), or `None` to keep the router.
-    fn route(&self, layer: usize, tokens: usize, k: usize) -> Option<Vec<u32>>;
+    /// The `k` expert ids of each row at decoder layer `layer` (`rows * k` ids, row-major; ids
+    /// are taken modulo the layer's expert count), or `None` to keep the router. `spans` says
+    /// which rows belong to which sequence of the batch, in row order.
+    fn route(&self, layer: usize, spans: &[RowSpan], k: usize) -> Option<Vec<u32>>;
 }
 
 fn top_k_desc(scores: &[f32], k: usize) -> Vec<usize> {
@@ -576,7 +581,7 @@ impl Model {
         let mut x = self
             .embed
             .gather_rows(&tokens.iter().map(|&t| t as usize).collect::<Vec<_>>());
-        let spans: Vec<(usize, usize, usize)> = {
+        let spans: Vec<RowSpan> = {
             // (first row, rows, position of first row)
             let mut row = 0;
             seqs.iter()
@@ -597,7 +602,7 @@ impl Model {
             let f = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.apply(be, &h),
                 Ffn::Moe(moe) => {
-                    let (out, r) = self.moe(li, moe, &h, experts, shares)?;
+                    let (out, r) = self.moe(li, moe, &h, &spans, experts, shares)?;
                     routing.push(r);
                     out
                 }
@@ -764,6 +769,7 @@ impl Model {
         li: usize,
         moe: &MoeBlock,
         h: &Tensor,
+        spans: &[RowSpan],
         experts: &dyn ExpertFunction,
         shares: &dyn ShareSource,
     ) -> Result<(Tensor, LayerRouting), EngineError> {
@@ -776,7 +782,7 @@ impl Model {
         // Per expert: (token row, combine weight), in token order.
         let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
         let forced = (self.routing_override.as_ref())
-            .and_then(|o| o.route(li, n, k))
+            .and_then(|o| o.route(li, spans, k))
             .filter(|f| f.len() == n * k);
         for t in 0..n {
             let (ti, tw) = match &forced {

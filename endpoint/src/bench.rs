@@ -124,14 +124,17 @@ pub struct BenchReport {
     pub errors: Vec<String>,
 }
 
-struct Outcome {
-    ok: bool,
-    error: Option<String>,
-    ttft: f64,
-    itls: Vec<f64>,
-    e2e: f64,
-    input_tokens: usize,
-    output_tokens: usize,
+/// What happened to one request (seconds from its send time, which is its arrival time).
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub ttft: f64,
+    pub itls: Vec<f64>,
+    pub e2e: f64,
+    /// Token counts the server reported in `usage`.
+    pub input_tokens: usize,
+    pub output_tokens: usize,
 }
 
 async fn one(client: &reqwest::Client, cfg: &BenchConfig, req: &BenchRequest) -> Outcome {
@@ -220,6 +223,11 @@ async fn one(client: &reqwest::Client, cfg: &BenchConfig, req: &BenchRequest) ->
 }
 
 pub async fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
+    Ok(run_detailed(cfg).await?.0)
+}
+
+/// As [`run`], also returning every request's outcome in the order of `cfg.requests`.
+pub async fn run_detailed(cfg: &BenchConfig) -> Result<(BenchReport, Vec<Outcome>), BenchError> {
     let client = pki::https::http_client_builder()
         .pool_max_idle_per_host(1024)
         .build()
@@ -257,7 +265,7 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     };
     let mut errors: Vec<String> = outcomes.iter().filter_map(|o| o.error.clone()).collect();
     errors.truncate(10);
-    Ok(BenchReport {
+    let report = BenchReport {
         completed: ok.len(),
         failed: outcomes.len() - ok.len(),
         duration_s: duration,
@@ -272,7 +280,8 @@ pub async fn run(cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         e2e_ms: ms(ok.iter().map(|o| o.e2e).collect()),
         goodput: good,
         errors,
-    })
+    };
+    Ok((report, outcomes))
 }
 
 #[cfg(test)]

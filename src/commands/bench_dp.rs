@@ -22,7 +22,7 @@ use data_plane::checkpoint::Checkpoint;
 use data_plane::config::{FfnKind, ModelConfig};
 use data_plane::engine::{argmax, read_config, Engine};
 use data_plane::expert::{ExpertError, ExpertFunction, ExpertTask, LocalExperts, SingleInstance};
-use data_plane::model::{LogitsWanted, Model, RoutingOverride};
+use data_plane::model::{LogitsWanted, Model, RoutingOverride, RowSpan};
 use data_plane::tensor::Tensor;
 use data_plane::testing::{ModelShape, SaveDtype};
 use serde_json::json;
@@ -109,7 +109,8 @@ fn write_json(path: &Option<PathBuf>, doc: serde_json::Value) -> anyhow::Result<
     Ok(())
 }
 
-fn init_logs() {
+/// Logs to stderr at `warn` (or `RUST_LOG`), for commands that print their own progress.
+pub(super) fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -132,7 +133,7 @@ fn start_cluster(
     config: &ModelConfig,
     memory_gb: f64,
 ) -> anyhow::Result<(LocalCluster, Arc<RemoteExperts>)> {
-    let cluster = LocalCluster::start(n, dir, config, memory_gb, "cpu")?;
+    let cluster = LocalCluster::start(n, dir, config, memory_gb, "cpu", 0)?;
     let epoch = cluster.commit(cluster.plan(PlanKind::Static, 0), "bench")?;
     let remote = cluster.remote()?;
     anyhow::ensure!(
@@ -462,17 +463,22 @@ impl TraceRouting {
 }
 
 impl RoutingOverride for TraceRouting {
-    fn route(&self, layer: usize, tokens: usize, k: usize) -> Option<Vec<u32>> {
+    fn route(&self, layer: usize, spans: &[RowSpan], k: usize) -> Option<Vec<u32>> {
         let m = (*self.moe_index.get(layer)?)?;
+        let tokens = spans.iter().map(|s| s.1).sum();
         Some(self.ids(self.step.load(Ordering::Relaxed), m, tokens, k))
     }
 }
 
-fn default_trace() -> PathBuf {
-    let base = std::env::var_os("MOELESS_SHARED_DIR")
+/// The reference data: `$MOELESS_SHARED_DIR`, else `../shared`.
+pub(super) fn shared_dir() -> PathBuf {
+    std::env::var_os("MOELESS_SHARED_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("../shared"));
-    base.join("data/routing/llama4-maverick-mmlu/top1_per_token.csv")
+        .unwrap_or_else(|| PathBuf::from("../shared"))
+}
+
+fn default_trace() -> PathBuf {
+    shared_dir().join("data/routing/llama4-maverick-mmlu/top1_per_token.csv")
 }
 
 /// Decode tokens/s: prefill (untimed), then `steps` timed decode steps, with trace step `s`

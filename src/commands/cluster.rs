@@ -46,13 +46,15 @@ fn moe_keys(config: &ModelConfig) -> Vec<(u32, u32)> {
 
 impl LocalCluster {
     /// Starts the control plane and `n` workers for the checkpoint in `model_dir`, registers
-    /// the model, and waits until every worker has registered.
+    /// the model, and waits until every worker has registered. `threads`: each worker's compute
+    /// threads (0 = all cores).
     pub fn start(
         n: usize,
         model_dir: &Path,
         config: &ModelConfig,
         worker_memory_gb: f64,
         device: &str,
+        threads: usize,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(n >= 1, "--workers must be at least 1");
         let mut dir = tempfile::Builder::new().prefix("moeless-cluster").tempdir()?;
@@ -110,6 +112,7 @@ impl LocalCluster {
                 .arg(dir.path().join("tls"))
                 .args(["--tls-name", &format!("worker-{i}"), "--exit-on-stdin-close"])
                 .args(["--device", device])
+                .args(["--threads", &threads.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -270,7 +273,7 @@ pub fn distributed_engine(
 ) -> anyhow::Result<(data_plane::engine::Engine, LocalCluster, Arc<RemoteExperts>)> {
     let config = data_plane::engine::read_config(dir)?;
     // Workers compute where the engine does.
-    let cluster = LocalCluster::start(workers, dir, &config, worker_memory_gb, backend.name())?;
+    let cluster = LocalCluster::start(workers, dir, &config, worker_memory_gb, backend.name(), 0)?;
     let epoch = cluster.commit(cluster.plan(kind, 0), "local cluster")?;
     eprintln!(
         "local cluster: {workers} worker processes, plan epoch {epoch} ({kind:?}); logs in {}",

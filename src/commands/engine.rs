@@ -84,13 +84,7 @@ impl Distributed {
 }
 
 fn load_distributed(args: &ModelArgs) -> anyhow::Result<(Engine, Distributed)> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    super::bench_dp::init_logs();
     let dir = args
         .model
         .as_ref()
