@@ -29,6 +29,9 @@ enum Command {
     Admin(commands::control::AdminArgs),
     /// Simulate an MoE serving cluster on real arrival and routing traces (latency, cost).
     Sim(commands::sim::SimArgs),
+    /// Validate the simulator: the same small workload on the real engine with CPU workers and
+    /// in the simulator with a device profile measured here; the error per metric.
+    SimValidate(commands::validate::SimValidateArgs),
     /// OpenAI-compatible inference endpoint for a checkpoint (continuous batching, metrics).
     Serve(commands::serve::ServeArgs),
     /// The endpoint with everything embedded: without --model, the built-in demo model.
@@ -57,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::ControlPlane(a) => commands::control::control_plane(a),
         Command::Admin(a) => commands::control::admin(a),
         Command::Sim(a) => commands::sim::run(a),
+        Command::SimValidate(a) => commands::validate::run(a),
         Command::Serve(a) => commands::serve::serve(a, true),
         Command::Up(a) => commands::serve::serve(a, false),
         Command::Bench(c) => commands::bench::run(c),

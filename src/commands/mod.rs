@@ -12,4 +12,5 @@ pub mod serve;
 pub mod signals;
 pub mod sim;
 pub mod tls;
+pub mod validate;
 pub mod worker;

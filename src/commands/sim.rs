@@ -12,7 +12,7 @@ use serde_json::json;
 use shared::replay::PolicyKind;
 use simulator::report::PolicyReport;
 use simulator::routing::RoutingPool;
-use simulator::{arrivals, svg, GpuType, ModelShape, SimConfig};
+use simulator::{arrivals, svg, GpuProfile, GpuType, ModelShape, SimConfig};
 
 #[derive(Args, Debug)]
 pub struct SimArgs {
@@ -33,8 +33,16 @@ pub struct SimArgs {
     #[arg(long, env = "MOELESS_GPUS")]
     pub gpus: usize,
     /// a6000, a100, h100 or h200.
-    #[arg(long, env = "MOELESS_GPU_TYPE")]
-    pub gpu_type: String,
+    #[arg(long, env = "MOELESS_GPU_TYPE", required_unless_present = "device_profile")]
+    pub gpu_type: Option<String>,
+    /// A device profile as JSON instead of --gpu-type (the fields of `simulator::GpuProfile`;
+    /// `moeless sim-validate` writes one measured on this machine as `profile.json`).
+    #[arg(long, conflicts_with = "gpu_type")]
+    pub device_profile: Option<PathBuf>,
+    /// Run attention on one engine device per group in front of expert-only GPUs (the
+    /// deployment of `moeless serve` with workers), instead of data-parallel on the GPUs.
+    #[arg(long)]
+    pub central_attention: bool,
     /// Comma-separated: static, eplb, moeless, oracle.
     #[arg(long, env = "MOELESS_POLICIES", default_value = "static,eplb,moeless,oracle")]
     pub policies: String,
@@ -76,7 +84,16 @@ pub struct SimArgs {
 
 pub fn run(a: SimArgs) -> Result<()> {
     let started = Instant::now();
-    let gpu: GpuType = a.gpu_type.parse()?;
+    let profile = match (&a.gpu_type, &a.device_profile) {
+        (_, Some(path)) => {
+            let text =
+                fs::read_to_string(path).with_context(|| format!("reading device profile {}", path.display()))?;
+            GpuProfile::from_json(&text).with_context(|| format!("reading device profile {}", path.display()))?
+        }
+        (Some(t), None) => t.parse::<GpuType>()?.profile(),
+        (None, None) => bail!("give --gpu-type or --device-profile"),
+    };
+    let gpu = profile.name.clone();
     let policies = a
         .policies
         .split(',')
@@ -105,7 +122,8 @@ pub fn run(a: SimArgs) -> Result<()> {
         let all = arrivals::parse_auto(&text).with_context(|| format!("reading arrivals {}", a.arrivals.display()))?;
         arrivals::window(&all, a.duration, a.rate_scale)?
     };
-    let mut cfg = SimConfig::new(a.gpus, gpu.profile());
+    let mut cfg = SimConfig::new(a.gpus, profile);
+    cfg.central_attention = a.central_attention;
     cfg.ep_size = a.ep_size;
     cfg.slots_per_gpu = a.slots_per_gpu;
     cfg.token_budget_per_gpu = a.token_budget_per_gpu;
@@ -148,7 +166,7 @@ pub fn run(a: SimArgs) -> Result<()> {
     let report = json!({
         "config": {
             "model": model.name, "model_config": a.model_config, "routing_trace": a.routing_trace,
-            "routing_source": routing.source, "arrivals": a.arrivals, "arrivals_start_s": a.arrivals_start, "gpus": a.gpus, "gpu_type": gpu.label(),
+            "routing_source": routing.source, "arrivals": a.arrivals, "arrivals_start_s": a.arrivals_start, "gpus": a.gpus, "gpu_type": gpu, "central_attention": a.central_attention,
             "ep_size": lay.ep_size, "groups": lay.groups, "slots_per_gpu": lay.slots_per_gpu,
             "kv_tokens_per_gpu": lay.kv_tokens_per_gpu, "duration_s": a.duration, "rate_scale": a.rate_scale,
             "requests": requests.len(), "token_budget_per_gpu": a.token_budget_per_gpu,
