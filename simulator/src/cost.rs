@@ -19,8 +19,9 @@
 //!   back: the engine's link is the busiest.
 //! - A profile may carry operator times measured on the device for this model's shape
 //!   ([`crate::gpu::MeasuredOps`]): then they, not the roofline, give an expert's time by token
-//!   count, a decoder layer's non-expert time, and the serving engine's own time per step
-//!   (scheduling, sampling, streaming; the CPU validation measures them).
+//!   count, a decoder layer's non-expert time, the serving engine's own time per step
+//!   (scheduling, sampling, streaming) and per request (HTTP, tokenizing; added to its
+//!   latencies); the CPU validation measures them.
 //! - A cold start copies one expert's weights from host memory: bytes over the host-to-device
 //!   bandwidth plus a fixed overhead.
 
@@ -151,6 +152,11 @@ impl CostModel {
             Some(m) if seqs > 0 => m.step_fixed_s + m.step_per_sequence_s * seqs as f64,
             _ => 0.0,
         }
+    }
+
+    /// The serving front end's time per request outside engine steps (measured profiles only).
+    pub fn request_overhead(&self) -> f64 {
+        self.measured.as_ref().map_or(0.0, |m| m.request_overhead_s)
     }
 
     /// LM head over the step's tokens on one GPU (only the last prefill token and decode tokens

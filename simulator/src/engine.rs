@@ -451,7 +451,8 @@ fn run_group(
                         let l = running.swap_remove(i);
                         kv_used[l.gpu] -= l.req.prompt_tokens + l.req.output_tokens.max(1);
                         seqs[l.gpu] -= 1;
-                        rep.record_request(&l.req, l.first_token_s, now);
+                        let front = cost.request_overhead();
+                        rep.record_request(&l.req, l.first_token_s + front, now + front);
                     } else {
                         i += 1;
                     }

@@ -216,6 +216,10 @@ pub struct MeasuredOps {
     pub step_fixed_s: f64,
     #[serde(default)]
     pub step_per_sequence_s: f64,
+    /// Time a request spends in the serving front end outside engine steps (HTTP, tokenizing,
+    /// delivering its first and last streamed events), added to its TTFT and E2E.
+    #[serde(default)]
+    pub request_overhead_s: f64,
 }
 
 impl MeasuredOps {
@@ -256,6 +260,7 @@ impl MeasuredOps {
             self.layer_per_prefill_product_s,
             self.step_fixed_s,
             self.step_per_sequence_s,
+            self.request_overhead_s,
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!(

@@ -91,6 +91,7 @@ fn measured_operator_times_replace_the_roofline_for_their_shape_only() {
         layer_per_prefill_product_s: 1e-9,
         step_fixed_s: 2e-4,
         step_per_sequence_s: 1e-5,
+        request_overhead_s: 3e-3,
     });
     let c = CostModel::new(p.clone(), m.clone(), 8);
     assert!(c.uses_measured_ops());
@@ -112,12 +113,14 @@ fn measured_operator_times_replace_the_roofline_for_their_shape_only() {
     );
     assert_eq!(c.lm_head_time(12), 0.0, "the LM head is inside the measured layers");
     close(c.step_overhead(3), 2e-4 + 3e-5);
+    close(c.request_overhead(), 3e-3);
     assert_eq!(c.step_overhead(0), 0.0);
     // Another shape falls back to the roofline.
     let other = ModelShape::from_config_json(&MIXTRAL.replace("14336", "7168"), 2).unwrap();
     let c = CostModel::new(p, other.clone(), 8);
     assert!(!c.uses_measured_ops());
     assert_eq!(c.step_overhead(3), 0.0);
+    assert_eq!(c.request_overhead(), 0.0);
     assert_eq!(c.expert_time(1), c.ffn_time(1, 7168));
 }
 

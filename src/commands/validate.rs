@@ -7,8 +7,10 @@
 //!    the trace's lengths scaled down for a CPU.
 //! 2. **Simulated**: `simulator::simulate` with static placement, attention on one engine
 //!    device in front of N expert devices (`SimConfig::central_attention`), the same requests,
-//!    and a device profile measured here first: the roofline of `simulator::cost` fitted to
-//!    this machine's expert FFN times, and the QUIC round trip to a worker.
+//!    and a device profile measured here first (`simulator::gpu::MeasuredOps`): the expert FFN
+//!    by token count, a layer's non-expert time, the endpoint's own time per step and per
+//!    request, and the QUIC round trip to a worker (the roofline fitted to the FFN points is
+//!    kept in the profile for other shapes).
 //!
 //! Both sides route from the same trace ([`PoolRouting`]): the engine's routing is forced, per
 //! sequence of a batch, from a trace query chosen by a seeded hash, taking its prefill tokens
@@ -305,21 +307,31 @@ fn measure_layers(ckpt: &Checkpoint, config: &ModelConfig, backend: Arc<dyn Back
 }
 
 /// Closed bursts through the endpoint: `(sequences, forward passes, wall seconds, predicted
-/// forward seconds)` per burst.
-type Burst = (usize, u64, f64, f64);
+/// forward seconds, mean TTFT)` per burst.
+type Burst = (usize, u64, f64, f64, f64);
+
+/// What the bursts give: the endpoint's time per step (`fixed + per_sequence x b`) and per
+/// request (outside steps).
+struct Overheads {
+    step_fixed: f64,
+    step_per_sequence: f64,
+    request: f64,
+    bursts: Vec<Burst>,
+}
 
 /// The endpoint's own time per step outside the forward pass (scheduling, sampling, streaming):
 /// closed bursts of `b` requests (all sent at once; `P` prompt and `O` new tokens each) through
 /// the endpoint with experts that cost nothing; the wall time minus the forward passes the layer
-/// fit predicts, per pass; `b` = 1, 4 and 16 give `fixed + per_sequence x b`.
-fn measure_step_overhead(
+/// fit predicts, per pass; `b` = 1, 4 and 16 give `fixed + per_sequence x b`. A lone request's
+/// TTFT minus its first step (prefill pass and step overhead) is the time per request.
+fn measure_overheads(
     runtime: &tokio::runtime::Runtime,
     ckpt: &Checkpoint,
     config: &ModelConfig,
     backend: Arc<dyn Backend>,
     fit: &LayerFit,
     serve: &endpoint::server::ServeConfig,
-) -> anyhow::Result<(f64, f64, Vec<Burst>)> {
+) -> anyhow::Result<Overheads> {
     const P: usize = 16;
     const O: usize = 24;
     let zero = Arc::new(ZeroExperts {
@@ -331,9 +343,10 @@ fn measure_step_overhead(
     let moe = config.moe_layers().len().max(1) as u64;
     let layers = config.num_layers as f64;
     let [f0, f_tok, f_ctx, f_prod] = fit.coef;
+    let prefill = |b: f64| f0 + f_tok * b * P as f64 + f_prod * b * (P * P) as f64 / 2.0;
     let predicted = |b: usize, passes: u64| {
         let b = b as f64;
-        let prefill = f0 + f_tok * b * P as f64 + f_prod * b * (P * P) as f64 / 2.0;
+        let prefill = prefill(b);
         let decode: f64 = (1..O).map(|j| f0 + f_tok * b + f_ctx * b * (P + j) as f64).sum();
         // Passes beyond the nominal O (requests that arrived a step apart) add fixed costs.
         layers * (prefill + decode + passes.saturating_sub(O as u64) as f64 * f0)
@@ -370,10 +383,11 @@ fn measure_step_overhead(
                 slo_tpot_ms: None,
             };
             let before = zero.calls.load(Ordering::Relaxed);
-            let r = endpoint::bench::run(&cfg).await?;
+            let (r, outcomes) = endpoint::bench::run_detailed(&cfg).await?;
             anyhow::ensure!(r.failed == 0, "calibration burst failed: {:?}", r.errors);
             let passes = (zero.calls.load(Ordering::Relaxed) - before) / moe;
-            bursts.push((b, passes, r.duration_s, predicted(b, passes)));
+            let ttft = outcomes.iter().map(|o| o.ttft).sum::<f64>() / outcomes.len().max(1) as f64;
+            bursts.push((b, passes, r.duration_s, predicted(b, passes), ttft));
         }
         server.shutdown().await?;
         // Past the warm-up pair: the median overhead per pass of each size, then
@@ -392,7 +406,21 @@ fn measure_step_overhead(
             })
             .collect();
         let c = nonneg_least_squares(&rows);
-        anyhow::Ok((c[0], c[1], bursts))
+        let first_step = layers * prefill(1.0) + c[0] + c[1];
+        let request = median(
+            bursts[2..]
+                .iter()
+                .filter(|x| x.0 == 1)
+                .map(|x| x.4 - first_step)
+                .collect(),
+        )
+        .max(0.0);
+        anyhow::Ok(Overheads {
+            step_fixed: c[0],
+            step_per_sequence: c[1],
+            request,
+            bursts,
+        })
     })
 }
 
@@ -613,12 +641,12 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         "plan {epoch} did not become active"
     );
     step("measuring the endpoint's own time per step ...");
-    let (step_fixed, step_per_seq, bursts) =
-        measure_step_overhead(&runtime, &ckpt, &config, backend.clone(), &layer_fit, &serve_cfg)?;
+    let over = measure_overheads(&runtime, &ckpt, &config, backend.clone(), &layer_fit, &serve_cfg)?;
     step(&format!(
-        "endpoint step overhead: {:.1} us + {:.1} us per sequence",
-        step_fixed * 1e6,
-        step_per_seq * 1e6
+        "endpoint: {:.1} us + {:.1} us per sequence per step, {:.1} us per request",
+        over.step_fixed * 1e6,
+        over.step_per_sequence * 1e6,
+        over.request * 1e6
     ));
     let base = GpuProfile {
         name: format!("cpu-{}-thread", a.threads),
@@ -646,8 +674,9 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         layer_per_token_s: layer_fit.coef[1],
         layer_per_context_s: layer_fit.coef[2],
         layer_per_prefill_product_s: layer_fit.coef[3],
-        step_fixed_s: step_fixed,
-        step_per_sequence_s: step_per_seq,
+        step_fixed_s: over.step_fixed,
+        step_per_sequence_s: over.step_per_sequence,
+        request_overhead_s: over.request,
     });
     step(&format!(
         "layer (non-expert): {:.1} us + {:.2} us/token + {:.4} us/context token + {:.5} us/prefill product (rms relative error {:.3})",
@@ -683,11 +712,11 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         })?;
         link.push((n, r, l));
     }
-    let over = |i: usize| (link[i].1 - link[i].2).max(1e-6);
+    let extra = |i: usize| (link[i].1 - link[i].2).max(1e-6);
     // Dispatch + combine: two messages each way per call.
-    profile.link_latency_s = over(0) / 2.0;
+    profile.link_latency_s = extra(0) / 2.0;
     let extra_bytes = 2.0 * 255.0 * (a.hidden * 4) as f64;
-    let bw = extra_bytes / (over(1) - over(0)).max(1e-6);
+    let bw = extra_bytes / (extra(1) - extra(0)).max(1e-6);
     profile.intra_node_bandwidth = bw;
     profile.inter_node_bandwidth = bw;
     step(&format!(
@@ -909,7 +938,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         "ffn_roofline_fit_rms_log_error": ffn_rms,
         "layer_measured": layer_fit.points,
         "layer_fit_rms_relative_error": layer_fit.rms,
-        "step_overhead_bursts": bursts.iter().map(|(b, p, w, f)| json!({"sequences": b, "passes": p, "wall_s": w, "predicted_forward_s": f})).collect::<Vec<_>>(),
+        "overhead_bursts": over.bursts.iter().map(|(b, p, w, f, t)| json!({"sequences": b, "passes": p, "wall_s": w, "predicted_forward_s": f, "mean_ttft_s": t})).collect::<Vec<_>>(),
         "link_measured_s": link.iter().map(|(n, r, l)| json!({"tokens": n, "remote": r, "in_process": l})).collect::<Vec<_>>(),
         "real": real,
         "sim": simulated,
