@@ -45,6 +45,7 @@ use simulator::{arrivals, svg, GpuProfile, ModelShape, SimConfig};
 use super::bench::{ensure_checkpoint, median};
 use super::bench_dp::{init_logs, shared_dir};
 use super::cluster::{LocalCluster, PlanKind};
+use worker::remote::RemoteExperts;
 
 #[derive(Args, Debug)]
 pub struct SimValidateArgs {
@@ -482,12 +483,158 @@ fn solve(mut m: Vec<Vec<f64>>) -> Option<Vec<f64>> {
     Some((0..k).map(|r| m[r][k] / m[r][r]).collect())
 }
 
+/// Remote minus in-process time of one expert call at 1 and 256 tokens: the per-message
+/// latency (dispatch and combine: two messages a call) and bandwidth of the link, and the
+/// `(tokens, remote, in-process)` seconds measured.
+#[allow(clippy::type_complexity)]
+fn measure_link(
+    remote: &RemoteExperts,
+    key: ExpertKey,
+    weights: &ExpertWeights,
+    backend: &dyn Backend,
+    hidden: usize,
+) -> anyhow::Result<(f64, f64, Vec<(usize, f64, f64)>)> {
+    let inst = remote.shares(key)[0].0;
+    let mut link = Vec::new();
+    for n in [1usize, 256] {
+        let x = rows(n, hidden, 7 + n as u64);
+        let r = time_median(25, || {
+            let task = ExpertTask {
+                instance: inst,
+                input: x.clone(),
+            };
+            std::hint::black_box(remote.execute(key.layer as usize, vec![task])?);
+            Ok(())
+        })?;
+        let l = time_median(25, || {
+            std::hint::black_box(weights.forward(backend, &x));
+            Ok(())
+        })?;
+        link.push((n, r, l));
+    }
+    let extra = |i: usize| (link[i].1 - link[i].2).max(1e-6);
+    let extra_bytes = 2.0 * 255.0 * (hidden * 4) as f64;
+    let bw = extra_bytes / (extra(1) - extra(0)).max(1e-6);
+    Ok((extra(0) / 2.0, bw, link))
+}
+
+/// Serves `requests` at their times through the endpoint on `engine` (after an uncounted
+/// warm-up, which also clears `timed`): the summary and every request's outcome.
+fn serve_workload(
+    runtime: &tokio::runtime::Runtime,
+    engine: Engine,
+    serve_cfg: endpoint::server::ServeConfig,
+    requests: Vec<BenchRequest>,
+    timed: &TimedExperts,
+) -> anyhow::Result<(endpoint::bench::BenchReport, Vec<endpoint::bench::Outcome>)> {
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let server = endpoint::server::Server::start(
+            engine,
+            Some(endpoint::tokenizer::TextTokenizer::bytes()),
+            serve_cfg,
+            listener,
+        )
+        .await?;
+        let base_url = format!("http://{}", server.local_addr());
+        // Warm-up (first steps, HTTP connections), not counted.
+        let warm = BenchConfig {
+            base_url: base_url.clone(),
+            model: None,
+            api_key: None,
+            requests: (0..4)
+                .map(|i| BenchRequest {
+                    prompt: "warm up".repeat(4),
+                    max_tokens: 4,
+                    at: Duration::from_millis(50 * i),
+                })
+                .collect(),
+            slo_ttft_ms: None,
+            slo_tpot_ms: None,
+        };
+        endpoint::bench::run(&warm).await?;
+        if let Ok(mut t) = timed.times.lock() {
+            t.clear();
+        }
+        let cfg = BenchConfig {
+            base_url,
+            model: None,
+            api_key: None,
+            requests,
+            slo_ttft_ms: None,
+            slo_tpot_ms: None,
+        };
+        let progress_total = cfg.requests.len();
+        let ticker = tokio::spawn(async move {
+            let t0 = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                eprintln!(
+                    "  real run: {:.0} s elapsed ({progress_total} requests scheduled)",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        });
+        let out = endpoint::bench::run_detailed(&cfg).await;
+        ticker.abort();
+        server.shutdown().await?;
+        anyhow::Ok(out?)
+    })
+}
+
 fn error_pct(sim: f64, real: f64) -> f64 {
     if real == 0.0 {
         f64::NAN
     } else {
         100.0 * (sim - real) / real
     }
+}
+
+/// The requests both sides serve and the routing both sides follow.
+struct Workload {
+    arrivals_path: PathBuf,
+    requests: Vec<simulator::arrivals::Request>,
+    trace_path: PathBuf,
+    pool: Arc<RoutingPool>,
+}
+
+/// Arrivals (the first `--duration` seconds, lengths scaled) and the routing trace (its first
+/// `--layers` MoE layers), defaults from the reference data.
+fn load_workload(a: &SimValidateArgs) -> anyhow::Result<Workload> {
+    let arrivals_path = a
+        .arrivals
+        .clone()
+        .unwrap_or_else(|| shared_dir().join("data/arrivals/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"));
+    let text = std::fs::read_to_string(&arrivals_path)
+        .with_context(|| format!("reading arrivals {}", arrivals_path.display()))?;
+    let all = arrivals::parse_auto(&text).with_context(|| format!("reading arrivals {}", arrivals_path.display()))?;
+    let scale = |n: usize| ((n as f64 * a.length_scale).round() as usize).max(1);
+    let requests: Vec<simulator::arrivals::Request> = arrivals::window(&all, a.duration, a.rate_scale)?
+        .into_iter()
+        .map(|r| simulator::arrivals::Request {
+            arrival_s: r.arrival_s,
+            prompt_tokens: scale(r.prompt_tokens),
+            output_tokens: scale(r.output_tokens),
+        })
+        .collect();
+    let trace_path = a
+        .routing_trace
+        .clone()
+        .unwrap_or_else(|| shared_dir().join("data/routing/llama4-maverick-mmlu/top1_per_token.csv"));
+    let f = std::fs::File::open(&trace_path).with_context(|| format!("opening {}", trace_path.display()))?;
+    let pool = RoutingPool::read(BufReader::new(f), a.experts, a.top_k, a.seed)
+        .with_context(|| format!("reading routing trace {}", trace_path.display()))?;
+    let pool = Arc::new(if pool.layers > a.layers {
+        pool.first_layers(a.layers)?
+    } else {
+        pool
+    });
+    Ok(Workload {
+        arrivals_path,
+        requests,
+        trace_path,
+        pool,
+    })
 }
 
 pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
@@ -521,34 +668,12 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     let step = |what: &str| eprintln!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
 
     // Inputs: arrivals (lengths scaled), routing, checkpoint.
-    let arrivals_path = a
-        .arrivals
-        .clone()
-        .unwrap_or_else(|| shared_dir().join("data/arrivals/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"));
-    let text = std::fs::read_to_string(&arrivals_path)
-        .with_context(|| format!("reading arrivals {}", arrivals_path.display()))?;
-    let all = arrivals::parse_auto(&text).with_context(|| format!("reading arrivals {}", arrivals_path.display()))?;
-    let scale = |n: usize| ((n as f64 * a.length_scale).round() as usize).max(1);
-    let requests: Vec<simulator::arrivals::Request> = arrivals::window(&all, a.duration, a.rate_scale)?
-        .into_iter()
-        .map(|r| simulator::arrivals::Request {
-            arrival_s: r.arrival_s,
-            prompt_tokens: scale(r.prompt_tokens),
-            output_tokens: scale(r.output_tokens),
-        })
-        .collect();
-    let trace_path = a
-        .routing_trace
-        .clone()
-        .unwrap_or_else(|| shared_dir().join("data/routing/llama4-maverick-mmlu/top1_per_token.csv"));
-    let f = std::fs::File::open(&trace_path).with_context(|| format!("opening {}", trace_path.display()))?;
-    let pool = RoutingPool::read(BufReader::new(f), a.experts, a.top_k, a.seed)
-        .with_context(|| format!("reading routing trace {}", trace_path.display()))?;
-    let pool = Arc::new(if pool.layers > a.layers {
-        pool.first_layers(a.layers)?
-    } else {
-        pool
-    });
+    let Workload {
+        arrivals_path,
+        requests,
+        trace_path,
+        pool,
+    } = load_workload(&a)?;
     let longest = requests
         .iter()
         .map(|r| r.prompt_tokens + r.output_tokens)
@@ -694,29 +819,8 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     ));
 
     // The link: remote minus in-process time of one expert call.
-    let inst = remote.shares(key)[0].0;
-    let mut link = Vec::new();
-    for n in [1usize, 256] {
-        let x = rows(n, a.hidden, 7 + n as u64);
-        let r = time_median(25, || {
-            let task = ExpertTask {
-                instance: inst,
-                input: x.clone(),
-            };
-            std::hint::black_box(remote.execute(key.layer as usize, vec![task])?);
-            Ok(())
-        })?;
-        let l = time_median(25, || {
-            std::hint::black_box(weights.forward(backend.as_ref(), &x));
-            Ok(())
-        })?;
-        link.push((n, r, l));
-    }
-    let extra = |i: usize| (link[i].1 - link[i].2).max(1e-6);
-    // Dispatch + combine: two messages each way per call.
-    profile.link_latency_s = extra(0) / 2.0;
-    let extra_bytes = 2.0 * 255.0 * (a.hidden * 4) as f64;
-    let bw = extra_bytes / (extra(1) - extra(0)).max(1e-6);
+    let (latency, bw, link) = measure_link(remote.as_ref(), key, weights, backend.as_ref(), a.hidden)?;
+    profile.link_latency_s = latency;
     profile.intra_node_bandwidth = bw;
     profile.inter_node_bandwidth = bw;
     step(&format!(
@@ -770,59 +874,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         requests.len(),
         a.duration
     ));
-    let (report, outcomes) = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let server = endpoint::server::Server::start(
-            engine,
-            Some(endpoint::tokenizer::TextTokenizer::bytes()),
-            serve_cfg,
-            listener,
-        )
-        .await?;
-        let base_url = format!("http://{}", server.local_addr());
-        // Warm-up (first steps, HTTP connections), not counted.
-        let warm = BenchConfig {
-            base_url: base_url.clone(),
-            model: None,
-            api_key: None,
-            requests: (0..4)
-                .map(|i| BenchRequest {
-                    prompt: "warm up".repeat(4),
-                    max_tokens: 4,
-                    at: Duration::from_millis(50 * i),
-                })
-                .collect(),
-            slo_ttft_ms: None,
-            slo_tpot_ms: None,
-        };
-        endpoint::bench::run(&warm).await?;
-        if let Ok(mut t) = timed.times.lock() {
-            t.clear();
-        }
-        let cfg = BenchConfig {
-            base_url,
-            model: None,
-            api_key: None,
-            requests: bench_requests,
-            slo_ttft_ms: None,
-            slo_tpot_ms: None,
-        };
-        let progress_total = cfg.requests.len();
-        let ticker = tokio::spawn(async move {
-            let t0 = Instant::now();
-            loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                eprintln!(
-                    "  real run: {:.0} s elapsed ({progress_total} requests scheduled)",
-                    t0.elapsed().as_secs_f64()
-                );
-            }
-        });
-        let out = endpoint::bench::run_detailed(&cfg).await;
-        ticker.abort();
-        server.shutdown().await?;
-        anyhow::Ok(out?)
-    })?;
+    let (report, outcomes) = serve_workload(&runtime, engine, serve_cfg, bench_requests, &timed)?;
     if report.failed > 0 {
         bail!(
             "{} of {} requests failed on the real engine: {:?}",
