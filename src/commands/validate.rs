@@ -582,6 +582,125 @@ fn serve_workload(
     })
 }
 
+/// What [`calibrate`] needs: the checkpoint, a layer's experts, the endpoint settings and
+/// the running cluster.
+struct CalibrationContext<'a> {
+    ckpt: &'a Checkpoint,
+    config: &'a ModelConfig,
+    backend: Arc<dyn Backend>,
+    /// Every expert of the first MoE layer (the FFN is timed on each in turn).
+    experts: &'a [ExpertWeights],
+    runtime: &'a tokio::runtime::Runtime,
+    serve_cfg: &'a endpoint::server::ServeConfig,
+    remote: &'a RemoteExperts,
+    /// The expert the link is timed with.
+    key: ExpertKey,
+}
+
+/// One pass of measurements on this machine.
+struct Calibration {
+    /// `(tokens, seconds)` of one expert FFN, each call on another expert of a layer (a step
+    /// touches many experts: weights come from memory, not cache).
+    ffn: Vec<(usize, f64)>,
+    /// A layer's non-expert time coefficients (see [`LayerFit`]) and the fit's rms error.
+    layer: [f64; 4],
+    layer_rms: f64,
+    layer_points: Vec<(usize, usize, f64, f64)>,
+    step_fixed: f64,
+    step_per_sequence: f64,
+    request: f64,
+    bursts: Vec<Burst>,
+    latency: f64,
+    bandwidth: f64,
+    link: Vec<(usize, f64, f64)>,
+}
+
+impl Calibration {
+    /// Point by point and coefficient by coefficient mean of two passes.
+    fn mean(a: &Calibration, b: &Calibration) -> Calibration {
+        let m = |x: f64, y: f64| (x + y) / 2.0;
+        Calibration {
+            ffn: a.ffn.iter().zip(&b.ffn).map(|(p, q)| (p.0, m(p.1, q.1))).collect(),
+            layer: std::array::from_fn(|i| m(a.layer[i], b.layer[i])),
+            layer_rms: m(a.layer_rms, b.layer_rms),
+            layer_points: Vec::new(),
+            step_fixed: m(a.step_fixed, b.step_fixed),
+            step_per_sequence: m(a.step_per_sequence, b.step_per_sequence),
+            request: m(a.request, b.request),
+            bursts: Vec::new(),
+            latency: m(a.latency, b.latency),
+            bandwidth: m(a.bandwidth, b.bandwidth),
+            link: Vec::new(),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "ffn_s": self.ffn,
+            "layer_coefficients": self.layer,
+            "layer_fit_rms_relative_error": self.layer_rms,
+            "layer_points": self.layer_points,
+            "step_fixed_s": self.step_fixed,
+            "step_per_sequence_s": self.step_per_sequence,
+            "request_overhead_s": self.request,
+            "overhead_bursts": self.bursts.iter().map(|(b, p, w, f, t)| json!({"sequences": b, "passes": p,
+                "wall_s": w, "predicted_forward_s": f, "mean_ttft_s": t})).collect::<Vec<_>>(),
+            "link_latency_s": self.latency,
+            "link_bandwidth": self.bandwidth,
+            "link_measured_s": self.link.iter().map(|(n, r, l)| json!({"tokens": n, "remote": r, "in_process": l})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The expert FFN, a layer's non-expert time, the endpoint's overheads and the link, once.
+fn calibrate(c: &CalibrationContext<'_>) -> anyhow::Result<Calibration> {
+    let hidden = c.config.hidden_size;
+    let mut ffn = Vec::new();
+    for &n in &FFN_TOKENS {
+        let x = rows(n, hidden, n as u64);
+        let mut next = 0usize;
+        let t = time_median(41, || {
+            next = (next + 1) % c.experts.len();
+            std::hint::black_box(c.experts[next].forward(c.backend.as_ref(), &x));
+            Ok(())
+        })?;
+        ffn.push((n, t));
+    }
+    let layer = measure_layers(c.ckpt, c.config, c.backend.clone())?;
+    let over = measure_overheads(c.runtime, c.ckpt, c.config, c.backend.clone(), &layer, c.serve_cfg)?;
+    let (latency, bandwidth, link) = measure_link(c.remote, c.key, &c.experts[0], c.backend.as_ref(), hidden)?;
+    Ok(Calibration {
+        ffn,
+        layer: layer.coef,
+        layer_rms: layer.rms,
+        layer_points: layer.points,
+        step_fixed: over.step_fixed,
+        step_per_sequence: over.step_per_sequence,
+        request: over.request,
+        bursts: over.bursts,
+        latency,
+        bandwidth,
+        link,
+    })
+}
+
+fn report_calibration(step: &dyn Fn(&str), when: &str, c: &Calibration) {
+    step(&format!(
+        "{when}: FFN {:.0} us at 1 token, {:.0} us at 256; layer {:.0} us + {:.1} us/token (rms {:.3}); \
+         endpoint {:.0} us + {:.0} us/sequence per step, {:.0} us per request; link {:.0} us, {:.2} GB/s",
+        c.ffn[0].1 * 1e6,
+        c.ffn[c.ffn.len() - 1].1 * 1e6,
+        c.layer[0] * 1e6,
+        c.layer[1] * 1e6,
+        c.layer_rms,
+        c.step_fixed * 1e6,
+        c.step_per_sequence * 1e6,
+        c.request * 1e6,
+        c.latency * 1e6,
+        c.bandwidth / 1e9
+    ));
+}
+
 fn error_pct(sim: f64, real: f64) -> f64 {
     if real == 0.0 {
         f64::NAN
@@ -720,28 +839,11 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     );
     let moe_layers = config.moe_layers();
 
-    // 1. Device profile. The expert FFN on this machine, each call on another expert of a
-    //    layer (as a step touches many experts: weights come from memory, not cache).
-    step("measuring the expert FFN (one thread per device) ...");
+    // 1. The cluster, then a first calibration on this machine (its workers idle, warm).
     let key = ExpertKey::new(moe_layers[0], 0);
     let experts: Vec<ExpertWeights> = (0..a.experts)
         .map(|e| ExpertWeights::load(&ckpt, &config, ExpertKey::new(moe_layers[0], e)))
         .collect::<Result<_, _>>()?;
-    let mut ffn = Vec::new();
-    for &n in &FFN_TOKENS {
-        let x = rows(n, a.hidden, n as u64);
-        let mut next = 0usize;
-        let t = time_median(41, || {
-            next = (next + 1) % experts.len();
-            std::hint::black_box(experts[next].forward(backend.as_ref(), &x));
-            Ok(())
-        })?;
-        ffn.push((n, t));
-    }
-    // The rest of a decoder layer: the engine's forward pass with experts that cost nothing.
-    step("measuring the non-expert part of a layer ...");
-    let layer_fit = measure_layers(&ckpt, &config, backend.clone())?;
-    let weights = &experts[0];
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -755,8 +857,6 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         max_queued: 1 << 16,
         ..Default::default()
     };
-    // 2. The cluster (its workers load their experts first: measure on a quiet machine before),
-    //    then the endpoint's own time per step and the link.
     step(&format!("starting {} worker processes ...", a.workers));
     let cluster = LocalCluster::start(a.workers, &dir, &config, 8.0, "cpu", a.threads)?;
     let epoch = cluster.commit(cluster.plan(PlanKind::Static, 0), "sim-validate")?;
@@ -765,75 +865,19 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         remote.wait_active(epoch, Duration::from_secs(300)),
         "plan {epoch} did not become active"
     );
-    step("measuring the endpoint's own time per step ...");
-    let over = measure_overheads(&runtime, &ckpt, &config, backend.clone(), &layer_fit, &serve_cfg)?;
-    step(&format!(
-        "endpoint: {:.1} us + {:.1} us per sequence per step, {:.1} us per request",
-        over.step_fixed * 1e6,
-        over.step_per_sequence * 1e6,
-        over.request * 1e6
-    ));
-    let base = GpuProfile {
-        name: format!("cpu-{}-thread", a.threads),
-        peak_flops: 1e10,
-        hbm_bandwidth: 1e10,
-        memory_bytes: 16e9,
-        compute_efficiency: 1.0,
-        memory_efficiency: 1.0,
-        intra_node_bandwidth: 1e9,
-        inter_node_bandwidth: 1e9,
-        host_to_device_bandwidth: 1e9,
-        gpus_per_node: a.workers,
-        kernel_overhead_s: 0.0,
-        link_latency_s: 0.0,
-        link_efficiency: 1.0,
-        cold_start_overhead_s: 0.0,
-        measured: None,
+    let ctx = CalibrationContext {
+        ckpt: &ckpt,
+        config: &config,
+        backend: backend.clone(),
+        experts: &experts,
+        runtime: &runtime,
+        serve_cfg: &serve_cfg,
+        remote: remote.as_ref(),
+        key,
     };
-    let (mut profile, ffn_rms) = fit_roofline(&base, &sim_model, &ffn);
-    profile.host_to_device_bandwidth = profile.hbm_bandwidth;
-    profile.measured = Some(MeasuredOps {
-        shape: sim_model.shape_key(),
-        expert_ffn_s: ffn.clone(),
-        layer_fixed_s: layer_fit.coef[0],
-        layer_per_token_s: layer_fit.coef[1],
-        layer_per_context_s: layer_fit.coef[2],
-        layer_per_prefill_product_s: layer_fit.coef[3],
-        step_fixed_s: over.step_fixed,
-        step_per_sequence_s: over.step_per_sequence,
-        request_overhead_s: over.request,
-    });
-    step(&format!(
-        "layer (non-expert): {:.1} us + {:.2} us/token + {:.4} us/context token + {:.5} us/prefill product (rms relative error {:.3})",
-        layer_fit.coef[0] * 1e6,
-        layer_fit.coef[1] * 1e6,
-        layer_fit.coef[2] * 1e6,
-        layer_fit.coef[3] * 1e6,
-        layer_fit.rms
-    ));
-    step(&format!(
-        "FFN roofline: {:.2} GFLOP/s, {:.2} GB/s, {:.1} us per kernel (rms log error {ffn_rms:.3})",
-        profile.peak_flops / 1e9,
-        profile.hbm_bandwidth / 1e9,
-        profile.kernel_overhead_s * 1e6
-    ));
-
-    // The link: remote minus in-process time of one expert call.
-    let (latency, bw, link) = measure_link(remote.as_ref(), key, weights, backend.as_ref(), a.hidden)?;
-    profile.link_latency_s = latency;
-    profile.intra_node_bandwidth = bw;
-    profile.inter_node_bandwidth = bw;
-    step(&format!(
-        "link: {:.0} us per message, {:.2} GB/s (remote call {:.0}/{:.0} us vs in process {:.0}/{:.0} us at 1/256 tokens)",
-        profile.link_latency_s * 1e6,
-        bw / 1e9,
-        link[0].1 * 1e6,
-        link[1].1 * 1e6,
-        link[0].2 * 1e6,
-        link[1].2 * 1e6
-    ));
-    profile.check()?;
-    std::fs::write(a.out.join("profile.json"), serde_json::to_string_pretty(&profile)?)?;
+    step("calibrating (expert FFN, layer, endpoint overheads, link) ...");
+    let before = calibrate(&ctx)?;
+    report_calibration(&step, "before", &before);
 
     // 3. The real run: endpoint in this process, experts on the workers, HTTP load.
     let mut model = Model::load(&ckpt, config.clone(), backend.clone())?;
@@ -874,7 +918,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         requests.len(),
         a.duration
     ));
-    let (report, outcomes) = serve_workload(&runtime, engine, serve_cfg, bench_requests, &timed)?;
+    let (report, outcomes) = serve_workload(&runtime, engine, serve_cfg.clone(), bench_requests, &timed)?;
     if report.failed > 0 {
         bail!(
             "{} of {} requests failed on the real engine: {:?}",
@@ -892,7 +936,55 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         eprintln!("warning: {mismatched} requests had other token counts than asked (tokenizer specials?)");
     }
     let layer_times = timed.times.lock().map(|t| t.clone()).unwrap_or_default();
+
+    // 2b. The same calibration again after the real run: this VM's speed drifts (up to 2x over
+    //     minutes), so the profile is the mean of the two, bracketing the run.
+    step("calibrating again after the real run ...");
+    let after = calibrate(&ctx)?;
+    report_calibration(&step, "after", &after);
     drop(cluster);
+    let cal = Calibration::mean(&before, &after);
+    let base = GpuProfile {
+        name: format!("cpu-{}-thread", a.threads),
+        peak_flops: 1e10,
+        hbm_bandwidth: 1e10,
+        memory_bytes: 16e9,
+        compute_efficiency: 1.0,
+        memory_efficiency: 1.0,
+        intra_node_bandwidth: 1e9,
+        inter_node_bandwidth: 1e9,
+        host_to_device_bandwidth: 1e9,
+        gpus_per_node: a.workers,
+        kernel_overhead_s: 0.0,
+        link_latency_s: 0.0,
+        link_efficiency: 1.0,
+        cold_start_overhead_s: 0.0,
+        measured: None,
+    };
+    let (mut profile, ffn_rms) = fit_roofline(&base, &sim_model, &cal.ffn);
+    profile.host_to_device_bandwidth = profile.hbm_bandwidth;
+    profile.link_latency_s = cal.latency;
+    profile.intra_node_bandwidth = cal.bandwidth;
+    profile.inter_node_bandwidth = cal.bandwidth;
+    profile.measured = Some(MeasuredOps {
+        shape: sim_model.shape_key(),
+        expert_ffn_s: cal.ffn.clone(),
+        layer_fixed_s: cal.layer[0],
+        layer_per_token_s: cal.layer[1],
+        layer_per_context_s: cal.layer[2],
+        layer_per_prefill_product_s: cal.layer[3],
+        step_fixed_s: cal.step_fixed,
+        step_per_sequence_s: cal.step_per_sequence,
+        request_overhead_s: cal.request,
+    });
+    step(&format!(
+        "FFN roofline (kept for other shapes): {:.2} GFLOP/s, {:.2} GB/s, {:.1} us per kernel (rms log error {ffn_rms:.3})",
+        profile.peak_flops / 1e9,
+        profile.hbm_bandwidth / 1e9,
+        profile.kernel_overhead_s * 1e6
+    ));
+    profile.check()?;
+    std::fs::write(a.out.join("profile.json"), serde_json::to_string_pretty(&profile)?)?;
 
     // 4. The simulator on the same requests with the measured profile.
     step("simulating the same workload ...");
@@ -986,12 +1078,8 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
             "max_num_batched_tokens": a.max_num_batched_tokens, "seed": a.seed,
         },
         "profile": profile,
-        "ffn_measured_s": ffn,
         "ffn_roofline_fit_rms_log_error": ffn_rms,
-        "layer_measured": layer_fit.points,
-        "layer_fit_rms_relative_error": layer_fit.rms,
-        "overhead_bursts": over.bursts.iter().map(|(b, p, w, f, t)| json!({"sequences": b, "passes": p, "wall_s": w, "predicted_forward_s": f, "mean_ttft_s": t})).collect::<Vec<_>>(),
-        "link_measured_s": link.iter().map(|(n, r, l)| json!({"tokens": n, "remote": r, "in_process": l})).collect::<Vec<_>>(),
+        "calibration": [before.to_json(), after.to_json()],
         "real": real,
         "sim": simulated,
         "metrics": errors,
