@@ -520,6 +520,8 @@ fn run_group(
             c.iter_mut().for_each(|x| *x = 0);
         }
         let mut origin = vec![0usize; attn_devices];
+        // Sequences with tokens in this step.
+        let mut scheduled = 0usize;
         for l in running.iter() {
             let (n, prefill, start) = if l.decoding {
                 (1, false, l.produced - 1)
@@ -527,6 +529,7 @@ fn run_group(
                 (l.chunk, true, l.prefilled)
             };
             origin[l.gpu] += n;
+            scheduled += usize::from(n > 0);
             if need_routes {
                 for p in start..start + n {
                     let tok = routing.token(l.query, prefill, p);
@@ -568,7 +571,6 @@ fn run_group(
         } else {
             (g - 1) as f64 / g as f64
         };
-        let scheduled = running.iter().filter(|l| l.decoding || l.chunk > 0).count();
         let mut t = (model.num_layers - layers) as f64 * attn_dense + lm + cost.step_overhead(scheduled);
         let max_origin = *origin.iter().max().unwrap_or(&0) as f64 * k as f64;
         let cold = cost.cold_start_time();

@@ -22,9 +22,10 @@
 //! of NVLink's nominal bandwidth for 64 MB messages (193 us); the same efficiency is applied to
 //! every link (an assumption for PCIe and InfiniBand).
 //!
-//! A profile can also be *measured*: `moeless sim-validate` times this machine's CPU expert
-//! FFN and the QUIC round trip to a worker process, fits the same roofline to them and writes
-//! the result as JSON ([`GpuProfile::from_json`]); `moeless sim --device-profile FILE` reads it.
+//! A profile can also be *measured*: `moeless sim-validate` times this machine's operators
+//! ([`MeasuredOps`]: expert FFN, a layer's non-expert time, the serving engine's own time per
+//! step and request) and the QUIC round trip to a worker process, and writes the profile as
+//! JSON ([`GpuProfile::from_json`]); `moeless sim --device-profile FILE` reads it.
 
 use std::fmt;
 use std::str::FromStr;

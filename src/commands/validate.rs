@@ -256,17 +256,31 @@ struct LayerFit {
     points: Vec<(usize, usize, f64, f64)>,
 }
 
-fn measure_layers(ckpt: &Checkpoint, config: &ModelConfig, backend: Arc<dyn Backend>) -> anyhow::Result<LayerFit> {
-    let model = Arc::new(Model::load(ckpt, config.clone(), backend)?);
-    let engine = Engine::new(
-        model,
-        Arc::new(ZeroExperts {
-            hidden: config.hidden_size,
-            calls: AtomicU64::new(0),
-        }),
-        Arc::new(data_plane::expert::SingleInstance),
-    );
-    let layers = config.num_layers as f64;
+/// The real engine on `model` with experts that cost nothing (and count their calls).
+fn free_expert_engine(model: Arc<Model>) -> (Engine, Arc<ZeroExperts>) {
+    let zero = Arc::new(ZeroExperts {
+        hidden: model.config.hidden_size,
+        calls: AtomicU64::new(0),
+    });
+    let engine = Engine::new(model, zero.clone(), Arc::new(data_plane::expert::SingleInstance));
+    (engine, zero)
+}
+
+/// Requests for the endpoint at `base_url` (the server's only model, no key, no SLOs).
+fn bench_config(base_url: &str, requests: Vec<BenchRequest>) -> BenchConfig {
+    BenchConfig {
+        base_url: base_url.to_string(),
+        model: None,
+        api_key: None,
+        requests,
+        slo_ttft_ms: None,
+        slo_tpot_ms: None,
+    }
+}
+
+fn measure_layers(model: Arc<Model>) -> anyhow::Result<LayerFit> {
+    let layers = model.config.num_layers as f64;
+    let (engine, _) = free_expert_engine(model);
     let tok = |i: usize| (97 + (i * 7) % 26) as u32;
     let mut points = Vec::new();
     // Prefill: one prompt of n tokens on an empty cache.
@@ -327,22 +341,15 @@ struct Overheads {
 /// TTFT minus its first step (prefill pass and step overhead) is the time per request.
 fn measure_overheads(
     runtime: &tokio::runtime::Runtime,
-    ckpt: &Checkpoint,
-    config: &ModelConfig,
-    backend: Arc<dyn Backend>,
+    model: Arc<Model>,
     fit: &LayerFit,
     serve: &endpoint::server::ServeConfig,
 ) -> anyhow::Result<Overheads> {
     const P: usize = 16;
     const O: usize = 24;
-    let zero = Arc::new(ZeroExperts {
-        hidden: config.hidden_size,
-        calls: AtomicU64::new(0),
-    });
-    let model = Arc::new(Model::load(ckpt, config.clone(), backend)?);
-    let engine = Engine::new(model, zero.clone(), Arc::new(data_plane::expert::SingleInstance));
-    let moe = config.moe_layers().len().max(1) as u64;
-    let layers = config.num_layers as f64;
+    let moe = model.config.moe_layers().len().max(1) as u64;
+    let layers = model.config.num_layers as f64;
+    let (engine, zero) = free_expert_engine(model);
     let [f0, f_tok, f_ctx, f_prod] = fit.coef;
     let prefill = |b: f64| f0 + f_tok * b * P as f64 + f_prod * b * (P * P) as f64 / 2.0;
     let predicted = |b: usize, passes: u64| {
@@ -369,20 +376,14 @@ fn measure_overheads(
             .chain((0..5).flat_map(|_| [1usize, 4, 16]))
             .collect();
         for b in sizes {
-            let cfg = BenchConfig {
-                base_url: base_url.clone(),
-                model: None,
-                api_key: None,
-                requests: (0..b)
-                    .map(|i| BenchRequest {
-                        prompt: (0..P).map(|j| (b'a' + ((i * 7 + j * 3) % 26) as u8) as char).collect(),
-                        max_tokens: O,
-                        at: Duration::ZERO,
-                    })
-                    .collect(),
-                slo_ttft_ms: None,
-                slo_tpot_ms: None,
-            };
+            let requests = (0..b)
+                .map(|i| BenchRequest {
+                    prompt: (0..P).map(|j| (b'a' + ((i * 7 + j * 3) % 26) as u8) as char).collect(),
+                    max_tokens: O,
+                    at: Duration::ZERO,
+                })
+                .collect();
+            let cfg = bench_config(&base_url, requests);
             let before = zero.calls.load(Ordering::Relaxed);
             let (r, outcomes) = endpoint::bench::run_detailed(&cfg).await?;
             anyhow::ensure!(r.failed == 0, "calibration burst failed: {:?}", r.errors);
@@ -538,32 +539,18 @@ fn serve_workload(
         .await?;
         let base_url = format!("http://{}", server.local_addr());
         // Warm-up (first steps, HTTP connections), not counted.
-        let warm = BenchConfig {
-            base_url: base_url.clone(),
-            model: None,
-            api_key: None,
-            requests: (0..4)
-                .map(|i| BenchRequest {
-                    prompt: "warm up".repeat(4),
-                    max_tokens: 4,
-                    at: Duration::from_millis(50 * i),
-                })
-                .collect(),
-            slo_ttft_ms: None,
-            slo_tpot_ms: None,
-        };
-        endpoint::bench::run(&warm).await?;
+        let warm = (0..4)
+            .map(|i| BenchRequest {
+                prompt: "warm up".repeat(4),
+                max_tokens: 4,
+                at: Duration::from_millis(50 * i),
+            })
+            .collect();
+        endpoint::bench::run(&bench_config(&base_url, warm)).await?;
         if let Ok(mut t) = timed.times.lock() {
             t.clear();
         }
-        let cfg = BenchConfig {
-            base_url,
-            model: None,
-            api_key: None,
-            requests,
-            slo_ttft_ms: None,
-            slo_tpot_ms: None,
-        };
+        let cfg = bench_config(&base_url, requests);
         let progress_total = cfg.requests.len();
         let ticker = tokio::spawn(async move {
             let t0 = Instant::now();
@@ -582,11 +569,11 @@ fn serve_workload(
     })
 }
 
-/// What [`calibrate`] needs: the checkpoint, a layer's experts, the endpoint settings and
+/// What [`calibrate`] needs: the model, a layer's experts, the endpoint settings and
 /// the running cluster.
 struct CalibrationContext<'a> {
-    ckpt: &'a Checkpoint,
-    config: &'a ModelConfig,
+    /// The model without routing override (its non-expert layers are timed).
+    model: Arc<Model>,
     backend: Arc<dyn Backend>,
     /// Every expert of the first MoE layer (the FFN is timed on each in turn).
     experts: &'a [ExpertWeights],
@@ -654,7 +641,7 @@ impl Calibration {
 
 /// The expert FFN, a layer's non-expert time, the endpoint's overheads and the link, once.
 fn calibrate(c: &CalibrationContext<'_>) -> anyhow::Result<Calibration> {
-    let hidden = c.config.hidden_size;
+    let hidden = c.model.config.hidden_size;
     let mut ffn = Vec::new();
     for &n in &FFN_TOKENS {
         let x = rows(n, hidden, n as u64);
@@ -666,8 +653,8 @@ fn calibrate(c: &CalibrationContext<'_>) -> anyhow::Result<Calibration> {
         })?;
         ffn.push((n, t));
     }
-    let layer = measure_layers(c.ckpt, c.config, c.backend.clone())?;
-    let over = measure_overheads(c.runtime, c.ckpt, c.config, c.backend.clone(), &layer, c.serve_cfg)?;
+    let layer = measure_layers(c.model.clone())?;
+    let over = measure_overheads(c.runtime, c.model.clone(), &layer, c.serve_cfg)?;
     let (latency, bandwidth, link) = measure_link(c.remote, c.key, &c.experts[0], c.backend.as_ref(), hidden)?;
     Ok(Calibration {
         ffn,
@@ -866,8 +853,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         "plan {epoch} did not become active"
     );
     let ctx = CalibrationContext {
-        ckpt: &ckpt,
-        config: &config,
+        model: Arc::new(Model::load(&ckpt, config.clone(), backend.clone())?),
         backend: backend.clone(),
         experts: &experts,
         runtime: &runtime,
