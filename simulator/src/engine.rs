@@ -388,6 +388,8 @@ fn run_group(
     let mut sample_bal = (0.0f64, 0usize);
     let mut routes: Vec<Vec<u32>> = vec![Vec::new(); layers];
     let mut counts: Vec<Vec<u32>> = vec![vec![0; model.num_experts]; layers];
+    // Tokens of the step counted one by one (the rest come from whole passes over a query).
+    let mut single: Vec<u32> = Vec::new();
     // Routes are built only for a predictor that reads them; otherwise counts straight from
     // the routing table (the same counts, without a per-layer copy of every token's choices).
     let need_routes = replayer.needs_routes();
@@ -534,13 +536,15 @@ fn run_group(
                 for p in start..start + n {
                     let tok = routing.token(l.query, prefill, p);
                     for (layer, r) in routes.iter_mut().enumerate() {
-                        r.extend_from_slice(routing.experts(tok, layer));
+                        r.extend(routing.experts(tok, layer));
                     }
                 }
             } else {
-                routing.count_range(l.query, prefill, start, n, &mut counts);
+                routing.count_range(l.query, prefill, start, n, &mut counts, &mut single);
             }
         }
+        routing.count_tokens(&single, &mut counts);
+        single.clear();
         let step = if need_routes {
             Step::new(0, step_index, std::mem::take(&mut routes), model.num_experts)
         } else {

@@ -29,6 +29,94 @@ struct Query {
     decode_cycle: Option<Vec<u32>>,
 }
 
+/// Expert ids in the narrowest width that holds them. The table is read once per simulated
+/// token and layer and is far larger than the caches (Qwen3's synthetic pool: 32,768 tokens x
+/// 48 layers x top-8), so its width, not the counting, sets the simulator's speed.
+#[derive(Debug, Clone)]
+enum Table {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+}
+
+impl Table {
+    fn new(ids: Vec<u32>, num_experts: usize) -> Result<Self, SimError> {
+        if num_experts <= 1 << 8 {
+            Ok(Self::U8(ids.into_iter().map(|e| e as u8).collect()))
+        } else if num_experts <= 1 << 16 {
+            Ok(Self::U16(ids.into_iter().map(|e| e as u16).collect()))
+        } else {
+            Err(SimError::Routing(format!(
+                "{num_experts} experts per layer: at most 65,536 are supported"
+            )))
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::U8(t) => t.len(),
+            Self::U16(t) => t.len(),
+        }
+    }
+
+    /// Ids `range`, as one of two slices (the other empty).
+    fn get(&self, range: std::ops::Range<usize>) -> (&[u8], &[u16]) {
+        match self {
+            Self::U8(t) => (&t[range], &[]),
+            Self::U16(t) => (&[], &t[range]),
+        }
+    }
+}
+
+/// Add the rows of `tokens` (`layers x k` expert ids each) to `counts[layer][expert]`, a batch
+/// of tokens at a time and layer by layer within it: the batch's rows are then fetched from
+/// memory side by side (rows of random tokens miss the caches) while each layer's counters stay
+/// hot; token by token, the loads of one row at a time made counting memory-latency bound.
+fn count_rows<T: Copy + Into<usize>>(table: &[T], tokens: &[u32], k: usize, counts: &mut [Vec<u32>]) {
+    const BATCH: usize = 16;
+    let width = counts.len() * k;
+    let mut rows: [&[T]; BATCH] = [&[]; BATCH];
+    for batch in tokens.chunks(BATCH) {
+        for (row, &t) in rows.iter_mut().zip(batch) {
+            *row = &table[t as usize * width..(t as usize + 1) * width];
+        }
+        let rows = &rows[..batch.len()];
+        for (layer, c) in counts.iter_mut().enumerate() {
+            for row in rows {
+                for &e in &row[layer * k..(layer + 1) * k] {
+                    c[e.into()] += 1;
+                }
+            }
+        }
+    }
+}
+
+/// [`count_rows`] for one-byte ids: counters of 256 per layer, indexed by the id itself (no
+/// bounds check per increment), added to `counts` at the end.
+fn count_rows_u8(table: &[u8], tokens: &[u32], k: usize, counts: &mut [Vec<u32>]) {
+    const BATCH: usize = 16;
+    let width = counts.len() * k;
+    let mut hist = vec![[0u32; 256]; counts.len()];
+    let mut rows: [&[u8]; BATCH] = [&[]; BATCH];
+    for batch in tokens.chunks(BATCH) {
+        for (row, &t) in rows.iter_mut().zip(batch) {
+            *row = &table[t as usize * width..(t as usize + 1) * width];
+        }
+        let rows = &rows[..batch.len()];
+        for (layer, h) in hist.iter_mut().enumerate() {
+            for row in rows {
+                for &e in &row[layer * k..(layer + 1) * k] {
+                    h[usize::from(e)] += 1;
+                }
+            }
+        }
+    }
+    for (c, h) in counts.iter_mut().zip(&hist) {
+        for (x, &y) in c.iter_mut().zip(h) {
+            *x += y;
+        }
+    }
+}
+
 /// Routes of trace tokens, `table[token * layers * k ..]`, grouped into queries.
 #[derive(Debug, Clone)]
 pub struct RoutingPool {
@@ -37,7 +125,7 @@ pub struct RoutingPool {
     pub layers: usize,
     /// Where the routes come from (for reports).
     pub source: String,
-    table: Vec<u32>,
+    table: Table,
     queries: Vec<Query>,
 }
 
@@ -124,12 +212,18 @@ impl RoutingPool {
         if queries.is_empty() || layers == 0 || top_k == 0 {
             return Err(SimError::Routing("the trace holds no routed tokens".into()));
         }
+        if let Some(&e) = table.iter().find(|&&e| e as usize >= num_experts) {
+            return Err(SimError::ExpertMismatch {
+                trace: e as usize + 1,
+                model: num_experts,
+            });
+        }
         let mut pool = Self {
             num_experts,
             top_k,
             layers,
             source,
-            table,
+            table: Table::new(table, num_experts)?,
             queries,
         };
         // A pass over a list costs `len * layers * k` increments token by token and
@@ -140,9 +234,7 @@ impl RoutingPool {
                 return None;
             }
             let mut c = vec![vec![0u32; num_experts]; layers];
-            for &t in list {
-                pool.count_token(t as usize, &mut c);
-            }
+            pool.count_tokens(list, &mut c);
             Some(c.concat())
         };
         for i in 0..pool.queries.len() {
@@ -239,15 +331,25 @@ impl RoutingPool {
 
     /// The `top_k` experts of trace token `token` at MoE layer `layer`.
     #[inline]
-    pub fn experts(&self, token: usize, layer: usize) -> &[u32] {
+    pub fn experts(&self, token: usize, layer: usize) -> impl Iterator<Item = u32> + '_ {
         let base = (token * self.layers + layer) * self.top_k;
-        &self.table[base..base + self.top_k]
+        let (a, b) = self.table.get(base..base + self.top_k);
+        a.iter().map(|&e| u32::from(e)).chain(b.iter().map(|&e| u32::from(e)))
     }
 
-    /// Add the choices of tokens `start..start + n` of `query` in `phase` (the tokens
-    /// [`Self::token`] names) at every layer to `counts[layer][expert]`; whole passes over the
-    /// query's tokens are added from their precomputed counts.
-    pub fn count_range(&self, query: usize, prefill: bool, start: usize, n: usize, counts: &mut [Vec<u32>]) {
+    /// Count the choices of tokens `start..start + n` of `query` in `phase` (the tokens
+    /// [`Self::token`] names) at every layer: whole passes over the query's tokens are added to
+    /// `counts[layer][expert]` from their precomputed counts, the other tokens are appended to
+    /// `single` for [`Self::count_tokens`] (which counts many at once faster).
+    pub fn count_range(
+        &self,
+        query: usize,
+        prefill: bool,
+        start: usize,
+        n: usize,
+        counts: &mut [Vec<u32>],
+        single: &mut Vec<u32>,
+    ) {
         let (list, cycle) = self.phase(query, prefill);
         let len = list.len();
         let end = start + n;
@@ -255,7 +357,7 @@ impl RoutingPool {
         let mut i = start % len;
         if let Some(cyc) = cycle {
             while p < end && i != 0 {
-                self.count_token(list[i] as usize, counts);
+                single.push(list[i]);
                 p += 1;
                 i = if i + 1 == len { 0 } else { i + 1 };
             }
@@ -271,20 +373,17 @@ impl RoutingPool {
             }
         }
         while p < end {
-            self.count_token(list[i] as usize, counts);
+            single.push(list[i]);
             p += 1;
             i = if i + 1 == len { 0 } else { i + 1 };
         }
     }
 
-    /// Add one token's choices at every layer to `counts[layer][expert]`.
-    pub fn count_token(&self, token: usize, counts: &mut [Vec<u32>]) {
-        let (l, k) = (self.layers, self.top_k);
-        let row = &self.table[token * l * k..(token + 1) * l * k];
-        for (c, choices) in counts.iter_mut().zip(row.chunks_exact(k)) {
-            for &e in choices {
-                c[e as usize] += 1;
-            }
+    /// Add the choices of trace tokens `tokens` at every layer to `counts[layer][expert]`.
+    pub fn count_tokens(&self, tokens: &[u32], counts: &mut [Vec<u32>]) {
+        match &self.table {
+            Table::U8(t) => count_rows_u8(t, tokens, self.top_k, counts),
+            Table::U16(t) => count_rows(t, tokens, self.top_k, counts),
         }
     }
 
@@ -303,10 +402,8 @@ impl RoutingPool {
             });
         }
         let (l, k) = (self.layers, self.top_k);
-        let table = self
-            .table
-            .chunks_exact(l * k)
-            .flat_map(|row| row[..n * k].iter().copied())
+        let table = (0..self.table.len() / (l * k))
+            .flat_map(|t| (0..n).flat_map(move |layer| self.experts(t, layer)))
             .collect();
         let queries = self
             .queries
@@ -339,7 +436,7 @@ mod tests {
                 let (a, b) = (pool.token(q, false, p), two.token(q, false, p));
                 assert_eq!(a, b);
                 for layer in 0..2 {
-                    assert_eq!(pool.experts(a, layer), two.experts(b, layer));
+                    assert!(pool.experts(a, layer).eq(two.experts(b, layer)));
                 }
             }
         }
@@ -350,14 +447,22 @@ mod tests {
     /// Counting a range through whole-pass counts gives exactly the token-by-token counts.
     #[test]
     fn range_counts_equal_token_by_token_counts() {
-        let (layers, experts, k) = (3, 8, 2);
+        // 8 experts: one-byte table; 300: two-byte table.
+        for experts in [8, 300] {
+            range_counts_case(experts);
+        }
+    }
+
+    fn range_counts_case(experts: usize) {
+        let (layers, k) = (3, 2);
         let pop: Vec<Vec<f64>> = (0..layers)
             .map(|l| (0..experts).map(|e| 1.0 + ((e * 7 + l) % 5) as f64).collect())
             .collect();
         let pool = RoutingPool::from_popularity(&pop, k, 5, "test".into()).unwrap();
-        assert!(
+        assert_eq!(
             pool.queries.iter().all(|q| q.decode_cycle.is_some()),
-            "64 tokens x 2 >= 16"
+            64 * k >= 2 * experts,
+            "whole-pass counts are kept where cheaper"
         );
         for (query, prefill, start, n) in [
             (0, true, 0, 1),
@@ -369,11 +474,38 @@ mod tests {
         ] {
             let mut want = vec![vec![0u32; experts]; layers];
             for p in start..start + n {
-                pool.count_token(pool.token(query, prefill, p), &mut want);
+                for (layer, w) in want.iter_mut().enumerate() {
+                    for e in pool.experts(pool.token(query, prefill, p), layer) {
+                        w[e as usize] += 1;
+                    }
+                }
             }
-            let mut got = vec![vec![0u32; experts]; layers];
-            pool.count_range(query, prefill, start, n, &mut got);
-            assert_eq!(got, want, "query {query} tokens {start}..+{n}");
+            let (mut got, mut single) = (vec![vec![0u32; experts]; layers], Vec::new());
+            pool.count_range(query, prefill, start, n, &mut got, &mut single);
+            pool.count_tokens(&single, &mut got);
+            assert_eq!(got, want, "{experts} experts, query {query} tokens {start}..+{n}");
         }
+    }
+
+    /// The narrow table holds exactly the generator's choices, in both widths.
+    #[test]
+    fn table_holds_the_generated_routes() {
+        for experts in [8, 300] {
+            let (layers, k, seed) = (2, 3, 11);
+            let pop: Vec<Vec<f64>> = (0..layers)
+                .map(|l| (0..experts).map(|e| 1.0 + ((e + l) % 7) as f64).collect())
+                .collect();
+            let pool = RoutingPool::from_popularity(&pop, k, seed, "test".into()).unwrap();
+            let gen = generate(&pop, None, &SynthConfig::new(k, 64, 8, 64, seed)).unwrap();
+            for (s, step) in gen.iter().enumerate().step_by(7) {
+                for b in [0, 13, 63] {
+                    for (layer, r) in step.routes.iter().enumerate() {
+                        let got: Vec<u32> = pool.experts(s * 64 + b, layer).collect();
+                        assert_eq!(got, r[b * k..(b + 1) * k], "{experts} experts, step {s}");
+                    }
+                }
+            }
+        }
+        assert!(matches!(Table::new(vec![0], 1 << 17), Err(SimError::Routing(_))));
     }
 }

@@ -132,7 +132,7 @@ impl RoutingOverride for PoolRouting {
             let prefill = !(rows == 1 && pos > 0);
             for r in 0..rows {
                 let tok = self.pool.token(q, prefill, pos + r);
-                ids.extend_from_slice(self.pool.experts(tok, m));
+                ids.extend(self.pool.experts(tok, m));
             }
         }
         Some(ids)
@@ -1155,9 +1155,9 @@ mod tests {
             let (q0, q1) = (pool.query_of(pass << 20, 9), pool.query_of((pass << 20) | 1, 9));
             let mut ids = Vec::new();
             for p in 0..3 {
-                ids.extend_from_slice(pool.experts(pool.token(q0, true, p), layer));
+                ids.extend(pool.experts(pool.token(q0, true, p), layer));
             }
-            ids.extend_from_slice(pool.experts(pool.token(q1, false, 5), layer));
+            ids.extend(pool.experts(pool.token(q1, false, 5), layer));
             ids
         };
         // Pass 1: both MoE layers route the same tokens, each at its own layer.
