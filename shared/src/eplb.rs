@@ -5,7 +5,7 @@
 //! node, exactly as in the reference.
 
 use crate::plan::{check_loads, Instance, LayerPlan, PlanError};
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 /// EPLB configuration for one model/cluster shape.
@@ -46,25 +46,20 @@ impl EplbLayer {
     }
 }
 
-/// An `f64` ordered by `total_cmp` (loads are finite and >= 0, so this is the numeric order).
-#[derive(Debug, Clone, Copy)]
-struct Key(f64);
+/// `x`'s rank in `f64::total_cmp` order as an integer, so heap keys `(weight, index)` pack
+/// into one `u128` and compare as integers (the oracle runs both greedy loops on every layer of
+/// every step; comparing `(total_cmp, index)` pairs was most of its time).
+fn ordered_bits(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b >> 63 == 1 {
+        !b
+    } else {
+        b | 1 << 63
+    }
+}
 
-impl PartialEq for Key {
-    fn eq(&self, o: &Self) -> bool {
-        self.0.total_cmp(&o.0) == Ordering::Equal
-    }
-}
-impl Eq for Key {}
-impl PartialOrd for Key {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Key {
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.0.total_cmp(&o.0)
-    }
+fn key(w: f64, low: u64) -> u128 {
+    (u128::from(ordered_bits(w)) << 64) | u128::from(low)
 }
 
 /// Pack `weights.len()` items into `packs` packs of exactly `weights.len() / packs` items,
@@ -80,19 +75,22 @@ pub fn balanced_packing(weights: &[f64], packs: usize) -> (Vec<usize>, Vec<usize
     order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
     // The lightest pack that is not full, lowest index on ties: a min-heap of (weight, pack)
     // from which full packs leave (what a scan over all packs picks, in O(log packs)).
-    let mut open: BinaryHeap<Reverse<(Key, usize)>> = (0..packs).map(|p| Reverse((Key(0.0), p))).collect();
+    let mut open: BinaryHeap<Reverse<u128>> = (0..packs).map(|p| Reverse(key(0.0, p as u64))).collect();
+    let mut pack_w = vec![0.0f64; packs];
     let mut pack_n = vec![0usize; packs];
     let mut pack_index = vec![0; n];
     let mut rank = vec![0; n];
     for item in order {
-        let Some(Reverse((Key(w), best))) = open.pop() else {
+        let Some(Reverse(k)) = open.pop() else {
             break;
         };
+        let best = k as u64 as usize;
         pack_index[item] = best;
         rank[item] = pack_n[best];
         pack_n[best] += 1;
         if pack_n[best] < per_pack {
-            open.push(Reverse((Key(w + weights[item]), best)));
+            pack_w[best] += weights[item];
+            open.push(Reverse(key(pack_w[best], best as u64)));
         }
     }
     (pack_index, rank)
@@ -106,14 +104,19 @@ pub fn replicate_experts(weights: &[f64], num_phy: usize) -> (Vec<usize>, Vec<us
     let mut rank = vec![0usize; n];
     let mut logcnt = vec![1u32; n];
     // The highest load per replica, lowest expert on ties: a max-heap of (load / count, expert).
-    let mut heap: BinaryHeap<(Key, Reverse<usize>)> =
-        weights.iter().enumerate().map(|(e, &w)| (Key(w), Reverse(e))).collect();
+    // Lower experts get larger low halves, so they win ties.
+    let mut heap: BinaryHeap<u128> = weights
+        .iter()
+        .enumerate()
+        .map(|(e, &w)| key(w, u64::MAX - e as u64))
+        .collect();
     for _ in n..num_phy {
-        let Some((_, Reverse(best))) = heap.pop() else { break };
+        let Some(k) = heap.pop() else { break };
+        let best = (u64::MAX - k as u64) as usize;
         phy2log.push(best);
         rank.push(logcnt[best] as usize);
         logcnt[best] += 1;
-        heap.push((Key(weights[best] / logcnt[best] as f64), Reverse(best)));
+        heap.push(key(weights[best] / logcnt[best] as f64, u64::MAX - best as u64));
     }
     (phy2log, rank, logcnt)
 }
