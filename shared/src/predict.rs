@@ -331,6 +331,42 @@ pub fn stragglers(predicted: &[f64], capacity: f64) -> Vec<usize> {
     s
 }
 
+/// Knobs of the temporal predictor (also the temporal part of `combined`). `Default` is what
+/// the reports use; `moeless replay --split first-half` tunes them on one half of a trace's
+/// batches and `--split second-half` checks them on the other (docs/PERFORMANCE.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PredictorParams {
+    /// Per-step factor of the temporal predictor's decayed history, in (0, 1].
+    pub temporal_decay: f64,
+    /// Weight of that history in the mix, in [0, 1] (the previous step gets the rest).
+    pub temporal_history: f64,
+}
+
+impl Default for PredictorParams {
+    fn default() -> Self {
+        Self {
+            temporal_decay: 0.9,
+            temporal_history: 0.3,
+        }
+    }
+}
+
+impl PredictorParams {
+    /// A message naming the first knob out of range.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.temporal_decay > 0.0 && self.temporal_decay <= 1.0) {
+            return Err(format!("temporal decay {} must be within (0, 1]", self.temporal_decay));
+        }
+        if !(0.0..=1.0).contains(&self.temporal_history) {
+            return Err(format!(
+                "temporal history weight {} must be within [0, 1]",
+                self.temporal_history
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Which predictor to build, by name (used by the CLI and replay).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PredictorKind {
@@ -366,15 +402,22 @@ impl PredictorKind {
         matches!(self, PredictorKind::Affinity | PredictorKind::Combined)
     }
 
-    /// Build with the defaults used in the reports.
-    pub fn build(self, layers: usize, experts: usize, top_k: usize) -> Box<dyn LoadPredictor + Send> {
+    /// Build with `params` (the other predictors' knobs are the defaults used in the reports).
+    pub fn build(
+        self,
+        params: &PredictorParams,
+        layers: usize,
+        experts: usize,
+        top_k: usize,
+    ) -> Box<dyn LoadPredictor + Send> {
+        let temporal = || Temporal::new(layers, experts, params.temporal_decay, params.temporal_history);
         match self {
             PredictorKind::Decayed => Box::new(DecayedHistory::new(layers, experts, 0.95)),
             PredictorKind::Window => Box::new(SlidingWindow::new(layers, experts, 50)),
-            PredictorKind::Temporal => Box::new(Temporal::new(layers, experts, 0.9, 0.3)),
+            PredictorKind::Temporal => Box::new(temporal()),
             PredictorKind::Affinity => Box::new(CrossLayerAffinity::new(layers, experts, top_k, 0.95, 4.0)),
             PredictorKind::Combined => Box::new(Combined::new(vec![
-                (0.6, Box::new(Temporal::new(layers, experts, 0.9, 0.3))),
+                (0.6, Box::new(temporal())),
                 (
                     0.4,
                     Box::new(CrossLayerAffinity::new(layers, experts, top_k, 0.95, 4.0)),
@@ -409,12 +452,13 @@ pub struct PredictionEval {
 /// Run predictor `kind` over `steps` exactly as replay does (predict a layer, then observe it).
 pub fn evaluate(
     kind: PredictorKind,
+    params: &PredictorParams,
     steps: &[crate::trace::Step],
     layers: usize,
     experts: usize,
     top_k: usize,
 ) -> PredictionEval {
-    let mut p = kind.build(layers, experts, top_k);
+    let mut p = kind.build(params, layers, experts, top_k);
     let mut pred = vec![0.0; experts];
     let (mut tv_sum, mut n) = (0.0, 0u64);
     let (mut hot, mut hit) = (0u64, 0u64);

@@ -9,7 +9,7 @@ use crate::eplb::{rebalance_experts, EplbShape};
 use crate::plan::{
     split_tokens_with, static_ep, water_fill_shares, Instance, LayerPlan, MinMaxDispatch, PlanError, ShareFill,
 };
-use crate::predict::{LoadPredictor, PredictorKind, SlidingWindow};
+use crate::predict::{LoadPredictor, PredictorKind, PredictorParams, SlidingWindow};
 use crate::trace::Step;
 
 /// The placement policies replay can run.
@@ -92,6 +92,7 @@ pub struct ReplayConfig {
     pub eplb_groups: usize,
     pub eplb_nodes: usize,
     pub predictor: PredictorKind,
+    pub predictor_params: PredictorParams,
     pub dispatch: DispatchMode,
     /// Headroom: MoEless replicates until predicted per-GPU loads are within this factor of
     /// the mean.
@@ -124,6 +125,7 @@ impl ReplayConfig {
             eplb_groups: 1,
             eplb_nodes: 1,
             predictor: PredictorKind::Temporal,
+            predictor_params: PredictorParams::default(),
             dispatch: DispatchMode::Routed,
             balance_tolerance: 1.05,
             fluid_tokens: 1.0,
@@ -366,7 +368,8 @@ impl Replayer {
             Some(d) => Box::new(crate::predict::DecayedHistory::new(layers, num_experts, d)),
             None => Box::new(SlidingWindow::new(layers, num_experts, cfg.eplb_window)),
         };
-        let predictor = cfg.predictor.build(layers, num_experts, top_k);
+        cfg.predictor_params.check().map_err(PlanError::Shape)?;
+        let predictor = cfg.predictor.build(&cfg.predictor_params, layers, num_experts, top_k);
         Ok(Replayer {
             policy,
             cfg: cfg.clone(),

@@ -117,6 +117,10 @@ pub enum SourceError {
     ExpertsUnknown(&'static str),
     #[error("the routing top-k of this data cannot be inferred from the file: {0}")]
     TopKUnknown(String),
+    #[error("unknown split `{0}` (all, first-half, second-half)")]
+    UnknownSplit(String),
+    #[error("split {split:?} of {groups} batches holds no steps")]
+    EmptySplit { split: Split, groups: usize },
     #[error("{format} has no {phase} tokens: its steps are {what}")]
     PhaseUnsupported {
         format: &'static str,
@@ -156,6 +160,44 @@ impl SourceOptions {
             synth_steps: 100,
             seed: 0,
         }
+    }
+}
+
+/// Which batches of a trace to use: all, or one half of them in trace order, to tune knobs on
+/// one half and check them on the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    All,
+    FirstHalf,
+    SecondHalf,
+}
+
+impl FromStr for Split {
+    type Err = SourceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(Split::All),
+            "first-half" => Ok(Split::FirstHalf),
+            "second-half" => Ok(Split::SecondHalf),
+            other => Err(SourceError::UnknownSplit(other.into())),
+        }
+    }
+}
+
+impl Split {
+    /// Keep the steps of this split's batches (groups `0..ceil(n/2)` are the first half of `n`).
+    pub fn apply(self, steps: &mut Vec<Step>) -> Result<(), SourceError> {
+        let groups = steps.iter().map(|s| s.group + 1).max().unwrap_or(0);
+        let half = groups.div_ceil(2);
+        match self {
+            Split::All => {}
+            Split::FirstHalf => steps.retain(|s| s.group < half),
+            Split::SecondHalf => steps.retain(|s| s.group >= half),
+        }
+        if steps.is_empty() {
+            return Err(SourceError::EmptySplit { split: self, groups });
+        }
+        Ok(())
     }
 }
 
@@ -422,6 +464,28 @@ fn synthesise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The halves partition the steps by batch, in order; a split with nothing left is an error.
+    #[test]
+    fn halves_partition_the_batches() {
+        let steps: Vec<Step> = (0..5)
+            .flat_map(|g| (0..3).map(move |i| Step::new(g, i, vec![vec![g as u32]], 8)))
+            .collect();
+        let pick = |s: &str| {
+            let mut v = steps.clone();
+            s.parse::<Split>().unwrap().apply(&mut v).unwrap();
+            v
+        };
+        let (first, second) = (pick("first-half"), pick("second-half"));
+        assert!(first.iter().all(|s| s.group < 3) && second.iter().all(|s| s.group >= 3));
+        assert_eq!([first, second].concat(), pick("all"));
+        assert!(matches!("half".parse::<Split>(), Err(SourceError::UnknownSplit(_))));
+        let mut one = steps[..3].to_vec();
+        assert!(matches!(
+            Split::SecondHalf.apply(&mut one),
+            Err(SourceError::EmptySplit { groups: 1, .. })
+        ));
+    }
 
     #[test]
     fn detects_the_reference_file_names() {

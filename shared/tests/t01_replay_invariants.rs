@@ -131,3 +131,31 @@ fn budget_too_small_is_an_error() {
     let e = replay(&steps, 4, 1, PolicyKind::Moeless, &cfg).unwrap_err();
     assert!(e.to_string().contains("budget too small"), "{e}");
 }
+
+/// Predictor knobs out of range are a typed error naming the knob; in range they change the
+/// prediction (the knob is wired through), and the defaults are what `ReplayConfig::new` uses.
+#[test]
+fn predictor_knobs_are_checked_and_used() {
+    use shared::predict::{evaluate, PredictorKind, PredictorParams};
+    let steps: Vec<Step> = (0..6)
+        .map(|i| Step::new(0, i, vec![vec![(i % 4) as u32, 0, 0, 1]], 4))
+        .collect();
+    let mut cfg = ReplayConfig::new(2, 3);
+    assert_eq!(cfg.predictor_params, PredictorParams::default());
+    for (decay, history, what) in [(0.0, 0.3, "decay"), (0.9, 1.5, "history"), (f64::NAN, 0.3, "decay")] {
+        cfg.predictor_params = PredictorParams {
+            temporal_decay: decay,
+            temporal_history: history,
+        };
+        let e = replay(&steps, 4, 1, PolicyKind::Moeless, &cfg).unwrap_err();
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    let tv = |history| {
+        let p = PredictorParams {
+            temporal_history: history,
+            ..Default::default()
+        };
+        evaluate(PredictorKind::Temporal, &p, &steps, 1, 4, 1).tv_error_mean
+    };
+    assert_ne!(tv(0.0), tv(1.0));
+}

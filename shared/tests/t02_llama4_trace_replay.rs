@@ -87,3 +87,45 @@ fn llama4_trace_replays_with_expected_baselines() {
         eplb50.balancedness_mean
     );
 }
+
+/// The target holds on batches the predictor was not tuned on: the temporal knobs are chosen on
+/// the first half of the batches (a small grid around the defaults) and MoEless is scored on
+/// the second half (mostly other MMLU subjects).
+#[test]
+fn moeless_target_holds_on_held_out_batches() {
+    use shared::predict::PredictorParams;
+    use shared::source::Split;
+    let Some(path) = trace_path() else { return };
+    let f = std::fs::File::open(&path).expect("opening the trace");
+    let trace = TokenTrace::parse_top1_csv(BufReader::new(f), 128).expect("parsing the trace");
+    let steps = trace.batch_steps(Phase::Decode, 64).expect("batching");
+    let half = |split: Split| {
+        let mut s = steps.clone();
+        split.apply(&mut s).expect("split");
+        s
+    };
+    let (tune, test) = (half(Split::FirstHalf), half(Split::SecondHalf));
+    let score = |steps: &[shared::trace::Step], p: PredictorParams| {
+        let mut cfg = ReplayConfig::new(8, 18);
+        cfg.predictor_params = p;
+        replay(steps, 128, 1, PolicyKind::Moeless, &cfg).expect("replay")
+    };
+    let grid = [0.7, 0.9].into_iter().flat_map(|d| {
+        [0.1, 0.2, 0.3].map(|h| PredictorParams {
+            temporal_decay: d,
+            temporal_history: h,
+        })
+    });
+    let best = grid
+        .map(|p| (score(&tune, p).balancedness_mean, p))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .expect("a grid point")
+        .1;
+    let held_out = score(&test, best);
+    assert!(
+        held_out.balancedness_mean >= 0.85,
+        "held-out balancedness {} with {best:?}",
+        held_out.balancedness_mean
+    );
+    assert_eq!(held_out.cold_start_stalls, 0);
+}

@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 
 use shared::eplb::{rebalance_experts, EplbShape};
 use shared::plan::{static_ep, LayerPlan, LoadMatrix};
-use shared::predict::PredictorKind;
+use shared::predict::{PredictorKind, PredictorParams};
 use shared::replay::{moeless_plan, replay, PolicyKind, ReplayConfig, ReplayReport};
-use shared::source::{load_steps, RoutingFormat, RoutingSteps, SourceOptions};
+use shared::source::{load_steps, RoutingFormat, RoutingSteps, SourceOptions, Split};
 use shared::trace::Phase;
 
 #[derive(Args, Debug)]
@@ -77,6 +77,11 @@ pub struct TraceArgs {
     /// Aggregate data: seed of the synthetic trace.
     #[arg(long, env = "MOELESS_SEED", default_value_t = 0)]
     pub seed: u64,
+    /// Which batches to use: `all`, or `first-half` / `second-half` of them in trace order
+    /// (Llama-4 MMLU: sorted by subject, so the halves hold mostly different subjects). Tune
+    /// knobs on one half and check them on the other.
+    #[arg(long, env = "MOELESS_SPLIT", default_value = "all")]
+    pub split: String,
 }
 
 #[derive(Args, Debug)]
@@ -139,6 +144,12 @@ pub struct TuningArgs {
     /// MoEless predictor: decayed, window, temporal, affinity, combined.
     #[arg(long, env = "MOELESS_PREDICTOR", default_value = "temporal")]
     pub predictor: String,
+    /// Temporal predictor: per-step factor of its decayed history, in (0, 1].
+    #[arg(long, env = "MOELESS_TEMPORAL_DECAY", default_value_t = 0.9)]
+    pub temporal_decay: f64,
+    /// Temporal predictor: weight of the history in its mix with the previous step, in [0, 1].
+    #[arg(long, env = "MOELESS_TEMPORAL_HISTORY", default_value_t = 0.3)]
+    pub temporal_history: f64,
     /// MoEless dispatch shares from the layer's router output (`routed`) or the prediction.
     #[arg(long, env = "MOELESS_DISPATCH", default_value = "routed")]
     pub dispatch: String,
@@ -176,6 +187,13 @@ impl TuningArgs {
         c.eplb_groups = self.eplb_groups;
         c.eplb_nodes = self.eplb_nodes;
         c.predictor = self.predictor.parse().map_err(anyhow::Error::msg)?;
+        c.predictor_params = PredictorParams {
+            temporal_decay: self.temporal_decay,
+            temporal_history: self.temporal_history,
+        };
+        c.predictor_params
+            .check()
+            .map_err(|m| anyhow::anyhow!("--temporal-decay / --temporal-history: {m}"))?;
         c.dispatch = self.dispatch.parse().map_err(anyhow::Error::msg)?;
         if !(self.balance_tolerance.is_finite() && self.balance_tolerance >= 1.0) {
             bail!("--balance-tolerance must be >= 1");
@@ -223,6 +241,7 @@ fn read_steps(a: &TraceArgs, phase: &str, batch: usize) -> Result<RoutingSteps> 
         }
     };
     let phase: Phase = phase.parse().map_err(anyhow::Error::msg)?;
+    let split: Split = a.split.parse()?;
     let mut opts = SourceOptions::new(phase, batch);
     opts.num_experts = a.num_experts.or(match format {
         RoutingFormat::Llama4Top1 => Some(128),
@@ -235,8 +254,9 @@ fn read_steps(a: &TraceArgs, phase: &str, batch: usize) -> Result<RoutingSteps> 
     opts.synth_steps = a.synth_steps;
     opts.seed = a.seed;
     let f = File::open(path).with_context(|| format!("opening trace {}", path.display()))?;
-    let r = load_steps(format, BufReader::new(f), &opts)
+    let mut r = load_steps(format, BufReader::new(f), &opts)
         .with_context(|| format!("reading {} as {}", path.display(), format.label()))?;
+    split.apply(&mut r.steps)?;
     eprintln!(
         "{} ({}): {} steps, {} layers, {} experts, top-{}; {}",
         path.display(),
@@ -440,6 +460,7 @@ pub fn run_replay(a: ReplayArgs) -> Result<()> {
             "num_experts": trace.num_experts,
             "top_k": trace.top_k,
             "phase": a.phase,
+            "split": a.source.split,
             "batch": a.batch,
             "gpus": a.gpus,
             "slots_per_gpu": a.slots_per_gpu,
@@ -457,7 +478,7 @@ pub fn predict_eval(a: PredictEvalArgs) -> Result<()> {
     let (layers, e) = (trace.layer_ids.len(), trace.num_experts);
     let mut out = Vec::new();
     for kind in PredictorKind::ALL {
-        let eval = shared::predict::evaluate(kind, steps, layers, e, trace.top_k);
+        let eval = shared::predict::evaluate(kind, &base.predictor_params, steps, layers, e, trace.top_k);
         let mut cfg = base.clone();
         cfg.predictor = kind;
         let r = replay(steps, e, trace.top_k, PolicyKind::Moeless, &cfg)?;
@@ -485,9 +506,12 @@ pub fn predict_eval(a: PredictEvalArgs) -> Result<()> {
             "trace": a.source.trace.display().to_string(),
             "source": trace.description,
             "phase": a.phase,
+            "split": a.source.split,
             "batch": a.batch,
             "gpus": a.gpus,
             "slots_per_gpu": a.slots_per_gpu,
+            "temporal_decay": base.predictor_params.temporal_decay,
+            "temporal_history": base.predictor_params.temporal_history,
             "predictors": out,
         }),
     )
