@@ -74,6 +74,9 @@ fn fleet(node: &Node, state: &ClusterState, since: Instant, now: Instant) -> Fle
     f
 }
 
+/// Reason of the static plans a model gets before any load-driven plan.
+const INITIAL_PLAN: &str = "initial static plan";
+
 async fn tick(node: &Node) -> Result<(), NodeError> {
     let Some(since) = node.leader_since() else {
         return Ok(());
@@ -121,7 +124,27 @@ async fn tick(node: &Node) -> Result<(), NodeError> {
                         reason: why.join("; "),
                     }
                 }
-                Ok(None) => continue,
+                Ok(None) => {
+                    // Until load drives a plan, the static spread follows workers that join:
+                    // they start together, and the first tick may have seen only some of them
+                    // (a scaling round needs reported load to move anything).
+                    if !plan.reason.starts_with(INITIAL_PLAN) {
+                        continue;
+                    }
+                    let held: BTreeSet<u64> = plan.instances.iter().map(|i| i.worker).collect();
+                    let Ok(instances) = initial_plan(model, &fleet.live) else {
+                        continue;
+                    };
+                    let spread: BTreeSet<u64> = instances.iter().map(|i| i.worker).collect();
+                    if spread.len() <= held.len() {
+                        continue;
+                    }
+                    PlanIntent {
+                        model: model.name.clone(),
+                        instances,
+                        reason: format!("{INITIAL_PLAN} over {} workers (workers joined)", spread.len()),
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(model = %model.name, error = %e, "cannot re-place the instances of dead workers");
                     continue;
@@ -131,7 +154,7 @@ async fn tick(node: &Node) -> Result<(), NodeError> {
                 Ok(instances) => PlanIntent {
                     model: model.name.clone(),
                     instances,
-                    reason: "initial static plan".into(),
+                    reason: INITIAL_PLAN.into(),
                 },
                 Err(_) => continue,
             },

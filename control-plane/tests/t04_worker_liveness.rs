@@ -455,3 +455,57 @@ async fn a_new_leader_does_not_declare_workers_dead_at_once() {
         n.shutdown().await;
     }
 }
+
+/// Workers that register after a model's first static plan (they start together, the first
+/// tick may see only some) get instances without any load being reported: until load drives a
+/// plan, the static spread follows the live workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_joining_after_the_first_plan_get_instances() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.reconciler = true;
+    cfg.worker_timeout_ms = 1000;
+    let node = start_single(cfg).await;
+    let api = admin(&node);
+    let (_target_tx, target) = watch::channel(node.raft_addr);
+    let mut drivers = Vec::new();
+    let join = |id| {
+        let target = target.clone();
+        async move {
+            register(node.raft_addr, id).await;
+            heartbeat(id, target, Arc::new(AtomicBool::new(true)))
+        }
+    };
+    drivers.push(join(1).await);
+    api.post("/v1/models", Some(&model())).await.expect("model");
+    let first = wait_for(&api, "/v1/placement", Duration::from_secs(3), |p| {
+        p["model"] == "skewed"
+    })
+    .await;
+    assert_eq!(first["reason"], "initial static plan");
+    assert_eq!(workers_of(&first), vec![1]);
+
+    for id in [2, 3] {
+        drivers.push(join(id).await);
+    }
+    let spread = wait_for(&api, "/v1/placement", Duration::from_secs(5), |p| {
+        workers_of(p) == vec![1, 2, 3]
+    })
+    .await;
+    assert_covered(&spread);
+    assert!(
+        spread["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("initial static plan")),
+        "{spread}"
+    );
+    // Nothing more to spread: the epoch stays put.
+    let epoch = spread["epoch"].as_u64().expect("epoch");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = api.get("/v1/placement").await.expect("placement");
+    assert_eq!(later["epoch"].as_u64(), Some(epoch), "{later}");
+    for d in drivers {
+        d.abort();
+    }
+    node.shutdown().await;
+}
