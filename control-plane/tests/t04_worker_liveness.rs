@@ -469,14 +469,8 @@ async fn workers_joining_after_the_first_plan_get_instances() {
     let api = admin(&node);
     let (_target_tx, target) = watch::channel(node.raft_addr);
     let mut drivers = Vec::new();
-    let join = |id| {
-        let target = target.clone();
-        async move {
-            register(node.raft_addr, id).await;
-            heartbeat(id, target, Arc::new(AtomicBool::new(true)))
-        }
-    };
-    drivers.push(join(1).await);
+    register(node.raft_addr, 1).await;
+    drivers.push(heartbeat(1, target.clone(), Arc::new(AtomicBool::new(true))));
     api.post("/v1/models", Some(&model())).await.expect("model");
     let first = wait_for(&api, "/v1/placement", Duration::from_secs(3), |p| {
         p["model"] == "skewed"
@@ -486,7 +480,8 @@ async fn workers_joining_after_the_first_plan_get_instances() {
     assert_eq!(workers_of(&first), vec![1]);
 
     for id in [2, 3] {
-        drivers.push(join(id).await);
+        register(node.raft_addr, id).await;
+        drivers.push(heartbeat(id, target.clone(), Arc::new(AtomicBool::new(true))));
     }
     let spread = wait_for(&api, "/v1/placement", Duration::from_secs(5), |p| {
         workers_of(p) == vec![1, 2, 3]
