@@ -381,6 +381,9 @@ pub struct ExchangeBenchArgs {
     /// Request payload per throughput run and transport, in MiB.
     #[arg(long, default_value_t = 64)]
     pub mib_per_run: usize,
+    /// QUIC connections the client keeps to the echo server; requests take them in turn.
+    #[arg(long, default_value_t = 1)]
+    pub quic_connections: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -461,6 +464,7 @@ fn exchange(a: ExchangeBenchArgs) -> anyhow::Result<()> {
         concurrency: a.concurrency,
         repeats: a.repeats,
         bytes_per_run: a.mib_per_run << 20,
+        quic_connections: a.quic_connections,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let rows = rt.block_on(async {
@@ -472,8 +476,8 @@ fn exchange(a: ExchangeBenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&certs);
 
     println!(
-        "Throughput with {} requests in flight, p50 round trip at 1; medians of {} runs; response 8 bytes.",
-        a.concurrency, a.repeats
+        "Throughput with {} requests in flight ({} QUIC connection(s)), p50 round trip at 1; medians of {} runs; response 8 bytes.",
+        a.concurrency, a.quic_connections, a.repeats
     );
     println!("| size | QUIC MB/s | TCP MB/s | QUIC/TCP | QUIC p50 ms | TCP p50 ms | QUIC/TCP p50 |");
     println!("|---|---|---|---|---|---|---|");
@@ -500,7 +504,8 @@ fn exchange(a: ExchangeBenchArgs) -> anyhow::Result<()> {
                     "tcp_p50_ms_runs": r.tcp_p50_ms_runs})
             })
             .collect();
-        let doc = json!({"concurrency": a.concurrency, "repeats": a.repeats, "mib_per_run": a.mib_per_run,
+        let doc = json!({"concurrency": a.concurrency, "quic_connections": a.quic_connections,
+            "repeats": a.repeats, "mib_per_run": a.mib_per_run,
             "response_bytes": 8, "results": results});
         std::fs::write(out, serde_json::to_vec_pretty(&doc)?).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {}", out.display());

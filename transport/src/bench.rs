@@ -3,7 +3,8 @@
 //!
 //! The echo side answers every request with its length (8 bytes, little-endian), so the
 //! measured direction is request payload only. TCP has no streams: `concurrency` requests in
-//! flight means that many TCP connections, against that many streams on one QUIC connection.
+//! flight means that many TCP connections, against that many streams on `quic_connections`
+//! QUIC connections.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -126,6 +127,8 @@ pub struct ExchangeConfig {
     pub repeats: usize,
     /// Payload bytes sent per throughput run and transport (at least `2 * concurrency` messages).
     pub bytes_per_run: usize,
+    /// QUIC connections the client keeps to the server (`Limits::connections_per_peer`).
+    pub quic_connections: usize,
 }
 
 impl Default for ExchangeConfig {
@@ -135,6 +138,7 @@ impl Default for ExchangeConfig {
             concurrency: 4,
             repeats: 5,
             bytes_per_run: 64 << 20,
+            quic_connections: 1,
         }
     }
 }
@@ -283,7 +287,11 @@ pub async fn run_exchange(
     progress: &mut (dyn FnMut(String) + Send),
 ) -> Result<Vec<ExchangeRow>, TransportError> {
     let concurrency = config.concurrency.max(1);
-    let client = Client::new(identity, Limits::default())?;
+    let limits = Limits {
+        connections_per_peer: config.quic_connections.max(1),
+        ..Limits::default()
+    };
+    let client = Client::new(identity, limits)?;
     let mut conns = Vec::new();
     for _ in 0..concurrency {
         let stream = TcpStream::connect(tcp_addr)

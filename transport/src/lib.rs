@@ -47,6 +47,10 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// A connection with no traffic for this long is closed (clients send keep-alives).
     pub idle_timeout: Duration,
+    /// Client side: connections kept per server address, used in turn by successive requests
+    /// (each quinn connection is driven by one task, so one connection does its packet work and
+    /// crypto on one core at a time). At least 1.
+    pub connections_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -55,6 +59,7 @@ impl Default for Limits {
             max_message_bytes: 256 << 20,
             max_concurrent_streams: 256,
             idle_timeout: Duration::from_secs(10),
+            connections_per_peer: 1,
         }
     }
 }

@@ -260,8 +260,8 @@ async fn serve_stream(
     }
 }
 
-/// A QUIC client: one cached connection per server address, one stream per request.
-/// Cheap to clone; clones share connections.
+/// A QUIC client: `Limits::connections_per_peer` cached connections per server address (used
+/// in turn), one stream per request. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
@@ -274,7 +274,9 @@ struct ClientInner {
     limits: Limits,
     v4: Endpoint,
     v6: Mutex<Option<Endpoint>>,
-    connections: Mutex<HashMap<SocketAddr, Slot>>,
+    connections: Mutex<HashMap<SocketAddr, Vec<Slot>>>,
+    /// Which of a peer's connections the next request takes.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -338,13 +340,15 @@ impl Client {
                 v4,
                 v6: Mutex::new(None),
                 connections: Mutex::new(HashMap::new()),
+                turn: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
 
-    /// Sends one request and waits for its response. Keeps one connection per address
-    /// (reconnects when it is closed); each request is its own bidirectional stream, so many
-    /// may be in flight at once on one connection. `timeout` covers connecting too.
+    /// Sends one request and waits for its response. Keeps `connections_per_peer` connections
+    /// per address (reconnecting one when it is closed); each request is its own bidirectional
+    /// stream, so many may be in flight at once on one connection. `timeout` covers connecting
+    /// too.
     pub async fn request(&self, addr: SocketAddr, request: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
         let limit = self.inner.limits.max_message_bytes;
         if request.len() > limit {
@@ -359,7 +363,19 @@ impl Client {
         }
     }
 
-    /// Drops the cached connection to `addr` (after a failure); the next request reconnects.
+    /// How many open connections to `addr` are cached (at most `connections_per_peer`).
+    pub fn open_connections(&self, addr: SocketAddr) -> usize {
+        let slots = locked(&self.inner.connections).get(&addr).cloned().unwrap_or_default();
+        slots
+            .iter()
+            .filter(|s| {
+                s.try_lock()
+                    .is_ok_and(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+            })
+            .count()
+    }
+
+    /// Drops the cached connections to `addr` (after a failure); the next request reconnects.
     /// Requests already in flight on it finish undisturbed.
     pub fn forget(&self, addr: SocketAddr) {
         locked(&self.inner.connections).remove(&addr);
@@ -415,10 +431,15 @@ impl Client {
         Ok(endpoint)
     }
 
-    /// The cached connection to `addr`, or a new one. Concurrent callers wait for one handshake
-    /// instead of each opening their own connection.
+    /// One of the cached connections to `addr` in turn, or a new one in its place. Concurrent
+    /// callers of one place wait for one handshake instead of each opening their own.
     async fn connection(&self, addr: SocketAddr) -> Result<Connection, TransportError> {
-        let slot = locked(&self.inner.connections).entry(addr).or_default().clone();
+        let n = self.inner.limits.connections_per_peer.max(1);
+        let i = self.inner.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        let slot = locked(&self.inner.connections)
+            .entry(addr)
+            .or_insert_with(|| (0..n).map(|_| Slot::default()).collect())[i]
+            .clone();
         let mut cached = slot.lock().await;
         if let Some(conn) = cached.as_ref() {
             if conn.close_reason().is_none() {

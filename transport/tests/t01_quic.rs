@@ -377,3 +377,45 @@ fn missing_and_garbage_pem_are_typed_errors_naming_the_file() {
     };
     assert!(matches!(Identity::load(&swapped), Err(CertError::Cert { path, .. }) if path == good.cert));
 }
+
+/// With `connections_per_peer` = 3, requests take the connections in turn: three are opened,
+/// no more, and every message (sequential and concurrent) comes back intact.
+#[tokio::test]
+async fn requests_spread_over_a_pool_of_connections() {
+    let c = cluster();
+    let server = Server::bind(
+        localhost(),
+        &c.server_identity,
+        Limits::default(),
+        Arc::new(Echo::default()),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    for (pool, want) in [(1, 1), (3, 3)] {
+        let limits = Limits {
+            connections_per_peer: pool,
+            ..Limits::default()
+        };
+        let client = Client::new(&c.client_identity, limits).unwrap();
+        assert_eq!(client.open_connections(addr), 0);
+        for i in 0..6u8 {
+            let m = pattern(1000 + i as usize, i);
+            assert_eq!(client.request(addr, m.clone(), LONG).await.unwrap(), m);
+        }
+        let calls: Vec<_> = (0..8u8)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let m = pattern(70_000, i);
+                    (client.request(addr, m.clone(), LONG).await.unwrap(), m)
+                })
+            })
+            .collect();
+        for call in calls {
+            let (got, sent) = call.await.unwrap();
+            assert_eq!(got, sent);
+        }
+        assert_eq!(client.open_connections(addr), want, "pool of {pool}");
+    }
+    server.shutdown().await;
+}

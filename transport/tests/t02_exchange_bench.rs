@@ -17,6 +17,7 @@ async fn exchange_benchmark_measures_quic_and_tcp() {
         concurrency: 2,
         repeats: 2,
         bytes_per_run: 4 << 20,
+        quic_connections: 2,
     };
     let mut lines = Vec::new();
     let mut progress = |line: String| lines.push(line);
