@@ -31,7 +31,7 @@ struct Query {
 
 /// Expert ids in the narrowest width that holds them. The table is read once per simulated
 /// token and layer and is far larger than the caches (Qwen3's synthetic pool: 32,768 tokens x
-/// 48 layers x top-8), so its width, not the counting, sets the simulator's speed.
+/// 48 layers x top-8), so its width matters to the simulator's speed as much as the counting.
 #[derive(Debug, Clone)]
 enum Table {
     U8(Vec<u8>),
@@ -67,19 +67,24 @@ impl Table {
     }
 }
 
-/// Add the rows of `tokens` (`layers x k` expert ids each) to `counts[layer][expert]`, a batch
-/// of tokens at a time and layer by layer within it: the batch's rows are then fetched from
-/// memory side by side (rows of random tokens miss the caches) while each layer's counters stay
-/// hot; token by token, the loads of one row at a time made counting memory-latency bound.
-fn count_rows<T: Copy + Into<usize>>(table: &[T], tokens: &[u32], k: usize, counts: &mut [Vec<u32>]) {
+/// Call `f` with the rows (`width` ids each) of `tokens`, 16 at a time. Counting a batch layer
+/// by layer fetches its rows from memory side by side (rows of random tokens miss the caches)
+/// while each layer's counters stay hot; token by token, the loads of one row at a time made
+/// counting memory-latency bound.
+fn for_each_batch<'a, T>(table: &'a [T], tokens: &[u32], width: usize, mut f: impl FnMut(&[&'a [T]])) {
     const BATCH: usize = 16;
-    let width = counts.len() * k;
     let mut rows: [&[T]; BATCH] = [&[]; BATCH];
     for batch in tokens.chunks(BATCH) {
         for (row, &t) in rows.iter_mut().zip(batch) {
             *row = &table[t as usize * width..(t as usize + 1) * width];
         }
-        let rows = &rows[..batch.len()];
+        f(&rows[..batch.len()]);
+    }
+}
+
+/// Add the rows of `tokens` (`layers x k` expert ids each) to `counts[layer][expert]`.
+fn count_rows<T: Copy + Into<usize>>(table: &[T], tokens: &[u32], k: usize, counts: &mut [Vec<u32>]) {
+    for_each_batch(table, tokens, counts.len() * k, |rows| {
         for (layer, c) in counts.iter_mut().enumerate() {
             for row in rows {
                 for &e in &row[layer * k..(layer + 1) * k] {
@@ -87,21 +92,14 @@ fn count_rows<T: Copy + Into<usize>>(table: &[T], tokens: &[u32], k: usize, coun
                 }
             }
         }
-    }
+    });
 }
 
 /// [`count_rows`] for one-byte ids: counters of 256 per layer, indexed by the id itself (no
 /// bounds check per increment), added to `counts` at the end.
 fn count_rows_u8(table: &[u8], tokens: &[u32], k: usize, counts: &mut [Vec<u32>]) {
-    const BATCH: usize = 16;
-    let width = counts.len() * k;
     let mut hist = vec![[0u32; 256]; counts.len()];
-    let mut rows: [&[u8]; BATCH] = [&[]; BATCH];
-    for batch in tokens.chunks(BATCH) {
-        for (row, &t) in rows.iter_mut().zip(batch) {
-            *row = &table[t as usize * width..(t as usize + 1) * width];
-        }
-        let rows = &rows[..batch.len()];
+    for_each_batch(table, tokens, counts.len() * k, |rows| {
         for (layer, h) in hist.iter_mut().enumerate() {
             for row in rows {
                 for &e in &row[layer * k..(layer + 1) * k] {
@@ -109,7 +107,7 @@ fn count_rows_u8(table: &[u8], tokens: &[u32], k: usize, counts: &mut [Vec<u32>]
                 }
             }
         }
-    }
+    });
     for (c, h) in counts.iter_mut().zip(&hist) {
         for (x, &y) in c.iter_mut().zip(h) {
             *x += y;
