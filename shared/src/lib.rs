@@ -4,6 +4,7 @@
 //! function of its inputs so that the control plane, the engine and the simulator agree.
 
 pub mod arrivals;
+pub mod colocate;
 pub mod eplb;
 pub mod plan;
 pub mod predict;

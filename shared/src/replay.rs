@@ -5,6 +5,7 @@
 //! `t + creation_delay`. Tokens routed to an expert without a usable instance wait for one:
 //! that is a cold-start stall, counted and charged to the layer-time proxy.
 
+use crate::colocate::{Assignment, CoActivation, TokenAssigner, COACTIVATION_DECAY};
 use crate::eplb::{rebalance_experts, EplbShape};
 use crate::plan::{
     split_tokens_with, static_ep, water_fill_shares, Instance, LayerPlan, MinMaxDispatch, PlanError, ShareFill,
@@ -108,6 +109,22 @@ pub struct ReplayConfig {
     /// Give static, EPLB and the oracle MoEless's min-max dispatch over routed counts instead of
     /// equal shares per replica (an ablation; the faithful baselines use equal shares).
     pub baseline_min_max_dispatch: bool,
+    /// MoEless co-locates co-activated experts (top-k > 1, routes known): replicas go to the
+    /// GPU whose instances share the most tokens with them among GPUs within
+    /// `colocate_slack` of the least loaded, the instance at an expert's home GPU is never
+    /// dropped as an idle replica, and each token is matched to instances on GPUs it already
+    /// visits. Off: least loaded GPU, tokens in order (the baselines' way).
+    pub colocate: bool,
+    /// How far above the least loaded candidate GPU (as a fraction of the mean predicted GPU
+    /// load) a co-located replica may go (default 0: ties only; more trades balance for
+    /// fewer copies, see docs/PERFORMANCE.md).
+    pub colocate_slack: f64,
+    /// Steps between MoEless re-homing co-activated experts onto shared GPUs (0: never, the
+    /// default: moving experts cuts copies further but costs balance and instance loads).
+    pub rehome_interval: usize,
+    /// Re-homing keeps each GPU's summed expert load (decayed picks) within this factor of
+    /// the mean, or no worse than before a swap.
+    pub rehome_tolerance: f64,
 }
 
 impl ReplayConfig {
@@ -132,6 +149,10 @@ impl ReplayConfig {
             record_plans: false,
             baseline_min_max_dispatch: false,
             instance_budget: None,
+            colocate: true,
+            colocate_slack: 0.0,
+            rehome_interval: 0,
+            rehome_tolerance: 1.0,
         }
     }
 }
@@ -155,6 +176,11 @@ pub struct ReplayReport {
     pub cold_start_stalls: u64,
     /// Most instances (warm or loading) one GPU held for one layer at the end of any step.
     pub peak_gpu_slots: usize,
+    /// Token copies the dispatch sends: per token and layer, the distinct GPUs running its
+    /// experts (needs routes; 0 when steps carry counts only).
+    pub dispatch_gpu_copies: u64,
+    /// Token-layers behind `dispatch_gpu_copies`.
+    pub dispatch_token_layers: u64,
     /// `gpu_tokens[step][layer][gpu]`.
     pub gpu_tokens: Vec<Vec<Vec<u32>>>,
     /// Balancedness of each step, averaged over layers.
@@ -170,6 +196,8 @@ struct Slot {
     ready_at: usize,
     /// Last step at which this instance was needed (carried predicted or routed tokens).
     last_needed: usize,
+    /// Its expert's home moved elsewhere: dropped once the instance at the new home is warm.
+    retire: bool,
 }
 
 /// The instances of every layer, with their loading state.
@@ -197,6 +225,7 @@ impl Fleet {
                 gpu: i.gpu,
                 ready_at: 0,
                 last_needed: now,
+                retire: false,
             })
             .collect();
     }
@@ -209,6 +238,7 @@ impl Fleet {
             gpu,
             ready_at: now + delay,
             last_needed: now,
+            retire: false,
         });
         self.created += 1;
     }
@@ -244,6 +274,7 @@ impl Fleet {
                     gpu: i.gpu,
                     ready_at: now + delay,
                     last_needed: now,
+                    retire: false,
                 });
                 self.created += 1;
             }
@@ -305,6 +336,12 @@ pub struct Replayer {
     sh_scratch: Vec<f64>,
     rema_scratch: Vec<(f64, usize)>,
     last_routed: Vec<Vec<usize>>,
+    top_k: usize,
+    coactivation: Option<CoActivation>,
+    /// `homes[layer][expert]`: the GPU of the expert's last instance (MoEless co-location).
+    homes: Vec<Vec<u32>>,
+    assigner: TokenAssigner,
+    inst_tokens: Vec<u32>,
     t: usize,
     bal_sum: f64,
     frac_sum: f64,
@@ -369,6 +406,18 @@ impl Replayer {
             None => Box::new(SlidingWindow::new(layers, num_experts, cfg.eplb_window)),
         };
         cfg.predictor_params.check().map_err(PlanError::Shape)?;
+        if !(cfg.rehome_tolerance.is_finite() && cfg.rehome_tolerance >= 1.0) {
+            return Err(PlanError::Shape(format!(
+                "rehome tolerance must be finite and >= 1, got {}",
+                cfg.rehome_tolerance
+            )));
+        }
+        if !(cfg.colocate_slack.is_finite() && cfg.colocate_slack >= 0.0) {
+            return Err(PlanError::Shape(format!(
+                "colocate slack must be finite and >= 0, got {}",
+                cfg.colocate_slack
+            )));
+        }
         let predictor = cfg.predictor.build(&cfg.predictor_params, layers, num_experts, top_k);
         Ok(Replayer {
             policy,
@@ -389,6 +438,12 @@ impl Replayer {
             sh_scratch: Vec::new(),
             rema_scratch: Vec::new(),
             last_routed: vec![vec![0usize; num_experts]; layers],
+            top_k,
+            coactivation: (policy == PolicyKind::Moeless && cfg.colocate && top_k > 1)
+                .then(|| CoActivation::new(layers, num_experts, COACTIVATION_DECAY)),
+            homes: vec![initial.instances.iter().map(|i| i.gpu).collect(); layers],
+            assigner: TokenAssigner::default(),
+            inst_tokens: Vec::new(),
             t: 0,
             bal_sum: 0.0,
             frac_sum: 0.0,
@@ -406,6 +461,8 @@ impl Replayer {
                 instances_created: 0,
                 cold_start_stalls: 0,
                 peak_gpu_slots: 0,
+                dispatch_gpu_copies: 0,
+                dispatch_token_layers: 0,
                 gpu_tokens: Vec::new(),
                 step_balancedness: Vec::new(),
                 plans: Vec::new(),
@@ -473,6 +530,11 @@ impl Replayer {
         let int_tokens = &mut self.int_tokens;
         let (sh, rema) = (&mut self.sh_scratch, &mut self.rema_scratch);
         let fractional_metric = self.fractional_metric;
+        let top_k = self.top_k;
+        let coactivation = &mut self.coactivation;
+        let homes = &mut self.homes;
+        let assigner = &mut self.assigner;
+        let inst_tokens = &mut self.inst_tokens;
         if step.counts.len() != layers || step.counts.iter().any(|c| c.len() != num_experts) {
             return Err(PlanError::Shape(format!(
                 "step {t} has a different number of layers or experts"
@@ -481,6 +543,24 @@ impl Replayer {
         let slots_this_step: f64 = step.counts[0].iter().map(|&c| c as f64).sum();
         history.begin_step(step.group);
         predictor.begin_step(step.group);
+        if let Some(c) = coactivation.as_mut() {
+            c.begin_step();
+            if cfg.rehome_interval > 0 && t > 0 && t % cfg.rehome_interval == 0 {
+                for (l, h) in homes.iter_mut().enumerate() {
+                    let before = h.clone();
+                    let load: Vec<f64> = c.picks(l).iter().map(|&x| f64::from(x)).collect();
+                    if c.cluster_homes(l, h, &load, cfg.rehome_tolerance, REHOME_MIN_GAIN) {
+                        // The old homes' instances go once the new homes' are warm.
+                        for s in fleet.layers[l].iter_mut() {
+                            let e = s.expert as usize;
+                            if h[e] != before[e] {
+                                s.retire = s.gpu == before[e];
+                            }
+                        }
+                    }
+                }
+            }
+        }
 
         if policy == PolicyKind::Eplb {
             if let Some((ready, _)) = &pending_eplb {
@@ -509,6 +589,7 @@ impl Replayer {
                                 gpu: i.gpu,
                                 ready_at: t + cfg.creation_delay,
                                 last_needed: t,
+                                retire: false,
                             });
                             fleet.created += 1;
                         }
@@ -537,7 +618,16 @@ impl Replayer {
                 }
                 PolicyKind::Moeless => {
                     predictor.predict(l, &step.routes[..l], slots_this_step, predicted);
-                    scale_layer(fleet, l, predicted, t, cfg, last_routed, share_fill);
+                    if coactivation.as_ref().is_some_and(|c| c.knows(l)) {
+                        rehome_layer(fleet, l, &homes[l], predicted, t, cfg);
+                    }
+                    let colocation = coactivation.as_ref().map(|c| (c, homes[l].as_slice()));
+                    let signals = LayerSignals {
+                        predicted,
+                        last_routed,
+                        colocation,
+                    };
+                    scale_layer(fleet, l, &signals, t, cfg, share_fill);
                 }
                 _ => {}
             }
@@ -597,13 +687,14 @@ impl Replayer {
             let mut gpu_active = vec![0u32; g];
             let mut gpu_frac = vec![0.0f64; g];
             let mut stalls = 0u64;
+            inst_tokens.clear();
+            inst_tokens.resize(plan.instances.len(), 0);
             for (e, &c) in counts.iter().enumerate() {
                 if c == 0 {
                     continue;
                 }
                 last_routed[e] = t;
-                let idx = &idx_by_expert[e];
-                if idx.is_empty() {
+                if idx_by_expert[e].is_empty() {
                     // Cold start: wait for a loading instance, or create one now.
                     stalls += 1;
                     let gpu = match fleet.layers[l].iter().find(|s| s.expert as usize == e) {
@@ -623,17 +714,34 @@ impl Replayer {
                         gpu,
                         share: 1.0,
                     });
+                    idx_by_expert[e].push(plan.instances.len() - 1);
+                    inst_tokens.push(c);
                     continue;
                 }
+                let idx = &idx_by_expert[e];
                 sh.clear();
                 sh.extend(idx.iter().map(|&i| plan.instances[i].share));
                 split_tokens_with(c, sh, split, rema);
                 for (&i, &n) in idx.iter().zip(split.iter()) {
+                    inst_tokens[i] = n;
                     let gpu = plan.instances[i].gpu as usize;
                     gpu_tok[gpu] += n;
                     gpu_active[gpu] += u32::from(n > 0);
                     gpu_frac[gpu] += c as f64 * frac_shares[i];
                 }
+            }
+            let routes = &step.routes[l];
+            let token_choices: u32 = counts.iter().sum();
+            if top_k > 0 && !routes.is_empty() && routes.len() == token_choices as usize {
+                let gpu_of: Vec<u32> = plan.instances.iter().map(|i| i.gpu).collect();
+                let mode = if policy == PolicyKind::Moeless && cfg.colocate {
+                    Assignment::Colocated
+                } else {
+                    Assignment::Sequential
+                };
+                report.dispatch_gpu_copies +=
+                    assigner.gpu_copies(routes, top_k, &gpu_of, inst_tokens, idx_by_expert, mode);
+                report.dispatch_token_layers += (routes.len() / top_k) as u64;
             }
             let total: u32 = gpu_tok.iter().sum();
             let max = *gpu_tok.iter().max().expect("at least one GPU");
@@ -661,6 +769,9 @@ impl Replayer {
             });
             history.observe(l, &step.routes[l], counts);
             predictor.observe(l, &step.routes[l], counts);
+            if let Some(c) = coactivation.as_mut() {
+                c.observe(l, &step.routes[l], top_k);
+            }
         }
         let sb = step_bal / layers as f64;
         self.bal_sum += sb;
@@ -734,7 +845,12 @@ pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Resu
     let mut plan = crate::plan::Plan::default();
     for l in 0..loads.num_layers() {
         fleet.set_warm(0, &initial, 0);
-        scale_layer(&mut fleet, 0, loads.layer(l), 0, cfg, &never_idle, &mut fill);
+        let signals = LayerSignals {
+            predicted: loads.layer(l),
+            last_routed: &never_idle,
+            colocation: None,
+        };
+        scale_layer(&mut fleet, 0, &signals, 0, cfg, &mut fill);
         // `fill` mirrors the layer's instances when scaling returns.
         let shares = fill.fill(loads.layer(l));
         plan.layers.push(LayerPlan {
@@ -776,6 +892,119 @@ fn least_loaded_free_gpu(fleet: &Fleet, layer: usize, load: &[u32]) -> Option<us
         .min_by_key(|&gp| (load[gp], gp))
 }
 
+/// A home swap must raise same-GPU pair weight by this fraction of the layer's total.
+const REHOME_MIN_GAIN: f64 = 1e-3;
+
+/// Move experts towards their homes (see [`CoActivation::cluster_homes`]): an expert without
+/// an instance at home gets one there (a cold start with the creation delay; a GPU without a
+/// free slot gives up its least useful replica, or the move waits), and once that instance is
+/// warm the instances marked `retire` are dropped. Tokens never wait: the old instance serves
+/// until the new one is warm.
+fn rehome_layer(fleet: &mut Fleet, layer: usize, homes: &[u32], predicted: &[f64], now: usize, cfg: &ReplayConfig) {
+    let g = fleet.gpus;
+    let e = predicted.len();
+    if homes.len() != e {
+        return;
+    }
+    let budget = cfg.instance_budget.unwrap_or(usize::MAX).min(g * fleet.slots_per_gpu);
+    // Per expert: 1 = an instance at home, 2 = a warm one.
+    let mut at_home = vec![0u8; e];
+    let mut count = vec![0u32; e];
+    let mut ready = vec![0u32; e];
+    let mut used = vec![0usize; g];
+    for s in &fleet.layers[layer] {
+        let x = s.expert as usize;
+        count[x] += 1;
+        ready[x] += u32::from(s.ready_at <= now);
+        used[s.gpu as usize] += 1;
+        if s.gpu == homes[x] {
+            at_home[x] = at_home[x].max(if s.ready_at <= now { 2 } else { 1 });
+        }
+    }
+    for x in 0..e {
+        if at_home[x] != 0 || count[x] == 0 {
+            continue;
+        }
+        let h = homes[x] as usize;
+        if h >= g {
+            continue;
+        }
+        if used[h] >= fleet.slots_per_gpu || fleet.layers[layer].len() >= budget {
+            // Give up the replica on the home GPU that carries the least predicted load per
+            // instance, if it is not its expert's home or last instance.
+            let victim = (0..fleet.layers[layer].len())
+                .filter(|&i| {
+                    let s = fleet.layers[layer][i];
+                    let x = s.expert as usize;
+                    s.gpu as usize == h && homes[x] != s.gpu && (s.ready_at > now || ready[x] > 1)
+                })
+                .min_by(|&a, &b| {
+                    let p = |i: usize| {
+                        let s = fleet.layers[layer][i];
+                        predicted[s.expert as usize] / f64::from(count[s.expert as usize])
+                    };
+                    p(a).total_cmp(&p(b)).then(a.cmp(&b))
+                });
+            let Some(v) = victim else { continue };
+            let s = fleet.layers[layer].swap_remove(v);
+            count[s.expert as usize] -= 1;
+            ready[s.expert as usize] -= u32::from(s.ready_at <= now);
+            used[s.gpu as usize] -= 1;
+        }
+        fleet.create(layer, x as u32, h as u32, now, fleet.delay);
+        count[x] += 1;
+        used[h] += 1;
+    }
+    fleet.layers[layer].retain(|s| !(s.retire && at_home[s.expert as usize] == 2 && s.gpu != homes[s.expert as usize]));
+}
+
+/// What co-located replica placement needs: the learned pairings, how much load it may trade
+/// for them, and scratch.
+struct Colocation<'a> {
+    coactivation: &'a CoActivation,
+    slack: f64,
+    affinity: Vec<f64>,
+}
+
+/// The GPU for a new replica among `candidates`: the least loaded (lowest index on ties), or,
+/// with co-location, the one whose instances share the most tokens with `expert` among the
+/// candidates within the slack of the least loaded and at most `cap`.
+fn replica_destination(
+    candidates: impl Iterator<Item = usize> + Clone,
+    load: &[f64],
+    cap: f64,
+    colocation: Option<&mut Colocation>,
+    (layer, expert, instances): (usize, u32, &[(u32, u32)]),
+) -> Option<usize> {
+    let least = candidates
+        .clone()
+        .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))?;
+    let Some(c) = colocation else {
+        return Some(least);
+    };
+    c.coactivation.gpu_affinity(layer, expert, instances, &mut c.affinity);
+    let limit = (load[least] + c.slack).min(cap);
+    let best = candidates
+        .filter(|&gp| load[gp] <= limit && c.affinity[gp] > c.affinity[least])
+        .max_by(|&a, &b| {
+            c.affinity[a]
+                .total_cmp(&c.affinity[b])
+                .then(load[b].total_cmp(&load[a]))
+                .then(b.cmp(&a))
+        });
+    Some(best.unwrap_or(least))
+}
+
+/// What MoEless knows about a layer when it scales it.
+struct LayerSignals<'a> {
+    /// Predicted tokens per expert.
+    predicted: &'a [f64],
+    /// Last step at which each expert was routed tokens.
+    last_routed: &'a [usize],
+    /// Learned pairings and the experts' home GPUs, when co-locating.
+    colocation: Option<(&'a CoActivation, &'a [u32])>,
+}
+
 /// MoEless scaling for one layer before it runs: drop replicas unneeded for `keep_alive`
 /// steps (and, if enabled, idle experts' last instances), then add replicas of the experts
 /// that load the most loaded GPU (by predicted load) onto the least loaded GPU with a free
@@ -786,15 +1015,21 @@ fn least_loaded_free_gpu(fleet: &Fleet, layer: usize, load: &[u32]) -> Option<us
 fn scale_layer(
     fleet: &mut Fleet,
     layer: usize,
-    predicted: &[f64],
+    signals: &LayerSignals,
     now: usize,
     cfg: &ReplayConfig,
-    last_routed: &[usize],
     fill: &mut ShareFill,
 ) {
     let g = fleet.gpus;
+    let (predicted, last_routed) = (signals.predicted, signals.last_routed);
+    let (coactivation, homes) = signals.colocation.unzip();
     let e = predicted.len();
     let total: f64 = predicted.iter().sum();
+    let mut colocation = coactivation.filter(|c| c.knows(layer)).map(|c| Colocation {
+        coactivation: c,
+        slack: cfg.colocate_slack * total / g as f64,
+        affinity: vec![0.0; g],
+    });
     let target = total / g as f64 * cfg.balance_tolerance;
     let sync = |fill: &mut ShareFill, slots: &[Slot]| fill.reset(slots.iter().map(|s| (s.expert, s.gpu)));
 
@@ -825,8 +1060,10 @@ fn scale_layer(
         let s = fleet.layers[layer][i];
         let idle = now.saturating_sub(s.last_needed);
         let ex = s.expert as usize;
+        // An expert's instance at its home (co-location) is never dropped as an idle replica.
+        let home = homes.is_some_and(|h| h.get(ex) == Some(&s.gpu));
         let drop = if count[ex] > 1 {
-            idle > cfg.keep_alive && s.ready_at <= now && ready[ex] > 1
+            idle > cfg.keep_alive && s.ready_at <= now && ready[ex] > 1 && !home
         } else {
             cfg.scale_to_zero_after
                 .is_some_and(|z| now.saturating_sub(last_routed[ex].max(s.last_needed)) > z)
@@ -882,9 +1119,13 @@ fn scale_layer(
         if contrib < 1.0 {
             break;
         }
-        let dest = (0..g)
-            .filter(|&gp| !fill.holds(expert, gp as u32))
-            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
+        let dest = replica_destination(
+            (0..g).filter(|&gp| !fill.holds(expert, gp as u32)),
+            &load,
+            load[hot_gpu] - 1.0,
+            colocation.as_mut(),
+            (layer, expert, fill.instances()),
+        );
         let Some(dest) = dest else { break };
         // Only worth it if the destination has room below the hot GPU's load.
         if load[dest] + 1.0 > load[hot_gpu] {
@@ -949,9 +1190,13 @@ fn scale_layer(
         if predicted[expert] / f64::from(count[expert]) <= cfg.fluid_tokens {
             break;
         }
-        let dest = (0..g)
-            .filter(|&gp| used[gp] < fleet.slots_per_gpu && !fill.holds(expert as u32, gp as u32))
-            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
+        let dest = replica_destination(
+            (0..g).filter(|&gp| used[gp] < fleet.slots_per_gpu && !fill.holds(expert as u32, gp as u32)),
+            &load,
+            f64::INFINITY,
+            colocation.as_mut(),
+            (layer, expert as u32, fill.instances()),
+        );
         let Some(dest) = dest else { break };
         if fleet.layers[layer].len() >= budget {
             break;

@@ -10,9 +10,11 @@ use shared::trace::Step;
 const EXPERTS: usize = 16;
 const LAYERS: usize = 3;
 
-/// Steps of `tokens` top-1 routes over `EXPERTS` experts, skewed toward a per-group hot set.
-fn steps_strategy() -> impl Strategy<Value = Vec<Step>> {
-    (1usize..4, 2usize..12, 4usize..40, any::<u64>()).prop_map(|(groups, len, tokens, seed)| {
+/// Steps of `tokens` top-k routes (k of 1..=3 distinct experts) over `EXPERTS` experts, skewed
+/// toward a per-group hot set and, for k > 1, toward fixed expert pairs (so co-location has
+/// something to learn). Returns the steps and k.
+fn steps_strategy() -> impl Strategy<Value = (Vec<Step>, usize)> {
+    (1usize..4, 2usize..12, 4usize..40, any::<u64>(), 1usize..=3).prop_map(|(groups, len, tokens, seed, k)| {
         let mut x = seed | 1;
         let mut next = move || {
             // xorshift64: deterministic from the proptest-chosen seed.
@@ -27,21 +29,33 @@ fn steps_strategy() -> impl Strategy<Value = Vec<Step>> {
             for s in 0..len {
                 let routes: Vec<Vec<u32>> = (0..LAYERS)
                     .map(|_| {
-                        (0..tokens)
-                            .map(|_| {
-                                if next() % 3 == 0 {
-                                    hot
+                        let mut r = Vec::with_capacity(tokens * k);
+                        for _ in 0..tokens {
+                            let first = if next() % 3 == 0 {
+                                hot
+                            } else {
+                                (next() % EXPERTS as u64) as u32
+                            };
+                            let mut tok = vec![first];
+                            while tok.len() < k {
+                                let x = if next() % 2 == 0 {
+                                    (first + 5 * tok.len() as u32) % EXPERTS as u32
                                 } else {
                                     (next() % EXPERTS as u64) as u32
+                                };
+                                if !tok.contains(&x) {
+                                    tok.push(x);
                                 }
-                            })
-                            .collect()
+                            }
+                            r.extend(tok);
+                        }
+                        r
                     })
                     .collect();
                 steps.push(Step::new(g, s, routes, EXPERTS));
             }
         }
-        steps
+        (steps, k)
     })
 }
 
@@ -93,12 +107,14 @@ proptest! {
 
     #[test]
     fn every_policy_serves_all_tokens_within_budget(
-        steps in steps_strategy(),
+        (steps, k) in steps_strategy(),
         gpus in prop::sample::select(vec![2usize, 4, 8]),
         extra in 0usize..3,
         delay in 0usize..3,
         keep_alive in 0usize..4,
         scale_to_zero in prop::option::of(0usize..3),
+        rehome_interval in 0usize..4,
+        colocate_slack in prop::sample::select(vec![0.0f64, 0.2]),
     ) {
         let slots = EXPERTS / gpus + extra;
         let mut cfg = ReplayConfig::new(gpus, slots);
@@ -107,18 +123,25 @@ proptest! {
         cfg.eplb_interval = 3;
         cfg.eplb_window = 4;
         cfg.record_plans = true;
+        cfg.rehome_interval = rehome_interval;
+        cfg.colocate_slack = colocate_slack;
         for policy in PolicyKind::ALL {
             let mut c = cfg.clone();
             // EPLB loads its next plan beside the old one; with no delay it swaps in place.
             if policy == PolicyKind::Eplb { c.creation_delay = 0; }
             if policy == PolicyKind::Moeless { c.scale_to_zero_after = scale_to_zero; }
-            let r = replay(&steps, EXPERTS, 1, policy, &c).unwrap();
+            let r = replay(&steps, EXPERTS, k, policy, &c).unwrap();
             check(&steps, &r, &c)?;
+            // Every token goes to at least one and at most k GPUs per layer.
+            let token_layers = steps.iter().map(|s| s.routes[0].len() / k).sum::<usize>() * LAYERS;
+            prop_assert_eq!(r.dispatch_token_layers, token_layers as u64);
+            prop_assert!(r.dispatch_gpu_copies >= r.dispatch_token_layers);
+            prop_assert!(r.dispatch_gpu_copies <= r.dispatch_token_layers * k as u64);
             prop_assert!(r.peak_gpu_slots <= slots, "{}: {} slots used of {}", r.policy, r.peak_gpu_slots, slots);
             if policy != PolicyKind::Moeless || scale_to_zero.is_none() {
                 prop_assert_eq!(r.cold_start_stalls, 0, "{} stalled", r.policy);
             }
-            let again = replay(&steps, EXPERTS, 1, policy, &c).unwrap();
+            let again = replay(&steps, EXPERTS, k, policy, &c).unwrap();
             prop_assert_eq!(&r, &again, "{} is not deterministic", r.policy);
         }
     }

@@ -164,6 +164,21 @@ pub struct TuningArgs {
     /// instead of equal shares per replica.
     #[arg(long, env = "MOELESS_BASELINE_MIN_MAX_DISPATCH")]
     pub baseline_min_max_dispatch: bool,
+    /// Ablation: MoEless without co-location of co-activated experts (replicas on the least
+    /// loaded GPU, tokens matched to instances in order).
+    #[arg(long, env = "MOELESS_NO_COLOCATE")]
+    pub no_colocate: bool,
+    /// How far above the least loaded GPU (fraction of the mean GPU load) MoEless may place a
+    /// replica next to the experts its tokens also pick.
+    #[arg(long, env = "MOELESS_COLOCATE_SLACK", default_value_t = 0.0)]
+    pub colocate_slack: f64,
+    /// Steps between MoEless re-homing co-activated experts onto shared GPUs (0: never; moves
+    /// cut dispatch copies further at some cost in balance and instance loads).
+    #[arg(long, env = "MOELESS_REHOME_INTERVAL", default_value_t = 0)]
+    pub rehome_interval: usize,
+    /// Re-homing keeps each GPU's summed expert load within this factor of the mean.
+    #[arg(long, env = "MOELESS_REHOME_TOLERANCE", default_value_t = 1.0)]
+    pub rehome_tolerance: f64,
 }
 
 impl TuningArgs {
@@ -195,6 +210,16 @@ impl TuningArgs {
             .check()
             .map_err(|m| anyhow::anyhow!("--temporal-decay / --temporal-history: {m}"))?;
         c.dispatch = self.dispatch.parse().map_err(anyhow::Error::msg)?;
+        if !(self.colocate_slack.is_finite() && self.colocate_slack >= 0.0) {
+            bail!("--colocate-slack must be finite and >= 0");
+        }
+        c.colocate = !self.no_colocate;
+        c.colocate_slack = self.colocate_slack;
+        if !(self.rehome_tolerance.is_finite() && self.rehome_tolerance >= 1.0) {
+            bail!("--rehome-tolerance must be finite and >= 1");
+        }
+        c.rehome_interval = self.rehome_interval;
+        c.rehome_tolerance = self.rehome_tolerance;
         if !(self.balance_tolerance.is_finite() && self.balance_tolerance >= 1.0) {
             bail!("--balance-tolerance must be >= 1");
         }
@@ -384,6 +409,11 @@ fn parse_policies(names: &[String]) -> Result<Vec<PolicyKind>> {
     Ok(out)
 }
 
+/// Distinct GPUs a token is sent to per layer, on average (null without routes).
+fn fanout(r: &ReplayReport) -> Option<f64> {
+    (r.dispatch_token_layers > 0).then(|| r.dispatch_gpu_copies as f64 / r.dispatch_token_layers as f64)
+}
+
 fn totals_json(r: &ReplayReport) -> Value {
     json!({
         "policy": r.policy,
@@ -396,6 +426,8 @@ fn totals_json(r: &ReplayReport) -> Value {
         "instances_created": r.instances_created,
         "cold_start_stalls": r.cold_start_stalls,
         "peak_gpu_slots": r.peak_gpu_slots,
+        "dispatch_gpu_copies": r.dispatch_gpu_copies,
+        "dispatch_fanout_mean": fanout(r),
     })
 }
 
@@ -418,7 +450,7 @@ pub fn run_replay(a: ReplayArgs) -> Result<()> {
         let r = replay(steps, trace.num_experts, trace.top_k, p, &cfg)
             .with_context(|| format!("replaying policy {}", p.label()))?;
         eprintln!(
-            "{:8} balancedness {:.4} (fractional {:.4})  layer_time_proxy {:.0}  slot_steps {}  created {}  stalls {}  ({:.2}s)",
+            "{:8} balancedness {:.4} (fractional {:.4})  layer_time_proxy {:.0}  slot_steps {}  created {}  stalls {}  fanout {:.3}  ({:.2}s)",
             r.policy,
             r.balancedness_mean,
             r.balancedness_fractional,
@@ -426,6 +458,7 @@ pub fn run_replay(a: ReplayArgs) -> Result<()> {
             r.instance_slot_steps,
             r.instances_created,
             r.cold_start_stalls,
+            fanout(&r).unwrap_or(f64::NAN),
             start.elapsed().as_secs_f64()
         );
         if let Some(w) = dump.as_mut() {
