@@ -147,6 +147,7 @@ fn plan(n: usize) -> Value {
         model: "bench".into(),
         instances,
         reason: format!("bench {n}"),
+        origin: Default::default(),
     })
     .expect("plan serializes")
 }

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::failpoint::FailpointError;
 use crate::liveness::InstanceState;
 use crate::node::{Node, NodeError};
-use crate::state::{ModelSpec, PlanIntent, PolicyConfig, PredictorUpdate, WorkerHealth};
+use crate::state::{ModelSpec, PlanIntent, PlanOrigin, PolicyConfig, PredictorUpdate, WorkerHealth};
 use crate::types::{Command, CommandResponse, NodeInfo};
 
 const WRITE_WAIT: Duration = Duration::from_secs(3);
@@ -329,7 +329,10 @@ struct CommitPlanBody {
 }
 
 async fn commit_plan(State(node): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
-    let b: CommitPlanBody = parse(body)?;
+    let mut b: CommitPlanBody = parse(body)?;
+    // Whatever the body says: a plan committed here is the operator's, which the reconciler
+    // never replaces with its static spread.
+    b.intent.origin = PlanOrigin::Operator;
     let (log_index, resp) = write(
         &node,
         &headers,
@@ -628,7 +631,7 @@ pub fn openapi_document() -> serde_json::Value {
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "integer"}}}}},
                 "PolicyConfig": {"type": "object", "required": ["placement", "predictor", "rebalance_interval_ms", "keep_alive_ms", "max_replicas_per_expert"]},
-                "PlanIntent": {"type": "object", "required": ["model", "instances"], "properties": {"expected_epoch": {"type": "integer"}}},
+                "PlanIntent": {"type": "object", "required": ["model", "instances"], "properties": {"expected_epoch": {"type": "integer"}, "reason": {"type": "string"}}},
                 "ModelSpec": {"type": "object", "required": ["name", "architecture", "num_layers", "num_experts", "top_k", "weights"]},
                 "PredictorUpdate": {"type": "object", "required": ["name", "parameters"]},
                 "Member": {"type": "object", "required": ["id", "raft_addr"], "properties": {"admin_addr": {"type": "string"}}},

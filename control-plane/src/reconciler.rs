@@ -16,7 +16,7 @@ use crate::node::{Node, NodeError};
 use crate::placement::{
     balancedness, forecast_error, initial_plan, load_matrix, policy_plan, replace_lost_workers, Placement,
 };
-use crate::state::{ClusterState, PlanIntent, WorkerHealth};
+use crate::state::{ClusterState, PlanIntent, PlanOrigin, WorkerHealth};
 use crate::types::{Command, CommandResponse};
 
 /// How often the leader reconciles.
@@ -74,9 +74,6 @@ fn fleet(node: &Node, state: &ClusterState, since: Instant, now: Instant) -> Fle
     f
 }
 
-/// Reason of the static plans a model gets before any load-driven plan.
-const INITIAL_PLAN: &str = "initial static plan";
-
 async fn tick(node: &Node) -> Result<(), NodeError> {
     let Some(since) = node.leader_since() else {
         return Ok(());
@@ -122,13 +119,14 @@ async fn tick(node: &Node) -> Result<(), NodeError> {
                         model: model.name.clone(),
                         instances,
                         reason: why.join("; "),
+                        origin: PlanOrigin::WorkerReplacement,
                     }
                 }
                 Ok(None) => {
                     // Until load drives a plan, the static spread follows workers that join:
                     // they start together, and the first tick may have seen only some of them
                     // (a scaling round needs reported load to move anything).
-                    if !plan.reason.starts_with(INITIAL_PLAN) {
+                    if plan.origin != PlanOrigin::InitialSpread {
                         continue;
                     }
                     let held: BTreeSet<u64> = plan.instances.iter().map(|i| i.worker).collect();
@@ -142,7 +140,8 @@ async fn tick(node: &Node) -> Result<(), NodeError> {
                     PlanIntent {
                         model: model.name.clone(),
                         instances,
-                        reason: format!("{INITIAL_PLAN} over {} workers (workers joined)", spread.len()),
+                        reason: format!("initial static plan over {} workers (workers joined)", spread.len()),
+                        origin: PlanOrigin::InitialSpread,
                     }
                 }
                 Err(e) => {
@@ -154,7 +153,8 @@ async fn tick(node: &Node) -> Result<(), NodeError> {
                 Ok(instances) => PlanIntent {
                     model: model.name.clone(),
                     instances,
-                    reason: INITIAL_PLAN.into(),
+                    reason: "initial static plan".into(),
+                    origin: PlanOrigin::InitialSpread,
                 },
                 Err(_) => continue,
             },
@@ -304,6 +304,7 @@ pub async fn rebalance(node: &Node) -> Result<RebalanceReport, NodeError> {
             model: model.name.clone(),
             instances: candidate,
             reason: round.reason.clone(),
+            origin: PlanOrigin::Scaling,
         };
         let epoch = commit(node, intent, state.current_epoch()).await?;
         round.epoch = Some(epoch);

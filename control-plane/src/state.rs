@@ -79,6 +79,34 @@ pub struct ExpertInstance {
     pub share: f64,
 }
 
+/// Who decided a plan. The reconciler branches on it (the reason is prose for people): only its
+/// own static spread grows to workers that join, an operator's plan is never replaced by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanOrigin {
+    /// Committed through the admin API or a tool; also what plans stored before origins
+    /// existed read as.
+    #[default]
+    Operator,
+    /// The reconciler's static spread, before any load-driven plan.
+    InitialSpread,
+    /// The reconciler moved instances off lost or draining workers.
+    WorkerReplacement,
+    /// A scaling round re-planned from reported load.
+    Scaling,
+}
+
+impl PlanOrigin {
+    pub fn label(self) -> &'static str {
+        match self {
+            PlanOrigin::Operator => "operator",
+            PlanOrigin::InitialSpread => "initial_spread",
+            PlanOrigin::WorkerReplacement => "worker_replacement",
+            PlanOrigin::Scaling => "scaling",
+        }
+    }
+}
+
 /// A plan as proposed, before the state machine gives it an epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanIntent {
@@ -86,6 +114,8 @@ pub struct PlanIntent {
     pub instances: Vec<ExpertInstance>,
     #[serde(default)]
     pub reason: String,
+    #[serde(default)]
+    pub origin: PlanOrigin,
 }
 
 /// A committed plan. Epochs start at 1 and increase by one per committed plan.
@@ -95,6 +125,8 @@ pub struct PlacementPlan {
     pub model: String,
     pub instances: Vec<ExpertInstance>,
     pub reason: String,
+    #[serde(default)]
+    pub origin: PlanOrigin,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -357,6 +389,7 @@ impl ClusterState {
                     model: intent.model,
                     instances: intent.instances,
                     reason: intent.reason,
+                    origin: intent.origin,
                 };
                 self.plans.insert(epoch, plan);
                 CommandResponse::PlanCommitted { epoch }
@@ -495,6 +528,21 @@ mod tests {
         ));
     }
 
+    /// Plans stored before origins existed (JSON without the field) read as the operator's,
+    /// so the reconciler leaves them alone.
+    #[test]
+    fn plans_without_an_origin_read_as_the_operators() {
+        let old = r#"{"epoch": 3, "model": "m", "instances": [], "reason": "initial static plan"}"#;
+        let p: PlacementPlan = serde_json::from_str(old).expect("old plan");
+        assert_eq!(p.origin, PlanOrigin::Operator);
+        let v = serde_json::to_value(PlanIntent {
+            origin: PlanOrigin::InitialSpread,
+            ..intent(1.0)
+        })
+        .expect("serializes");
+        assert_eq!(v["origin"], "initial_spread");
+    }
+
     fn intent(share: f64) -> PlanIntent {
         PlanIntent {
             model: "m".into(),
@@ -506,6 +554,7 @@ mod tests {
                 share,
             }],
             reason: String::new(),
+            origin: PlanOrigin::Operator,
         }
     }
 

@@ -477,6 +477,7 @@ async fn workers_joining_after_the_first_plan_get_instances() {
     })
     .await;
     assert_eq!(first["reason"], "initial static plan");
+    assert_eq!(first["origin"], "initial_spread");
     assert_eq!(workers_of(&first), vec![1]);
 
     for id in [2, 3] {
@@ -494,11 +495,33 @@ async fn workers_joining_after_the_first_plan_get_instances() {
             .is_some_and(|r| r.starts_with("initial static plan")),
         "{spread}"
     );
+    assert_eq!(spread["origin"], "initial_spread");
     // Nothing more to spread: the epoch stays put.
     let epoch = spread["epoch"].as_u64().expect("epoch");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = api.get("/v1/placement").await.expect("placement");
     assert_eq!(later["epoch"].as_u64(), Some(epoch), "{later}");
+
+    // An operator's plan (all on worker 1) is never replaced by the static spread, even when
+    // its body claims to be one: origins are structured, not read from the reason.
+    let instances: Vec<Value> = (0..LAYERS)
+        .flat_map(|l| (0..EXPERTS).map(move |e| json!({"layer": l, "expert": e, "worker": 1, "gpu": 0, "share": 1.0})))
+        .collect();
+    let body =
+        json!({"model": "skewed", "instances": instances, "reason": "initial static plan", "origin": "initial_spread"});
+    let committed = api.post("/v1/placement", Some(&body)).await.expect("operator plan");
+    let op_epoch = committed["epoch"].as_u64().expect("epoch");
+    register(node.raft_addr, 4).await;
+    drivers.push(heartbeat(4, target.clone(), Arc::new(AtomicBool::new(true))));
+    wait_for(&api, "/v1/workers", Duration::from_secs(5), |w| {
+        w.as_array().is_some_and(|a| a.len() == 4)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let kept = api.get("/v1/placement").await.expect("placement");
+    assert_eq!(kept["epoch"].as_u64(), Some(op_epoch), "{kept}");
+    assert_eq!(kept["origin"], "operator");
+    assert_eq!(workers_of(&kept), vec![1]);
     for d in drivers {
         d.abort();
     }

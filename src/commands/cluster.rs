@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use control_plane::state::{ExpertInstance, ModelSpec, PlanIntent};
+use control_plane::state::{ExpertInstance, ModelSpec, PlanIntent, PlanOrigin};
 use control_plane::types::{Command as CpCommand, CommandResponse};
 use data_plane::config::{FfnKind, ModelConfig};
 use transport::{Identity, TlsFiles};
@@ -206,6 +206,7 @@ impl LocalCluster {
             model: self.model.clone(),
             instances,
             reason: reason.into(),
+            origin: PlanOrigin::Operator,
         };
         let node = self.node()?.clone();
         let (_, resp) = self.runtime.block_on(node.write(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use control_plane::client::AdminClient;
-use control_plane::state::{ExpertInstance, ModelSpec, PlanIntent};
+use control_plane::state::{ExpertInstance, ModelSpec, PlanIntent, PlanOrigin};
 use control_plane::types::{Command, CommandResponse};
 use control_plane::{NodeConfig, RunningNode};
 use data_plane::backend::CpuBackend;
@@ -159,6 +159,7 @@ impl Cluster {
                 })
                 .collect(),
             reason: "test".into(),
+            origin: PlanOrigin::Operator,
         };
         let cmd = Command::CommitPlan {
             intent,
