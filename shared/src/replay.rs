@@ -819,7 +819,20 @@ impl Replayer {
 /// One MoEless plan from scratch for per-layer `loads` (predicted): start from static EP, run
 /// the scaling step of replay once per layer (no creation delay, nothing idle yet), then
 /// water-fill each expert's shares over its instances. What `moeless plan` times.
+///
+/// Layers are planned independently, so they are split over the machine's cores (scoped
+/// threads, contiguous runs of layers); the plan is the same for any thread count.
 pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Result<crate::plan::Plan, PlanError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    moeless_plan_with_threads(loads, cfg, threads)
+}
+
+/// [`moeless_plan`] on at most `threads` threads (1: on the caller's thread).
+pub fn moeless_plan_with_threads(
+    loads: &crate::plan::LoadMatrix,
+    cfg: &ReplayConfig,
+    threads: usize,
+) -> Result<crate::plan::Plan, PlanError> {
     let (g, e) = (cfg.gpus, loads.num_experts());
     let budget = cfg.instance_budget.unwrap_or(usize::MAX).min(g * cfg.slots_per_gpu);
     if g == 0 || budget < e {
@@ -831,6 +844,37 @@ pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Resu
         });
     }
     let initial = static_ep(e, g)?;
+    let layers = loads.num_layers();
+    let threads = threads.clamp(1, layers.max(1));
+    let per = layers.div_ceil(threads).max(1);
+    let plan_run = |from: usize| plan_layers(loads, from..(from + per).min(layers), cfg, &initial);
+    let mut plan = crate::plan::Plan::default();
+    if threads == 1 {
+        plan.layers = plan_run(0);
+        return Ok(plan);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..layers)
+            .step_by(per)
+            .map(|from| scope.spawn(move || plan_run(from)))
+            .collect();
+        for h in handles {
+            // A panic in a planning thread is a bug; surface it rather than return part of a plan.
+            plan.layers
+                .extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+    });
+    Ok(plan)
+}
+
+/// The MoEless plans of `range`'s layers, each scaled from `initial`.
+fn plan_layers(
+    loads: &crate::plan::LoadMatrix,
+    range: std::ops::Range<usize>,
+    cfg: &ReplayConfig,
+    initial: &LayerPlan,
+) -> Vec<LayerPlan> {
+    let (g, e) = (cfg.gpus, loads.num_experts());
     let mut fleet = Fleet {
         layers: vec![Vec::new()],
         gpus: g,
@@ -842,9 +886,9 @@ pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Resu
     };
     let never_idle = vec![0usize; e];
     let mut fill = ShareFill::new(e, g);
-    let mut plan = crate::plan::Plan::default();
-    for l in 0..loads.num_layers() {
-        fleet.set_warm(0, &initial, 0);
+    let mut out = Vec::with_capacity(range.len());
+    for l in range {
+        fleet.set_warm(0, initial, 0);
         let signals = LayerSignals {
             predicted: loads.layer(l),
             last_routed: &never_idle,
@@ -853,7 +897,7 @@ pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Resu
         scale_layer(&mut fleet, 0, &signals, 0, cfg, &mut fill);
         // `fill` mirrors the layer's instances when scaling returns.
         let shares = fill.fill(loads.layer(l));
-        plan.layers.push(LayerPlan {
+        out.push(LayerPlan {
             instances: fleet.layers[0]
                 .iter()
                 .zip(shares)
@@ -865,7 +909,7 @@ pub fn moeless_plan(loads: &crate::plan::LoadMatrix, cfg: &ReplayConfig) -> Resu
                 .collect(),
         });
     }
-    Ok(plan)
+    out
 }
 
 /// Free a slot for a cold start when every slot is taken: drop one replica (some expert must

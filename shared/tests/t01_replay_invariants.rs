@@ -182,3 +182,45 @@ fn predictor_knobs_are_checked_and_used() {
     };
     assert_ne!(tv(0.0), tv(1.0));
 }
+
+/// A from-scratch MoEless plan is the same whether its layers are planned on one thread or
+/// split over several (layers are independent), and every plan keeps each expert's shares
+/// summing to 1 within the instance budget.
+#[test]
+fn moeless_plan_is_the_same_on_any_number_of_threads() {
+    use shared::plan::LoadMatrix;
+    use shared::replay::moeless_plan_with_threads;
+    let mut x = 12345u64;
+    let loads: Vec<Vec<f64>> = (0..7)
+        .map(|_| {
+            (0..32)
+                .map(|e| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 1000) as f64 / (1 + e % 5) as f64
+                })
+                .collect()
+        })
+        .collect();
+    let loads = LoadMatrix::new(loads).expect("loads");
+    let mut cfg = ReplayConfig::new(8, 5);
+    cfg.instance_budget = Some(36);
+    let one = moeless_plan_with_threads(&loads, &cfg, 1).expect("plan");
+    assert_eq!(one.layers.len(), 7);
+    for layer in &one.layers {
+        assert!(layer.instances.len() <= 36);
+        let mut sums = [0.0f64; 32];
+        for i in &layer.instances {
+            sums[i.expert as usize] += i.share;
+        }
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-9), "{sums:?}");
+    }
+    for threads in [2, 3, 7, 64] {
+        assert_eq!(
+            moeless_plan_with_threads(&loads, &cfg, threads).expect("plan"),
+            one,
+            "{threads} threads"
+        );
+    }
+}
