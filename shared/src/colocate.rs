@@ -261,18 +261,19 @@ impl TokenAssigner {
                 if idx.len() < 2 {
                     continue;
                 }
+                let left = |i: usize| self.remaining.get(i).copied().unwrap_or(0);
                 let pick = match mode {
-                    Assignment::Sequential => idx.iter().copied().find(|&i| self.remaining[i] > 0),
+                    Assignment::Sequential => idx.iter().copied().find(|&i| left(i) > 0),
                     Assignment::Colocated => {
                         let visited = |i: usize| {
-                            let g = gpu[i] as usize;
+                            let g = gpu.get(i).map_or(usize::MAX, |&g| g as usize);
                             g < self.seen.len() && self.seen[g] == self.stamp
                         };
                         let best = |only_visited: bool| {
                             idx.iter()
                                 .copied()
-                                .filter(|&i| self.remaining[i] > 0 && (!only_visited || visited(i)))
-                                .max_by(|&a, &b| self.remaining[a].cmp(&self.remaining[b]).then(b.cmp(&a)))
+                                .filter(|&i| left(i) > 0 && (!only_visited || visited(i)))
+                                .max_by(|&a, &b| left(a).cmp(&left(b)).then(b.cmp(&a)))
                         };
                         best(true).or_else(|| best(false))
                     }
@@ -385,6 +386,10 @@ mod tests {
     fn inconsistent_counts_do_not_panic() {
         let mut a = TokenAssigner::default();
         let by_expert = vec![vec![0, 1], vec![]];
+        // Instance indices past the token counts and GPU lists are skipped, not indexed.
+        let past = vec![vec![5, 6]];
+        assert_eq!(a.gpu_copies(&[0, 0], 1, &[0], &[1], &past, Assignment::Colocated), 0);
+        assert_eq!(a.gpu_copies(&[0, 0], 1, &[0], &[1], &past, Assignment::Sequential), 0);
         let n = a.gpu_copies(
             &[0, 1, 0, 0, 7, 0],
             2,
