@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use shared::eplb::{rebalance_experts, EplbShape};
 use shared::plan::{static_ep, LayerPlan, LoadMatrix};
 use shared::predict::{PredictorKind, PredictorParams};
-use shared::replay::{moeless_plan, replay, PolicyKind, ReplayConfig, ReplayReport};
+use shared::replay::{moeless_plan_with_threads, replay, PolicyKind, ReplayConfig, ReplayReport};
 use shared::source::{load_steps, RoutingFormat, RoutingSteps, SourceOptions, Split};
 use shared::trace::Phase;
 
@@ -43,6 +43,10 @@ pub struct PlanArgs {
     /// Plan this many times and report the median and best planning time.
     #[arg(long, env = "MOELESS_REPEAT", default_value_t = 1)]
     pub repeat: usize,
+    /// MoEless: threads the layers are planned on (0: every core). The plan is the same for
+    /// any count; 1 times the serial planner.
+    #[arg(long, env = "MOELESS_PLAN_THREADS", default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// Which routing file to read and how to turn it into steps.
@@ -386,7 +390,13 @@ fn plan_once(a: &PlanArgs, policy: PolicyKind, loads: &LoadMatrix) -> Result<Vec
         PolicyKind::Moeless => {
             let mut cfg = ReplayConfig::new(a.gpus, a.slots_per_gpu);
             cfg.instance_budget = a.instance_budget;
-            moeless_plan(loads, &cfg).context("planning MoEless instances")?.layers
+            let threads = match a.threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            };
+            moeless_plan_with_threads(loads, &cfg, threads)
+                .context("planning MoEless instances")?
+                .layers
         }
         PolicyKind::Oracle => {
             bail!("`plan` supports static, eplb and moeless; the oracle needs a trace (use `replay`)")
