@@ -221,18 +221,27 @@ pub struct MeasuredOps {
     /// delivering its first and last streamed events), added to its TTFT and E2E.
     #[serde(default)]
     pub request_overhead_s: f64,
+    /// A remote worker's time per expert task beyond the FFN itself (decoding the task from
+    /// its message, scheduling it, framing its output), added to every expert call.
+    #[serde(default)]
+    pub expert_task_overhead_s: f64,
 }
 
 impl MeasuredOps {
     /// One expert on `n` tokens from the measured points.
     pub fn expert_time(&self, n: usize) -> f64 {
+        if n == 0 {
+            return 0.0;
+        }
+        self.ffn_time(n) + self.expert_task_overhead_s
+    }
+
+    /// The FFN alone, interpolated from the measured points.
+    fn ffn_time(&self, n: usize) -> f64 {
         let pts = &self.expert_ffn_s;
         let (Some(&first), Some(&last)) = (pts.first(), pts.last()) else {
             return 0.0;
         };
-        if n == 0 {
-            return 0.0;
-        }
         if n <= first.0 {
             return first.1;
         }
@@ -262,6 +271,7 @@ impl MeasuredOps {
             self.step_fixed_s,
             self.step_per_sequence_s,
             self.request_overhead_s,
+            self.expert_task_overhead_s,
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!(

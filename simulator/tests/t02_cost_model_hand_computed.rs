@@ -92,6 +92,7 @@ fn measured_operator_times_replace_the_roofline_for_their_shape_only() {
         step_fixed_s: 2e-4,
         step_per_sequence_s: 1e-5,
         request_overhead_s: 3e-3,
+        expert_task_overhead_s: 0.0,
     });
     let c = CostModel::new(p.clone(), m.clone(), 8);
     assert!(c.uses_measured_ops());
@@ -101,6 +102,15 @@ fn measured_operator_times_replace_the_roofline_for_their_shape_only() {
     // Past the last point: proportional to tokens.
     close(c.expert_time(32), 16e-3);
     assert_eq!(c.expert_time(0), 0.0);
+    // A remote worker's per-task overhead is added to every call that has tokens.
+    let mut q = p.clone();
+    if let Some(ms) = q.measured.as_mut() {
+        ms.expert_task_overhead_s = 5e-5;
+    }
+    let cq = CostModel::new(q, m.clone(), 8);
+    close(cq.expert_time(1), 1e-3 + 5e-5);
+    close(cq.expert_time(32), 16e-3 + 5e-5);
+    assert_eq!(cq.expert_time(0), 0.0);
     let w = AttentionWork {
         prefill_tokens: 10,
         prefill_context_products: 50.0,

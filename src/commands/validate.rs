@@ -9,8 +9,8 @@
 //!    device in front of N expert devices (`SimConfig::central_attention`), the same requests,
 //!    and a device profile measured here first (`simulator::gpu::MeasuredOps`): the expert FFN
 //!    by token count, a layer's non-expert time, the endpoint's own time per step and per
-//!    request, and the QUIC round trip to a worker (the roofline fitted to the FFN points is
-//!    kept in the profile for other shapes).
+//!    request, the QUIC round trip to a worker, and the worker's time per expert task beyond
+//!    the FFN (the roofline fitted to the FFN points is kept in the profile for other shapes).
 //!
 //! Both sides route from the same trace ([`PoolRouting`]): the engine's routing is forced, per
 //! sequence of a batch, from a trace query chosen by a seeded hash, taking its prefill tokens
@@ -582,6 +582,9 @@ struct CalibrationContext<'a> {
     remote: &'a RemoteExperts,
     /// The expert the link is timed with.
     key: ExpertKey,
+    /// Experts of the key's layer on the key's worker (the key first): one message carrying a
+    /// task for each times the worker's per-task work.
+    same_worker: Vec<u32>,
 }
 
 /// One pass of measurements on this machine.
@@ -600,6 +603,8 @@ struct Calibration {
     latency: f64,
     bandwidth: f64,
     link: Vec<(usize, f64, f64)>,
+    /// Worker time per expert task beyond its in-process FFN (decoding, scheduling, framing).
+    task_overhead: f64,
 }
 
 impl Calibration {
@@ -618,6 +623,7 @@ impl Calibration {
             latency: m(a.latency, b.latency),
             bandwidth: m(a.bandwidth, b.bandwidth),
             link: Vec::new(),
+            task_overhead: m(a.task_overhead, b.task_overhead),
         }
     }
 
@@ -635,6 +641,7 @@ impl Calibration {
             "link_latency_s": self.latency,
             "link_bandwidth": self.bandwidth,
             "link_measured_s": self.link.iter().map(|(n, r, l)| json!({"tokens": n, "remote": r, "in_process": l})).collect::<Vec<_>>(),
+            "expert_task_overhead_s": self.task_overhead,
         })
     }
 }
@@ -656,6 +663,7 @@ fn calibrate(c: &CalibrationContext<'_>) -> anyhow::Result<Calibration> {
     let layer = measure_layers(c.model.clone())?;
     let over = measure_overheads(c.runtime, c.model.clone(), &layer, c.serve_cfg)?;
     let (latency, bandwidth, link) = measure_link(c.remote, c.key, &c.experts[0], c.backend.as_ref(), hidden)?;
+    let task_overhead = measure_task_overhead(c, bandwidth)?;
     Ok(Calibration {
         ffn,
         layer: layer.coef,
@@ -668,13 +676,60 @@ fn calibrate(c: &CalibrationContext<'_>) -> anyhow::Result<Calibration> {
         latency,
         bandwidth,
         link,
+        task_overhead,
     })
+}
+
+/// One message with a 1-token task for each of `c.same_worker`'s experts against one with a
+/// single task, both minus the same FFN calls in process: what each extra task costs the
+/// worker beyond its FFN and bytes (0 when fewer than two experts share the worker).
+fn measure_task_overhead(c: &CalibrationContext<'_>, bandwidth: f64) -> anyhow::Result<f64> {
+    let m = c.same_worker.len();
+    if m < 2 {
+        return Ok(0.0);
+    }
+    let hidden = c.model.config.hidden_size;
+    let x = rows(1, hidden, 11);
+    let layer = c.key.layer as usize;
+    let tasks = |n: usize| -> anyhow::Result<Vec<ExpertTask>> {
+        c.same_worker[..n]
+            .iter()
+            .map(|&e| {
+                let key = ExpertKey::new(c.key.layer as usize, e as usize);
+                let inst = c.remote.shares(key).first().map(|s| s.0);
+                let instance = inst.ok_or_else(|| anyhow::anyhow!("no instance of {key}"))?;
+                Ok(ExpertTask {
+                    instance,
+                    input: x.clone(),
+                })
+            })
+            .collect()
+    };
+    let remote = |n: usize| {
+        time_median(25, || {
+            std::hint::black_box(c.remote.execute(layer, tasks(n)?)?);
+            Ok(())
+        })
+    };
+    let local = |n: usize| {
+        time_median(25, || {
+            for &e in &c.same_worker[..n] {
+                std::hint::black_box(c.experts[e as usize].forward(c.backend.as_ref(), &x));
+            }
+            Ok(())
+        })
+    };
+    let extra_one = remote(1)? - local(1)?;
+    let extra_all = remote(m)? - local(m)?;
+    let bytes = 2.0 * (m - 1) as f64 * (hidden * 4) as f64 / bandwidth.max(1.0);
+    Ok(((extra_all - extra_one - bytes) / (m - 1) as f64).max(0.0))
 }
 
 fn report_calibration(step: &dyn Fn(&str), when: &str, c: &Calibration) {
     step(&format!(
         "{when}: FFN {:.0} us at 1 token, {:.0} us at 256; layer {:.0} us + {:.1} us/token (rms {:.3}); \
-         endpoint {:.0} us + {:.0} us/sequence per step, {:.0} us per request; link {:.0} us, {:.2} GB/s",
+         endpoint {:.0} us + {:.0} us/sequence per step, {:.0} us per request; link {:.0} us, {:.2} GB/s; \
+         {:.0} us per remote task",
         c.ffn[0].1 * 1e6,
         c.ffn[c.ffn.len() - 1].1 * 1e6,
         c.layer[0] * 1e6,
@@ -684,7 +739,8 @@ fn report_calibration(step: &dyn Fn(&str), when: &str, c: &Calibration) {
         c.step_per_sequence * 1e6,
         c.request * 1e6,
         c.latency * 1e6,
-        c.bandwidth / 1e9
+        c.bandwidth / 1e9,
+        c.task_overhead * 1e6
     ));
 }
 
@@ -846,7 +902,19 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     };
     step(&format!("starting {} worker processes ...", a.workers));
     let cluster = LocalCluster::start(a.workers, &dir, &config, 8.0, "cpu", a.threads)?;
-    let epoch = cluster.commit(cluster.plan(PlanKind::Static, 0), "sim-validate")?;
+    let static_plan = cluster.plan(PlanKind::Static, 0);
+    let key_worker = static_plan
+        .iter()
+        .find(|i| i.layer as usize == key.layer as usize && i.expert as usize == key.expert as usize)
+        .map(|i| i.worker);
+    let same_worker: Vec<u32> = static_plan
+        .iter()
+        .filter(|i| i.layer as usize == key.layer as usize && Some(i.worker) == key_worker)
+        .map(|i| i.expert)
+        .filter(|&e| (e as usize) < experts.len())
+        .take(16)
+        .collect();
+    let epoch = cluster.commit(static_plan, "sim-validate")?;
     let remote = cluster.remote()?;
     anyhow::ensure!(
         remote.wait_active(epoch, Duration::from_secs(300)),
@@ -860,6 +928,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         serve_cfg: &serve_cfg,
         remote: remote.as_ref(),
         key,
+        same_worker,
     };
     step("calibrating (expert FFN, layer, endpoint overheads, link) ...");
     let before = calibrate(&ctx)?;
@@ -962,6 +1031,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         step_fixed_s: cal.step_fixed,
         step_per_sequence_s: cal.step_per_sequence,
         request_overhead_s: cal.request,
+        expert_task_overhead_s: cal.task_overhead,
     });
     step(&format!(
         "FFN roofline (kept for other shapes): {:.2} GFLOP/s, {:.2} GB/s, {:.1} us per kernel (rms log error {ffn_rms:.3})",
