@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use shared::eplb::{rebalance_experts, EplbShape};
 use shared::plan::{static_ep, LayerPlan, LoadMatrix};
 use shared::predict::{PredictorKind, PredictorParams};
-use shared::replay::{moeless_plan_with_threads, replay, PolicyKind, ReplayConfig, ReplayReport};
+use shared::replay::{moeless_plan, moeless_plan_with_threads, replay, PolicyKind, ReplayConfig, ReplayReport};
 use shared::source::{load_steps, RoutingFormat, RoutingSteps, SourceOptions, Split};
 use shared::trace::Phase;
 
@@ -390,13 +390,12 @@ fn plan_once(a: &PlanArgs, policy: PolicyKind, loads: &LoadMatrix) -> Result<Vec
         PolicyKind::Moeless => {
             let mut cfg = ReplayConfig::new(a.gpus, a.slots_per_gpu);
             cfg.instance_budget = a.instance_budget;
-            let threads = match a.threads {
-                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                n => n,
-            };
-            moeless_plan_with_threads(loads, &cfg, threads)
-                .context("planning MoEless instances")?
-                .layers
+            match a.threads {
+                0 => moeless_plan(loads, &cfg),
+                n => moeless_plan_with_threads(loads, &cfg, n),
+            }
+            .context("planning MoEless instances")?
+            .layers
         }
         PolicyKind::Oracle => {
             bail!("`plan` supports static, eplb and moeless; the oracle needs a trace (use `replay`)")
