@@ -55,6 +55,17 @@ fn cluster() -> Cluster {
     }
 }
 
+/// An echo server on a free loopback port with default limits.
+fn echo_server(c: &Cluster) -> Server {
+    Server::bind(
+        localhost(),
+        &c.server_identity,
+        Limits::default(),
+        Arc::new(Echo::default()),
+    )
+    .unwrap()
+}
+
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
@@ -71,13 +82,7 @@ const LONG: Duration = Duration::from_secs(20);
 #[tokio::test]
 async fn small_and_multi_mib_messages_round_trip() {
     let c = cluster();
-    let server = Server::bind(
-        localhost(),
-        &c.server_identity,
-        Limits::default(),
-        Arc::new(Echo::default()),
-    )
-    .unwrap();
+    let server = echo_server(&c);
     let client = Client::new(&c.client_identity, Limits::default()).unwrap();
     for (i, len) in [0usize, 1, 1000, 65_536, 3 << 20, 8 << 20].into_iter().enumerate() {
         let message = pattern(len, i as u8);
@@ -193,13 +198,7 @@ async fn oversized_request_is_refused_while_others_are_served() {
 #[tokio::test]
 async fn handler_that_never_answers_times_out() {
     let c = cluster();
-    let server = Server::bind(
-        localhost(),
-        &c.server_identity,
-        Limits::default(),
-        Arc::new(Echo::default()),
-    )
-    .unwrap();
+    let server = echo_server(&c);
     let client = Client::new(&c.client_identity, Limits::default()).unwrap();
     let addr = server.local_addr();
     let started = Instant::now();
@@ -222,13 +221,7 @@ async fn handler_that_never_answers_times_out() {
 #[tokio::test]
 async fn client_reconnects_after_the_server_restarts_on_the_same_address() {
     let c = cluster();
-    let server = Server::bind(
-        localhost(),
-        &c.server_identity,
-        Limits::default(),
-        Arc::new(Echo::default()),
-    )
-    .unwrap();
+    let server = echo_server(&c);
     let addr = server.local_addr();
     let client = Client::new(&c.client_identity, Limits::default()).unwrap();
     assert_eq!(
@@ -383,13 +376,7 @@ fn missing_and_garbage_pem_are_typed_errors_naming_the_file() {
 #[tokio::test]
 async fn requests_spread_over_a_pool_of_connections() {
     let c = cluster();
-    let server = Server::bind(
-        localhost(),
-        &c.server_identity,
-        Limits::default(),
-        Arc::new(Echo::default()),
-    )
-    .unwrap();
+    let server = echo_server(&c);
     let addr = server.local_addr();
     for (pool, want) in [(1, 1), (3, 3)] {
         let limits = Limits {
