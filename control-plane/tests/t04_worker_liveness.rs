@@ -144,15 +144,42 @@ async fn list_workers(addr: SocketAddr) -> BTreeMap<u64, proto::engine::WorkerIn
     r.into_inner().workers.into_iter().map(|w| (w.worker_id, w)).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_workers_are_replaced_and_come_back() {
+/// A single node with the reconciler on and a 1 s worker timeout, its admin client and the
+/// address heartbeat drivers follow (keep `dir` and `target_tx` alive for the test).
+struct ReconcilingNode {
+    dir: tempfile::TempDir,
+    node: RunningNode,
+    api: AdminClient,
+    target_tx: watch::Sender<SocketAddr>,
+    target: watch::Receiver<SocketAddr>,
+}
+
+async fn reconciling_node() -> ReconcilingNode {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(dir.path());
     cfg.reconciler = true;
     cfg.worker_timeout_ms = 1000;
     let node = start_single(cfg).await;
     let api = admin(&node);
-    let (_target_tx, target) = watch::channel(node.raft_addr);
+    let (target_tx, target) = watch::channel(node.raft_addr);
+    ReconcilingNode {
+        dir,
+        node,
+        api,
+        target_tx,
+        target,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_workers_are_replaced_and_come_back() {
+    let ReconcilingNode {
+        dir: _dir,
+        node,
+        api,
+        target_tx: _target_tx,
+        target,
+    } = reconciling_node().await;
 
     let mut alive = BTreeMap::new();
     let mut drivers = Vec::new();
@@ -461,13 +488,13 @@ async fn a_new_leader_does_not_declare_workers_dead_at_once() {
 /// plan, the static spread follows the live workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_joining_after_the_first_plan_get_instances() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path());
-    cfg.reconciler = true;
-    cfg.worker_timeout_ms = 1000;
-    let node = start_single(cfg).await;
-    let api = admin(&node);
-    let (_target_tx, target) = watch::channel(node.raft_addr);
+    let ReconcilingNode {
+        dir: _dir,
+        node,
+        api,
+        target_tx: _target_tx,
+        target,
+    } = reconciling_node().await;
     let mut drivers = Vec::new();
     register(node.raft_addr, 1).await;
     drivers.push(heartbeat(1, target.clone(), Arc::new(AtomicBool::new(true))));
