@@ -219,7 +219,15 @@ pub struct TokenAssigner {
     seen: Vec<u32>,
     stamp: u32,
     gpus_of_token: Vec<u32>,
+    received: Vec<u32>,
+    /// Per expert: the GPU of its only instance, or [`SEVERAL`] / [`NOWHERE`].
+    fixed: Vec<u32>,
 }
+
+/// `TokenAssigner::fixed`: the expert has several instances (a per-token choice).
+const SEVERAL: u32 = u32::MAX;
+/// `TokenAssigner::fixed`: the expert has no instance with a GPU (its tokens are not counted).
+const NOWHERE: u32 = u32::MAX - 1;
 
 impl TokenAssigner {
     /// Copies dispatched for one layer: `routes` token-major with `k` experts per token,
@@ -236,11 +244,26 @@ impl TokenAssigner {
         by_expert: &[Vec<usize>],
         mode: Assignment,
     ) -> u64 {
+        self.received.iter_mut().for_each(|r| *r = 0);
         if k == 0 {
             return 0;
         }
         self.remaining.clear();
         self.remaining.extend_from_slice(tokens);
+        // Every GPU index fits the scratch.
+        let gpus = gpu.iter().map(|&g| g as usize + 1).max().unwrap_or(0);
+        if gpus > self.seen.len() {
+            self.seen.resize(gpus, 0);
+        }
+        if gpus > self.received.len() {
+            self.received.resize(gpus, 0);
+        }
+        self.fixed.clear();
+        self.fixed.extend(by_expert.iter().map(|idx| match idx.as_slice() {
+            [] => NOWHERE,
+            [i] => gpu.get(*i).copied().unwrap_or(NOWHERE),
+            _ => SEVERAL,
+        }));
         let mut copies = 0u64;
         for tok in routes.chunks(k) {
             self.stamp = self.stamp.wrapping_add(1);
@@ -250,53 +273,84 @@ impl TokenAssigner {
             }
             self.gpus_of_token.clear();
             // Experts with one instance first: their GPUs are fixed.
-            for &e in tok {
-                match by_expert.get(e as usize).map(Vec::as_slice) {
-                    Some([i]) => self.take(*i, gpu),
-                    _ => continue,
-                }
-            }
-            for &e in tok {
-                let Some(idx) = by_expert.get(e as usize) else { continue };
-                if idx.len() < 2 {
-                    continue;
-                }
-                let left = |i: usize| self.remaining.get(i).copied().unwrap_or(0);
-                let pick = match mode {
-                    Assignment::Sequential => idx.iter().copied().find(|&i| left(i) > 0),
-                    Assignment::Colocated => {
-                        let visited = |i: usize| {
-                            let g = gpu.get(i).map_or(usize::MAX, |&g| g as usize);
-                            g < self.seen.len() && self.seen[g] == self.stamp
-                        };
-                        let best = |only_visited: bool| {
-                            idx.iter()
-                                .copied()
-                                .filter(|&i| left(i) > 0 && (!only_visited || visited(i)))
-                                .max_by(|&a, &b| left(a).cmp(&left(b)).then(b.cmp(&a)))
-                        };
-                        best(true).or_else(|| best(false))
+            let several = {
+                let (fixed, seen, stamp, visits) = (&self.fixed, &mut self.seen, self.stamp, &mut self.gpus_of_token);
+                let mut several = false;
+                for &e in tok {
+                    match fixed.get(e as usize) {
+                        Some(&SEVERAL) => several = true,
+                        Some(&NOWHERE) | None => {}
+                        Some(&g) => {
+                            if let Some(s) = seen.get_mut(g as usize) {
+                                if *s != stamp {
+                                    *s = stamp;
+                                    visits.push(g);
+                                }
+                            }
+                        }
                     }
-                };
-                self.take(pick.unwrap_or(idx[0]), gpu);
+                }
+                several
+            };
+            if several {
+                for &e in tok {
+                    if self.fixed.get(e as usize) == Some(&SEVERAL) {
+                        self.pick(&by_expert[e as usize], gpu, mode);
+                    }
+                }
             }
             copies += self.gpus_of_token.len() as u64;
+            for &g in &self.gpus_of_token {
+                if let Some(r) = self.received.get_mut(g as usize) {
+                    *r += 1;
+                }
+            }
         }
         copies
     }
 
-    fn take(&mut self, i: usize, gpu: &[u32]) {
+    /// Per GPU, the copies the last [`TokenAssigner::gpu_copies`] call sent to it (distinct
+    /// tokens it received), indexed by GPU up to the highest index given so far.
+    pub fn received(&self) -> &[u32] {
+        &self.received
+    }
+
+    /// One token of a replicated expert: take an instance with tokens left (preferring, when
+    /// colocating, one on a GPU the token already visits), or the first when none has any.
+    fn pick(&mut self, idx: &[usize], gpu: &[u32], mode: Assignment) {
+        let left = |i: usize| self.remaining.get(i).copied().unwrap_or(0);
+        let pick = match mode {
+            Assignment::Sequential => idx.iter().copied().find(|&i| left(i) > 0),
+            Assignment::Colocated => {
+                let visited = |i: usize| {
+                    let g = gpu.get(i).map_or(usize::MAX, |&g| g as usize);
+                    g < self.seen.len() && self.seen[g] == self.stamp
+                };
+                let best = |only_visited: bool| {
+                    idx.iter()
+                        .copied()
+                        .filter(|&i| left(i) > 0 && (!only_visited || visited(i)))
+                        .max_by(|&a, &b| left(a).cmp(&left(b)).then(b.cmp(&a)))
+                };
+                best(true).or_else(|| best(false))
+            }
+        };
+        let i = pick.unwrap_or(idx[0]);
         if let Some(r) = self.remaining.get_mut(i) {
             *r = r.saturating_sub(1);
         }
-        let Some(&g) = gpu.get(i) else { return };
-        let g = g as usize;
-        if g >= self.seen.len() {
-            self.seen.resize(g + 1, 0);
+        if let Some(&g) = gpu.get(i) {
+            self.visit(g);
         }
-        if self.seen[g] != self.stamp {
-            self.seen[g] = self.stamp;
-            self.gpus_of_token.push(g as u32);
+    }
+
+    /// Count GPU `g` once for this token.
+    fn visit(&mut self, g: u32) {
+        if let Some(s) = self.seen.get_mut(g as usize) {
+            if *s != self.stamp {
+                *s = self.stamp;
+                self.gpus_of_token.push(g);
+            }
         }
     }
 }
@@ -377,7 +431,9 @@ mod tests {
         let routes = [2, 1, 2, 1, 0, 1, 0, 1];
         let mut a = TokenAssigner::default();
         let seq = a.gpu_copies(&routes, 2, &gpu, &tokens, &by_expert, Assignment::Sequential);
+        assert_eq!(a.received(), &[4, 4]);
         let col = a.gpu_copies(&routes, 2, &gpu, &tokens, &by_expert, Assignment::Colocated);
+        assert_eq!(a.received(), &[2, 2]);
         assert_eq!(seq, 8);
         assert_eq!(col, 4);
     }
@@ -399,6 +455,7 @@ mod tests {
             Assignment::Colocated,
         );
         assert_eq!(n, 3);
+        assert_eq!(a.received(), &[3, 0, 0, 0]);
         assert_eq!(a.gpu_copies(&[0], 0, &[0], &[1], &by_expert, Assignment::Sequential), 0);
     }
 }

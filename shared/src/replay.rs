@@ -313,6 +313,10 @@ pub struct LayerOutcome {
     pub stalls: u64,
     /// Instances on each GPU that received at least one token.
     pub gpu_active_instances: Vec<u32>,
+    /// Token copies each GPU received from the dispatch: one per token with at least one of
+    /// its experts executed there (what an all-to-all moves). Empty when the step carried no
+    /// per-token routes.
+    pub gpu_copies: Vec<u32>,
 }
 
 /// The replay driven one step at a time, for callers that produce steps as they go (the
@@ -732,6 +736,7 @@ impl Replayer {
             }
             let routes = &step.routes[l];
             let token_choices: u32 = counts.iter().sum();
+            let mut gpu_copies = Vec::new();
             if top_k > 0 && !routes.is_empty() && routes.len() == token_choices as usize {
                 let gpu_of: Vec<u32> = plan.instances.iter().map(|i| i.gpu).collect();
                 let mode = if policy == PolicyKind::Moeless && cfg.colocate {
@@ -742,6 +747,10 @@ impl Replayer {
                 report.dispatch_gpu_copies +=
                     assigner.gpu_copies(routes, top_k, &gpu_of, inst_tokens, idx_by_expert, mode);
                 report.dispatch_token_layers += (routes.len() / top_k) as u64;
+                gpu_copies = vec![0u32; g];
+                for (c, &r) in gpu_copies.iter_mut().zip(assigner.received()) {
+                    *c = r;
+                }
             }
             let total: u32 = gpu_tok.iter().sum();
             let max = *gpu_tok.iter().max().expect("at least one GPU");
@@ -766,6 +775,7 @@ impl Replayer {
                 gpu_tokens: gpu_tok,
                 stalls,
                 gpu_active_instances: gpu_active,
+                gpu_copies,
             });
             history.observe(l, &step.routes[l], counts);
             predictor.observe(l, &step.routes[l], counts);

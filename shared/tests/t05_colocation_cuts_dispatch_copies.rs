@@ -10,7 +10,7 @@
 mod common;
 use common::routing_dir;
 
-use shared::replay::{replay, PolicyKind, ReplayConfig, ReplayReport};
+use shared::replay::{replay, PolicyKind, ReplayConfig, ReplayReport, Replayer};
 use shared::source::{load_steps, RoutingFormat, RoutingSteps, SourceOptions};
 use shared::trace::Phase;
 
@@ -78,4 +78,40 @@ fn top1_routing_is_untouched_by_colocation() {
     let without = run(&trace, PolicyKind::Moeless, false, 18);
     assert_eq!(with, without);
     assert_eq!(with.dispatch_gpu_copies, with.dispatch_token_layers);
+}
+
+/// What each layer of each step reports per GPU (the copies it received, for the cluster
+/// simulator's communication time) adds up to the replay's total, and a GPU never receives
+/// more copies than the expert choices it executes.
+#[test]
+fn per_gpu_copies_add_up_to_the_reported_total() {
+    let Some(dir) = routing_dir() else { return };
+    let path = dir.join("vllm-layer0-small/olmoe_gsm8k/moe_routes.jsonl");
+    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let trace = load_steps(
+        RoutingFormat::VllmJsonl,
+        std::io::BufReader::new(file),
+        &SourceOptions::new(Phase::Decode, 64),
+    )
+    .expect("the vLLM OLMoE log");
+    let layers = trace.steps[0].counts.len();
+    for policy in PolicyKind::ALL {
+        let cfg = ReplayConfig::new(8, 10);
+        let mut r = Replayer::new(layers, trace.num_experts, trace.top_k, policy, &cfg).expect("replayer");
+        let mut sum = 0u64;
+        for step in &trace.steps {
+            r.step(step).expect("step");
+            for (l, o) in r.last_step().iter().enumerate() {
+                assert_eq!(o.gpu_copies.len(), 8, "{policy:?}");
+                let tokens = (step.routes[l].len() / trace.top_k) as u64;
+                let copies: u64 = o.gpu_copies.iter().map(|&c| u64::from(c)).sum();
+                assert!(copies >= tokens && copies <= tokens * trace.top_k as u64, "{policy:?}");
+                for (&c, &n) in o.gpu_copies.iter().zip(&o.gpu_tokens) {
+                    assert!(c <= n, "{policy:?}: {c} copies for {n} choices");
+                }
+                sum += copies;
+            }
+        }
+        assert_eq!(sum, r.finish().dispatch_gpu_copies, "{policy:?}");
+    }
 }
