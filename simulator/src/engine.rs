@@ -53,6 +53,14 @@ pub struct SimConfig {
     /// sequence limit and KV capacity then apply to the engine device; every routed token
     /// crosses a link. `false` (default): attention is data-parallel over the group's GPUs.
     pub central_attention: bool,
+    /// Dispatch fan-out (data-parallel attention only): an all-to-all sends a token once to
+    /// every distinct GPU that runs one of its experts, not once per expert. Every N-th step
+    /// carries per-token routes so the policy's own token-to-instance matching counts the
+    /// copies each GPU receives; between samples, each GPU's copies per routed choice from the
+    /// last sample scale its routed choices. 1: every step (exact); 0: one copy per expert
+    /// choice. With `central_attention` the engine sends one copy per choice (the workers'
+    /// protocol carries tokens per expert), so this does not apply.
+    pub fanout_sample_every: usize,
 }
 
 impl SimConfig {
@@ -74,6 +82,7 @@ impl SimConfig {
             sample_every_s: 10.0,
             drain_limit_s: 3600.0,
             central_attention: false,
+            fanout_sample_every: 16,
         }
     }
 }
@@ -393,6 +402,15 @@ fn run_group(
     // Routes are built only for a predictor that reads them; otherwise counts straight from
     // the routing table (the same counts, without a per-layer copy of every token's choices).
     let need_routes = replayer.needs_routes();
+    let fanout_every = if cfg.central_attention {
+        0
+    } else {
+        cfg.fanout_sample_every
+    };
+    // Per layer and GPU, token copies received per routed choice at the last sampled step;
+    // per layer, copies sent per routed choice. 1.0 (one copy per choice) until sampled.
+    let mut recv_ratio: Vec<Vec<f64>> = vec![vec![1.0; g]; layers];
+    let mut send_ratio: Vec<f64> = vec![1.0; layers];
     rep.arrived += reqs.len();
 
     while let Some(ev) = q.pop() {
@@ -524,6 +542,7 @@ fn run_group(
         let mut origin = vec![0usize; attn_devices];
         // Sequences with tokens in this step.
         let mut scheduled = 0usize;
+        let with_routes = need_routes || (fanout_every > 0 && step_index.is_multiple_of(fanout_every));
         for l in running.iter() {
             let (n, prefill, start) = if l.decoding {
                 (1, false, l.produced - 1)
@@ -532,7 +551,7 @@ fn run_group(
             };
             origin[l.gpu] += n;
             scheduled += usize::from(n > 0);
-            if need_routes {
+            if with_routes {
                 for p in start..start + n {
                     let tok = routing.token(l.query, prefill, p);
                     for (layer, r) in routes.iter_mut().enumerate() {
@@ -545,7 +564,7 @@ fn run_group(
         }
         routing.count_tokens(&single, &mut counts);
         single.clear();
-        let step = if need_routes {
+        let step = if with_routes {
             Step::new(0, step_index, std::mem::take(&mut routes), model.num_experts)
         } else {
             Step {
@@ -557,9 +576,7 @@ fn run_group(
         };
         replayer.step(&step)?;
         routes = step.routes;
-        if !need_routes {
-            counts = step.counts;
-        }
+        counts = step.counts;
         step_index += 1;
         instances_now = held_instances(&replayer);
 
@@ -578,11 +595,28 @@ fn run_group(
         let mut t = (model.num_layers - layers) as f64 * attn_dense + lm + cost.step_overhead(scheduled);
         let max_origin = *origin.iter().max().unwrap_or(&0) as f64 * k as f64;
         let cold = cost.cold_start_time();
-        for o in replayer.last_step() {
+        for (l, o) in replayer.last_step().iter().enumerate() {
+            if fanout_every > 0 && !o.gpu_copies.is_empty() {
+                let (mut copies, mut choices) = (0u64, 0u64);
+                for ((r, &c), &n) in recv_ratio[l].iter_mut().zip(&o.gpu_copies).zip(&o.gpu_tokens) {
+                    if n > 0 {
+                        *r = f64::from(c) / f64::from(n);
+                    }
+                    copies += u64::from(c);
+                    choices += u64::from(n);
+                }
+                if choices > 0 {
+                    send_ratio[l] = copies as f64 / choices as f64;
+                }
+                rep.fanout_copies += copies;
+                rep.fanout_token_layers += tokens as u64;
+            }
             let mut expert_t = 0.0f64;
             let mut max_tok = 0u32;
-            for (&n, &a) in o.gpu_tokens.iter().zip(&o.gpu_active_instances) {
+            let mut max_recv = 0.0f64;
+            for (gi, (&n, &a)) in o.gpu_tokens.iter().zip(&o.gpu_active_instances).enumerate() {
                 max_tok = max_tok.max(n);
+                max_recv = max_recv.max(f64::from(n) * recv_ratio[l][gi]);
                 // The GPU's instances that received tokens run as one grouped GEMM: each
                 // streams its weights; tokens split evenly among them.
                 if n > 0 {
@@ -590,7 +624,7 @@ fn run_group(
                     expert_t = expert_t.max(a as f64 * cost.expert_time((n as usize).div_ceil(a as usize)));
                 }
             }
-            let vectors = (max_tok as f64).max(max_origin) * remote;
+            let vectors = max_recv.max(max_origin * send_ratio[l]) * remote;
             let comm = 2.0 * cost.all_to_all_time(vectors);
             let stall = if o.stalls > 0 { cold } else { 0.0 };
             let layer_t = attn_moe + comm + expert_t + stall;

@@ -27,6 +27,9 @@ pub struct PolicyReport {
     pub bal_sum: f64,
     pub bal_n: u64,
     pub cold_starts: u64,
+    /// Token copies dispatched and token-layers, over the steps sampled for fan-out.
+    pub fanout_copies: u64,
+    pub fanout_token_layers: u64,
     pub instances_created: u64,
     pub tokens_processed: u64,
     pub output_tokens: u64,
@@ -93,6 +96,10 @@ pub struct Summary {
     pub mem_expert_gb_s: f64,
     pub mem_kv_gb_s: f64,
     pub balancedness_mean: f64,
+    /// Token copies the dispatch sends per token and MoE layer (distinct GPUs of its
+    /// experts), over the steps sampled for it (`None`: not sampled, see
+    /// `SimConfig::fanout_sample_every`).
+    pub dispatch_fanout_mean: Option<f64>,
     pub cold_starts: u64,
     pub instances_created: u64,
     pub steps: u64,
@@ -118,6 +125,8 @@ impl PolicyReport {
             bal_sum: 0.0,
             bal_n: 0,
             cold_starts: 0,
+            fanout_copies: 0,
+            fanout_token_layers: 0,
             instances_created: 0,
             tokens_processed: 0,
             output_tokens: 0,
@@ -209,6 +218,8 @@ impl PolicyReport {
             } else {
                 self.bal_sum / self.bal_n as f64
             },
+            dispatch_fanout_mean: (self.fanout_token_layers > 0)
+                .then(|| self.fanout_copies as f64 / self.fanout_token_layers as f64),
             cold_starts: self.cold_starts,
             instances_created: self.instances_created,
             steps: self.steps,

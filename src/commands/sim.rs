@@ -76,6 +76,11 @@ pub struct SimArgs {
     pub eplb_window: usize,
     #[arg(long, default_value_t = 3000)]
     pub eplb_interval: usize,
+    /// Every N-th step carries per-token routes to count the dispatch's token copies (one per
+    /// distinct GPU of a token's experts); 1: every step, 0: one copy per expert choice.
+    /// Data-parallel attention only.
+    #[arg(long, default_value_t = 16)]
+    pub fanout_sample_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, env = "MOELESS_OUT")]
@@ -134,6 +139,7 @@ pub fn run(a: SimArgs) -> Result<()> {
     cfg.eplb_window = a.eplb_window;
     cfg.eplb_interval = a.eplb_interval;
     cfg.seed = a.seed;
+    cfg.fanout_sample_every = a.fanout_sample_every;
     cfg.sample_every_s = (a.duration / 200.0).max(1.0);
     let lay = simulator::engine::layout(&cfg, &model)?;
     eprintln!(
@@ -166,7 +172,7 @@ pub fn run(a: SimArgs) -> Result<()> {
     let report = json!({
         "config": {
             "model": model.name, "model_config": a.model_config, "routing_trace": a.routing_trace,
-            "routing_source": routing.source, "arrivals": a.arrivals, "arrivals_start_s": a.arrivals_start, "gpus": a.gpus, "gpu_type": gpu, "central_attention": a.central_attention,
+            "routing_source": routing.source, "arrivals": a.arrivals, "arrivals_start_s": a.arrivals_start, "gpus": a.gpus, "gpu_type": gpu, "central_attention": a.central_attention, "fanout_sample_every": a.fanout_sample_every,
             "ep_size": lay.ep_size, "groups": lay.groups, "slots_per_gpu": lay.slots_per_gpu,
             "kv_tokens_per_gpu": lay.kv_tokens_per_gpu, "duration_s": a.duration, "rate_scale": a.rate_scale,
             "requests": requests.len(), "token_budget_per_gpu": a.token_budget_per_gpu,
