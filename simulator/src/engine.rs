@@ -82,7 +82,7 @@ impl SimConfig {
             sample_every_s: 10.0,
             drain_limit_s: 3600.0,
             central_attention: false,
-            fanout_sample_every: 16,
+            fanout_sample_every: 64,
         }
     }
 }

@@ -79,7 +79,7 @@ pub struct SimArgs {
     /// Every N-th step carries per-token routes to count the dispatch's token copies (one per
     /// distinct GPU of a token's experts); 1: every step, 0: one copy per expert choice.
     /// Data-parallel attention only.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     pub fanout_sample_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
