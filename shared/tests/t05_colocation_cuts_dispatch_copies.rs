@@ -29,9 +29,10 @@ fn run_with(trace: &RoutingSteps, policy: PolicyKind, colocate: bool, rehome: us
     replay(&trace.steps, trace.num_experts, trace.top_k, policy, &cfg).expect("replay")
 }
 
-#[test]
-fn colocation_cuts_copies_on_real_olmoe_routing() {
-    let Some(dir) = routing_dir() else { return };
+/// The top-8 routing logged from vLLM serving OLMoE, in decode batches of 64 (`None` where
+/// the reference data is absent and skipping is allowed).
+fn olmoe_log() -> Option<RoutingSteps> {
+    let dir = routing_dir()?;
     let path = dir.join("vllm-layer0-small/olmoe_gsm8k/moe_routes.jsonl");
     let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let trace = load_steps(
@@ -40,6 +41,12 @@ fn colocation_cuts_copies_on_real_olmoe_routing() {
         &SourceOptions::new(Phase::Decode, 64),
     )
     .expect("the vLLM OLMoE log");
+    Some(trace)
+}
+
+#[test]
+fn colocation_cuts_copies_on_real_olmoe_routing() {
+    let Some(trace) = olmoe_log() else { return };
     assert_eq!(trace.top_k, 8);
     let with = run(&trace, PolicyKind::Moeless, true, 10);
     let without = run(&trace, PolicyKind::Moeless, false, 10);
@@ -85,15 +92,7 @@ fn top1_routing_is_untouched_by_colocation() {
 /// more copies than the expert choices it executes.
 #[test]
 fn per_gpu_copies_add_up_to_the_reported_total() {
-    let Some(dir) = routing_dir() else { return };
-    let path = dir.join("vllm-layer0-small/olmoe_gsm8k/moe_routes.jsonl");
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let trace = load_steps(
-        RoutingFormat::VllmJsonl,
-        std::io::BufReader::new(file),
-        &SourceOptions::new(Phase::Decode, 64),
-    )
-    .expect("the vLLM OLMoE log");
+    let Some(trace) = olmoe_log() else { return };
     let layers = trace.steps[0].counts.len();
     for policy in PolicyKind::ALL {
         let cfg = ReplayConfig::new(8, 10);
