@@ -273,25 +273,14 @@ impl TokenAssigner {
             }
             self.gpus_of_token.clear();
             // Experts with one instance first: their GPUs are fixed.
-            let several = {
-                let (fixed, seen, stamp, visits) = (&self.fixed, &mut self.seen, self.stamp, &mut self.gpus_of_token);
-                let mut several = false;
-                for &e in tok {
-                    match fixed.get(e as usize) {
-                        Some(&SEVERAL) => several = true,
-                        Some(&NOWHERE) | None => {}
-                        Some(&g) => {
-                            if let Some(s) = seen.get_mut(g as usize) {
-                                if *s != stamp {
-                                    *s = stamp;
-                                    visits.push(g);
-                                }
-                            }
-                        }
-                    }
+            let mut several = false;
+            for &e in tok {
+                match self.fixed.get(e as usize).copied() {
+                    Some(SEVERAL) => several = true,
+                    Some(NOWHERE) | None => {}
+                    Some(g) => self.visit(g),
                 }
-                several
-            };
+            }
             if several {
                 for &e in tok {
                     if self.fixed.get(e as usize) == Some(&SEVERAL) {
