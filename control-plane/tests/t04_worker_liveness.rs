@@ -145,13 +145,13 @@ async fn list_workers(addr: SocketAddr) -> BTreeMap<u64, proto::engine::WorkerIn
 }
 
 /// A single node with the reconciler on and a 1 s worker timeout, its admin client and the
-/// address heartbeat drivers follow (keep `dir` and `target_tx` alive for the test).
+/// address heartbeat drivers follow; `_guards` (its data directory and the address's sender)
+/// must live as long as the test, so callers move the other fields out and keep the rest.
 struct ReconcilingNode {
-    dir: tempfile::TempDir,
     node: RunningNode,
     api: AdminClient,
-    target_tx: watch::Sender<SocketAddr>,
     target: watch::Receiver<SocketAddr>,
+    _guards: (tempfile::TempDir, watch::Sender<SocketAddr>),
 }
 
 async fn reconciling_node() -> ReconcilingNode {
@@ -163,23 +163,18 @@ async fn reconciling_node() -> ReconcilingNode {
     let api = admin(&node);
     let (target_tx, target) = watch::channel(node.raft_addr);
     ReconcilingNode {
-        dir,
         node,
         api,
-        target_tx,
         target,
+        _guards: (dir, target_tx),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_workers_are_replaced_and_come_back() {
-    let ReconcilingNode {
-        dir: _dir,
-        node,
-        api,
-        target_tx: _target_tx,
-        target,
-    } = reconciling_node().await;
+    // `n._guards` stays in `n` until the end of the test.
+    let n = reconciling_node().await;
+    let (node, api, target) = (n.node, n.api, n.target);
 
     let mut alive = BTreeMap::new();
     let mut drivers = Vec::new();
@@ -488,13 +483,9 @@ async fn a_new_leader_does_not_declare_workers_dead_at_once() {
 /// plan, the static spread follows the live workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_joining_after_the_first_plan_get_instances() {
-    let ReconcilingNode {
-        dir: _dir,
-        node,
-        api,
-        target_tx: _target_tx,
-        target,
-    } = reconciling_node().await;
+    // `n._guards` stays in `n` until the end of the test.
+    let n = reconciling_node().await;
+    let (node, api, target) = (n.node, n.api, n.target);
     let mut drivers = Vec::new();
     register(node.raft_addr, 1).await;
     drivers.push(heartbeat(1, target.clone(), Arc::new(AtomicBool::new(true))));
