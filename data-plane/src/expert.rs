@@ -439,6 +439,10 @@ pub struct ExpertTask {
     pub instance: InstanceId,
     /// `[tokens, hidden]`.
     pub input: Tensor,
+    /// Per input row, which token of the layer's batch it is (rows of different tasks with
+    /// the same id are the same activation, so a transport may carry them once); empty when
+    /// unknown.
+    pub tokens: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]

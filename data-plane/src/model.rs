@@ -824,6 +824,7 @@ impl Model {
                 tasks.push(ExpertTask {
                     instance: *instance,
                     input,
+                    tokens: part.iter().map(|r| r.0 as u32).collect(),
                 });
                 task_rows.push(part);
             }

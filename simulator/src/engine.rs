@@ -58,8 +58,11 @@ pub struct SimConfig {
     /// carries per-token routes so the policy's own token-to-instance matching counts the
     /// copies each GPU receives; between samples, each GPU's copies per routed choice from the
     /// last sample scale its routed choices. 1: every step (exact); 0: one copy per expert
-    /// choice. With `central_attention` the engine sends one copy per choice (the workers'
-    /// protocol carries tokens per expert), so this does not apply.
+    /// choice. With `central_attention` this does not apply: both directions are charged one
+    /// vector per choice. The workers' protocol returns one output per expert task; its
+    /// requests carry a token once per worker (`worker::wire::encode_request_shared`), so for
+    /// top-k > 1 the dispatch half is overstated (the CPU validation routes top-1, where the
+    /// two agree).
     pub fanout_sample_every: usize,
 }
 

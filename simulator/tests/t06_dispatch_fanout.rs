@@ -113,8 +113,8 @@ fn top_one_routing_is_unchanged_by_sampling() {
     }
 }
 
-/// With one engine device in front of the GPUs the workers' protocol carries tokens per
-/// expert: one copy per choice, nothing sampled.
+/// With one engine device in front of the GPUs the workers' protocol returns one output per
+/// expert task: one vector per choice is charged, nothing sampled.
 #[test]
 fn central_attention_sends_one_copy_per_choice() {
     let mut cfg = config(1);

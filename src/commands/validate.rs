@@ -503,6 +503,7 @@ fn measure_link(
             let task = ExpertTask {
                 instance: inst,
                 input: x.clone(),
+                tokens: Vec::new(),
             };
             std::hint::black_box(remote.execute(key.layer as usize, vec![task])?);
             Ok(())
@@ -701,6 +702,7 @@ fn measure_task_overhead(c: &CalibrationContext<'_>, bandwidth: f64) -> anyhow::
                 Ok(ExpertTask {
                     instance,
                     input: x.clone(),
+                    tokens: Vec::new(),
                 })
             })
             .collect()

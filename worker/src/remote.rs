@@ -26,7 +26,7 @@ use transport::{Client, Identity, Limits};
 
 use crate::control::ControlClient;
 use crate::exec::Executor;
-use crate::wire::{encode_request, Dtype, Frame};
+use crate::wire::{encode_request, encode_request_shared, Dtype, Frame};
 
 /// How an engine reaches its workers.
 #[derive(Debug, Clone)]
@@ -115,6 +115,9 @@ pub struct DispatchStats {
     pub local_tasks: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Token rows not sent because their message already carried them (a token picked by
+    /// several experts held on one worker travels once).
+    pub rows_shared: u64,
     /// Messages that failed and whose tasks were sent elsewhere.
     pub failed_messages: u64,
     pub redispatched_tasks: u64,
@@ -130,6 +133,7 @@ struct Counters {
     local_tasks: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
+    rows_shared: AtomicU64,
     failed_messages: AtomicU64,
     redispatched_tasks: AtomicU64,
     activations: AtomicU64,
@@ -226,6 +230,7 @@ impl RemoteExperts {
             local_tasks: c.local_tasks.load(Ordering::Relaxed),
             bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
             bytes_received: c.bytes_received.load(Ordering::Relaxed),
+            rows_shared: c.rows_shared.load(Ordering::Relaxed),
             failed_messages: c.failed_messages.load(Ordering::Relaxed),
             redispatched_tasks: c.redispatched_tasks.load(Ordering::Relaxed),
             activations: c.activations.load(Ordering::Relaxed),
@@ -363,12 +368,25 @@ impl ExpertFunction for RemoteExperts {
                     failed.insert(w);
                     continue;
                 };
-                let refs: Vec<(ExpertKey, u32, &Tensor)> = idx
+                let refs: Vec<(ExpertKey, u32, &Tensor, &[u32])> = idx
                     .iter()
-                    .map(|&i| (tasks[i].instance.key, tasks[i].instance.replica, &tasks[i].input))
+                    .map(|&i| {
+                        let t = &tasks[i];
+                        (t.instance.key, t.instance.replica, &t.input, t.tokens.as_slice())
+                    })
                     .collect();
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let request = encode_request(id, layer as u32, self.opts.dtype, &refs);
+                // A token picked by several experts on this worker travels once.
+                let request = match encode_request_shared(id, layer as u32, self.opts.dtype, &refs) {
+                    Some((bytes, saved)) => {
+                        self.counters.rows_shared.fetch_add(saved as u64, Ordering::Relaxed);
+                        bytes
+                    }
+                    None => {
+                        let plain: Vec<(ExpertKey, u32, &Tensor)> = refs.iter().map(|r| (r.0, r.1, r.2)).collect();
+                        encode_request(id, layer as u32, self.opts.dtype, &plain)
+                    }
+                };
                 self.counters
                     .bytes_sent
                     .fetch_add(request.len() as u64, Ordering::Relaxed);

@@ -3,7 +3,9 @@
 //! Every frame starts with a 16-byte header: magic `MOEX`, version, kind, two reserved bytes and
 //! a request id (little endian). Activations travel as raw little-endian f32 or bf16 bytes after a
 //! small per-task table: no per-element encoding. One [`Frame::ExpertRequest`] carries all of one
-//! worker's tokens for one MoE layer.
+//! worker's tokens for one MoE layer; with top-k > 1 a token whose experts share a worker may
+//! travel once for all of them ([`encode_request_shared`]: a table of distinct rows and, per
+//! task, indices into it), as an all-to-all sends a token once per destination.
 //!
 //! Decoding validates everything (magic, version, kind, table sizes, that the payload length is
 //! exactly what the table announces) and answers a typed [`FrameError`]; it never panics and never
@@ -147,6 +149,7 @@ const K_RESP: u8 = 2;
 const K_ERR: u8 = 3;
 const K_FETCH: u8 = 4;
 const K_WEIGHTS: u8 = 5;
+const K_REQ_SHARED: u8 = 6;
 
 fn header(buf: &mut BytesMut, kind: u8, id: u64) {
     buf.put_slice(&MAGIC);
@@ -156,19 +159,18 @@ fn header(buf: &mut BytesMut, kind: u8, id: u64) {
     buf.put_u64_le(id);
 }
 
+/// The frame header and what both request layouts start with (see [`request_head`]).
+fn request_header(buf: &mut BytesMut, kind: u8, id: u64, (layer, hidden, dtype): (u32, usize, Dtype), tasks: usize) {
+    header(buf, kind, id);
+    buf.put_u32_le(layer);
+    buf.put_u32_le(hidden as u32);
+    buf.put_u8(dtype.code());
+    buf.put_bytes(0, 3);
+    buf.put_u32_le(tasks as u32);
+}
+
 fn put_rows(buf: &mut BytesMut, t: &Tensor, dtype: Dtype) {
-    match dtype {
-        Dtype::F32 => {
-            for v in t.data() {
-                buf.put_f32_le(*v);
-            }
-        }
-        Dtype::Bf16 => {
-            for v in t.data() {
-                buf.put_u16_le(half::bf16::from_f32(*v).to_bits());
-            }
-        }
-    }
+    put_slice(buf, t.data(), dtype);
 }
 
 /// Encodes an [`Frame::ExpertRequest`] from borrowed tasks `(expert, replica, [rows, hidden])`;
@@ -177,12 +179,7 @@ pub fn encode_request(id: u64, layer: u32, dtype: Dtype, tasks: &[(ExpertKey, u3
     let hidden = tasks.first().map_or(0, |t| t.2.cols());
     let rows: usize = tasks.iter().map(|t| t.2.rows()).sum();
     let mut b = BytesMut::with_capacity(HEADER + 16 + 12 * tasks.len() + rows * hidden * dtype.size());
-    header(&mut b, K_REQ, id);
-    b.put_u32_le(layer);
-    b.put_u32_le(hidden as u32);
-    b.put_u8(dtype.code());
-    b.put_bytes(0, 3);
-    b.put_u32_le(tasks.len() as u32);
+    request_header(&mut b, K_REQ, id, (layer, hidden, dtype), tasks.len());
     for (key, replica, input) in tasks {
         b.put_u32_le(key.expert);
         b.put_u32_le(*replica);
@@ -192,6 +189,69 @@ pub fn encode_request(id: u64, layer: u32, dtype: Dtype, tasks: &[(ExpertKey, u3
         put_rows(&mut b, input, dtype);
     }
     b.freeze()
+}
+
+/// Encodes an [`Frame::ExpertRequest`] in which rows that several tasks carry travel once:
+/// `tasks` are `(expert, replica, [rows, hidden], token ids of the rows)`, where equal ids
+/// name the same activation (a token of the layer's batch picked by several experts held on
+/// this worker). The frame holds each distinct row once and, per task, the index of each of
+/// its rows; it decodes to the same request as [`encode_request`] of the same tasks. Returns
+/// the frame and how many rows it did not repeat; `None` when no row is shared (the plain
+/// frame is then as small) or a task's ids do not match its rows.
+pub fn encode_request_shared(
+    id: u64,
+    layer: u32,
+    dtype: Dtype,
+    tasks: &[(ExpertKey, u32, &Tensor, &[u32])],
+) -> Option<(Bytes, usize)> {
+    let hidden = tasks.first().map_or(0, |t| t.2.cols());
+    if tasks.iter().any(|t| t.3.len() != t.2.rows() || t.2.cols() != hidden) {
+        return None;
+    }
+    let rows: usize = tasks.iter().map(|t| t.2.rows()).sum();
+    // Distinct ids in order of first appearance, with the (task, row) that carries each.
+    let mut slot: std::collections::HashMap<u32, u32> = std::collections::HashMap::with_capacity(rows);
+    let mut first: Vec<(usize, usize)> = Vec::new();
+    let mut index: Vec<u32> = Vec::with_capacity(rows);
+    for (ti, t) in tasks.iter().enumerate() {
+        for (r, &tok) in t.3.iter().enumerate() {
+            let next = first.len() as u32;
+            let i = *slot.entry(tok).or_insert_with(|| {
+                first.push((ti, r));
+                next
+            });
+            index.push(i);
+        }
+    }
+    if first.len() == rows {
+        return None;
+    }
+    let mut b =
+        BytesMut::with_capacity(HEADER + 20 + 12 * tasks.len() + 4 * rows + first.len() * hidden * dtype.size());
+    request_header(&mut b, K_REQ_SHARED, id, (layer, hidden, dtype), tasks.len());
+    b.put_u32_le(first.len() as u32);
+    for (key, replica, input, _) in tasks {
+        b.put_u32_le(key.expert);
+        b.put_u32_le(*replica);
+        b.put_u32_le(input.rows() as u32);
+    }
+    for i in index {
+        b.put_u32_le(i);
+    }
+    let saved = rows - first.len();
+    for (ti, r) in first {
+        put_slice(&mut b, tasks[ti].2.row(r), dtype);
+    }
+    Some((b.freeze(), saved))
+}
+
+fn put_slice(buf: &mut BytesMut, values: &[f32], dtype: Dtype) {
+    match dtype {
+        Dtype::F32 => values.iter().for_each(|v| buf.put_f32_le(*v)),
+        Dtype::Bf16 => values
+            .iter()
+            .for_each(|v| buf.put_u16_le(half::bf16::from_f32(*v).to_bits())),
+    }
 }
 
 impl Frame {
@@ -277,38 +337,48 @@ impl Frame {
         let id = r.u64()?;
         match kind {
             K_REQ => {
-                let layer = r.u32()?;
-                let hidden = r.u32()?;
-                let dtype = Dtype::from_code(r.u8()?)?;
-                r.skip(3)?;
-                let n = r.u32()?;
-                if n > MAX_TASKS {
+                let head = request_head(&mut r, false)?;
+                let tensors = r.tensors(head.table.iter().map(|t| t.2), head.hidden, head.dtype)?;
+                Ok(head.into_request(id, tensors))
+            }
+            K_REQ_SHARED => {
+                let head = request_head(&mut r, true)?;
+                let total = head
+                    .table
+                    .iter()
+                    .try_fold(0usize, |a, t| a.checked_add(t.2))
+                    .ok_or_else(|| FrameError::Invalid("row counts overflow".into()))?;
+                if total > r.remaining() / 4 {
                     return Err(FrameError::Invalid(format!(
-                        "{n} tasks exceed the limit of {MAX_TASKS}"
+                        "{total} row indices announced, {} bytes left",
+                        r.remaining()
                     )));
                 }
-                if hidden == 0 || hidden > MAX_HIDDEN {
-                    return Err(FrameError::Invalid(format!("hidden size {hidden} out of range")));
+                let distinct = head.distinct;
+                let mut index = Vec::with_capacity(total);
+                for _ in 0..total {
+                    let i = r.u32()? as usize;
+                    if i >= distinct {
+                        return Err(FrameError::Invalid(format!(
+                            "row index {i} past the {distinct} rows carried"
+                        )));
+                    }
+                    index.push(i);
                 }
-                let mut table = Vec::with_capacity((n as usize).min(r.remaining() / 12));
-                for _ in 0..n {
-                    let expert = r.u32()?;
-                    let replica = r.u32()?;
-                    let rows = r.u32()?;
-                    table.push((ExpertKey::new(layer as usize, expert as usize), replica, rows as usize));
-                }
-                let tensors = r.tensors(table.iter().map(|t| t.2), hidden as usize, dtype)?;
-                let tasks = table
-                    .into_iter()
-                    .zip(tensors)
-                    .map(|((key, replica, _), input)| TaskData { key, replica, input })
+                let rows = r
+                    .tensors(std::iter::once(distinct), head.hidden, head.dtype)?
+                    .pop()
+                    .ok_or_else(|| FrameError::Invalid("no row table".into()))?;
+                let mut at = 0;
+                let inputs: Vec<Tensor> = head
+                    .table
+                    .iter()
+                    .map(|t| {
+                        at += t.2;
+                        rows.gather_rows(&index[at - t.2..at])
+                    })
                     .collect();
-                Ok(Frame::ExpertRequest {
-                    id,
-                    layer,
-                    dtype,
-                    tasks,
-                })
+                Ok(head.into_request(id, inputs))
             }
             K_RESP => {
                 let hidden = r.u32()?;
@@ -350,6 +420,66 @@ impl Frame {
             other => Err(FrameError::Kind(other)),
         }
     }
+}
+
+/// What both request layouts start with: layer, hidden size, dtype, the task count (then, in
+/// a shared-rows request, the count of distinct rows) and the task table.
+struct RequestHead {
+    layer: u32,
+    hidden: usize,
+    dtype: Dtype,
+    distinct: usize,
+    /// `(expert, replica, rows)` per task.
+    table: Vec<(ExpertKey, u32, usize)>,
+}
+
+impl RequestHead {
+    /// The request with one input per task of the table.
+    fn into_request(self, id: u64, inputs: Vec<Tensor>) -> Frame {
+        let tasks = self
+            .table
+            .into_iter()
+            .zip(inputs)
+            .map(|((key, replica, _), input)| TaskData { key, replica, input })
+            .collect();
+        Frame::ExpertRequest {
+            id,
+            layer: self.layer,
+            dtype: self.dtype,
+            tasks,
+        }
+    }
+}
+
+fn request_head(r: &mut Reader, shared: bool) -> Result<RequestHead, FrameError> {
+    let layer = r.u32()?;
+    let hidden = r.u32()?;
+    let dtype = Dtype::from_code(r.u8()?)?;
+    r.skip(3)?;
+    let n = r.u32()?;
+    let distinct = if shared { r.u32()? as usize } else { 0 };
+    if n > MAX_TASKS {
+        return Err(FrameError::Invalid(format!(
+            "{n} tasks exceed the limit of {MAX_TASKS}"
+        )));
+    }
+    if hidden == 0 || hidden > MAX_HIDDEN {
+        return Err(FrameError::Invalid(format!("hidden size {hidden} out of range")));
+    }
+    let mut table = Vec::with_capacity((n as usize).min(r.remaining() / 12));
+    for _ in 0..n {
+        let expert = r.u32()?;
+        let replica = r.u32()?;
+        let rows = r.u32()?;
+        table.push((ExpertKey::new(layer as usize, expert as usize), replica, rows as usize));
+    }
+    Ok(RequestHead {
+        layer,
+        hidden: hidden as usize,
+        dtype,
+        distinct,
+        table,
+    })
 }
 
 struct Reader<'a> {
@@ -509,9 +639,8 @@ mod tests {
         assert!((tasks[1].input.data()[2] - 3.5).abs() < 1e-6);
     }
 
-    #[test]
-    fn every_truncation_and_extension_is_rejected() {
-        let bytes = request().encode();
+    /// Every prefix of a valid frame, and the frame with one byte more, fail to decode.
+    fn truncations_and_extensions_fail(bytes: &Bytes) {
         for len in 0..bytes.len() {
             assert!(
                 Frame::decode(&bytes.slice(..len)).is_err(),
@@ -521,6 +650,89 @@ mod tests {
         let mut longer = BytesMut::from(&bytes[..]);
         longer.put_u8(0);
         assert!(Frame::decode(&longer.freeze()).is_err());
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_rejected() {
+        truncations_and_extensions_fail(&request().encode());
+    }
+
+    /// [`request`] with expert 5's token made expert 1's second one (tokens (10, 11) and
+    /// (11)): token 11 travels once.
+    fn shared() -> (Bytes, Frame) {
+        let Frame::ExpertRequest {
+            id,
+            layer,
+            dtype,
+            mut tasks,
+        } = request()
+        else {
+            unreachable!()
+        };
+        tasks[1].input = Tensor::matrix(1, 4, tasks[0].input.row(1).to_vec());
+        let ids: [&[u32]; 2] = [&[10, 11], &[11]];
+        let refs: Vec<(ExpertKey, u32, &Tensor, &[u32])> = tasks
+            .iter()
+            .zip(ids)
+            .map(|(t, ids)| (t.key, t.replica, &t.input, ids))
+            .collect();
+        let (bytes, saved) = encode_request_shared(id, layer, dtype, &refs).expect("a row is shared");
+        assert_eq!(saved, 1);
+        (
+            bytes,
+            Frame::ExpertRequest {
+                id,
+                layer,
+                dtype,
+                tasks,
+            },
+        )
+    }
+
+    #[test]
+    fn shared_rows_travel_once_and_decode_to_the_same_request() {
+        let (bytes, plain) = shared();
+        assert_eq!(Frame::decode(&bytes), Ok(plain.clone()));
+        // One row of 16 bytes fewer, three 4-byte indices and a row count more.
+        assert_eq!(plain.encode().len() - bytes.len(), 16 - 12 - 4);
+        // Nothing shared, or ids that do not match the rows: no shared frame.
+        let a = Tensor::matrix(1, 4, vec![1.0; 4]);
+        assert!(encode_request_shared(1, 0, Dtype::F32, &[(ExpertKey::new(0, 0), 0, &a, &[1][..])]).is_none());
+        assert!(encode_request_shared(1, 0, Dtype::F32, &[(ExpertKey::new(0, 0), 0, &a, &[][..])]).is_none());
+        // bf16 rows round once, as in the plain frame.
+        let x = Tensor::matrix(1, 4, vec![1.0, 1.0 + 1e-3, -3.0, 0.1]);
+        let t = [
+            (ExpertKey::new(0, 0), 0, &x, &[4u32][..]),
+            (ExpertKey::new(0, 1), 0, &x, &[4u32][..]),
+        ];
+        let plain: Vec<(ExpertKey, u32, &Tensor)> = t.iter().map(|t| (t.0, t.1, t.2)).collect();
+        assert_eq!(
+            Frame::decode(&encode_request_shared(2, 0, Dtype::Bf16, &t).unwrap().0),
+            Frame::decode(&encode_request(2, 0, Dtype::Bf16, &plain))
+        );
+    }
+
+    #[test]
+    fn forged_shared_frames_are_rejected() {
+        let (bytes, _) = shared();
+        truncations_and_extensions_fail(&bytes);
+        let forge = |at: usize, v: &[u8]| {
+            let mut b = BytesMut::from(&bytes[..]);
+            b[at..at + v.len()].copy_from_slice(v);
+            Frame::decode(&b.freeze())
+        };
+        // Layout: header 16, layer 16, hidden 20, dtype 24, tasks 28, distinct rows 32, table
+        // 36..60 (rows at 44 and 56), indices 60..72, rows 72..
+        assert!(forge(28, &u32::MAX.to_le_bytes()).is_err());
+        assert!(forge(32, &u32::MAX.to_le_bytes()).is_err());
+        assert!(forge(32, &0u32.to_le_bytes()).is_err());
+        assert!(forge(44, &u32::MAX.to_le_bytes()).is_err());
+        assert!(forge(56, &3u32.to_le_bytes()).is_err());
+        // An index past the distinct rows.
+        assert!(matches!(forge(60, &2u32.to_le_bytes()), Err(FrameError::Invalid(m)) if m.contains("past")));
+        assert!(forge(68, &u32::MAX.to_le_bytes()).is_err());
+        // The untouched frame still decodes.
+        assert!(forge(60, &1u32.to_le_bytes()).is_ok());
     }
 
     #[test]

@@ -473,6 +473,7 @@ fn a_worker_keeps_to_its_budget_and_the_engine_sends_what_it_cannot_hold_elsewhe
                 replica: 0,
             },
             input: x.clone(),
+            tokens: Vec::new(),
         })
         .collect();
     let outputs = remote.execute(0, tasks).unwrap();
