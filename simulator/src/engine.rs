@@ -58,11 +58,9 @@ pub struct SimConfig {
     /// carries per-token routes so the policy's own token-to-instance matching counts the
     /// copies each GPU receives; between samples, each GPU's copies per routed choice from the
     /// last sample scale its routed choices. 1: every step (exact); 0: one copy per expert
-    /// choice. With `central_attention` this does not apply: both directions are charged one
-    /// vector per choice. The workers' protocol returns one output per expert task; its
-    /// requests carry a token once per worker (`worker::wire::encode_request_shared`), so for
-    /// top-k > 1 the dispatch half is overstated (the CPU validation routes top-1, where the
-    /// two agree).
+    /// choice. With `central_attention` this sizes the dispatch only: the workers' requests
+    /// carry a token once per worker (`worker::wire::encode_request_shared`), but their
+    /// answers hold one output per expert task, so the combine is one vector per choice.
     pub fanout_sample_every: usize,
 }
 
@@ -405,11 +403,7 @@ fn run_group(
     // Routes are built only for a predictor that reads them; otherwise counts straight from
     // the routing table (the same counts, without a per-layer copy of every token's choices).
     let need_routes = replayer.needs_routes();
-    let fanout_every = if cfg.central_attention {
-        0
-    } else {
-        cfg.fanout_sample_every
-    };
+    let fanout_every = cfg.fanout_sample_every;
     // Per layer and GPU, token copies received per routed choice at the last sampled step;
     // per layer, copies sent per routed choice. 1.0 (one copy per choice) until sampled.
     let mut recv_ratio: Vec<Vec<f64>> = vec![vec![1.0; g]; layers];
@@ -627,8 +621,15 @@ fn run_group(
                     expert_t = expert_t.max(a as f64 * cost.expert_time((n as usize).div_ceil(a as usize)));
                 }
             }
-            let vectors = max_recv.max(max_origin * send_ratio[l]) * remote;
-            let comm = 2.0 * cost.all_to_all_time(vectors);
+            let dispatch = max_recv.max(max_origin * send_ratio[l]) * remote;
+            // The combine returns what the dispatch sent, except from workers, which answer
+            // one output per expert task (a vector per routed choice).
+            let combine = if cfg.central_attention {
+                f64::from(max_tok).max(max_origin) * remote
+            } else {
+                dispatch
+            };
+            let comm = cost.all_to_all_time(dispatch) + cost.all_to_all_time(combine);
             let stall = if o.stalls > 0 { cold } else { 0.0 };
             let layer_t = attn_moe + comm + expert_t + stall;
             t += layer_t;
