@@ -735,6 +735,27 @@ mod tests {
         assert!(forge(60, &1u32.to_le_bytes()).is_ok());
     }
 
+    /// Every single-byte corruption of either request layout decodes to a frame or a typed
+    /// error, never a panic, and a corrupted shared-rows frame never yields rows it does not
+    /// carry.
+    #[test]
+    fn corrupted_requests_never_panic() {
+        let plain = request().encode();
+        let (shared, _) = shared();
+        for bytes in [plain, shared] {
+            for at in 0..bytes.len() {
+                for v in [0u8, 1, 2, 0x7f, 0x80, 0xff] {
+                    let mut b = BytesMut::from(&bytes[..]);
+                    b[at] = v;
+                    if let Ok(Frame::ExpertRequest { tasks, .. }) = Frame::decode(&b.freeze()) {
+                        let rows: usize = tasks.iter().map(|t| t.input.rows()).sum();
+                        assert!(rows <= 3, "byte {at} = {v}: {rows} rows from a 3-row request");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn forged_headers_are_rejected() {
         let bytes = request().encode();
