@@ -78,6 +78,19 @@ fn compare_forward(arch: &str, a: &Path, b: &Path) {
     }
 }
 
+/// Every value bit for bit (f32 activations on the wire, the same order of additions).
+fn compare_forward_exactly(arch: &str, a: &Path, b: &Path) {
+    let (a, b) = (Golden::read(a), Golden::read(b));
+    for (name, (_, values)) in &a.floats {
+        let other = &b.f(name).1;
+        let same = values
+            .iter()
+            .zip(other)
+            .all(|(x, y)| x.to_bits() == y.to_bits() || x == y);
+        assert!(same && values.len() == other.len(), "{arch} {name}: not bit-identical");
+    }
+}
+
 #[test]
 fn forward_over_workers_matches_in_process_for_every_architecture() {
     let Some(shared) = shared_dir() else { return };
@@ -97,10 +110,17 @@ fn forward_over_workers_matches_in_process_for_every_architecture() {
             "{arch}: no message reached a worker: {stats}"
         );
         assert_eq!(stats["failed_messages"], 0, "{arch}: {stats}");
+        // Answers hold one summed row per (token, worker), no more than the requests carried.
+        let (sent, received) = (stats["bytes_sent"].as_u64(), stats["bytes_received"].as_u64());
+        assert!(received < sent, "{arch}: {stats}");
         // Every golden model routes each token to 2 or more experts: on one worker, a token
-        // travels once for all of them.
+        // travels once for all of them, and with one instance per expert (the same matrix
+        // shapes as in process) its outputs are summed in the in-process order.
         if workers == "1" {
             assert!(stats["rows_shared"].as_u64().unwrap() > 0, "{arch}: {stats}");
+            let one = tmp.path().join(format!("{arch}-one.safetensors"));
+            forward(&dir, &one, &["--workers", "1", "--plan", "static"]);
+            compare_forward_exactly(arch, &local, &one);
         }
         compare_forward(arch, &local, &remote);
     }

@@ -443,6 +443,10 @@ pub struct ExpertTask {
     /// the same id are the same activation, so a transport may carry them once); empty when
     /// unknown.
     pub tokens: Vec<u32>,
+    /// Per input row, the weight its output carries in the token's combine (the router's
+    /// weight for this expert); used by [`ExpertFunction::execute_into`], may be empty for
+    /// [`ExpertFunction::execute`].
+    pub weights: Vec<f32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -457,6 +461,8 @@ pub enum ExpertError {
     },
     #[error("transport: {0}")]
     Transport(String),
+    #[error("cannot combine: {0}")]
+    BadCombine(String),
 }
 
 /// Executes expert functions. One call carries all of one layer's work.
@@ -464,6 +470,47 @@ pub trait ExpertFunction: Send + Sync {
     /// Runs every task (all of them belong to MoE layer `layer`) and returns one `[n, hidden]`
     /// output per task, in task order.
     fn execute(&self, layer: usize, tasks: Vec<ExpertTask>) -> Result<Vec<Tensor>, ExpertError>;
+
+    /// Runs every task and combines: each output row `j` of a task, times `weights[j]`, is
+    /// added into row `tokens[j]` of `out`. The default runs [`ExpertFunction::execute`] and
+    /// adds in task order, row by row; an implementation may instead sum a token's rows where
+    /// they run (a worker answers one row per token, not one per expert it ran), which can
+    /// change the order of the additions but not which terms are added.
+    fn execute_into(&self, layer: usize, tasks: Vec<ExpertTask>, out: &mut Tensor) -> Result<(), ExpertError> {
+        let meta: Vec<(Vec<u32>, Vec<f32>)> = tasks.iter().map(|t| (t.tokens.clone(), t.weights.clone())).collect();
+        let outputs = self.execute(layer, tasks)?;
+        for (y, (tokens, weights)) in outputs.iter().zip(&meta) {
+            add_weighted_rows(out, y, tokens, weights)?;
+        }
+        Ok(())
+    }
+}
+
+/// `out[tokens[j]] += weights[j] * y[j]` for every row `j` of `y`, in order; a typed error
+/// (nothing added) when the lengths, widths or token rows do not fit.
+pub fn add_weighted_rows(out: &mut Tensor, y: &Tensor, tokens: &[u32], weights: &[f32]) -> Result<(), ExpertError> {
+    if tokens.len() != y.rows() || weights.len() != y.rows() || (y.rows() > 0 && y.cols() != out.cols()) {
+        return Err(ExpertError::BadCombine(format!(
+            "{} output rows of width {} with {} tokens and {} weights into rows of width {}",
+            y.rows(),
+            y.cols(),
+            tokens.len(),
+            weights.len(),
+            out.cols()
+        )));
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= out.rows()) {
+        return Err(ExpertError::BadCombine(format!(
+            "token {t} past the layer's {} tokens",
+            out.rows()
+        )));
+    }
+    for (j, (&t, &w)) in tokens.iter().zip(weights).enumerate() {
+        for (o, v) in out.row_mut(t as usize).iter_mut().zip(y.row(j)) {
+            *o += w * v;
+        }
+    }
+    Ok(())
 }
 
 /// Every expert in this process, all replicas served by the same weights.
@@ -655,5 +702,24 @@ mod tests {
         let total: f32 = s.iter().map(|x| x.1).sum();
         assert!((total - 1.0).abs() < 1e-6);
         assert!(s[0].1 != s[1].1);
+    }
+
+    #[test]
+    fn weighted_rows_add_into_their_tokens_and_misfits_are_errors() {
+        let mut out = Tensor::zeros(vec![3, 2]);
+        let y = Tensor::matrix(2, 2, vec![1.0, 2.0, 3.0, 4.0]);
+        add_weighted_rows(&mut out, &y, &[2, 0], &[0.5, 2.0]).unwrap();
+        add_weighted_rows(&mut out, &y, &[2, 2], &[1.0, 1.0]).unwrap();
+        assert_eq!(out.data(), &[6.0, 8.0, 0.0, 0.0, 4.5, 7.0]);
+        let before = out.clone();
+        for (tokens, weights) in [(&[0u32, 3][..], &[1.0, 1.0][..]), (&[0], &[1.0]), (&[0, 1], &[1.0])] {
+            assert!(matches!(
+                add_weighted_rows(&mut out, &y, tokens, weights),
+                Err(ExpertError::BadCombine(_))
+            ));
+        }
+        let wide = Tensor::matrix(1, 3, vec![1.0; 3]);
+        assert!(add_weighted_rows(&mut out, &wide, &[0], &[1.0]).is_err());
+        assert_eq!(out.data(), before.data(), "nothing is added on error");
     }
 }

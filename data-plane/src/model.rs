@@ -804,8 +804,6 @@ impl Model {
             }
         }
         let mut tasks = Vec::new();
-        // For each task, the (row, weight) pairs its output rows belong to.
-        let mut task_rows: Vec<&[(usize, f32)]> = Vec::new();
         for (ex, rows) in per_expert.iter().enumerate() {
             if rows.is_empty() {
                 continue;
@@ -825,19 +823,12 @@ impl Model {
                     instance: *instance,
                     input,
                     tokens: part.iter().map(|r| r.0 as u32).collect(),
+                    weights: part.iter().map(|r| r.1).collect(),
                 });
-                task_rows.push(part);
             }
         }
-        let outputs = experts.execute(li, tasks)?;
         let mut out = Tensor::zeros(vec![n, c.hidden_size]);
-        for (y, part) in outputs.iter().zip(task_rows) {
-            for (j, &(row, w)) in part.iter().enumerate() {
-                for (o, v) in out.row_mut(row).iter_mut().zip(y.row(j)) {
-                    *o += w * v;
-                }
-            }
-        }
+        experts.execute_into(li, tasks, &mut out)?;
         if let Some(sh) = &moe.shared {
             let mut s = sh.apply(be, h);
             if let Some(g) = &moe.shared_gate {

@@ -36,6 +36,14 @@ impl ExpertFunction for Switched {
             _ => self.inner.execute(layer, tasks),
         }
     }
+
+    fn execute_into(&self, layer: usize, tasks: Vec<ExpertTask>, out: &mut Tensor) -> Result<(), ExpertError> {
+        match self.mode.load(Ordering::SeqCst) {
+            FAILING => Err(ExpertError::Transport("injected: the worker is unreachable".into())),
+            PANICKING => panic!("injected: an expert function panicked"),
+            _ => self.inner.execute_into(layer, tasks, out),
+        }
+    }
 }
 
 async fn start_switched() -> (Server, String, Arc<AtomicU8>) {

@@ -16,8 +16,8 @@
 //!   InfiniBand/Ethernet across nodes, in proportion to the peers in each).
 //! - With central attention (an engine device in front of expert-only devices, as `moeless
 //!   serve` with workers runs), the engine sends every token once to each device running one
-//!   of its experts and receives one output per expert choice back: the engine's link is the
-//!   busiest.
+//!   of its experts and receives one summed output per token from each: the engine's link is
+//!   the busiest.
 //! - A profile may carry operator times measured on the device for this model's shape
 //!   ([`crate::gpu::MeasuredOps`]): then they, not the roofline, give an expert's time by token
 //!   count, a decoder layer's non-expert time, the serving engine's own time per step

@@ -58,9 +58,9 @@ pub struct SimConfig {
     /// carries per-token routes so the policy's own token-to-instance matching counts the
     /// copies each GPU receives; between samples, each GPU's copies per routed choice from the
     /// last sample scale its routed choices. 1: every step (exact); 0: one copy per expert
-    /// choice. With `central_attention` this sizes the dispatch only: the workers' requests
-    /// carry a token once per worker (`worker::wire::encode_request_shared`), but their
-    /// answers hold one output per expert task, so the combine is one vector per choice.
+    /// choice. With `central_attention` too: the workers' requests carry a token once per
+    /// worker and their answers one weighted sum per token
+    /// (`worker::wire::encode_request_combined`), so the combine is as large as the dispatch.
     pub fanout_sample_every: usize,
 }
 
@@ -621,15 +621,10 @@ fn run_group(
                     expert_t = expert_t.max(a as f64 * cost.expert_time((n as usize).div_ceil(a as usize)));
                 }
             }
+            // The combine returns what the dispatch sent: a device sums a token's expert
+            // outputs before they travel back (workers answer one row per token).
             let dispatch = max_recv.max(max_origin * send_ratio[l]) * remote;
-            // The combine returns what the dispatch sent, except from workers, which answer
-            // one output per expert task (a vector per routed choice).
-            let combine = if cfg.central_attention {
-                f64::from(max_tok).max(max_origin) * remote
-            } else {
-                dispatch
-            };
-            let comm = cost.all_to_all_time(dispatch) + cost.all_to_all_time(combine);
+            let comm = 2.0 * cost.all_to_all_time(dispatch);
             let stall = if o.stalls > 0 { cold } else { 0.0 };
             let layer_t = attn_moe + comm + expert_t + stall;
             t += layer_t;

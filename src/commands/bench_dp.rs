@@ -188,13 +188,21 @@ impl ExpertFunction for Recorder {
     }
 }
 
-/// Median wall time of `calls` calls of `execute(layer, tasks)` in microseconds.
+/// Median wall time of `calls` calls of `execute_into(layer, tasks, ..)` (run and combine one
+/// layer's expert work) in microseconds.
 fn time_calls(f: &dyn ExpertFunction, layer: usize, tasks: &[ExpertTask], calls: usize) -> anyhow::Result<f64> {
+    let tokens = tasks
+        .iter()
+        .flat_map(|t| &t.tokens)
+        .max()
+        .map_or(0, |&t| t as usize + 1);
+    let hidden = tasks.first().map_or(0, |t| t.input.cols());
     let mut times = Vec::with_capacity(calls);
     for i in 0..calls + 3 {
         let work = tasks.to_vec();
+        let mut out = Tensor::zeros(vec![tokens, hidden]);
         let t = Instant::now();
-        let out = f.execute(layer, work)?;
+        f.execute_into(layer, work, &mut out)?;
         let us = t.elapsed().as_secs_f64() * 1e6;
         std::hint::black_box(&out);
         if i >= 3 {
@@ -246,13 +254,13 @@ pub fn dispatch(a: DispatchBenchArgs) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     println!(
-        "One MoE layer's execute(), median of {} runs x median of {} calls; hidden {}, expert FFN {}, {} experts, top-{}.",
+        "One MoE layer's execute_into() (run and combine), median of {} runs x median of {} calls; hidden {}, expert FFN {}, {} experts, top-{}.",
         a.repeats, a.calls, config.hidden_size, config.moe.expert_intermediate, config.moe.num_experts, config.moe.top_k
     );
     println!(
-        "| tokens | workers | in-process µs | remote µs | overhead µs | remote/local | messages/call | KiB sent/call |"
+        "| tokens | workers | in-process µs | remote µs | overhead µs | remote/local | messages/call | KiB sent/call | KiB received/call |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &w in &a.workers {
         eprintln!("starting a local cluster of {w} workers (static plan) ...");
         let (cluster, remote) = start_cluster(w, &dir, &config, a.shape.worker_memory_gb)?;
@@ -273,15 +281,16 @@ pub fn dispatch(a: DispatchBenchArgs) -> anyhow::Result<()> {
             let calls = (s1.layer_calls - s0.layer_calls).max(1) as f64;
             let msgs = (s1.messages - s0.messages) as f64 / calls;
             let kib = (s1.bytes_sent - s0.bytes_sent) as f64 / calls / 1024.0;
+            let kib_in = (s1.bytes_received - s0.bytes_received) as f64 / calls / 1024.0;
             let (l, r) = (median(loc.clone()), median(rem.clone()));
             println!(
-                "| {n} | {w} | {l:.0} | {r:.0} | {:.0} | {:.2} | {msgs:.1} | {kib:.1} |",
+                "| {n} | {w} | {l:.0} | {r:.0} | {:.0} | {:.2} | {msgs:.1} | {kib:.1} | {kib_in:.1} |",
                 r - l,
                 r / l
             );
             rows.push(
                 json!({"tokens": n, "workers": w, "local_us": l, "remote_us": r, "overhead_us": r - l,
-                "ratio": r / l, "messages_per_call": msgs, "kib_sent_per_call": kib,
+                "ratio": r / l, "messages_per_call": msgs, "kib_sent_per_call": kib, "kib_received_per_call": kib_in,
                 "local_us_runs": loc, "remote_us_runs": rem}),
             );
         }

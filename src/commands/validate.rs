@@ -154,6 +154,15 @@ impl ExpertFunction for TimedExperts {
         }
         out
     }
+
+    fn execute_into(&self, layer: usize, tasks: Vec<ExpertTask>, out: &mut Tensor) -> Result<(), ExpertError> {
+        let t = Instant::now();
+        let r = self.inner.execute_into(layer, tasks, out);
+        if let Ok(mut v) = self.times.lock() {
+            v.push(t.elapsed().as_secs_f64());
+        }
+        r
+    }
 }
 
 /// Median seconds of `f` over `reps` calls after two warm-ups.
@@ -504,6 +513,7 @@ fn measure_link(
                 instance: inst,
                 input: x.clone(),
                 tokens: Vec::new(),
+                weights: Vec::new(),
             };
             std::hint::black_box(remote.execute(key.layer as usize, vec![task])?);
             Ok(())
@@ -703,6 +713,7 @@ fn measure_task_overhead(c: &CalibrationContext<'_>, bandwidth: f64) -> anyhow::
                     instance,
                     input: x.clone(),
                     tokens: Vec::new(),
+                    weights: Vec::new(),
                 })
             })
             .collect()

@@ -131,6 +131,43 @@ impl Executor {
         Ok(out)
     }
 
+    /// Runs every task of one layer and sums: row `s` of the answer (`[sums, hidden]`) is the
+    /// sum, in task and row order, of `weight x output row` over the rows whose `combine`
+    /// entry names `s`. Blocking.
+    pub fn run_summed(
+        &self,
+        layer: u32,
+        tasks: &[(ExpertKey, &Tensor)],
+        combine: &[&[(u32, f32)]],
+        sums: usize,
+    ) -> Result<Tensor, ExecError> {
+        let bad = |m: String| ExecError::new(ErrorCode::BadFrame, m);
+        if combine.len() != tasks.len() {
+            return Err(bad(format!(
+                "{} combine tables for {} tasks",
+                combine.len(),
+                tasks.len()
+            )));
+        }
+        for ((_, x), c) in tasks.iter().zip(combine) {
+            if c.len() != x.rows() || c.iter().any(|&(s, _)| s as usize >= sums) {
+                return Err(bad(format!(
+                    "a task of {} rows has {} combine entries into {sums} sums",
+                    x.rows(),
+                    c.len()
+                )));
+            }
+        }
+        let outputs = self.run(layer, tasks)?;
+        let mut out = Tensor::zeros(vec![sums, self.config.hidden_size]);
+        for (y, c) in outputs.iter().zip(combine) {
+            let (tokens, weights): (Vec<u32>, Vec<f32>) = c.iter().copied().unzip();
+            data_plane::expert::add_weighted_rows(&mut out, y, &tokens, &weights)
+                .map_err(|e| ExecError::new(ErrorCode::Internal, e.to_string()))?;
+        }
+        Ok(out)
+    }
+
     /// Tokens per expert since the previous call.
     pub fn take_loads(&self) -> HashMap<ExpertKey, u64> {
         self.loads

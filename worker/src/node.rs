@@ -162,12 +162,16 @@ impl WorkerHandler {
             return error_frame(id, ExecError::new(ErrorCode::WrongModel, "no model is loaded yet"));
         };
         match frame {
-            Frame::ExpertRequest { layer, tasks, .. } => {
+            Frame::ExpertRequest { layer, tasks, sums, .. } => {
                 let started = Instant::now();
                 let result = tokio::task::spawn_blocking(move || {
                     let refs: Vec<(ExpertKey, &data_plane::tensor::Tensor)> =
                         tasks.iter().map(|t| (t.key, &t.input)).collect();
-                    exec.run(layer, &refs)
+                    if sums == 0 {
+                        return exec.run(layer, &refs);
+                    }
+                    let combine: Vec<&[(u32, f32)]> = tasks.iter().map(|t| t.combine.as_slice()).collect();
+                    exec.run_summed(layer, &refs, &combine, sums).map(|s| vec![s])
                 })
                 .await;
                 metrics::histogram!("moeless_worker_layer_seconds").record(started.elapsed().as_secs_f64());

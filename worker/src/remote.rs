@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use data_plane::expert::{ExpertError, ExpertFunction, ExpertTask, ShareSource};
+use data_plane::expert::{add_weighted_rows, ExpertError, ExpertFunction, ExpertTask, ShareSource};
 use data_plane::tensor::Tensor;
 use pki::grpc::GrpcTls;
 use proto::engine as epb;
@@ -26,7 +26,7 @@ use transport::{Client, Identity, Limits};
 
 use crate::control::ControlClient;
 use crate::exec::Executor;
-use crate::wire::{encode_request, encode_request_shared, Dtype, Frame};
+use crate::wire::{encode_request, encode_request_combined, encode_request_shared, Dtype, Frame, TaskRef};
 
 /// How an engine reaches its workers.
 #[derive(Debug, Clone)]
@@ -151,9 +151,24 @@ pub struct RemoteExperts {
     next_id: AtomicU64,
 }
 
+/// What a worker (or the in-process fast path) answered for some of a layer's tasks.
+enum Answer {
+    /// One output per task.
+    PerTask(Vec<Tensor>),
+    /// A combining request's answer: per distinct token (in `tokens` order), the weighted sum
+    /// of its rows' outputs.
+    Summed { tokens: Vec<u32>, sums: Tensor },
+}
+
+/// What the sender of a message expects back.
+enum Expect {
+    PerTask(usize),
+    Summed(Vec<u32>),
+}
+
 /// What one message to one worker produced.
 enum Outcome {
-    Done(Vec<Tensor>),
+    Done(Answer),
     /// Another worker may succeed.
     Retry(String),
     /// No worker will succeed (malformed work).
@@ -293,20 +308,35 @@ impl RemoteExperts {
             .or_else(|| order.iter().copied().find(reachable))
     }
 
-    async fn send(client: Client, addr: SocketAddr, request: bytes::Bytes, timeout: Duration, n: usize) -> Outcome {
+    async fn send(
+        client: Client,
+        addr: SocketAddr,
+        request: bytes::Bytes,
+        timeout: Duration,
+        expect: Expect,
+    ) -> Outcome {
         match client.request(addr, request, timeout).await {
-            Ok(bytes) => match Frame::decode(&bytes) {
-                Ok(Frame::ExpertResponse { outputs, .. }) if outputs.len() == n => Outcome::Done(outputs),
-                Ok(Frame::ExpertResponse { outputs, .. }) => Outcome::Retry(format!(
-                    "worker {addr} answered {} outputs for {n} tasks",
-                    outputs.len()
+            Ok(bytes) => match (Frame::decode(&bytes), expect) {
+                (Ok(Frame::ExpertResponse { outputs, .. }), Expect::PerTask(n)) if outputs.len() == n => {
+                    Outcome::Done(Answer::PerTask(outputs))
+                }
+                (Ok(Frame::ExpertResponse { mut outputs, .. }), Expect::Summed(tokens))
+                    if outputs.len() == 1 && outputs[0].rows() == tokens.len() =>
+                {
+                    let sums = outputs.remove(0);
+                    Outcome::Done(Answer::Summed { tokens, sums })
+                }
+                (Ok(Frame::ExpertResponse { outputs, .. }), _) => Outcome::Retry(format!(
+                    "worker {addr} answered {} outputs of {:?} rows, not what was asked",
+                    outputs.len(),
+                    outputs.iter().map(|o| o.rows()).collect::<Vec<_>>()
                 )),
-                Ok(Frame::Error { code, message, .. }) if code.retry_elsewhere() => {
+                (Ok(Frame::Error { code, message, .. }), _) if code.retry_elsewhere() => {
                     Outcome::Retry(format!("worker {addr}: {message}"))
                 }
-                Ok(Frame::Error { message, .. }) => Outcome::Fatal(format!("worker {addr}: {message}")),
-                Ok(_) => Outcome::Retry(format!("worker {addr} answered with an unexpected frame")),
-                Err(e) => Outcome::Retry(format!("worker {addr} sent a bad frame: {e}")),
+                (Ok(Frame::Error { message, .. }), _) => Outcome::Fatal(format!("worker {addr}: {message}")),
+                (Ok(_), _) => Outcome::Retry(format!("worker {addr} answered with an unexpected frame")),
+                (Err(e), _) => Outcome::Retry(format!("worker {addr} sent a bad frame: {e}")),
             },
             Err(e) => {
                 client.forget(addr);
@@ -314,24 +344,56 @@ impl RemoteExperts {
             }
         }
     }
-}
 
-/// Most rounds of re-dispatch for one layer before giving up.
-const MAX_ROUNDS: usize = 6;
+    /// The message for one worker: combining (a token's expert outputs summed on the worker)
+    /// when `combine`, else per task, with rows shared between tasks travelling once.
+    fn encode(&self, layer: usize, tasks: &[ExpertTask], idx: &[usize], combine: bool) -> (bytes::Bytes, Expect) {
+        let refs: Vec<TaskRef> = idx
+            .iter()
+            .map(|&i| {
+                let t = &tasks[i];
+                TaskRef {
+                    key: t.instance.key,
+                    replica: t.instance.replica,
+                    input: &t.input,
+                    tokens: &t.tokens,
+                    weights: &t.weights,
+                }
+            })
+            .collect();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (layer, dtype) = (layer as u32, self.opts.dtype);
+        let encoded = match combine {
+            true => encode_request_combined(id, layer, dtype, &refs),
+            false => encode_request_shared(id, layer, dtype, &refs),
+        };
+        match encoded {
+            Some(e) => {
+                self.counters
+                    .rows_shared
+                    .fetch_add(e.rows_saved as u64, Ordering::Relaxed);
+                let expect = match combine {
+                    true => Expect::Summed(e.tokens),
+                    false => Expect::PerTask(idx.len()),
+                };
+                (e.bytes, expect)
+            }
+            None => (encode_request(id, layer, dtype, &refs), Expect::PerTask(idx.len())),
+        }
+    }
 
-/// How often a layer waiting on workers looks at whether the control plane declared one dead.
-const DEAD_WORKER_CHECK: Duration = Duration::from_millis(20);
-
-impl ExpertFunction for RemoteExperts {
-    fn execute(&self, layer: usize, tasks: Vec<ExpertTask>) -> Result<Vec<Tensor>, ExpertError> {
+    /// Runs a layer's tasks on the workers, re-dispatching failed messages, and returns each
+    /// message's answer with the task indices it covers. Tasks without rows are left out.
+    fn run_layer(
+        &self,
+        layer: usize,
+        tasks: &[ExpertTask],
+        combine: bool,
+    ) -> Result<Vec<(Vec<usize>, Answer)>, ExpertError> {
         self.counters.layer_calls.fetch_add(1, Ordering::Relaxed);
         let (plan, workers) = self.snapshot();
-        // Tasks without tokens are answered here; the rest wait for a worker.
-        let mut outputs: Vec<Option<Tensor>> = tasks
-            .iter()
-            .map(|t| (t.input.rows() == 0).then(|| Tensor::matrix(0, t.input.cols(), vec![])))
-            .collect();
-        let mut pending: Vec<usize> = (0..tasks.len()).filter(|&i| outputs[i].is_none()).collect();
+        let mut answers = Vec::new();
+        let mut pending: Vec<usize> = (0..tasks.len()).filter(|&i| tasks[i].input.rows() > 0).collect();
         let mut failed: HashSet<u64> = HashSet::new();
         let mut last_error = String::new();
         for round in 0..MAX_ROUNDS {
@@ -368,34 +430,15 @@ impl ExpertFunction for RemoteExperts {
                     failed.insert(w);
                     continue;
                 };
-                let refs: Vec<(ExpertKey, u32, &Tensor, &[u32])> = idx
-                    .iter()
-                    .map(|&i| {
-                        let t = &tasks[i];
-                        (t.instance.key, t.instance.replica, &t.input, t.tokens.as_slice())
-                    })
-                    .collect();
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                // A token picked by several experts on this worker travels once.
-                let request = match encode_request_shared(id, layer as u32, self.opts.dtype, &refs) {
-                    Some((bytes, saved)) => {
-                        self.counters.rows_shared.fetch_add(saved as u64, Ordering::Relaxed);
-                        bytes
-                    }
-                    None => {
-                        let plain: Vec<(ExpertKey, u32, &Tensor)> = refs.iter().map(|r| (r.0, r.1, r.2)).collect();
-                        encode_request(id, layer as u32, self.opts.dtype, &plain)
-                    }
-                };
+                let (request, expect) = self.encode(layer, tasks, &idx, combine);
                 self.counters
                     .bytes_sent
                     .fetch_add(request.len() as u64, Ordering::Relaxed);
                 self.counters.messages.fetch_add(1, Ordering::Relaxed);
                 let (client, timeout, tx) = (self.client.clone(), self.opts.request_timeout, tx.clone());
-                let n = idx.len();
                 outstanding.insert(w, idx.clone());
                 self.runtime.spawn(async move {
-                    let out = Self::send(client, addr, request, timeout, n).await;
+                    let out = Self::send(client, addr, request, timeout, expect).await;
                     let _ = tx.send((w, idx, out));
                 });
             }
@@ -406,11 +449,7 @@ impl ExpertFunction for RemoteExperts {
                     idx.iter().map(|&i| (tasks[i].instance.key, &tasks[i].input)).collect();
                 self.counters.local_tasks.fetch_add(idx.len() as u64, Ordering::Relaxed);
                 match exec.map(|e| e.run(layer as u32, &refs)) {
-                    Some(Ok(outs)) => {
-                        for (i, o) in idx.into_iter().zip(outs) {
-                            outputs[i] = Some(o);
-                        }
-                    }
+                    Some(Ok(outs)) => answers.push((idx, Answer::PerTask(outs))),
                     Some(Err(e)) if !e.code.retry_elsewhere() => return Err(ExpertError::Transport(e.message)),
                     Some(Err(e)) => {
                         last_error = e.message;
@@ -457,20 +496,33 @@ impl ExpertFunction for RemoteExperts {
                     continue; // given up on already
                 }
                 match outcome {
-                    Outcome::Done(outs) => {
-                        for (i, o) in idx.into_iter().zip(outs) {
-                            if o.rows() != tasks[i].input.rows() || o.cols() != tasks[i].input.cols() {
+                    Outcome::Done(answer) => {
+                        let hidden = tasks[idx[0]].input.cols();
+                        let received = match &answer {
+                            Answer::PerTask(outs) => {
+                                for (&i, o) in idx.iter().zip(outs) {
+                                    if o.rows() != tasks[i].input.rows() || o.cols() != hidden {
+                                        return Err(ExpertError::Transport(format!(
+                                            "worker {w} returned shape {:?} for {} rows",
+                                            o.shape(),
+                                            tasks[i].input.rows()
+                                        )));
+                                    }
+                                }
+                                outs.iter().map(|o| o.len()).sum::<usize>()
+                            }
+                            Answer::Summed { sums, .. } if sums.rows() > 0 && sums.cols() != hidden => {
                                 return Err(ExpertError::Transport(format!(
-                                    "worker {w} returned shape {:?} for {} rows",
-                                    o.shape(),
-                                    tasks[i].input.rows()
+                                    "worker {w} returned sums of shape {:?} for width {hidden}",
+                                    sums.shape()
                                 )));
                             }
-                            self.counters
-                                .bytes_received
-                                .fetch_add((o.len() * 4) as u64, Ordering::Relaxed);
-                            outputs[i] = Some(o);
-                        }
+                            Answer::Summed { sums, .. } => sums.len(),
+                        };
+                        self.counters
+                            .bytes_received
+                            .fetch_add(4 * received as u64, Ordering::Relaxed);
+                        answers.push((idx, answer));
                     }
                     Outcome::Retry(e) => {
                         tracing::warn!(worker = w, layer, error = %e, "re-dispatching a layer's work");
@@ -491,10 +543,55 @@ impl ExpertFunction for RemoteExperts {
                 pending.len()
             )));
         }
-        Ok(outputs
-            .into_iter()
-            .map(|o| o.unwrap_or_else(|| Tensor::zeros(vec![0, 0])))
-            .collect())
+        // Answers in the order of their first task, whatever order they arrived in, so that
+        // combining adds in the same order on every run.
+        answers.sort_by_key(|(idx, _)| idx[0]);
+        Ok(answers)
+    }
+}
+
+/// Most rounds of re-dispatch for one layer before giving up.
+const MAX_ROUNDS: usize = 6;
+
+/// How often a layer waiting on workers looks at whether the control plane declared one dead.
+const DEAD_WORKER_CHECK: Duration = Duration::from_millis(20);
+
+impl ExpertFunction for RemoteExperts {
+    fn execute(&self, layer: usize, tasks: Vec<ExpertTask>) -> Result<Vec<Tensor>, ExpertError> {
+        let mut outputs: Vec<Tensor> = tasks
+            .iter()
+            .map(|t| Tensor::matrix(0, t.input.cols(), vec![]))
+            .collect();
+        for (idx, answer) in self.run_layer(layer, &tasks, false)? {
+            match answer {
+                Answer::PerTask(outs) => idx.into_iter().zip(outs).for_each(|(i, o)| outputs[i] = o),
+                Answer::Summed { .. } => {
+                    return Err(ExpertError::Transport(
+                        "a worker summed work it was asked per task".into(),
+                    ))
+                }
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// Each worker sums its tokens' expert outputs and answers one row per token; the
+    /// in-process fast path and workers answering per task are combined here. With one worker
+    /// the additions happen in the same order as in process, so outputs are bit-identical.
+    fn execute_into(&self, layer: usize, tasks: Vec<ExpertTask>, out: &mut Tensor) -> Result<(), ExpertError> {
+        for (idx, answer) in self.run_layer(layer, &tasks, true)? {
+            match answer {
+                Answer::PerTask(outs) => {
+                    for (i, y) in idx.into_iter().zip(&outs) {
+                        add_weighted_rows(out, y, &tasks[i].tokens, &tasks[i].weights)?;
+                    }
+                }
+                Answer::Summed { tokens, sums } => {
+                    add_weighted_rows(out, &sums, &tokens, &vec![1.0; tokens.len()])?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -5,7 +5,10 @@
 //! small per-task table: no per-element encoding. One [`Frame::ExpertRequest`] carries all of one
 //! worker's tokens for one MoE layer; with top-k > 1 a token whose experts share a worker may
 //! travel once for all of them ([`encode_request_shared`]: a table of distinct rows and, per
-//! task, indices into it), as an all-to-all sends a token once per destination.
+//! task, indices into it), as an all-to-all sends a token once per destination. A *combining*
+//! request ([`encode_request_combined`]) also carries each row's combine weight, and the
+//! worker answers one weighted sum per token rather than one row per (token, expert): the
+//! combine half of the all-to-all shrinks the same way.
 //!
 //! Decoding validates everything (magic, version, kind, table sizes, that the payload length is
 //! exactly what the table announces) and answers a typed [`FrameError`]; it never panics and never
@@ -97,6 +100,47 @@ pub struct TaskData {
     pub replica: u32,
     /// `[rows, hidden]`.
     pub input: Tensor,
+    /// In a combining request, per input row: the row of the summed answer its output adds
+    /// into and its weight; empty otherwise.
+    pub combine: Vec<(u32, f32)>,
+}
+
+/// A task as the engine encodes it, borrowing its rows.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskRef<'a> {
+    pub key: ExpertKey,
+    pub replica: u32,
+    /// `[rows, hidden]`.
+    pub input: &'a Tensor,
+    /// Per row, its token in the layer's batch (equal ids are the same activation); may be
+    /// empty for [`encode_request`].
+    pub tokens: &'a [u32],
+    /// Per row, its combine weight; only [`encode_request_combined`] reads them.
+    pub weights: &'a [f32],
+}
+
+impl<'a> TaskRef<'a> {
+    /// A task without token ids or weights (for [`encode_request`]).
+    pub fn plain(key: ExpertKey, replica: u32, input: &'a Tensor) -> Self {
+        Self {
+            key,
+            replica,
+            input,
+            tokens: &[],
+            weights: &[],
+        }
+    }
+}
+
+/// A request whose rows travel once per distinct token.
+#[derive(Debug)]
+pub struct Encoded {
+    pub bytes: Bytes,
+    /// Rows not repeated because an earlier task of the message carried them.
+    pub rows_saved: usize,
+    /// The distinct tokens, in the order the frame carries them (and a combining request's
+    /// answer returns their sums).
+    pub tokens: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,8 +151,14 @@ pub enum Frame {
         layer: u32,
         dtype: Dtype,
         tasks: Vec<TaskData>,
+        /// `0`: answer one output per task. Otherwise a combining request: answer one
+        /// `[sums, hidden]` tensor whose row `s` is the sum of `weight x output row` over the
+        /// rows whose [`TaskData::combine`] names `s` (a token's experts summed here, so it
+        /// travels back once).
+        sums: usize,
     },
-    /// One `[rows, hidden]` output per task, in request order.
+    /// One `[rows, hidden]` output per task, in request order (for a combining request, one
+    /// output: the sums).
     ExpertResponse {
         id: u64,
         outputs: Vec<Tensor>,
@@ -150,6 +200,7 @@ const K_ERR: u8 = 3;
 const K_FETCH: u8 = 4;
 const K_WEIGHTS: u8 = 5;
 const K_REQ_SHARED: u8 = 6;
+const K_REQ_COMBINED: u8 = 7;
 
 fn header(buf: &mut BytesMut, kind: u8, id: u64) {
     buf.put_slice(&MAGIC);
@@ -173,48 +224,61 @@ fn put_rows(buf: &mut BytesMut, t: &Tensor, dtype: Dtype) {
     put_slice(buf, t.data(), dtype);
 }
 
-/// Encodes an [`Frame::ExpertRequest`] from borrowed tasks `(expert, replica, [rows, hidden])`;
-/// every tensor must have the same number of columns.
-pub fn encode_request(id: u64, layer: u32, dtype: Dtype, tasks: &[(ExpertKey, u32, &Tensor)]) -> Bytes {
-    let hidden = tasks.first().map_or(0, |t| t.2.cols());
-    let rows: usize = tasks.iter().map(|t| t.2.rows()).sum();
+/// Encodes an [`Frame::ExpertRequest`] carrying every task's rows as they are; every tensor
+/// must have the same number of columns.
+pub fn encode_request(id: u64, layer: u32, dtype: Dtype, tasks: &[TaskRef]) -> Bytes {
+    let hidden = tasks.first().map_or(0, |t| t.input.cols());
+    let rows: usize = tasks.iter().map(|t| t.input.rows()).sum();
     let mut b = BytesMut::with_capacity(HEADER + 16 + 12 * tasks.len() + rows * hidden * dtype.size());
     request_header(&mut b, K_REQ, id, (layer, hidden, dtype), tasks.len());
-    for (key, replica, input) in tasks {
-        b.put_u32_le(key.expert);
-        b.put_u32_le(*replica);
-        b.put_u32_le(input.rows() as u32);
-    }
-    for (_, _, input) in tasks {
-        put_rows(&mut b, input, dtype);
+    put_task_table(&mut b, tasks);
+    for t in tasks {
+        put_rows(&mut b, t.input, dtype);
     }
     b.freeze()
 }
 
+fn put_task_table(b: &mut BytesMut, tasks: &[TaskRef]) {
+    for t in tasks {
+        b.put_u32_le(t.key.expert);
+        b.put_u32_le(t.replica);
+        b.put_u32_le(t.input.rows() as u32);
+    }
+}
+
 /// Encodes an [`Frame::ExpertRequest`] in which rows that several tasks carry travel once:
-/// `tasks` are `(expert, replica, [rows, hidden], token ids of the rows)`, where equal ids
-/// name the same activation (a token of the layer's batch picked by several experts held on
-/// this worker). The frame holds each distinct row once and, per task, the index of each of
-/// its rows; it decodes to the same request as [`encode_request`] of the same tasks. Returns
-/// the frame and how many rows it did not repeat; `None` when no row is shared (the plain
-/// frame is then as small) or a task's ids do not match its rows.
-pub fn encode_request_shared(
-    id: u64,
-    layer: u32,
-    dtype: Dtype,
-    tasks: &[(ExpertKey, u32, &Tensor, &[u32])],
-) -> Option<(Bytes, usize)> {
-    let hidden = tasks.first().map_or(0, |t| t.2.cols());
-    if tasks.iter().any(|t| t.3.len() != t.2.rows() || t.2.cols() != hidden) {
+/// equal [`TaskRef::tokens`] name the same activation (a token of the layer's batch picked by
+/// several experts held on this worker). The frame holds each distinct row once and, per
+/// task, the index of each of its rows; it decodes to the same request as [`encode_request`]
+/// of the same tasks. `None` when no row is shared (the plain frame is then as small) or a
+/// task's ids do not match its rows.
+pub fn encode_request_shared(id: u64, layer: u32, dtype: Dtype, tasks: &[TaskRef]) -> Option<Encoded> {
+    encode_distinct(id, layer, dtype, tasks, false).filter(|e| e.rows_saved > 0)
+}
+
+/// Encodes a combining [`Frame::ExpertRequest`]: rows travel once per distinct token as in
+/// [`encode_request_shared`], each row's [`TaskRef::weights`] entry travels with its index, and
+/// the worker answers one weighted sum per distinct token ([`Encoded::tokens`] order) instead
+/// of one row per task row. `None` when a task's ids or weights do not match its rows.
+pub fn encode_request_combined(id: u64, layer: u32, dtype: Dtype, tasks: &[TaskRef]) -> Option<Encoded> {
+    encode_distinct(id, layer, dtype, tasks, true)
+}
+
+fn encode_distinct(id: u64, layer: u32, dtype: Dtype, tasks: &[TaskRef], combine: bool) -> Option<Encoded> {
+    let hidden = tasks.first().map_or(0, |t| t.input.cols());
+    let fits = |t: &TaskRef| {
+        t.tokens.len() == t.input.rows() && t.input.cols() == hidden && (!combine || t.weights.len() == t.input.rows())
+    };
+    if !tasks.iter().all(fits) {
         return None;
     }
-    let rows: usize = tasks.iter().map(|t| t.2.rows()).sum();
+    let rows: usize = tasks.iter().map(|t| t.input.rows()).sum();
     // Distinct ids in order of first appearance, with the (task, row) that carries each.
     let mut slot: std::collections::HashMap<u32, u32> = std::collections::HashMap::with_capacity(rows);
     let mut first: Vec<(usize, usize)> = Vec::new();
     let mut index: Vec<u32> = Vec::with_capacity(rows);
     for (ti, t) in tasks.iter().enumerate() {
-        for (r, &tok) in t.3.iter().enumerate() {
+        for (r, &tok) in t.tokens.iter().enumerate() {
             let next = first.len() as u32;
             let i = *slot.entry(tok).or_insert_with(|| {
                 first.push((ti, r));
@@ -223,26 +287,28 @@ pub fn encode_request_shared(
             index.push(i);
         }
     }
-    if first.len() == rows {
-        return None;
-    }
-    let mut b =
-        BytesMut::with_capacity(HEADER + 20 + 12 * tasks.len() + 4 * rows + first.len() * hidden * dtype.size());
-    request_header(&mut b, K_REQ_SHARED, id, (layer, hidden, dtype), tasks.len());
+    let weights = if combine { 4 * rows } else { 0 };
+    let mut b = BytesMut::with_capacity(
+        HEADER + 20 + 12 * tasks.len() + 4 * rows + weights + first.len() * hidden * dtype.size(),
+    );
+    let kind = if combine { K_REQ_COMBINED } else { K_REQ_SHARED };
+    request_header(&mut b, kind, id, (layer, hidden, dtype), tasks.len());
     b.put_u32_le(first.len() as u32);
-    for (key, replica, input, _) in tasks {
-        b.put_u32_le(key.expert);
-        b.put_u32_le(*replica);
-        b.put_u32_le(input.rows() as u32);
-    }
+    put_task_table(&mut b, tasks);
     for i in index {
         b.put_u32_le(i);
     }
-    let saved = rows - first.len();
-    for (ti, r) in first {
-        put_slice(&mut b, tasks[ti].2.row(r), dtype);
+    if combine {
+        tasks.iter().flat_map(|t| t.weights).for_each(|w| b.put_f32_le(*w));
     }
-    Some((b.freeze(), saved))
+    for &(ti, r) in &first {
+        put_slice(&mut b, tasks[ti].input.row(r), dtype);
+    }
+    Some(Encoded {
+        bytes: b.freeze(),
+        rows_saved: rows - first.len(),
+        tokens: first.iter().map(|&(ti, r)| tasks[ti].tokens[r]).collect(),
+    })
 }
 
 fn put_slice(buf: &mut BytesMut, values: &[f32], dtype: Dtype) {
@@ -273,9 +339,28 @@ impl Frame {
                 layer,
                 dtype,
                 tasks,
+                sums,
             } => {
-                let refs: Vec<(ExpertKey, u32, &Tensor)> = tasks.iter().map(|t| (t.key, t.replica, &t.input)).collect();
-                encode_request(*id, *layer, *dtype, &refs)
+                // A combining request's rows name their sums, so equal slots are equal rows.
+                let slots: Vec<(Vec<u32>, Vec<f32>)> =
+                    tasks.iter().map(|t| t.combine.iter().copied().unzip()).collect();
+                let refs: Vec<TaskRef> = tasks
+                    .iter()
+                    .zip(&slots)
+                    .map(|(t, (tokens, weights))| TaskRef {
+                        key: t.key,
+                        replica: t.replica,
+                        input: &t.input,
+                        tokens,
+                        weights,
+                    })
+                    .collect();
+                match *sums {
+                    0 => encode_request(*id, *layer, *dtype, &refs),
+                    _ => encode_request_combined(*id, *layer, *dtype, &refs)
+                        .map(|e| e.bytes)
+                        .unwrap_or_else(|| encode_request(*id, *layer, *dtype, &refs)),
+                }
             }
             Frame::ExpertResponse { id, outputs } => {
                 let hidden = outputs.first().map_or(0, |t| t.cols());
@@ -339,16 +424,19 @@ impl Frame {
             K_REQ => {
                 let head = request_head(&mut r, false)?;
                 let tensors = r.tensors(head.table.iter().map(|t| t.2), head.hidden, head.dtype)?;
-                Ok(head.into_request(id, tensors))
+                let inputs = tensors.into_iter().map(|t| (t, Vec::new())).collect();
+                Ok(head.into_request(id, inputs, 0))
             }
-            K_REQ_SHARED => {
+            K_REQ_SHARED | K_REQ_COMBINED => {
+                let combine = kind == K_REQ_COMBINED;
                 let head = request_head(&mut r, true)?;
                 let total = head
                     .table
                     .iter()
                     .try_fold(0usize, |a, t| a.checked_add(t.2))
                     .ok_or_else(|| FrameError::Invalid("row counts overflow".into()))?;
-                if total > r.remaining() / 4 {
+                let per_row = if combine { 8 } else { 4 };
+                if total > r.remaining() / per_row {
                     return Err(FrameError::Invalid(format!(
                         "{total} row indices announced, {} bytes left",
                         r.remaining()
@@ -357,28 +445,41 @@ impl Frame {
                 let distinct = head.distinct;
                 let mut index = Vec::with_capacity(total);
                 for _ in 0..total {
-                    let i = r.u32()? as usize;
-                    if i >= distinct {
+                    let i = r.u32()?;
+                    if i as usize >= distinct {
                         return Err(FrameError::Invalid(format!(
                             "row index {i} past the {distinct} rows carried"
                         )));
                     }
                     index.push(i);
                 }
+                let mut weights = Vec::with_capacity(if combine { total } else { 0 });
+                if combine {
+                    for _ in 0..total {
+                        weights.push(f32::from_bits(r.u32()?));
+                    }
+                }
                 let rows = r
                     .tensors(std::iter::once(distinct), head.hidden, head.dtype)?
                     .pop()
                     .ok_or_else(|| FrameError::Invalid("no row table".into()))?;
                 let mut at = 0;
-                let inputs: Vec<Tensor> = head
+                let inputs: Vec<(Tensor, Vec<(u32, f32)>)> = head
                     .table
                     .iter()
                     .map(|t| {
+                        let idx = &index[at..at + t.2];
+                        let combine = match combine {
+                            true => idx.iter().copied().zip(weights[at..at + t.2].iter().copied()).collect(),
+                            false => Vec::new(),
+                        };
                         at += t.2;
-                        rows.gather_rows(&index[at - t.2..at])
+                        let rows_of: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
+                        (rows.gather_rows(&rows_of), combine)
                     })
                     .collect();
-                Ok(head.into_request(id, inputs))
+                let sums = if combine { distinct } else { 0 };
+                Ok(head.into_request(id, inputs, sums))
             }
             K_RESP => {
                 let hidden = r.u32()?;
@@ -434,19 +535,25 @@ struct RequestHead {
 }
 
 impl RequestHead {
-    /// The request with one input per task of the table.
-    fn into_request(self, id: u64, inputs: Vec<Tensor>) -> Frame {
+    /// The request with one input (and combine table) per task of the table.
+    fn into_request(self, id: u64, inputs: Vec<(Tensor, Vec<(u32, f32)>)>, sums: usize) -> Frame {
         let tasks = self
             .table
             .into_iter()
             .zip(inputs)
-            .map(|((key, replica, _), input)| TaskData { key, replica, input })
+            .map(|((key, replica, _), (input, combine))| TaskData {
+                key,
+                replica,
+                input,
+                combine,
+            })
             .collect();
         Frame::ExpertRequest {
             id,
             layer: self.layer,
             dtype: self.dtype,
             tasks,
+            sums,
         }
     }
 }
@@ -584,13 +691,16 @@ mod tests {
                     key: ExpertKey::new(3, 1),
                     replica: 0,
                     input: Tensor::matrix(2, 4, (0..8).map(|x| x as f32 * 0.5).collect()),
+                    combine: Vec::new(),
                 },
                 TaskData {
                     key: ExpertKey::new(3, 5),
                     replica: 2,
                     input: Tensor::matrix(1, 4, vec![1.0, -2.0, 3.5, 1e-8]),
+                    combine: Vec::new(),
                 },
             ],
+            sums: 0,
         }
     }
 
@@ -631,6 +741,7 @@ mod tests {
             layer,
             dtype: Dtype::Bf16,
             tasks,
+            sums: 0,
         };
         let Ok(Frame::ExpertRequest { tasks, .. }) = Frame::decode(&f.encode()) else {
             panic!("decode failed")
@@ -658,35 +769,60 @@ mod tests {
     }
 
     /// [`request`] with expert 5's token made expert 1's second one (tokens (10, 11) and
-    /// (11)): token 11 travels once.
-    fn shared() -> (Bytes, Frame) {
+    /// (11)): token 11 travels once. Combining: weights (0.5, 0.25) and (2.0).
+    fn shared_as(combine: bool) -> (Bytes, Frame) {
         let Frame::ExpertRequest {
             id,
             layer,
             dtype,
             mut tasks,
+            ..
         } = request()
         else {
             unreachable!()
         };
         tasks[1].input = Tensor::matrix(1, 4, tasks[0].input.row(1).to_vec());
         let ids: [&[u32]; 2] = [&[10, 11], &[11]];
-        let refs: Vec<(ExpertKey, u32, &Tensor, &[u32])> = tasks
+        let weights: [&[f32]; 2] = [&[0.5, 0.25], &[2.0]];
+        let refs: Vec<TaskRef> = tasks
             .iter()
             .zip(ids)
-            .map(|(t, ids)| (t.key, t.replica, &t.input, ids))
+            .zip(weights)
+            .map(|((t, tokens), weights)| TaskRef {
+                key: t.key,
+                replica: t.replica,
+                input: &t.input,
+                tokens,
+                weights,
+            })
             .collect();
-        let (bytes, saved) = encode_request_shared(id, layer, dtype, &refs).expect("a row is shared");
-        assert_eq!(saved, 1);
+        let e = match combine {
+            true => encode_request_combined(id, layer, dtype, &refs),
+            false => encode_request_shared(id, layer, dtype, &refs),
+        }
+        .expect("a row is shared");
+        assert_eq!((e.rows_saved, e.tokens.as_slice()), (1, &[10, 11][..]));
+        let sums = if combine {
+            tasks[0].combine = vec![(0, 0.5), (1, 0.25)];
+            tasks[1].combine = vec![(1, 2.0)];
+            2
+        } else {
+            0
+        };
         (
-            bytes,
+            e.bytes,
             Frame::ExpertRequest {
                 id,
                 layer,
                 dtype,
                 tasks,
+                sums,
             },
         )
+    }
+
+    fn shared() -> (Bytes, Frame) {
+        shared_as(false)
     }
 
     #[test]
@@ -697,19 +833,74 @@ mod tests {
         assert_eq!(plain.encode().len() - bytes.len(), 16 - 12 - 4);
         // Nothing shared, or ids that do not match the rows: no shared frame.
         let a = Tensor::matrix(1, 4, vec![1.0; 4]);
-        assert!(encode_request_shared(1, 0, Dtype::F32, &[(ExpertKey::new(0, 0), 0, &a, &[1][..])]).is_none());
-        assert!(encode_request_shared(1, 0, Dtype::F32, &[(ExpertKey::new(0, 0), 0, &a, &[][..])]).is_none());
+        let one = |ids: &'static [u32]| TaskRef {
+            tokens: ids,
+            ..TaskRef::plain(ExpertKey::new(0, 0), 0, &a)
+        };
+        assert!(encode_request_shared(1, 0, Dtype::F32, &[one(&[1])]).is_none());
+        assert!(encode_request_shared(1, 0, Dtype::F32, &[one(&[])]).is_none());
         // bf16 rows round once, as in the plain frame.
         let x = Tensor::matrix(1, 4, vec![1.0, 1.0 + 1e-3, -3.0, 0.1]);
         let t = [
-            (ExpertKey::new(0, 0), 0, &x, &[4u32][..]),
-            (ExpertKey::new(0, 1), 0, &x, &[4u32][..]),
+            TaskRef {
+                tokens: &[4],
+                ..TaskRef::plain(ExpertKey::new(0, 0), 0, &x)
+            },
+            TaskRef {
+                tokens: &[4],
+                ..TaskRef::plain(ExpertKey::new(0, 1), 0, &x)
+            },
         ];
-        let plain: Vec<(ExpertKey, u32, &Tensor)> = t.iter().map(|t| (t.0, t.1, t.2)).collect();
         assert_eq!(
-            Frame::decode(&encode_request_shared(2, 0, Dtype::Bf16, &t).unwrap().0),
-            Frame::decode(&encode_request(2, 0, Dtype::Bf16, &plain))
+            Frame::decode(&encode_request_shared(2, 0, Dtype::Bf16, &t).unwrap().bytes),
+            Frame::decode(&encode_request(2, 0, Dtype::Bf16, &t))
         );
+    }
+
+    #[test]
+    fn combining_requests_carry_weights_and_round_trip() {
+        let (bytes, frame) = shared_as(true);
+        assert_eq!(Frame::decode(&bytes), Ok(frame.clone()));
+        assert_eq!(frame.encode(), bytes);
+        // The shared layout plus one f32 weight per row, and a different kind.
+        let (shared, _) = shared();
+        assert_eq!(bytes.len() - shared.len(), 3 * 4);
+        assert_eq!((bytes[5], shared[5]), (K_REQ_COMBINED, K_REQ_SHARED));
+        // Unlike the shared layout, combining needs nothing shared; weights must match rows.
+        let a = Tensor::matrix(1, 4, vec![1.0; 4]);
+        let t = |weights: &'static [f32]| TaskRef {
+            tokens: &[3],
+            weights,
+            ..TaskRef::plain(ExpertKey::new(0, 0), 0, &a)
+        };
+        let e = encode_request_combined(1, 0, Dtype::F32, &[t(&[0.5])]).unwrap();
+        assert_eq!((e.rows_saved, e.tokens), (0, vec![3]));
+        assert!(matches!(
+            Frame::decode(&e.bytes),
+            Ok(Frame::ExpertRequest { sums: 1, .. })
+        ));
+        assert!(encode_request_combined(1, 0, Dtype::F32, &[t(&[])]).is_none());
+        assert!(encode_request_combined(1, 0, Dtype::F32, &[t(&[0.5, 0.5])]).is_none());
+    }
+
+    #[test]
+    fn forged_combining_frames_are_rejected() {
+        let (bytes, _) = shared_as(true);
+        truncations_and_extensions_fail(&bytes);
+        let forge = |at: usize, v: &[u8]| {
+            let mut b = BytesMut::from(&bytes[..]);
+            b[at..at + v.len()].copy_from_slice(v);
+            Frame::decode(&b.freeze())
+        };
+        // Layout as the shared frame, then weights 72..84 and rows 84..
+        assert!(matches!(forge(60, &2u32.to_le_bytes()), Err(FrameError::Invalid(m)) if m.contains("past")));
+        assert!(forge(32, &1u32.to_le_bytes()).is_err());
+        assert!(forge(56, &3u32.to_le_bytes()).is_err());
+        // A weight is any f32; the frame still decodes with it.
+        let Ok(Frame::ExpertRequest { tasks, .. }) = forge(72, &7.0f32.to_le_bytes()) else {
+            panic!("a changed weight is still a frame")
+        };
+        assert_eq!(tasks[0].combine[0], (0, 7.0));
     }
 
     #[test]
@@ -742,14 +933,17 @@ mod tests {
     fn corrupted_requests_never_panic() {
         let plain = request().encode();
         let (shared, _) = shared();
-        for bytes in [plain, shared] {
+        let (combined, _) = shared_as(true);
+        for bytes in [plain, shared, combined] {
             for at in 0..bytes.len() {
                 for v in [0u8, 1, 2, 0x7f, 0x80, 0xff] {
                     let mut b = BytesMut::from(&bytes[..]);
                     b[at] = v;
-                    if let Ok(Frame::ExpertRequest { tasks, .. }) = Frame::decode(&b.freeze()) {
+                    if let Ok(Frame::ExpertRequest { tasks, sums, .. }) = Frame::decode(&b.freeze()) {
                         let rows: usize = tasks.iter().map(|t| t.input.rows()).sum();
                         assert!(rows <= 3, "byte {at} = {v}: {rows} rows from a 3-row request");
+                        let slots = tasks.iter().flat_map(|t| &t.combine).map(|c| c.0 as usize);
+                        assert!(slots.clone().all(|s| s < sums.max(1)) && sums <= 3, "byte {at} = {v}");
                     }
                 }
             }

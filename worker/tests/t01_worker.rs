@@ -15,14 +15,14 @@ use control_plane::{NodeConfig, RunningNode};
 use data_plane::backend::CpuBackend;
 use data_plane::checkpoint::Checkpoint;
 use data_plane::config::{Arch, ModelConfig};
-use data_plane::expert::{ExpertFunction, ExpertTask, ExpertWeights};
+use data_plane::expert::{add_weighted_rows, ExpertFunction, ExpertTask, ExpertWeights};
 use data_plane::tensor::Tensor;
 use data_plane::testing::{write_random_checkpoint, ModelShape, SaveDtype};
 use serde_json::Value;
 use shared::{ExpertKey, InstanceId};
 use transport::{Client, Identity, Limits, TlsFiles};
 use worker::remote::{RemoteExperts, RemoteOptions};
-use worker::wire::{encode_request, Dtype, ErrorCode, Frame};
+use worker::wire::{encode_request, Dtype, ErrorCode, Frame, TaskRef};
 use worker::{RunningWorker, WorkerOptions};
 
 const MODEL: &str = "mixtral-test";
@@ -273,7 +273,11 @@ fn expect_error(what: &str, answer: &Bytes, want: ErrorCode) -> String {
 /// Sends a valid request for `keys` to `addr` and checks every output against local compute.
 fn assert_serves(c: &Cluster, client: &Client, addr: std::net::SocketAddr, layer: u32, keys: &[ExpertKey]) {
     let inputs: Vec<Tensor> = (0..keys.len()).map(|i| c.input(3 + i, i as u32)).collect();
-    let tasks: Vec<(ExpertKey, u32, &Tensor)> = keys.iter().zip(&inputs).map(|(k, x)| (*k, 0, x)).collect();
+    let tasks: Vec<TaskRef> = keys
+        .iter()
+        .zip(&inputs)
+        .map(|(k, x)| TaskRef::plain(*k, 0, x))
+        .collect();
     let req = encode_request(42, layer, Dtype::F32, &tasks);
     let answer = c.rt.block_on(client.request(addr, req, WAIT)).unwrap();
     match decode(&answer) {
@@ -299,7 +303,7 @@ fn malformed_frames_and_strangers_are_refused_and_the_worker_keeps_serving() {
     c.wait_state(1, &held, "warm");
     let client = c.client(&c.identity("engine"));
     let ask = |bytes: Bytes| c.rt.block_on(client.request(w.addr, bytes, WAIT)).unwrap();
-    let valid = encode_request(9, 0, Dtype::F32, &[(held[0], 0, &c.input(2, 1))]);
+    let valid = encode_request(9, 0, Dtype::F32, &[TaskRef::plain(held[0], 0, &c.input(2, 1))]);
 
     expect_error(
         "garbage",
@@ -341,26 +345,26 @@ fn malformed_frames_and_strangers_are_refused_and_the_worker_keeps_serving() {
     let x = c.input(2, 2);
     let msg = expect_error(
         "no such expert",
-        &ask(encode_request(4, 0, Dtype::F32, &[(key(0, 99), 0, &x)])),
+        &ask(encode_request(4, 0, Dtype::F32, &[TaskRef::plain(key(0, 99), 0, &x)])),
         ErrorCode::BadFrame,
     );
     assert!(msg.contains("not a routed expert"), "{msg}");
     let narrow = Tensor::matrix(2, c.cfg.hidden_size / 2, vec![0.5; c.cfg.hidden_size]);
     expect_error(
         "wrong hidden size",
-        &ask(encode_request(5, 0, Dtype::F32, &[(held[0], 0, &narrow)])),
+        &ask(encode_request(5, 0, Dtype::F32, &[TaskRef::plain(held[0], 0, &narrow)])),
         ErrorCode::BadFrame,
     );
     expect_error(
         "layer out of range",
-        &ask(encode_request(6, 7, Dtype::F32, &[(key(7, 0), 0, &x)])),
+        &ask(encode_request(6, 7, Dtype::F32, &[TaskRef::plain(key(7, 0), 0, &x)])),
         ErrorCode::BadFrame,
     );
 
     // Over the worker's 1 MiB message limit: refused by the transport, not read into memory.
     let big = c.input(1 << 20 >> 5, 3);
     assert!(big.data().len() * 4 > 1 << 20);
-    let oversized = encode_request(7, 0, Dtype::F32, &[(held[0], 0, &big)]);
+    let oversized = encode_request(7, 0, Dtype::F32, &[TaskRef::plain(held[0], 0, &big)]);
     let refused = c.rt.block_on(client.request(w.addr, oversized, WAIT));
     assert!(refused.is_err(), "an oversized message was answered: {refused:?}");
 
@@ -452,8 +456,12 @@ fn a_worker_keeps_to_its_budget_and_the_engine_sends_what_it_cannot_hold_elsewhe
     for k in on_a.iter().filter(|k| !warm.contains(k)) {
         let x = c.input(2, 5);
         let answer =
-            c.rt.block_on(client.request(wa.addr, encode_request(1, 0, Dtype::F32, &[(*k, 0, &x)]), WAIT))
-                .unwrap();
+            c.rt.block_on(client.request(
+                wa.addr,
+                encode_request(1, 0, Dtype::F32, &[TaskRef::plain(*k, 0, &x)]),
+                WAIT,
+            ))
+            .unwrap();
         expect_error(&format!("{k} over budget"), &answer, ErrorCode::OutOfMemory);
     }
     assert_serves(&c, &client, wa.addr, 0, &warm);
@@ -474,6 +482,7 @@ fn a_worker_keeps_to_its_budget_and_the_engine_sends_what_it_cannot_hold_elsewhe
             },
             input: x.clone(),
             tokens: Vec::new(),
+            weights: Vec::new(),
         })
         .collect();
     let outputs = remote.execute(0, tasks).unwrap();
@@ -483,6 +492,40 @@ fn a_worker_keeps_to_its_budget_and_the_engine_sends_what_it_cannot_hold_elsewhe
     let stats = remote.stats();
     assert!(stats.failed_messages >= 1, "{stats:?}");
     assert!(stats.redispatched_tasks >= 4, "{stats:?}");
+
+    // Combining: a worker answers one weighted sum per token it was sent, not one row per
+    // (token, expert); A's failed message is again re-dispatched to B.
+    let h = c.cfg.hidden_size;
+    let batch = c.input(3, 40);
+    let mut want = Tensor::zeros(vec![3, h]);
+    let tasks = (0..8)
+        .map(|e| {
+            let tokens = vec![(e % 3) as u32, ((e + 1) % 3) as u32];
+            let weights = vec![0.25 + e as f32 * 0.1, 0.5];
+            let input = batch.gather_rows(&tokens.iter().map(|&t| t as usize).collect::<Vec<_>>());
+            add_weighted_rows(&mut want, &c.expected(key(0, e), &input), &tokens, &weights).unwrap();
+            ExpertTask {
+                instance: InstanceId {
+                    key: key(0, e),
+                    replica: 0,
+                },
+                input,
+                tokens,
+                weights,
+            }
+        })
+        .collect();
+    let before = remote.stats();
+    let mut got = Tensor::zeros(vec![3, h]);
+    remote.execute_into(0, tasks, &mut got).unwrap();
+    assert_close("combined", &got, &want);
+    let after = remote.stats();
+    let received = after.bytes_received - before.bytes_received;
+    // 16 rows computed; at most two answered messages of 3 sums each.
+    assert!(
+        received <= (2 * 3 * h * 4) as u64,
+        "{received} bytes for {before:?} -> {after:?}"
+    );
     assert!(c.worker_view(1)["memory_used_bytes"].as_u64().unwrap() <= budget);
     drop(remote);
     c.rt.block_on(wa.shutdown());
