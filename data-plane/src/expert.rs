@@ -596,6 +596,14 @@ impl ExpertFunction for LocalExperts {
 pub trait ShareSource: Send + Sync {
     /// Instances of `key` with their shares (non-negative, summing to 1).
     fn shares(&self, key: ExpertKey) -> Vec<(InstanceId, f32)>;
+
+    /// Where an instance runs (a worker id). When every instance of a layer has one, the
+    /// engine matches a replicated expert's tokens to the instance on a site the token's other
+    /// experts already send it to (each instance still gets its share of tokens), so fewer
+    /// copies travel; `None` (the default): tokens split in order.
+    fn site(&self, _instance: InstanceId) -> Option<u64> {
+        None
+    }
 }
 
 /// One instance per expert, all tokens to it.

@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use shared::ExpertKey;
+use shared::colocate::{Assignment, TokenAssigner};
+use shared::{ExpertKey, InstanceId};
 
 use crate::backend::{AttentionShape, Backend};
 use crate::checkpoint::TensorSource;
@@ -803,29 +804,49 @@ impl Model {
                 weights.push(w);
             }
         }
-        let mut tasks = Vec::new();
+        // Per expert with tokens: its instances and how many tokens each gets.
+        let mut placed: Vec<(usize, Vec<(InstanceId, usize)>)> = Vec::new();
         for (ex, rows) in per_expert.iter().enumerate() {
             if rows.is_empty() {
                 continue;
             }
-            let key = ExpertKey::new(li, ex);
-            let inst = shares.shares(key);
+            let inst = shares.shares(ExpertKey::new(li, ex));
             let counts = split_counts(rows.len(), &inst.iter().map(|s| s.1).collect::<Vec<_>>());
-            let mut start = 0;
-            for ((instance, _), cnt) in inst.iter().zip(counts) {
-                if cnt == 0 {
-                    continue;
+            placed.push((ex, inst.iter().map(|s| s.0).zip(counts).collect()));
+        }
+        let rows_of = colocated_rows(&placed, &ids, k, e, shares).unwrap_or_else(|| {
+            // In token order: an instance takes the next `count` of its expert's tokens.
+            let mut out = Vec::new();
+            for (ex, inst) in &placed {
+                let rows: Vec<usize> = per_expert[*ex].iter().map(|r| r.0).collect();
+                let mut start = 0;
+                for &(_, cnt) in inst {
+                    out.push(rows[start..start + cnt].to_vec());
+                    start += cnt;
                 }
-                let part = &rows[start..start + cnt];
-                start += cnt;
-                let input = h.gather_rows(&part.iter().map(|r| r.0).collect::<Vec<_>>());
-                tasks.push(ExpertTask {
-                    instance: *instance,
-                    input,
-                    tokens: part.iter().map(|r| r.0 as u32).collect(),
-                    weights: part.iter().map(|r| r.1).collect(),
-                });
             }
+            out
+        });
+        let mut tasks = Vec::new();
+        let instances = placed
+            .iter()
+            .flat_map(|(ex, inst)| inst.iter().map(move |i| (*ex, i.0)));
+        for ((ex, instance), rows) in instances.zip(rows_of) {
+            if rows.is_empty() {
+                continue;
+            }
+            // The combine weight of this token's choice of `ex`.
+            let weight = |t: usize| {
+                (0..k)
+                    .find(|&j| ids[t * k + j] as usize == ex)
+                    .map_or(0.0, |j| weights[t * k + j])
+            };
+            tasks.push(ExpertTask {
+                instance,
+                input: h.gather_rows(&rows),
+                tokens: rows.iter().map(|&t| t as u32).collect(),
+                weights: rows.iter().map(|&t| weight(t)).collect(),
+            });
         }
         let mut out = Tensor::zeros(vec![n, c.hidden_size]);
         experts.execute_into(li, tasks, &mut out)?;
@@ -853,9 +874,97 @@ impl Model {
     }
 }
 
+/// Token rows per instance (in `placed` order) when a layer's instances all have sites and some
+/// replicated expert spans several: each token of a replicated expert goes to an instance on a
+/// site its other experts already send it to where that instance has room
+/// (`shared::colocate::TokenAssigner`, the matching the simulator counts), otherwise to the
+/// instance with the most room; every instance gets exactly its count. `None`: split in order.
+fn colocated_rows(
+    placed: &[(usize, Vec<(InstanceId, usize)>)],
+    ids: &[u32],
+    k: usize,
+    experts: usize,
+    shares: &dyn ShareSource,
+) -> Option<Vec<Vec<usize>>> {
+    let mut sites: Vec<u64> = Vec::new();
+    let mut gpu = Vec::new();
+    let mut tokens = Vec::new();
+    let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); experts];
+    let mut spans_sites = false;
+    for (ex, inst) in placed {
+        let first = gpu.len();
+        for &(i, cnt) in inst {
+            let site = shares.site(i)?;
+            let dense = match sites.iter().position(|&s| s == site) {
+                Some(d) => d,
+                None => {
+                    sites.push(site);
+                    sites.len() - 1
+                }
+            };
+            by_expert[*ex].push(gpu.len());
+            gpu.push(dense as u32);
+            tokens.push(cnt as u32);
+        }
+        let used: Vec<u32> = (first..gpu.len()).filter(|&i| tokens[i] > 0).map(|i| gpu[i]).collect();
+        spans_sites |= used.iter().any(|&g| g != used[0]);
+    }
+    if !spans_sites {
+        return None;
+    }
+    let mut chosen = Vec::new();
+    TokenAssigner::default().assign(ids, k, &gpu, &tokens, &by_expert, Assignment::Colocated, &mut chosen);
+    let mut rows = vec![Vec::new(); gpu.len()];
+    for (entry, &i) in chosen.iter().enumerate() {
+        rows.get_mut(i as usize)?.push(entry / k);
+    }
+    // Each instance must get exactly its share (the assigner guarantees it when counts add up).
+    rows.iter()
+        .zip(&tokens)
+        .all(|(r, &n)| r.len() == n as usize)
+        .then_some(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sites from a table; shares unused.
+    struct Sites(Vec<((usize, u32), u64)>);
+
+    impl ShareSource for Sites {
+        fn shares(&self, key: ExpertKey) -> Vec<(InstanceId, f32)> {
+            vec![(InstanceId { key, replica: 0 }, 1.0)]
+        }
+        fn site(&self, i: InstanceId) -> Option<u64> {
+            let at = (i.key.expert as usize, i.replica);
+            self.0.iter().find(|(k, _)| *k == at).map(|x| x.1)
+        }
+    }
+
+    #[test]
+    fn replicated_experts_take_tokens_where_their_other_experts_are() {
+        let inst = |e: usize, r: u32| InstanceId {
+            key: ExpertKey::new(0, e),
+            replica: r,
+        };
+        // Expert 0 on site 10, expert 2 on site 20, expert 1 on both (2 tokens each). Tokens
+        // 0, 1 pick (2, 1), tokens 2, 3 pick (0, 1).
+        let placed = vec![
+            (0, vec![(inst(0, 0), 2)]),
+            (1, vec![(inst(1, 0), 2), (inst(1, 1), 2)]),
+            (2, vec![(inst(2, 0), 2)]),
+        ];
+        let ids = [2, 1, 2, 1, 0, 1, 0, 1];
+        let sites = Sites(vec![((0, 0), 10), ((1, 0), 10), ((1, 1), 20), ((2, 0), 20)]);
+        let rows = colocated_rows(&placed, &ids, 2, 3, &sites).unwrap();
+        assert_eq!(rows, vec![vec![2, 3], vec![2, 3], vec![0, 1], vec![0, 1]]);
+        // In order, expert 1's first instance would take tokens 0, 1 (on the other site).
+        // Unknown sites, or a replicated expert on one site: split in order.
+        assert!(colocated_rows(&placed, &ids, 2, 3, &crate::expert::SingleInstance).is_none());
+        let one_site = Sites(vec![((0, 0), 10), ((1, 0), 10), ((1, 1), 10), ((2, 0), 20)]);
+        assert!(colocated_rows(&placed, &ids, 2, 3, &one_site).is_none());
+    }
 
     #[test]
     fn top_k_ties_go_to_lower_id() {

@@ -224,6 +224,9 @@ pub struct TokenAssigner {
     fixed: Vec<u32>,
 }
 
+/// [`TokenAssigner::assign`]: the route entry's expert has no instance.
+pub const NO_INSTANCE: u32 = u32::MAX;
+
 /// `TokenAssigner::fixed`: the expert has several instances (a per-token choice).
 const SEVERAL: u32 = u32::MAX;
 /// `TokenAssigner::fixed`: the expert has no instance with a GPU (its tokens are not counted).
@@ -243,6 +246,41 @@ impl TokenAssigner {
         tokens: &[u32],
         by_expert: &[Vec<usize>],
         mode: Assignment,
+    ) -> u64 {
+        self.run(routes, k, gpu, tokens, by_expert, mode, None)
+    }
+
+    /// [`TokenAssigner::gpu_copies`], also writing into `chosen` the instance each route entry
+    /// goes to (one per entry of `routes`; [`NO_INSTANCE`] where its expert has none). Each
+    /// instance receives exactly its `tokens` count when the counts sum to the expert's
+    /// routed entries: the engine uses this to split a replicated expert's tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn assign(
+        &mut self,
+        routes: &[u32],
+        k: usize,
+        gpu: &[u32],
+        tokens: &[u32],
+        by_expert: &[Vec<usize>],
+        mode: Assignment,
+        chosen: &mut Vec<u32>,
+    ) -> u64 {
+        chosen.clear();
+        let copies = self.run(routes, k, gpu, tokens, by_expert, mode, Some(chosen));
+        chosen.resize(routes.len(), NO_INSTANCE);
+        copies
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        routes: &[u32],
+        k: usize,
+        gpu: &[u32],
+        tokens: &[u32],
+        by_expert: &[Vec<usize>],
+        mode: Assignment,
+        mut chosen: Option<&mut Vec<u32>>,
     ) -> u64 {
         self.received.iter_mut().for_each(|r| *r = 0);
         if k == 0 {
@@ -281,7 +319,20 @@ impl TokenAssigner {
                     Some(g) => self.visit(g),
                 }
             }
-            if several {
+            if let Some(out) = chosen.as_deref_mut() {
+                let at = out.len();
+                out.extend(tok.iter().map(|&e| match by_expert.get(e as usize).map(Vec::as_slice) {
+                    Some([i]) => *i as u32,
+                    _ => NO_INSTANCE,
+                }));
+                if several {
+                    for (j, &e) in tok.iter().enumerate() {
+                        if self.fixed.get(e as usize) == Some(&SEVERAL) {
+                            out[at + j] = self.pick(&by_expert[e as usize], gpu, mode) as u32;
+                        }
+                    }
+                }
+            } else if several {
                 for &e in tok {
                     if self.fixed.get(e as usize) == Some(&SEVERAL) {
                         self.pick(&by_expert[e as usize], gpu, mode);
@@ -306,7 +357,7 @@ impl TokenAssigner {
 
     /// One token of a replicated expert: take an instance with tokens left (preferring, when
     /// colocating, one on a GPU the token already visits), or the first when none has any.
-    fn pick(&mut self, idx: &[usize], gpu: &[u32], mode: Assignment) {
+    fn pick(&mut self, idx: &[usize], gpu: &[u32], mode: Assignment) -> usize {
         let left = |i: usize| self.remaining.get(i).copied().unwrap_or(0);
         let pick = match mode {
             Assignment::Sequential => idx.iter().copied().find(|&i| left(i) > 0),
@@ -331,6 +382,7 @@ impl TokenAssigner {
         if let Some(&g) = gpu.get(i) {
             self.visit(g);
         }
+        i
     }
 
     /// Count GPU `g` once for this token.
@@ -425,6 +477,39 @@ mod tests {
         assert_eq!(a.received(), &[2, 2]);
         assert_eq!(seq, 8);
         assert_eq!(col, 4);
+        // The same matching, instance by instance: each gets its 2 tokens.
+        let mut chosen = Vec::new();
+        let n = a.assign(
+            &routes,
+            2,
+            &gpu,
+            &tokens,
+            &by_expert,
+            Assignment::Colocated,
+            &mut chosen,
+        );
+        assert_eq!((n, chosen.as_slice()), (4, &[3, 2, 3, 2, 0, 1, 0, 1][..]));
+        a.assign(
+            &routes,
+            2,
+            &gpu,
+            &tokens,
+            &by_expert,
+            Assignment::Sequential,
+            &mut chosen,
+        );
+        assert_eq!(chosen, vec![3, 1, 3, 1, 0, 2, 0, 2]);
+        // An expert without instances, an entry past the experts.
+        a.assign(
+            &[0, 9],
+            2,
+            &gpu,
+            &tokens,
+            &[vec![0], vec![]],
+            Assignment::Colocated,
+            &mut chosen,
+        );
+        assert_eq!(chosen, vec![0, NO_INSTANCE]);
     }
 
     #[test]

@@ -351,6 +351,8 @@ pub struct Replayer {
     frac_sum: f64,
     keep_step_detail: bool,
     fractional_metric: bool,
+    /// Whether [`Self::step`] counts dispatch copies when a step carries routes.
+    count_copies: bool,
     last: Vec<LayerOutcome>,
     report: ReplayReport,
 }
@@ -453,6 +455,7 @@ impl Replayer {
             frac_sum: 0.0,
             keep_step_detail: true,
             fractional_metric: true,
+            count_copies: true,
             last: Vec::new(),
             report: ReplayReport {
                 policy: policy.label().to_string(),
@@ -487,6 +490,13 @@ impl Replayer {
     pub fn without_fractional_metric(mut self) -> Self {
         self.fractional_metric = false;
         self
+    }
+
+    /// Whether the next steps count each GPU's dispatch copies (`LayerOutcome::gpu_copies`)
+    /// when they carry routes (default). A caller that samples copies every n-th step turns it
+    /// off in between, since a policy that reads routes gets them on every step.
+    pub fn set_count_copies(&mut self, on: bool) {
+        self.count_copies = on;
     }
 
     /// Whether [`Self::step`] reads `Step::routes` (MoEless with a predictor that uses the
@@ -538,6 +548,7 @@ impl Replayer {
         let coactivation = &mut self.coactivation;
         let homes = &mut self.homes;
         let assigner = &mut self.assigner;
+        let count_copies = self.count_copies;
         let inst_tokens = &mut self.inst_tokens;
         if step.counts.len() != layers || step.counts.iter().any(|c| c.len() != num_experts) {
             return Err(PlanError::Shape(format!(
@@ -737,7 +748,7 @@ impl Replayer {
             let routes = &step.routes[l];
             let token_choices: u32 = counts.iter().sum();
             let mut gpu_copies = Vec::new();
-            if top_k > 0 && !routes.is_empty() && routes.len() == token_choices as usize {
+            if count_copies && top_k > 0 && !routes.is_empty() && routes.len() == token_choices as usize {
                 let gpu_of: Vec<u32> = plan.instances.iter().map(|i| i.gpu).collect();
                 let mode = if policy == PolicyKind::Moeless && cfg.colocate {
                     Assignment::Colocated

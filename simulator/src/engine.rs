@@ -539,7 +539,10 @@ fn run_group(
         let mut origin = vec![0usize; attn_devices];
         // Sequences with tokens in this step.
         let mut scheduled = 0usize;
-        let with_routes = need_routes || (fanout_every > 0 && step_index.is_multiple_of(fanout_every));
+        let sampled = fanout_every > 0 && step_index.is_multiple_of(fanout_every);
+        let with_routes = need_routes || sampled;
+        // A policy that reads routes gets them every step; its copies are still sampled.
+        replayer.set_count_copies(sampled);
         for l in running.iter() {
             let (n, prefill, start) = if l.decoding {
                 (1, false, l.produced - 1)

@@ -607,6 +607,13 @@ impl ShareSource for RemoteExperts {
             _ => vec![(InstanceId { key, replica: 0 }, 1.0)],
         }
     }
+
+    /// The worker the active plan puts the instance on.
+    fn site(&self, instance: InstanceId) -> Option<u64> {
+        let plan = self.view.read().ok().and_then(|v| v.active.clone())?;
+        let list = plan.by_key.get(&instance.key)?;
+        list.get(instance.replica as usize).map(|(w, _)| *w)
+    }
 }
 
 /// Polls the control plane for the latest plan and the workers' liveness, and activates a new
