@@ -119,6 +119,19 @@ pub struct TaskRef<'a> {
     pub weights: &'a [f32],
 }
 
+impl TaskData {
+    /// This task for the encoders, with per-row token ids and combine weights.
+    pub fn task_ref<'a>(&'a self, tokens: &'a [u32], weights: &'a [f32]) -> TaskRef<'a> {
+        TaskRef {
+            key: self.key,
+            replica: self.replica,
+            input: &self.input,
+            tokens,
+            weights,
+        }
+    }
+}
+
 impl<'a> TaskRef<'a> {
     /// A task without token ids or weights (for [`encode_request`]).
     pub fn plain(key: ExpertKey, replica: u32, input: &'a Tensor) -> Self {
@@ -347,13 +360,7 @@ impl Frame {
                 let refs: Vec<TaskRef> = tasks
                     .iter()
                     .zip(&slots)
-                    .map(|(t, (tokens, weights))| TaskRef {
-                        key: t.key,
-                        replica: t.replica,
-                        input: &t.input,
-                        tokens,
-                        weights,
-                    })
+                    .map(|(t, (ts, ws))| t.task_ref(ts, ws))
                     .collect();
                 match *sums {
                     0 => encode_request(*id, *layer, *dtype, &refs),
@@ -788,13 +795,7 @@ mod tests {
             .iter()
             .zip(ids)
             .zip(weights)
-            .map(|((t, tokens), weights)| TaskRef {
-                key: t.key,
-                replica: t.replica,
-                input: &t.input,
-                tokens,
-                weights,
-            })
+            .map(|((t, ts), ws)| t.task_ref(ts, ws))
             .collect();
         let e = match combine {
             true => encode_request_combined(id, layer, dtype, &refs),
