@@ -118,6 +118,7 @@ fn forward_over_workers_matches_in_process_for_every_architecture() {
         // shapes as in process) its outputs are summed in the in-process order.
         if workers == "1" {
             assert!(stats["rows_shared"].as_u64().unwrap() > 0, "{arch}: {stats}");
+            assert!(stats["rows_summed"].as_u64().unwrap() > 0, "{arch}: {stats}");
             let one = tmp.path().join(format!("{arch}-one.safetensors"));
             forward(&dir, &one, &["--workers", "1", "--plan", "static"]);
             compare_forward_exactly(arch, &local, &one);
@@ -181,11 +182,21 @@ fn workers_need_a_model_directory_and_say_so() {
 #[test]
 fn up_with_workers_serves_completions_and_takes_its_workers_down() {
     use std::io::{BufRead, BufReader, Read, Write};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeless"))
+    // Killed on drop, so a failed assertion does not leave it holding the test's output open.
+    struct Up(std::process::Child);
+    impl Drop for Up {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut up = Up(Command::new(env!("CARGO_BIN_EXE_moeless"))
         .args(["up", "--workers", "2", "--port", "0"])
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap());
+    let child = &mut up.0;
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -211,6 +222,21 @@ fn up_with_workers_serves_completions_and_takes_its_workers_down() {
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"completion_tokens\":4"), "{resp}");
+    // The dispatcher's counters are on /metrics: the completion's layers went to the workers.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut metrics = String::new();
+    s.read_to_string(&mut metrics).unwrap();
+    for name in [
+        "moeless_dispatch_bytes_sent_total",
+        "moeless_dispatch_bytes_received_total",
+    ] {
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        assert!(value > 0.0, "{name} = {value}");
+    }
     let pid = child.id();
     // The endpoint's own children are the workers.
     let children = || {

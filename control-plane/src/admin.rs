@@ -1,7 +1,6 @@
 //! Admin REST API (axum): JSON in and out, bearer token on every route but `/health`,
 //! errors as `{"error": {"message", "type", "code"}}`.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -12,7 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -128,30 +127,7 @@ fn ok<T: Serialize>(value: T) -> ApiResult {
 }
 
 fn prometheus() -> Option<&'static PrometheusHandle> {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(h) => {
-                // Histogram samples are buffered until `run_upkeep`; without a scrape they would
-                // pile up with every commit, so a thread folds them in every second.
-                let handle = h.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("metrics-upkeep".into())
-                    .spawn(move || loop {
-                        std::thread::sleep(std::time::Duration::from_secs(1));
-                        handle.run_upkeep();
-                    });
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "no metrics upkeep thread: samples wait for a scrape");
-                }
-                Some(h)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Prometheus recorder not installed");
-                None
-            }
-        })
-        .as_ref()
+    pki::https::prometheus()
 }
 
 async fn require_token(State(node): State<Node>, req: Request, next: Next) -> Response {

@@ -4,51 +4,24 @@
 use std::sync::OnceLock;
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::api::FinishReason;
 
-/// vLLM's latency buckets (seconds).
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-    160.0, 640.0, 2560.0,
-];
+static DESCRIBED: OnceLock<()> = OnceLock::new();
 
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Installs the Prometheus recorder once per process; `None` when another recorder was
-/// installed first (metrics then go to that one).
+/// The process's Prometheus recorder (`pki::https::prometheus`, shared with the admin API when
+/// both run in one process), with this crate's metrics described; `None` when another
+/// recorder was installed first (metrics then go to that one).
 pub fn prometheus() -> Option<&'static PrometheusHandle> {
-    HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .ok()?;
-            let handle = builder.install_recorder().ok()?;
-            describe();
-            spawn_upkeep(handle.clone());
-            Some(handle)
-        })
-        .as_ref()
+    let handle = pki::https::prometheus()?;
+    DESCRIBED.get_or_init(describe);
+    Some(handle)
 }
 
-/// How often the recorder folds its buffered histogram samples into the histograms.
-pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// `install_recorder` leaves upkeep to the caller: histogram samples are buffered until
-/// `run_upkeep`, so without a scrape every request's samples would be kept (a leak that grows
-/// with the requests served; caught by tests/t07_sustained_load.rs). A thread does it.
-fn spawn_upkeep(handle: PrometheusHandle) {
-    let spawned = std::thread::Builder::new()
-        .name("metrics-upkeep".into())
-        .spawn(move || loop {
-            std::thread::sleep(UPKEEP_INTERVAL);
-            handle.run_upkeep();
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "no metrics upkeep thread: histogram samples wait for a scrape");
-    }
-}
+/// How often the recorder folds its buffered histogram samples into the histograms (see
+/// tests/t07_sustained_load.rs: without it every request's samples would be kept).
+pub const UPKEEP_INTERVAL: std::time::Duration = pki::https::METRICS_UPKEEP_INTERVAL;
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};

@@ -208,6 +208,52 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// vLLM's latency buckets (seconds), used for every `*_seconds` histogram.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    160.0, 640.0, 2560.0,
+];
+
+/// How often the recorder folds its buffered histogram samples into the histograms.
+pub const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The process's Prometheus recorder, installed on first use and shared by every HTTP server
+/// in the process (the admin API and the endpoint both render it on `/metrics`, so a process
+/// running both, as `moeless up` does, shows every metric on either). `None` when a recorder
+/// not installed here came first.
+pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?;
+            let handle = match builder.install_recorder() {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Prometheus recorder not installed");
+                    return None;
+                }
+            };
+            // Histogram samples are buffered until `run_upkeep`; without a scrape they would
+            // pile up with every request, so a thread folds them in.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no metrics upkeep thread: histogram samples wait for a scrape");
+            }
+            Some(handle)
+        })
+        .as_ref()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -118,6 +118,9 @@ pub struct DispatchStats {
     /// Token rows not sent because their message already carried them (a token picked by
     /// several experts held on one worker travels once).
     pub rows_shared: u64,
+    /// Output rows not sent back because a worker summed a token's expert outputs (a token
+    /// answered once per worker, not once per expert).
+    pub rows_summed: u64,
     /// Messages that failed and whose tasks were sent elsewhere.
     pub failed_messages: u64,
     pub redispatched_tasks: u64,
@@ -134,9 +137,17 @@ struct Counters {
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
     rows_shared: AtomicU64,
+    rows_summed: AtomicU64,
     failed_messages: AtomicU64,
     redispatched_tasks: AtomicU64,
     activations: AtomicU64,
+}
+
+/// Adds `n` to a dispatcher counter and to its Prometheus twin (`moeless_dispatch_*_total`,
+/// exported by `moeless serve` / `up` with workers on `/metrics`).
+fn bump(counter: &AtomicU64, metric: &'static str, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+    metrics::counter!(metric).increment(n);
 }
 
 /// Routed experts executed on worker processes.
@@ -246,6 +257,7 @@ impl RemoteExperts {
             bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
             bytes_received: c.bytes_received.load(Ordering::Relaxed),
             rows_shared: c.rows_shared.load(Ordering::Relaxed),
+            rows_summed: c.rows_summed.load(Ordering::Relaxed),
             failed_messages: c.failed_messages.load(Ordering::Relaxed),
             redispatched_tasks: c.redispatched_tasks.load(Ordering::Relaxed),
             activations: c.activations.load(Ordering::Relaxed),
@@ -369,9 +381,11 @@ impl RemoteExperts {
         };
         match encoded {
             Some(e) => {
-                self.counters
-                    .rows_shared
-                    .fetch_add(e.rows_saved as u64, Ordering::Relaxed);
+                bump(
+                    &self.counters.rows_shared,
+                    "moeless_dispatch_rows_shared_total",
+                    e.rows_saved as u64,
+                );
                 let expect = match combine {
                     true => Expect::Summed(e.tokens),
                     false => Expect::PerTask(idx.len()),
@@ -390,7 +404,7 @@ impl RemoteExperts {
         tasks: &[ExpertTask],
         combine: bool,
     ) -> Result<Vec<(Vec<usize>, Answer)>, ExpertError> {
-        self.counters.layer_calls.fetch_add(1, Ordering::Relaxed);
+        bump(&self.counters.layer_calls, "moeless_dispatch_layer_calls_total", 1);
         let (plan, workers) = self.snapshot();
         let mut answers = Vec::new();
         let mut pending: Vec<usize> = (0..tasks.len()).filter(|&i| tasks[i].input.rows() > 0).collect();
@@ -401,9 +415,11 @@ impl RemoteExperts {
                 break;
             }
             if round > 0 {
-                self.counters
-                    .redispatched_tasks
-                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                bump(
+                    &self.counters.redispatched_tasks,
+                    "moeless_dispatch_redispatched_tasks_total",
+                    pending.len() as u64,
+                );
             }
             let mut groups: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
             for &i in &pending {
@@ -431,10 +447,12 @@ impl RemoteExperts {
                     continue;
                 };
                 let (request, expect) = self.encode(layer, tasks, &idx, combine);
-                self.counters
-                    .bytes_sent
-                    .fetch_add(request.len() as u64, Ordering::Relaxed);
-                self.counters.messages.fetch_add(1, Ordering::Relaxed);
+                bump(
+                    &self.counters.bytes_sent,
+                    "moeless_dispatch_bytes_sent_total",
+                    request.len() as u64,
+                );
+                bump(&self.counters.messages, "moeless_dispatch_messages_total", 1);
                 let (client, timeout, tx) = (self.client.clone(), self.opts.request_timeout, tx.clone());
                 outstanding.insert(w, idx.clone());
                 self.runtime.spawn(async move {
@@ -447,7 +465,11 @@ impl RemoteExperts {
                 let exec = self.local.as_ref().map(|(_, e)| e.clone());
                 let refs: Vec<(ExpertKey, &Tensor)> =
                     idx.iter().map(|&i| (tasks[i].instance.key, &tasks[i].input)).collect();
-                self.counters.local_tasks.fetch_add(idx.len() as u64, Ordering::Relaxed);
+                bump(
+                    &self.counters.local_tasks,
+                    "moeless_dispatch_local_tasks_total",
+                    idx.len() as u64,
+                );
                 match exec.map(|e| e.run(layer as u32, &refs)) {
                     Some(Ok(outs)) => answers.push((idx, Answer::PerTask(outs))),
                     Some(Err(e)) if !e.code.retry_elsewhere() => return Err(ExpertError::Transport(e.message)),
@@ -481,7 +503,11 @@ impl RemoteExperts {
                         for w in dead {
                             if let Some(idx) = outstanding.remove(&w) {
                                 tracing::warn!(worker = w, layer, "worker declared dead mid-request; re-dispatching");
-                                self.counters.failed_messages.fetch_add(1, Ordering::Relaxed);
+                                bump(
+                                    &self.counters.failed_messages,
+                                    "moeless_dispatch_failed_messages_total",
+                                    1,
+                                );
                                 self.mark_suspect(w);
                                 failed.insert(w);
                                 last_error = format!("worker {w} declared dead by the control plane");
@@ -517,16 +543,27 @@ impl RemoteExperts {
                                     sums.shape()
                                 )));
                             }
-                            Answer::Summed { sums, .. } => sums.len(),
+                            Answer::Summed { sums, .. } => {
+                                let rows: usize = idx.iter().map(|&i| tasks[i].input.rows()).sum();
+                                let summed = rows.saturating_sub(sums.rows()) as u64;
+                                bump(&self.counters.rows_summed, "moeless_dispatch_rows_summed_total", summed);
+                                sums.len()
+                            }
                         };
-                        self.counters
-                            .bytes_received
-                            .fetch_add(4 * received as u64, Ordering::Relaxed);
+                        bump(
+                            &self.counters.bytes_received,
+                            "moeless_dispatch_bytes_received_total",
+                            4 * received as u64,
+                        );
                         answers.push((idx, answer));
                     }
                     Outcome::Retry(e) => {
                         tracing::warn!(worker = w, layer, error = %e, "re-dispatching a layer's work");
-                        self.counters.failed_messages.fetch_add(1, Ordering::Relaxed);
+                        bump(
+                            &self.counters.failed_messages,
+                            "moeless_dispatch_failed_messages_total",
+                            1,
+                        );
                         self.mark_suspect(w);
                         failed.insert(w);
                         last_error = e;
@@ -680,7 +717,7 @@ async fn poll_once(
             tracing::info!(epoch = p.epoch, ready, "plan active");
             v.active = Some(p);
             v.pending = None;
-            counters.activations.fetch_add(1, Ordering::Relaxed);
+            bump(&counters.activations, "moeless_dispatch_plan_activations_total", 1);
         }
     }
     Ok(())
