@@ -11,7 +11,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -126,10 +125,6 @@ fn ok<T: Serialize>(value: T) -> ApiResult {
     Ok(Json(value).into_response())
 }
 
-fn prometheus() -> Option<&'static PrometheusHandle> {
-    pki::https::prometheus()
-}
-
 async fn require_token(State(node): State<Node>, req: Request, next: Next) -> Response {
     if let Some(token) = node.admin_token() {
         let given = req
@@ -151,7 +146,8 @@ async fn require_token(State(node): State<Node>, req: Request, next: Next) -> Re
 }
 
 pub fn router(node: Node) -> Router {
-    let _ = prometheus();
+    // The process's one recorder (shared with an endpoint in the same process).
+    let _ = pki::https::prometheus();
     let protected = Router::new()
         .route("/v1/cluster", get(cluster))
         .route("/v1/policy", get(get_policy).put(put_policy))
@@ -550,7 +546,7 @@ async fn render_metrics(State(node): State<Node>) -> ApiResult {
         metrics::gauge!("moeless_worker_cold_start_ms_max", "node" => id.clone(), "worker" => worker.clone())
             .set(slowest);
     }
-    let text = prometheus().map(|h| h.render()).unwrap_or_default();
+    let text = pki::https::prometheus().map(|h| h.render()).unwrap_or_default();
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
