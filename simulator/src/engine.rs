@@ -62,6 +62,15 @@ pub struct SimConfig {
     /// worker and their answers one weighted sum per token
     /// (`worker::wire::encode_request_combined`), so the combine is as large as the dispatch.
     pub fanout_sample_every: usize,
+    /// Simulate only this many of the model's MoE layers, spread evenly
+    /// ([`crate::routing::sampled_layers`]), and count each for the layers it stands for:
+    /// its time, instances, memory and cold starts are scaled by `moe layers / n` (one
+    /// simulated layer standing for all of them is how Vidur models a model's depth). The
+    /// simulator's work per step is nearly proportional to the layers it simulates, so long
+    /// horizons and large clusters run several times faster; what is lost is the spread
+    /// between the layers left out (measured in `docs/PERFORMANCE.md`). `None`: every layer
+    /// (exact).
+    pub sample_moe_layers: Option<usize>,
 }
 
 impl SimConfig {
@@ -84,6 +93,7 @@ impl SimConfig {
             drain_limit_s: 3600.0,
             central_attention: false,
             fanout_sample_every: 64,
+            sample_moe_layers: None,
         }
     }
 }
@@ -278,6 +288,15 @@ pub fn simulate(
         });
     }
     let lay = layout(cfg, model)?;
+    let sampled;
+    let routing = match cfg.sample_moe_layers {
+        Some(0) => return Err(SimError::Config("sampling 0 MoE layers: give at least 1".into())),
+        Some(n) if n < routing.layers => {
+            sampled = routing.sample_layers(n)?;
+            &sampled
+        }
+        _ => routing,
+    };
     let progress = std::sync::Mutex::new(progress);
     // Policies share nothing but their inputs: one thread each (results do not depend on it).
     let run_policy = |p: PolicyKind| -> Result<PolicyReport, SimError> {
@@ -359,10 +378,14 @@ fn run_group(
     cost.central_attention = cfg.central_attention;
     // Devices that run attention (and hold KV caches and non-expert weights).
     let attn_devices = if cfg.central_attention { 1 } else { g };
-    let layers = model.moe_layers.len();
+    // MoE layers simulated (all, or a sample standing for `layer_scale` layers each).
+    let layers = routing.layers;
+    let moe_layers = model.moe_layers.len();
+    let layer_scale = moe_layers as f64 / layers as f64;
+    rep.moe_layers_simulated = layers;
     let k = routing.top_k;
     // Convert seconds of the policy's knobs into steps with a nominal decode step.
-    let nominal_step = nominal_step_s(&cost, g, layers);
+    let nominal_step = nominal_step_s(&cost, g, moe_layers);
     let to_steps = |s: f64| ((s / nominal_step).ceil() as usize).max(1);
     let mut rc = ReplayConfig::new(g, lay.slots_per_gpu);
     rc.creation_delay = to_steps(cost.cold_start_time());
@@ -396,6 +419,8 @@ fn run_group(
     let held_instances = |r: &Replayer| (0..layers).map(|l| r.instances_held(l)).sum::<usize>();
     let mut instances_now = held_instances(&replayer);
     let mut sample_bal = (0.0f64, 0usize);
+    // Cold starts (stalled expert layers) of the simulated layers.
+    let mut stalls = 0u64;
     let mut routes: Vec<Vec<u32>> = vec![Vec::new(); layers];
     let mut counts: Vec<Vec<u32>> = vec![vec![0; model.num_experts]; layers];
     // Tokens of the step counted one by one (the rest come from whole passes over a query).
@@ -418,7 +443,7 @@ fn run_group(
         let dt = ev.time - now;
         if dt > 0.0 {
             let kv: usize = kv_used.iter().sum();
-            rep.mem_expert_gb_s += instances_now as f64 * expert_b * dt / 1e9;
+            rep.mem_expert_gb_s += instances_now as f64 * layer_scale * expert_b * dt / 1e9;
             rep.mem_non_expert_gb_s += non_expert_total * dt / 1e9;
             rep.mem_kv_gb_s += kv as f64 * kv_per_tok * dt / 1e9;
             last_mem_t = ev.time;
@@ -592,7 +617,7 @@ fn run_group(
         } else {
             (g - 1) as f64 / g as f64
         };
-        let mut t = (model.num_layers - layers) as f64 * attn_dense + lm + cost.step_overhead(scheduled);
+        let mut t = (model.num_layers - moe_layers) as f64 * attn_dense + lm + cost.step_overhead(scheduled);
         let max_origin = *origin.iter().max().unwrap_or(&0) as f64 * k as f64;
         let cold = cost.cold_start_time();
         for (l, o) in replayer.last_step().iter().enumerate() {
@@ -630,7 +655,7 @@ fn run_group(
             let comm = 2.0 * cost.all_to_all_time(dispatch);
             let stall = if o.stalls > 0 { cold } else { 0.0 };
             let layer_t = attn_moe + comm + expert_t + stall;
-            t += layer_t;
+            t += layer_t * layer_scale;
             rep.moe_layer_s.push((comm + expert_t + stall) as f32);
             let total: u32 = o.gpu_tokens.iter().sum();
             let bal = if max_tok == 0 {
@@ -642,7 +667,7 @@ fn run_group(
             rep.bal_n += 1;
             sample_bal.0 += bal;
             sample_bal.1 += 1;
-            rep.cold_starts += o.stalls;
+            stalls += o.stalls;
         }
         rep.tokens_processed += tokens as u64;
         rep.steps += 1;
@@ -651,7 +676,8 @@ fn run_group(
         q.push(now + t, EventKind::StepDone);
     }
     let _ = last_mem_t;
-    rep.instances_created += replayer.instances_created();
+    rep.cold_starts += (stalls as f64 * layer_scale).round() as u64;
+    rep.instances_created += (replayer.instances_created() as f64 * layer_scale).round() as u64;
     rep.unfinished += waiting.len() + running.len();
     rep.sim_end_s = rep.sim_end_s.max(now);
     Ok(())

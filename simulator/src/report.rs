@@ -31,6 +31,8 @@ pub struct PolicyReport {
     pub fanout_copies: u64,
     pub fanout_token_layers: u64,
     pub instances_created: u64,
+    /// MoE layers simulated (each standing for `moe layers / this` of the model's).
+    pub moe_layers_simulated: usize,
     pub tokens_processed: u64,
     pub output_tokens: u64,
     pub steps: u64,
@@ -102,6 +104,9 @@ pub struct Summary {
     pub dispatch_fanout_mean: Option<f64>,
     pub cold_starts: u64,
     pub instances_created: u64,
+    /// MoE layers simulated: all of the model's, or the sample that stood for them
+    /// (`SimConfig::sample_moe_layers`).
+    pub moe_layers_simulated: usize,
     pub steps: u64,
     pub simulated_s: f64,
     /// `[time s, mean instances per MoE layer per group, balancedness]`.
@@ -128,6 +133,7 @@ impl PolicyReport {
             fanout_copies: 0,
             fanout_token_layers: 0,
             instances_created: 0,
+            moe_layers_simulated: 0,
             tokens_processed: 0,
             output_tokens: 0,
             steps: 0,
@@ -222,6 +228,7 @@ impl PolicyReport {
                 .then(|| self.fanout_copies as f64 / self.fanout_token_layers as f64),
             cold_starts: self.cold_starts,
             instances_created: self.instances_created,
+            moe_layers_simulated: self.moe_layers_simulated,
             steps: self.steps,
             simulated_s: span,
             instances_over_time: self.samples.iter().map(|s| [s.0, s.1 / per_group]).collect(),

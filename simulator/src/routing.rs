@@ -399,9 +399,31 @@ impl RoutingPool {
                 model: n,
             });
         }
+        let keep: Vec<usize> = (0..n).collect();
+        let source = format!("{} (first {n} of {} MoE layers)", self.source, self.layers);
+        self.keep_layers(&keep, source)
+    }
+
+    /// The same queries and tokens keeping `n` MoE layers spread evenly over the model (the
+    /// middle layer of each of `n` equal runs; see [`sampled_layers`]): what the simulator
+    /// runs when it simulates a sample of the layers (`SimConfig::sample_moe_layers`).
+    pub fn sample_layers(&self, n: usize) -> Result<Self, SimError> {
+        if n == 0 || n > self.layers {
+            return Err(SimError::LayerMismatch {
+                trace: self.layers,
+                model: n,
+            });
+        }
+        let keep = sampled_layers(self.layers, n);
+        let source = format!("{} ({n} of {} MoE layers: {keep:?})", self.source, self.layers);
+        self.keep_layers(&keep, source)
+    }
+
+    /// The pool with only MoE layers `keep` (in that order), each token keeping its choices.
+    fn keep_layers(&self, keep: &[usize], source: String) -> Result<Self, SimError> {
         let (l, k) = (self.layers, self.top_k);
         let table = (0..self.table.len() / (l * k))
-            .flat_map(|t| (0..n).flat_map(move |layer| self.experts(t, layer)))
+            .flat_map(|t| keep.iter().flat_map(move |&layer| self.experts(t, layer)))
             .collect();
         let queries = self
             .queries
@@ -412,9 +434,17 @@ impl RoutingPool {
                 ..Default::default()
             })
             .collect();
-        let source = format!("{} (first {n} of {l} MoE layers)", self.source);
-        Self::checked(self.num_experts, k, n, source, table, queries)
+        Self::checked(self.num_experts, k, keep.len(), source, table, queries)
     }
+}
+
+/// `n` of `layers` layers spread evenly: the middle of each of `n` equal runs of layers
+/// (systematic sampling), e.g. 12 of 48 -> 2, 6, 10, .., 46. All of them when `n >= layers`.
+pub fn sampled_layers(layers: usize, n: usize) -> Vec<usize> {
+    if n >= layers {
+        return (0..layers).collect();
+    }
+    (0..n).map(|i| ((2 * i + 1) * layers) / (2 * n)).collect()
 }
 
 #[cfg(test)]
@@ -440,6 +470,31 @@ mod tests {
         }
         assert!(pool.first_layers(0).is_err());
         assert!(pool.first_layers(4).is_err());
+    }
+
+    #[test]
+    fn sampled_layers_spread_evenly_and_keep_each_tokens_choices() {
+        assert_eq!(sampled_layers(48, 12), (0..12).map(|i| 4 * i + 2).collect::<Vec<_>>());
+        assert_eq!(sampled_layers(48, 1), vec![24]);
+        assert_eq!(sampled_layers(5, 2), vec![1, 3]);
+        assert_eq!(sampled_layers(4, 4), vec![0, 1, 2, 3]);
+        assert_eq!(sampled_layers(4, 9), vec![0, 1, 2, 3]);
+        let pop: Vec<Vec<f64>> = (0..6)
+            .map(|l| (0..8).map(|e| 1.0 + ((e * 3 + l) % 5) as f64).collect())
+            .collect();
+        let pool = RoutingPool::from_popularity(&pop, 2, 7, "test".into()).unwrap();
+        let three = pool.sample_layers(3).unwrap();
+        assert_eq!((three.layers, three.num_queries()), (3, pool.num_queries()));
+        for q in [0, 9, pool.num_queries() - 1] {
+            for p in 0..10 {
+                let (a, b) = (pool.token(q, false, p), three.token(q, false, p));
+                for (i, layer) in [1, 3, 5].into_iter().enumerate() {
+                    assert!(pool.experts(a, layer).eq(three.experts(b, i)));
+                }
+            }
+        }
+        assert!(pool.sample_layers(0).is_err());
+        assert!(pool.sample_layers(7).is_err());
     }
 
     /// Counting a range through whole-pass counts gives exactly the token-by-token counts.
