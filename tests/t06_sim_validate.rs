@@ -87,6 +87,8 @@ fn sim_validate_reports_every_metric_and_its_profile_drives_sim() {
             "5",
             "--weight-bytes",
             "4",
+            "--sample-moe-layers",
+            "6",
         ])
         .arg("--device-profile")
         .arg(out.join("profile.json"))
@@ -105,4 +107,7 @@ fn sim_validate_reports_every_metric_and_its_profile_drives_sim() {
     assert_eq!(report["config"]["gpu_type"], doc["profile"]["name"]);
     assert_eq!(report["config"]["central_attention"], true);
     assert!(report["policies"][0]["requests_completed"].as_u64().unwrap() > 0);
+    // 6 of the 24 MoE layers simulated, each standing for 4.
+    assert_eq!(report["config"]["sample_moe_layers"], 6);
+    assert_eq!(report["policies"][0]["moe_layers_simulated"], 6);
 }
