@@ -587,7 +587,7 @@ pub fn openapi_document() -> serde_json::Value {
             "/v1/workers/{id}/drain": {"post": op("Mark a worker draining")},
             "/v1/models": {"get": op("Registered models"), "post": body_op("Register a model", "ModelSpec")},
             "/v1/predictor": {"get": op("Predictor state"), "put": body_op("New predictor version", "PredictorUpdate")},
-            "/v1/rebalance": {"post": op("Run one scaling round now on the leader: the policy's placement over the loads reported since the last round; answers the committed epoch or why no plan")},
+            "/v1/rebalance": {"post": op("Run one scaling round now on the leader: the policy's placement over the loads reported since the last round; answers the committed epoch or why no plan (under MoEless, a candidate that helps by more than half the threshold but not all of it is committed as share-0 standby instances: warm-up ahead of need)")},
             "/v1/cost": {"get": op("Cost ledger")},
             "/v1/decisions": {"get": op("Decision log")},
             "/v1/loads": {"get": op("Load reports received by this node")},

@@ -277,6 +277,66 @@ pub fn balancedness(instances: &[ExpertInstance], matrix: &LoadMatrix, workers: 
     }
 }
 
+/// What a scaling round does with a candidate plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoundDecision {
+    /// Commit the candidate: it improves balancedness by more than the threshold.
+    Commit,
+    /// Warm-up ahead of need: commit the current plan's serving instances plus, as standbys
+    /// (share 0), the candidate's instances it does not hold yet. The candidate improves
+    /// balancedness by more than half the threshold, not yet by all of it (a gain building
+    /// up; smaller ones are noise not worth the memory): if the trend goes on, the round that
+    /// commits it finds those instances warm, and the engines (which switch to a plan once
+    /// every worker named in it has loaded its instances) switch without waiting for cold
+    /// starts. Standbys get no tokens (every token split gives a share-0 instance nothing
+    /// while another share is positive); dropped later, they idle out under the workers'
+    /// keep-alive.
+    WarmUp(Vec<ExpertInstance>),
+    /// Keep the current plan.
+    Keep,
+}
+
+/// The round's decision for `placement` (MoEless warms up ahead of need; static and EPLB,
+/// like their originals, only rebalance), balancedness `before` under `current` and `after`
+/// under `candidate` on the same loads, and the threshold a commit must beat.
+pub fn round_decision(
+    placement: Placement,
+    current: &[ExpertInstance],
+    candidate: &[ExpertInstance],
+    before: f64,
+    after: f64,
+    threshold: f64,
+) -> RoundDecision {
+    if after - before > threshold {
+        return RoundDecision::Commit;
+    }
+    if placement != Placement::Moeless || after - before <= threshold / 2.0 {
+        return RoundDecision::Keep;
+    }
+    with_standbys(current, candidate).map_or(RoundDecision::Keep, RoundDecision::WarmUp)
+}
+
+/// `current`'s serving instances (share > 0) and, with share 0, each instance of `candidate`
+/// on a worker where `current` does not serve that expert (one per (layer, expert, worker)).
+/// `None` when that adds no standby or `current` already holds exactly these standbys.
+pub fn with_standbys(current: &[ExpertInstance], candidate: &[ExpertInstance]) -> Option<Vec<ExpertInstance>> {
+    let key = |i: &ExpertInstance| (i.layer, i.expert, i.worker);
+    let serving: Vec<ExpertInstance> = current.iter().filter(|i| i.share > 0.0).cloned().collect();
+    let held: BTreeSet<_> = serving.iter().map(key).collect();
+    let mut standby: BTreeMap<(u32, u32, u64), ExpertInstance> = BTreeMap::new();
+    for i in candidate.iter().filter(|i| !held.contains(&key(i))) {
+        standby.entry(key(i)).or_insert_with(|| ExpertInstance {
+            share: 0.0,
+            ..i.clone()
+        });
+    }
+    let had: BTreeSet<_> = current.iter().filter(|i| i.share <= 0.0).map(key).collect();
+    if standby.is_empty() || standby.keys().copied().collect::<BTreeSet<_>>() == had {
+        return None;
+    }
+    Some(serving.into_iter().chain(standby.into_values()).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,6 +365,114 @@ mod tests {
         for (k, s) in sums {
             assert!((s - 1.0).abs() < 1e-9, "{k:?} sums to {s}");
         }
+    }
+
+    fn inst(layer: u32, expert: u32, worker: u64, share: f64) -> ExpertInstance {
+        ExpertInstance {
+            layer,
+            expert,
+            worker,
+            gpu: 0,
+            share,
+        }
+    }
+
+    #[test]
+    fn a_candidate_under_the_threshold_is_warmed_up_as_standbys() {
+        use RoundDecision::{Commit, Keep, WarmUp};
+        let current = vec![inst(0, 0, 1, 1.0), inst(0, 1, 2, 1.0)];
+        // The candidate replicates expert 0 onto worker 2.
+        let candidate = vec![inst(0, 0, 1, 0.5), inst(0, 0, 2, 0.5), inst(0, 1, 2, 1.0)];
+        let m = Placement::Moeless;
+        assert_eq!(round_decision(m, &current, &candidate, 0.5, 0.6, 0.05), Commit);
+        let WarmUp(warm) = round_decision(m, &current, &candidate, 0.5, 0.53, 0.05) else {
+            panic!("an improvement under the threshold warms the candidate up");
+        };
+        // Serving shares unchanged, the new instance as a share-0 standby: still a valid plan.
+        assert_eq!(warm, vec![inst(0, 0, 1, 1.0), inst(0, 1, 2, 1.0), inst(0, 0, 2, 0.0)]);
+        covered(&warm, &model(1, 2));
+        // Static and EPLB only rebalance; no improvement, nothing to warm.
+        for p in [Placement::Static, Placement::Eplb] {
+            assert_eq!(round_decision(p, &current, &candidate, 0.5, 0.53, 0.05), Keep);
+        }
+        assert_eq!(round_decision(m, &current, &candidate, 0.5, 0.5, 0.05), Keep);
+        assert_eq!(
+            round_decision(m, &current, &candidate, 0.5, 0.52, 0.05),
+            Keep,
+            "under half the threshold"
+        );
+        assert_eq!(round_decision(m, &current, &current, 0.5, 0.53, 0.05), Keep);
+        // From the warmed plan the same candidate adds nothing: no new epoch per round.
+        assert_eq!(round_decision(m, &warm, &candidate, 0.5, 0.53, 0.05), Keep);
+        // Another candidate replaces the standbys.
+        let other = vec![inst(0, 0, 1, 1.0), inst(0, 1, 2, 0.5), inst(0, 1, 1, 0.5)];
+        let WarmUp(again) = round_decision(m, &warm, &other, 0.5, 0.53, 0.05) else {
+            panic!("new standbys");
+        };
+        assert_eq!(again, vec![inst(0, 0, 1, 1.0), inst(0, 1, 2, 1.0), inst(0, 1, 1, 0.0)]);
+        // Committing the candidate from the warmed plan needs no instance that is not warm.
+        let warm_keys: BTreeSet<_> = warm.iter().map(|i| (i.layer, i.expert, i.worker)).collect();
+        assert!(candidate
+            .iter()
+            .all(|i| warm_keys.contains(&(i.layer, i.expert, i.worker))));
+    }
+
+    /// A rising expert under MoEless: the round before the one that replicates it warms the
+    /// replica up (the planner's own plans and balancedness, not hand-made ones).
+    #[test]
+    fn a_rising_expert_is_warmed_before_it_is_replicated() {
+        let m = model(2, 6);
+        let workers = [1, 2, 3];
+        let loads_of = |h0: u64, h1: u64| -> ExpertLoads {
+            (0..2u32)
+                .flat_map(|l| {
+                    (0..6u32).map(move |e| {
+                        (
+                            (l, e),
+                            if e == 0 {
+                                h0
+                            } else if e == 1 {
+                                h1
+                            } else {
+                                1000
+                            },
+                        )
+                    })
+                })
+                .collect()
+        };
+        let decide = |current: &[ExpertInstance], loads: &ExpertLoads| {
+            let matrix = load_matrix(&m, loads).unwrap();
+            let cand = policy_plan(Placement::Moeless, &m, loads, &workers).expect("candidate");
+            let (b, a) = (
+                balancedness(current, &matrix, &workers),
+                balancedness(&cand, &matrix, &workers),
+            );
+            (round_decision(Placement::Moeless, current, &cand, b, a, 0.05), cand)
+        };
+        let keys = |p: &[ExpertInstance]| -> BTreeSet<(u32, u32, u64)> {
+            p.iter().map(|i| (i.layer, i.expert, i.worker)).collect()
+        };
+        let start = policy_plan(Placement::Moeless, &m, &loads_of(2000, 1000), &workers).expect("plan");
+        // Expert 1 starts rising: replicating it would help, but not yet by the threshold.
+        let (d, _) = decide(&start, &loads_of(2000, 1500));
+        let RoundDecision::WarmUp(warm) = d else {
+            panic!("expected a warm-up, got {d:?}");
+        };
+        covered(&warm, &m);
+        assert_eq!(warm.iter().filter(|i| i.share == 0.0).count(), 2, "{warm:?}");
+        // It goes on rising: the round that replicates it finds every new instance warm.
+        // (From scratch the planner puts the replica elsewhere once expert 1 passes ~2,200:
+        // warming helps while its placement holds.)
+        let (d, cand) = decide(&warm, &loads_of(2000, 2000));
+        assert_eq!(d, RoundDecision::Commit);
+        let new: Vec<_> = keys(&cand).difference(&keys(&start)).copied().collect();
+        assert!(!new.is_empty(), "the replica is new to the first plan");
+        assert!(
+            keys(&cand).is_subset(&keys(&warm)),
+            "cold: {:?}",
+            keys(&cand).difference(&keys(&warm)).collect::<Vec<_>>()
+        );
     }
 
     #[test]

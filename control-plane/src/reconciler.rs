@@ -14,7 +14,8 @@ use tokio::sync::oneshot;
 
 use crate::node::{Node, NodeError};
 use crate::placement::{
-    balancedness, forecast_error, initial_plan, load_matrix, policy_plan, replace_lost_workers, Placement,
+    balancedness, forecast_error, initial_plan, load_matrix, policy_plan, replace_lost_workers, round_decision,
+    Placement, RoundDecision,
 };
 use crate::state::{ClusterState, PlanIntent, PlanOrigin, WorkerHealth};
 use crate::types::{Command, CommandResponse};
@@ -23,6 +24,8 @@ use crate::types::{Command, CommandResponse};
 pub const TICK: Duration = Duration::from_millis(200);
 /// A scaling round commits a new plan only if it improves balancedness by more than this.
 pub const BALANCE_THRESHOLD: f64 = 0.05;
+/// How the reason of a warm-up plan (`RoundDecision::WarmUp`) starts.
+pub const WARM_UP_REASON: &str = "warm-up ahead of need";
 const WRITE_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs until `stop` fires.
@@ -221,7 +224,9 @@ pub struct RebalanceReport {
 
 /// One scaling round on the leader: plans every model from the loads reported since the last
 /// round under the policy's placement, and commits a plan where it improves balancedness by more
-/// than `BALANCE_THRESHOLD`. A follower answers `NotLeader`.
+/// than `BALANCE_THRESHOLD`; under MoEless, a candidate that improves it by less is warmed up
+/// ahead of need (its new instances committed as share-0 standbys, `RoundDecision::WarmUp`). A
+/// follower answers `NotLeader`.
 pub async fn rebalance(node: &Node) -> Result<RebalanceReport, NodeError> {
     let Some(since) = node.leader_since() else {
         return Err(node.leader_error());
@@ -293,16 +298,36 @@ pub async fn rebalance(node: &Node) -> Result<RebalanceReport, NodeError> {
             predictor_error,
             reason: String::new(),
         };
-        if after - before <= BALANCE_THRESHOLD {
-            round.reason =
-                format!("balancedness {before:.3} -> {after:.3} is not an improvement above {BALANCE_THRESHOLD}");
-            report.models.push(round);
-            continue;
-        }
-        round.reason = format!("{placement_name} rebalance: balancedness {before:.3} -> {after:.3}");
+        let instances = match round_decision(
+            placement,
+            &current.instances,
+            &candidate,
+            before,
+            after,
+            BALANCE_THRESHOLD,
+        ) {
+            RoundDecision::Commit => {
+                round.reason = format!("{placement_name} rebalance: balancedness {before:.3} -> {after:.3}");
+                candidate
+            }
+            RoundDecision::WarmUp(instances) => {
+                let n = instances.iter().filter(|i| i.share <= 0.0).count();
+                round.reason = format!(
+                    "{WARM_UP_REASON}: {n} standby instance(s) of the {placement_name} candidate \
+                     (balancedness {before:.3} -> {after:.3}, not yet above {BALANCE_THRESHOLD})"
+                );
+                instances
+            }
+            RoundDecision::Keep => {
+                round.reason =
+                    format!("balancedness {before:.3} -> {after:.3} is not an improvement above {BALANCE_THRESHOLD}");
+                report.models.push(round);
+                continue;
+            }
+        };
         let intent = PlanIntent {
             model: model.name.clone(),
-            instances: candidate,
+            instances,
             reason: round.reason.clone(),
             origin: PlanOrigin::Scaling,
         };

@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use control_plane::client::AdminClient;
+use control_plane::placement::{
+    balancedness, load_matrix, policy_plan, round_decision, ExpertLoads, Placement, RoundDecision,
+};
+use control_plane::reconciler::{BALANCE_THRESHOLD, WARM_UP_REASON};
+use control_plane::state::{ExpertInstance, ModelSpec};
 use control_plane::RunningNode;
 use proto::engine::engine_service_client::EngineServiceClient;
 use proto::worker::worker_service_client::WorkerServiceClient;
@@ -367,6 +372,58 @@ async fn dead_workers_are_replaced_and_come_back() {
         text.as_str().is_some_and(|t| t.contains("moeless_predictor_error{")),
         "{text}"
     );
+
+    // Warm-up ahead of need: one expert of every layer starts rising. The first load whose
+    // candidate would help by more than half the threshold but not all of it (computed here
+    // with the planner's own functions from the plan the node serves) must commit the serving
+    // plan unchanged plus the candidate's new instances with share 0.
+    let workers = [1u64, 2, 3];
+    let spec: ModelSpec = serde_json::from_value(model()).expect("model spec");
+    let loads_of = |(x, h): (u32, u64)| -> ExpertLoads {
+        (0..LAYERS as u32)
+            .flat_map(|l| (0..EXPERTS as u32).map(move |e| ((l, e), if e == x { h } else { 1000 })))
+            .collect()
+    };
+    let latest = api.get("/v1/placement").await.expect("latest");
+    let current: Vec<ExpertInstance> = serde_json::from_value(latest["instances"].clone()).expect("instances");
+    let rises = (0..EXPERTS as u32).flat_map(|x| (1000..6000u64).step_by(20).map(move |h| (x, h)));
+    let expected = rises.into_iter().find_map(|h1| {
+        let loads = loads_of(h1);
+        let matrix = load_matrix(&spec, &loads).ok()?;
+        let cand = policy_plan(Placement::Moeless, &spec, &loads, &workers).ok()?;
+        let (b, a) = (
+            balancedness(&current, &matrix, &workers),
+            balancedness(&cand, &matrix, &workers),
+        );
+        match round_decision(Placement::Moeless, &current, &cand, b, a, BALANCE_THRESHOLD) {
+            RoundDecision::WarmUp(w) => Some((h1, w)),
+            _ => None,
+        }
+    });
+    let (h1, expected) = expected.expect("some rising load is worth warming up for");
+    report(&mut engine, |_, e| loads_of(h1)[&(0, e)]).await;
+    let round = api.post("/v1/rebalance", None).await.expect("rebalance");
+    let epoch = round["epoch"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no warm-up plan: {round}"));
+    let warm = api.get(&format!("/v1/placement/{epoch}")).await.expect("plan");
+    assert!(
+        warm["reason"].as_str().is_some_and(|r| r.starts_with(WARM_UP_REASON)),
+        "{warm}"
+    );
+    assert_covered(&warm);
+    let committed: Vec<ExpertInstance> = serde_json::from_value(warm["instances"].clone()).expect("instances");
+    assert_eq!(committed, expected, "expert and load {h1:?}");
+    assert!(committed.iter().any(|i| i.share == 0.0), "{warm}");
+    assert_eq!(
+        committed.iter().filter(|i| i.share > 0.0).collect::<Vec<_>>(),
+        current.iter().filter(|i| i.share > 0.0).collect::<Vec<_>>(),
+        "serving instances unchanged"
+    );
+    // The same loads again: the standbys are already there, no new epoch.
+    report(&mut engine, |_, e| loads_of(h1)[&(0, e)]).await;
+    let again = api.post("/v1/rebalance", None).await.expect("rebalance");
+    assert_eq!(again["epoch"], Value::Null, "{again}");
 
     for d in drivers {
         d.abort();

@@ -676,6 +676,11 @@ mod tests {
         assert_eq!(split_counts(3, &[1.0 / 3.0; 3]), vec![1, 1, 1]);
         assert_eq!(split_counts(1, &[0.2, 0.8]), vec![0, 1]);
         assert_eq!(split_counts(7, &[0.0, 0.0]), vec![7, 0]);
+        // A standby instance (share 0, warmed up ahead of need) never gets a token.
+        for n in 0..50 {
+            let c = split_counts(n, &[0.0, 0.3, 0.0, 0.7]);
+            assert_eq!((c[0], c[2], c[1] + c[3]), (0, 0, n), "{n} tokens");
+        }
         for n in 0..50 {
             let c = split_counts(n, &[0.1, 0.3, 0.6]);
             assert_eq!(c.iter().sum::<usize>(), n);

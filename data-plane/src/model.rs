@@ -966,6 +966,43 @@ mod tests {
         assert!(colocated_rows(&placed, &ids, 2, 3, &one_site).is_none());
     }
 
+    /// A standby instance (share 0: warmed up ahead of need) gets no token, even on the site
+    /// where a token's other expert already goes.
+    #[test]
+    fn standby_instances_take_no_tokens() {
+        let inst = |e: usize, r: u32| InstanceId {
+            key: ExpertKey::new(0, e),
+            replica: r,
+        };
+        let placed = vec![
+            (0, vec![(inst(0, 0), 2)]),
+            (1, vec![(inst(1, 0), 4), (inst(1, 1), 0)]),
+            (2, vec![(inst(2, 0), 2)]),
+        ];
+        let ids = [2, 1, 2, 1, 0, 1, 0, 1];
+        let sites = Sites(vec![((0, 0), 10), ((1, 0), 10), ((1, 1), 20), ((2, 0), 20)]);
+        // Only instances with tokens count: no expert is split over sites, so the tokens go
+        // in order by count, and the standby's count is 0.
+        assert!(colocated_rows(&placed, &ids, 2, 3, &sites).is_none());
+        // With a second standby on site 10, expert 0 spread for real: the matching still
+        // gives each instance exactly its count.
+        let placed = vec![
+            (0, vec![(inst(0, 0), 1), (inst(0, 1), 1)]),
+            (1, vec![(inst(1, 0), 4), (inst(1, 1), 0)]),
+            (2, vec![(inst(2, 0), 2)]),
+        ];
+        let sites = Sites(vec![
+            ((0, 0), 10),
+            ((0, 1), 20),
+            ((1, 0), 10),
+            ((1, 1), 20),
+            ((2, 0), 20),
+        ]);
+        let rows = colocated_rows(&placed, &ids, 2, 3, &sites).expect("expert 0 spans two sites");
+        let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![1, 1, 4, 0, 2], "{rows:?}");
+    }
+
     #[test]
     fn top_k_ties_go_to_lower_id() {
         assert_eq!(top_k_desc(&[1.0, 3.0, 3.0, 2.0], 2), vec![1, 2]);
