@@ -139,6 +139,12 @@ pub enum CommandResponse {
     },
 }
 
+// Standard Raft leader ids: one leader per term, a vote names a term and a candidate. openraft's
+// default ("advanced") ids order leaders by (term, node id) so that two candidates of one term can
+// both win; the election is still safe (log ids carry the node id) but "one leader per term", the
+// invariant operators, our docs and the partition tests reason with, no longer holds. A session's
+// partition test caught two leaders in term 11 under the advanced ids; see
+// tests/t10_turmoil_partitions.rs.
 openraft::declare_raft_types!(
     /// Raft types of the MoEless control plane.
     pub TypeConfig:
@@ -146,6 +152,9 @@ openraft::declare_raft_types!(
         R = CommandResponse,
         NodeId = u64,
         Node = NodeInfo,
+        Term = u64,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<Self::Term, Self::NodeId>,
+        Vote = openraft::impls::Vote<Self::LeaderId>,
 );
 
 pub type NodeId = u64;

@@ -10,7 +10,8 @@
 //! between two runs of one seed; the invariants below must hold for every run.
 //!
 //! Checked for every seed:
-//! - election safety: never two leaders in one term (sampled every simulated millisecond);
+//! - election safety: never two leaders in one term (sampled every simulated millisecond; the
+//!   control plane uses standard Raft leader ids, see `control_plane::TypeConfig`);
 //! - no acknowledged write lost: every write answered `Done` is in every node's state, once;
 //! - no write applied twice, none invented;
 //! - real-time order: a write acknowledged before another was sent comes first in the log;

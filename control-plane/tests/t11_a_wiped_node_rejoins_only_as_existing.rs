@@ -104,8 +104,11 @@ async fn a_wiped_bootstrap_node_refuses_new_and_rejoins_as_existing() {
 /// empty log).
 async fn ask_for_votes(addr: &str) -> Vec<(&'static str, Result<tonic::Response<RaftMessage>, tonic::Status>)> {
     let mut client = raft_client(addr, None).unwrap();
-    let vote =
-        serde_json::json!({"vote": {"leader_id": {"term": 5, "node_id": 2}, "committed": false}, "last_log_id": null});
+    let vote = serde_json::to_value(openraft::raft::VoteRequest::<control_plane::TypeConfig>::new(
+        openraft::Vote::new(5, 2),
+        None,
+    ))
+    .unwrap();
     let msg = || RaftMessage {
         payload: vote.to_string().into_bytes(),
         data: vec![],
