@@ -98,6 +98,66 @@ pub mod simd {
         x.iter().zip(w).map(|(a, &b)| a * bf16_to_f32(b)).sum()
     }
 
+    /// Weight rows for [`dots`]: `rows x cols`, row-major, f32 or bf16 bit patterns.
+    #[derive(Clone, Copy)]
+    pub enum Rows<'a> {
+        F32(&'a [f32]),
+        Bf16(&'a [u16]),
+    }
+
+    impl Rows<'_> {
+        fn len(&self) -> usize {
+            match self {
+                Rows::F32(w) => w.len(),
+                Rows::Bf16(w) => w.len(),
+            }
+        }
+    }
+
+    /// `out[c * xs.len() + r] = x_r . w_c` for every weight row `c` of `w` (rows of
+    /// `xs[0].len()` elements) and every input row `r`.
+    ///
+    /// Each weight row is read from memory once and dotted with every input row while it is in
+    /// cache; tiles of 2 weight rows x 4 input rows (4 x 1 for one input row) keep 8 (4)
+    /// accumulators in registers, so each loaded weight vector feeds several FMAs. Every pair is
+    /// summed in one order whatever tile computes it (one 8-lane accumulator along the row, a
+    /// fixed horizontal sum, then the tail in order), so a token's result does not depend on the
+    /// tokens batched with it: batched and one-at-a-time runs agree bit for bit.
+    pub fn dots(xs: &[&[f32]], w: Rows<'_>, out: &mut [f32]) {
+        let (n, cols) = (xs.len(), xs.first().map_or(0, |x| x.len()));
+        if n == 0 {
+            return;
+        }
+        assert!(xs.iter().all(|x| x.len() == cols), "dots: ragged input rows");
+        if cols == 0 {
+            out.fill(0.0);
+            return;
+        }
+        assert!(
+            w.len().is_multiple_of(cols),
+            "dots: weight length {} vs rows of {cols}",
+            w.len()
+        );
+        assert_eq!(out.len(), w.len() / cols * n, "dots: output length");
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features; lengths were checked above.
+            return unsafe { x86::dots(xs, w, cols, out) };
+        }
+        for (c, o) in out.chunks_mut(n).enumerate() {
+            for (x, v) in xs.iter().zip(o) {
+                *v = match w {
+                    Rows::F32(w) => dot_scalar(x, &w[c * cols..(c + 1) * cols]),
+                    Rows::Bf16(w) => x
+                        .iter()
+                        .zip(&w[c * cols..(c + 1) * cols])
+                        .map(|(a, &b)| a * bf16_to_f32(b))
+                        .sum(),
+                };
+            }
+        }
+    }
+
     pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
         // Eight independent accumulators let the compiler keep the loop in vector registers.
         let mut acc = [0.0f32; 8];
@@ -187,6 +247,116 @@ pub mod simd {
             // SAFETY: dot_with reads w only below n.
             unsafe { dot_with(x, n, |i| load_bf16(pw.add(i)), |i| super::bf16_to_f32(w[i])) }
         }
+
+        /// One tile: weight rows `c0..c0 + C` against input rows `r0..r0 + R` (see
+        /// [`super::dots`] for the summation order every tile shares).
+        #[inline(always)]
+        unsafe fn tile<const C: usize, const R: usize>(
+            xs: &[&[f32]],
+            r0: usize,
+            c0: usize,
+            cols: usize,
+            load_w: &impl Fn(usize) -> __m256,
+            tail_w: &impl Fn(usize) -> f32,
+            out: &mut [f32],
+        ) {
+            let n = xs.len();
+            let px: [*const f32; R] = std::array::from_fn(|r| xs[r0 + r].as_ptr());
+            let mut acc = [[unsafe { _mm256_setzero_ps() }; R]; C];
+            let mut i = 0;
+            // SAFETY (loads): i + 8 <= cols, the length of every input row and weight row.
+            while i + 8 <= cols {
+                let xv: [__m256; R] = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(px[r].add(i)) });
+                for (c, row) in acc.iter_mut().enumerate() {
+                    let wv = load_w((c0 + c) * cols + i);
+                    for (a, x) in row.iter_mut().zip(&xv) {
+                        *a = unsafe { _mm256_fmadd_ps(*x, wv, *a) };
+                    }
+                }
+                i += 8;
+            }
+            for (c, row) in acc.iter().enumerate() {
+                for (r, a) in row.iter().enumerate() {
+                    let mut s = unsafe { hsum(*a) };
+                    for t in i..cols {
+                        s += xs[r0 + r][t] * tail_w((c0 + c) * cols + t);
+                    }
+                    out[(c0 + c) * n + r0 + r] = s;
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn dots_with(
+            xs: &[&[f32]],
+            cols: usize,
+            rows: usize,
+            load_w: impl Fn(usize) -> __m256,
+            tail_w: impl Fn(usize) -> f32,
+            out: &mut [f32],
+        ) {
+            let n = xs.len();
+            let (lw, tw) = (&load_w, &tail_w);
+            let mut c = 0;
+            // SAFETY (every tile below): rows c..c + C and inputs r..r + R exist.
+            if n == 1 {
+                while c + 4 <= rows {
+                    unsafe { tile::<4, 1>(xs, 0, c, cols, lw, tw, out) };
+                    c += 4;
+                }
+                while c < rows {
+                    unsafe { tile::<1, 1>(xs, 0, c, cols, lw, tw, out) };
+                    c += 1;
+                }
+                return;
+            }
+            while c < rows {
+                let two = c + 2 <= rows;
+                let mut r = 0;
+                while r < n {
+                    let left = n - r;
+                    unsafe {
+                        match (two, left) {
+                            (true, 4..) => tile::<2, 4>(xs, r, c, cols, lw, tw, out),
+                            (true, 3) => tile::<2, 3>(xs, r, c, cols, lw, tw, out),
+                            (true, 2) => tile::<2, 2>(xs, r, c, cols, lw, tw, out),
+                            (true, _) => tile::<2, 1>(xs, r, c, cols, lw, tw, out),
+                            (false, 4..) => tile::<1, 4>(xs, r, c, cols, lw, tw, out),
+                            (false, 3) => tile::<1, 3>(xs, r, c, cols, lw, tw, out),
+                            (false, 2) => tile::<1, 2>(xs, r, c, cols, lw, tw, out),
+                            (false, _) => tile::<1, 1>(xs, r, c, cols, lw, tw, out),
+                        }
+                    }
+                    r += left.min(4);
+                }
+                c += if two { 2 } else { 1 };
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dots(xs: &[&[f32]], w: super::Rows<'_>, cols: usize, out: &mut [f32]) {
+            let rows = w.len() / cols;
+            // SAFETY: the loaders read w below rows * cols = w.len() (dots_with's indices).
+            match w {
+                super::Rows::F32(w) => {
+                    let pw = w.as_ptr();
+                    unsafe { dots_with(xs, cols, rows, |i| _mm256_loadu_ps(pw.add(i)), |i| w[i], out) }
+                }
+                super::Rows::Bf16(w) => {
+                    let pw = w.as_ptr();
+                    unsafe {
+                        dots_with(
+                            xs,
+                            cols,
+                            rows,
+                            |i| load_bf16(pw.add(i)),
+                            |i| super::bf16_to_f32(w[i]),
+                            out,
+                        )
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -196,31 +366,19 @@ use simd::dot;
 fn small_batch_linear(x: &Tensor, w: &Weight, y: &mut [f32]) {
     const BLOCK: usize = 32;
     let (n, inp, out) = (x.rows(), x.cols(), w.rows());
+    let xs: Vec<&[f32]> = (0..n).map(|r| x.row(r)).collect();
+    let rows = |j0: usize, j1: usize| match w {
+        Weight::F32(t) => simd::Rows::F32(&t.data()[j0 * inp..j1 * inp]),
+        Weight::Bf16 { data, .. } => simd::Rows::Bf16(&data[j0 * inp..j1 * inp]),
+    };
     // Work in [out, n] order so parallel chunks are contiguous, then transpose.
     let mut yt = vec![0.0f32; out * n];
-    let row_dots = |j: usize, o: &mut [f32]| match w {
-        Weight::F32(t) => {
-            let wr = &t.data()[j * inp..(j + 1) * inp];
-            for (r, v) in o.iter_mut().enumerate() {
-                *v = dot(x.row(r), wr);
-            }
-        }
-        Weight::Bf16 { data, .. } => {
-            let wr = &data[j * inp..(j + 1) * inp];
-            for (r, v) in o.iter_mut().enumerate() {
-                *v = simd::dot_bf16(x.row(r), wr);
-            }
-        }
-    };
     if out * inp * n < 1 << 15 {
-        for (j, o) in yt.chunks_mut(n).enumerate() {
-            row_dots(j, o);
-        }
+        simd::dots(&xs, rows(0, out), &mut yt);
     } else {
         yt.par_chunks_mut(BLOCK * n).enumerate().for_each(|(b, chunk)| {
-            for (jj, o) in chunk.chunks_mut(n).enumerate() {
-                row_dots(b * BLOCK + jj, o);
-            }
+            let j0 = b * BLOCK;
+            simd::dots(&xs, rows(j0, j0 + chunk.len() / n), chunk);
         });
     }
     for j in 0..out {
@@ -489,6 +647,59 @@ mod tests {
             let want = naive_linear(&x, &wide);
             for (a, b) in y.data().iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "n={n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_tokens_dots_do_not_depend_on_the_tokens_beside_it() {
+        // Lengths with and without a tail, row counts that leave every tile remainder, and
+        // batches from 1 to 9 (every 2 x R and 1 x R tile, and the 4 x 1 path of one token).
+        for cols in [7, 8, 37, 70] {
+            for rows in [1, 2, 3, 5, 9] {
+                let wf: Vec<f32> = (0..rows * cols).map(|i| ((i * 13 % 19) as f32 - 9.0) / 7.0).collect();
+                let wb: Vec<u16> = wf.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                let xs: Vec<Vec<f32>> = (0..9)
+                    .map(|r| {
+                        (0..cols)
+                            .map(|i| (((r * 31 + i) * 7 % 23) as f32 - 11.0) / 5.0)
+                            .collect()
+                    })
+                    .collect();
+                for w in [simd::Rows::F32(&wf), simd::Rows::Bf16(&wb)] {
+                    let alone: Vec<Vec<f32>> = xs
+                        .iter()
+                        .map(|x| {
+                            let mut o = vec![0.0; rows];
+                            simd::dots(&[x.as_slice()], w, &mut o);
+                            o
+                        })
+                        .collect();
+                    for n in 1..=9 {
+                        let batch: Vec<&[f32]> = xs[..n].iter().map(|x| x.as_slice()).collect();
+                        let mut o = vec![0.0; rows * n];
+                        simd::dots(&batch, w, &mut o);
+                        for c in 0..rows {
+                            for r in 0..n {
+                                assert_eq!(
+                                    o[c * n + r].to_bits(),
+                                    alone[r][c].to_bits(),
+                                    "cols {cols} rows {rows} n {n}"
+                                );
+                                let want: f32 = (0..cols)
+                                    .map(|i| {
+                                        let wv = match w {
+                                            simd::Rows::F32(w) => w[c * cols + i],
+                                            simd::Rows::Bf16(w) => crate::weight::bf16_to_f32(w[c * cols + i]),
+                                        };
+                                        xs[r][i] * wv
+                                    })
+                                    .sum();
+                                assert!((o[c * n + r] - want).abs() < 1e-4, "{} vs {want}", o[c * n + r]);
+                            }
+                        }
+                    }
+                }
             }
         }
     }
