@@ -278,8 +278,8 @@ pub mod simd {
             for (c, row) in acc.iter().enumerate() {
                 for (r, a) in row.iter().enumerate() {
                     let mut s = unsafe { hsum(*a) };
-                    for t in i..cols {
-                        s += xs[r0 + r][t] * tail_w((c0 + c) * cols + t);
+                    for (t, x) in xs[r0 + r].iter().enumerate().skip(i) {
+                        s += x * tail_w((c0 + c) * cols + t);
                     }
                     out[(c0 + c) * n + r0 + r] = s;
                 }
