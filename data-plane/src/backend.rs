@@ -89,15 +89,6 @@ pub mod simd {
         dot_scalar(a, b)
     }
 
-    pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { x86::dot_bf16(x, w) };
-        }
-        x.iter().zip(w).map(|(a, &b)| a * bf16_to_f32(b)).sum()
-    }
-
     /// Weight rows for [`dots`]: `rows x cols`, row-major, f32 or bf16 bit patterns.
     #[derive(Clone, Copy)]
     pub enum Rows<'a> {
@@ -238,14 +229,6 @@ pub mod simd {
             // SAFETY: the caller guarantees 8 readable u16 at p.
             let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
-            let n = x.len().min(w.len());
-            let pw = w.as_ptr();
-            // SAFETY: dot_with reads w only below n.
-            unsafe { dot_with(x, n, |i| load_bf16(pw.add(i)), |i| super::bf16_to_f32(w[i])) }
         }
 
         /// One tile: weight rows `c0..c0 + C` against input rows `r0..r0 + R` (see
