@@ -232,44 +232,6 @@ pub mod simd {
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
         }
 
-        /// One tile: weight rows `c0..c0 + C` against input rows `r0..r0 + R` (see
-        /// [`super::dots`] for the summation order every tile shares).
-        #[inline(always)]
-        unsafe fn tile<const C: usize, const R: usize>(
-            xs: &[&[f32]],
-            r0: usize,
-            c0: usize,
-            cols: usize,
-            load_w: &impl Fn(usize) -> __m256,
-            tail_w: &impl Fn(usize) -> f32,
-            out: &mut [f32],
-        ) {
-            let n = xs.len();
-            let px: [*const f32; R] = std::array::from_fn(|r| xs[r0 + r].as_ptr());
-            let mut acc = [[unsafe { _mm256_setzero_ps() }; R]; C];
-            let mut i = 0;
-            // SAFETY (loads): i + 8 <= cols, the length of every input row and weight row.
-            while i + 8 <= cols {
-                let xv: [__m256; R] = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(px[r].add(i)) });
-                for (c, row) in acc.iter_mut().enumerate() {
-                    let wv = load_w((c0 + c) * cols + i);
-                    for (a, x) in row.iter_mut().zip(&xv) {
-                        *a = unsafe { _mm256_fmadd_ps(*x, wv, *a) };
-                    }
-                }
-                i += 8;
-            }
-            for (c, row) in acc.iter().enumerate() {
-                for (r, a) in row.iter().enumerate() {
-                    let mut s = unsafe { hsum(*a) };
-                    for (t, x) in xs[r0 + r].iter().enumerate().skip(i) {
-                        s += x * tail_w((c0 + c) * cols + t);
-                    }
-                    out[(c0 + c) * n + r0 + r] = s;
-                }
-            }
-        }
-
         #[inline(always)]
         unsafe fn dots_with(
             xs: &[&[f32]],
@@ -282,25 +244,14 @@ pub mod simd {
         ) {
             let n = xs.len();
             let (lw, pw, tw) = (&load_w, &prefetch_w, &tail_w);
-            let mut c = 0;
-            // SAFETY (every tile below): rows c..c + C and inputs r..r + R exist.
-            if n == 1 {
-                while c + 4 <= rows {
-                    unsafe { tile::<4, 1>(xs, 0, c, cols, lw, tw, out) };
-                    c += 4;
-                }
-                while c < rows {
-                    unsafe { tile::<1, 1>(xs, 0, c, cols, lw, tw, out) };
-                    c += 1;
-                }
-                return;
-            }
-            // Several input rows: blocks of ROWS weight rows x TOKENS inputs, walked in column
-            // slices of SLICE, so the inputs' slice (TOKENS x 1 KiB) stays in L1 across the
-            // block's rows and each weight slice is fetched from memory once and reused from L1
-            // by every token group. Accumulators live in `acc` between slices; each lane still
-            // sums its products in column order, so the result is the same as one pass.
+            // Blocks of ROWS weight rows x TOKENS inputs, walked in column slices of SLICE, so
+            // the inputs' slice (TOKENS x 2 KiB) stays in L1 across the block's rows and each
+            // weight slice is fetched from memory once and reused from L1 by every token group.
+            // Accumulators live in `acc` between slices; each lane still sums its products in
+            // column order, so the result is the same as one pass. A single input needs no
+            // reuse: its slice is the whole row, streamed 4 weight rows at a time.
             let full = cols / 8 * 8;
+            let width = if n == 1 { full } else { SLICE };
             for t0 in (0..n).step_by(TOKENS) {
                 let t1 = (t0 + TOKENS).min(n);
                 for c0 in (0..rows).step_by(ROWS) {
@@ -308,7 +259,7 @@ pub mod simd {
                     let mut acc = [[unsafe { _mm256_setzero_ps() }; TOKENS]; ROWS];
                     let mut k = 0;
                     while k < full {
-                        let k1 = (k + SLICE).min(full);
+                        let k1 = (k + width).min(full);
                         let mut c = c0;
                         while c < c1 {
                             let step = match c1 - c {
@@ -321,6 +272,8 @@ pub mod simd {
                                 let left = (t1 - r).min(3);
                                 let at = (c - c0, r - t0);
                                 let xr = &xs[r..];
+                                // SAFETY: weight rows c..c + step and inputs r..r + left exist,
+                                // and k..k1 lies within every row.
                                 unsafe {
                                     match (step, left) {
                                         (4, 3) => slice::<4, 3>(xr, c, k, k1, cols, lw, pw, &mut acc, at),
