@@ -306,9 +306,9 @@ pub mod simd {
             }
         }
 
-        /// Weight rows per block of the several-input path.
+        /// Weight rows per block.
         const ROWS: usize = 16;
-        /// Input rows per block of the several-input path.
+        /// Input rows per block.
         const TOKENS: usize = 16;
         /// How far ahead (elements) the first token group prefetches each weight row.
         const AHEAD: usize = 128;
