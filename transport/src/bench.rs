@@ -17,15 +17,17 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{Client, Handler, Identity, Limits, Server, TransportError};
+use crate::{Client, Handler, Identity, Limits, Message, Server, TransportError};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Answers each request with its length.
+/// Answers each request with its length. The request is in this process's memory either way:
+/// over QUIC as the chunks it arrived in (what the worker's decoder reads), over TCP read into
+/// one buffer.
 struct LengthEcho;
 
 impl Handler for LengthEcho {
-    fn handle(&self, _peer: SocketAddr, request: Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send + '_>> {
+    fn handle(&self, _peer: SocketAddr, request: Message) -> Pin<Box<dyn Future<Output = Bytes> + Send + '_>> {
         let len = request.len() as u64;
         Box::pin(async move { Bytes::copy_from_slice(&len.to_le_bytes()) })
     }
@@ -95,7 +97,7 @@ async fn tcp_echo(mut stream: TcpStream, max: usize) -> std::io::Result<()> {
                 format!("{len}-byte message"),
             ));
         }
-        // A fresh buffer per message, as the QUIC side allocates one per request.
+        // A fresh buffer per message, as the QUIC side's chunks are fresh per datagram.
         let mut body = vec![0u8; len as usize];
         stream.read_exact(&mut body).await?;
         std::hint::black_box(&body);

@@ -1,13 +1,15 @@
 //! Request/response messages over QUIC with mutual TLS.
 //!
 //! The transport carries opaque bytes: one request and one response per bidirectional stream,
-//! each framed by the stream's end (FIN). It knows nothing about models or experts.
+//! each framed by the stream's end (FIN) and handed over as a [`Message`] (the chunks it arrived
+//! in, not copied into one buffer). It knows nothing about models or experts.
 //! Membership in a private certificate authority is a node's identity: servers accept only
 //! clients whose certificate that CA signed, and clients verify servers against
 //! [`SERVER_NAME`] under the same CA.
 
 pub mod bench;
 mod error;
+mod message;
 mod quic;
 
 use std::time::Duration;
@@ -15,6 +17,7 @@ use std::time::Duration;
 pub use bytes::Bytes;
 // Certificates live in `pki`, shared with the control plane's gRPC links.
 pub use error::TransportError;
+pub use message::Message;
 pub use pki::{generate, CertError, Identity, TlsFiles, SERVER_NAME};
 pub use quic::{Client, Handler, Server, SHUTDOWN_GRACE};
 

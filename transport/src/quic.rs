@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use quinn::{
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 
-use crate::{codes, Identity, Limits, TransportError, SERVER_NAME};
+use crate::{codes, Identity, Limits, Message, TransportError, SERVER_NAME};
 
 /// Both ends must name the same application protocol.
 const ALPN: &[u8] = b"moeless-transport/1";
@@ -33,12 +33,20 @@ const SEND_WINDOW: u64 = 64 << 20;
 /// kernel caps the request at net.core.rmem_max / wmem_max.
 const SOCKET_BUFFER: usize = 16 << 20;
 
-/// Largest UDP payload advertised, and the ceiling of path MTU discovery (quinn's defaults are
-/// 1472 and 1452). Quinn hands the kernel up to 10 packets per GSO send, which must total at most
-/// 64 KiB, so above about 6.5 KB every batch is refused, counted as loss, and black-hole detection
-/// drops the path to 1200 bytes. At 6500 loopback and jumbo-frame links carry ~4x fewer, larger
-/// packets; on 1500-byte links discovery simply stops lower.
+/// The ceiling of path MTU discovery towards other hosts (quinn's default is 1452). Quinn hands
+/// the kernel up to 10 packets per GSO send, which must total at most 64 KiB, so above about
+/// 6.5 KB every batch is refused, counted as loss, and black-hole detection drops the path to
+/// 1200 bytes. At 6500 jumbo-frame links carry ~4x fewer, larger packets; on 1500-byte links
+/// discovery simply stops lower.
 const MAX_UDP_PAYLOAD: u16 = 6500;
+
+/// The ceiling of path MTU discovery towards a peer on this host (workers beside the engine),
+/// and the largest UDP payload an endpoint accepts. The loopback device carries 64 KiB
+/// datagrams, so there each packet is sent on its own (no GSO batch to stay under 64 KiB) at up
+/// to this size: ~5x fewer packets through quinn's per-packet path and its crypto calls than
+/// 10-packet GSO batches of 6500 bytes, measured 1.4-1.7x the throughput for 1-8 MiB messages
+/// (`moeless bench exchange`, docs/PERFORMANCE.md).
+const LOOPBACK_MAX_UDP_PAYLOAD: u16 = 65_000;
 
 /// How long [`Server::shutdown`] waits for closed connections to drain.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -46,7 +54,15 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Answers requests for a [`Server`].
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request. `peer` is the remote address. The returned bytes are the response.
-    fn handle(&self, peer: SocketAddr, request: Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send + '_>>;
+    fn handle(&self, peer: SocketAddr, request: Message) -> Pin<Box<dyn Future<Output = Bytes> + Send + '_>>;
+}
+
+/// Whether `ip` is this host (IPv4-mapped loopback included).
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -55,8 +71,9 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Congestion control stays at quinn's default (Cubic): on loopback, BBR, an 8 MiB initial
 /// window and sparser ACKs (ack-frequency) measured no better; the losses that did hurt came
-/// from overflowing UDP socket buffers (see [`SOCKET_BUFFER`]).
-fn transport_config(limits: &Limits, keep_alive: bool) -> Result<TransportConfig, TransportError> {
+/// from overflowing UDP socket buffers (see [`SOCKET_BUFFER`]). `loopback` selects the
+/// settings for a peer on this host (see [`LOOPBACK_MAX_UDP_PAYLOAD`]).
+fn transport_config(limits: &Limits, keep_alive: bool, loopback: bool) -> Result<TransportConfig, TransportError> {
     let mut config = TransportConfig::default();
     let idle = IdleTimeout::try_from(limits.idle_timeout)
         .map_err(|_| TransportError::tls(format!("idle timeout {:?} is too long", limits.idle_timeout)))?;
@@ -68,7 +85,12 @@ fn transport_config(limits: &Limits, keep_alive: bool) -> Result<TransportConfig
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
         .send_window(SEND_WINDOW);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    if loopback {
+        mtu.upper_bound(LOOPBACK_MAX_UDP_PAYLOAD);
+        config.enable_segmentation_offload(false);
+    } else {
+        mtu.upper_bound(MAX_UDP_PAYLOAD);
+    }
     config.mtu_discovery_config(Some(mtu));
     if keep_alive {
         // The client keeps cached connections from idling out between requests.
@@ -113,6 +135,22 @@ impl Drop for Outgoing {
     }
 }
 
+/// Reads a stream to its end as one message of at most `limit` bytes, kept in the chunks it
+/// arrived in (quinn's `read_to_end` zero-fills a buffer of the whole size and copies every
+/// chunk into it: two passes over each byte that a chunk-walking reader does not need).
+async fn read_message(recv: &mut RecvStream, limit: usize) -> Result<Message, ReadToEndError> {
+    let mut chunks = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(ReadToEndError::Read)? {
+        total = total.saturating_add(chunk.bytes.len());
+        if total > limit {
+            return Err(ReadToEndError::TooLong);
+        }
+        chunks.push(chunk.bytes);
+    }
+    Ok(Message::from_chunks(chunks))
+}
+
 /// A QUIC server requiring client certificates signed by its identity's CA.
 pub struct Server {
     endpoint: Endpoint,
@@ -144,14 +182,16 @@ impl Server {
             .with_single_cert(chain.to_vec(), key.clone_key())
             .map_err(TransportError::tls)?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = QuicServerConfig::try_from(tls).map_err(TransportError::tls)?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config(&limits, false)?));
+        let crypto = Arc::new(QuicServerConfig::try_from(tls).map_err(TransportError::tls)?);
+        let mut config = quinn::ServerConfig::with_crypto(crypto.clone());
+        config.transport_config(Arc::new(transport_config(&limits, false, false)?));
+        let mut local = quinn::ServerConfig::with_crypto(crypto);
+        local.transport_config(Arc::new(transport_config(&limits, false, true)?));
         let endpoint = endpoint_on(addr, Some(config))?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|e| TransportError::io(format!("binding {addr}"), e))?;
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), limits, handler));
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), Arc::new(local), limits, handler));
         Ok(Server {
             endpoint,
             local_addr,
@@ -185,16 +225,26 @@ impl Drop for Server {
     }
 }
 
-async fn accept_loop(endpoint: Endpoint, limits: Limits, handler: Arc<dyn Handler>) {
+/// Accepts connections: peers on this host with the loopback settings (`local`), others with the
+/// endpoint's default ones.
+async fn accept_loop(endpoint: Endpoint, local: Arc<quinn::ServerConfig>, limits: Limits, handler: Arc<dyn Handler>) {
     while let Some(incoming) = endpoint.accept().await {
         let limits = limits.clone();
         let handler = handler.clone();
+        let local = local.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => serve_connection(conn, limits, handler).await,
-                // Includes clients without a certificate from our CA.
-                Err(e) => tracing::info!(peer = %remote, error = %e, "refused a connection at the handshake"),
+            let connecting = match is_loopback(remote.ip()) {
+                true => incoming.accept_with(local),
+                false => incoming.accept(),
+            };
+            match connecting {
+                Ok(connecting) => match connecting.await {
+                    Ok(conn) => serve_connection(conn, limits, handler).await,
+                    // Includes clients without a certificate from our CA.
+                    Err(e) => tracing::info!(peer = %remote, error = %e, "refused a connection at the handshake"),
+                },
+                Err(e) => tracing::info!(peer = %remote, error = %e, "refused a connection"),
             }
         });
     }
@@ -233,8 +283,8 @@ async fn serve_stream(
     handler: Arc<dyn Handler>,
 ) {
     let mut out = Outgoing::new(send);
-    let request = match recv.read_to_end(limit).await {
-        Ok(bytes) => Bytes::from(bytes),
+    let request = match read_message(&mut recv, limit).await {
+        Ok(message) => message,
         Err(ReadToEndError::TooLong) => {
             tracing::warn!(%peer, limit, "request larger than the limit refused");
             let _ = recv.stop(VarInt::from_u32(codes::TOO_LARGE));
@@ -271,6 +321,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
 
 struct ClientInner {
     config: quinn::ClientConfig,
+    /// For servers on this host.
+    local: quinn::ClientConfig,
     limits: Limits,
     v4: Endpoint,
     v6: Mutex<Option<Endpoint>>,
@@ -303,7 +355,7 @@ fn endpoint_on(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<
     })?;
     let mut config = quinn::EndpointConfig::default();
     config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .max_udp_payload_size(LOOPBACK_MAX_UDP_PAYLOAD)
         .map_err(|e| io(std::io::Error::other(e)))?;
     Endpoint::new(config, server, socket.into(), runtime).map_err(io)
 }
@@ -329,13 +381,16 @@ impl Client {
             None => builder.with_no_client_auth(),
         };
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = QuicClientConfig::try_from(tls).map_err(TransportError::tls)?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config(&limits, true)?));
+        let crypto = Arc::new(QuicClientConfig::try_from(tls).map_err(TransportError::tls)?);
+        let mut config = quinn::ClientConfig::new(crypto.clone());
+        config.transport_config(Arc::new(transport_config(&limits, true, false)?));
+        let mut local = quinn::ClientConfig::new(crypto);
+        local.transport_config(Arc::new(transport_config(&limits, true, true)?));
         let v4 = client_endpoint(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), &config)?;
         Ok(Client {
             inner: Arc::new(ClientInner {
                 config,
+                local,
                 limits,
                 v4,
                 v6: Mutex::new(None),
@@ -349,7 +404,12 @@ impl Client {
     /// per address (reconnecting one when it is closed); each request is its own bidirectional
     /// stream, so many may be in flight at once on one connection. `timeout` covers connecting
     /// too.
-    pub async fn request(&self, addr: SocketAddr, request: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
+    pub async fn request(
+        &self,
+        addr: SocketAddr,
+        request: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, TransportError> {
         let limit = self.inner.limits.max_message_bytes;
         if request.len() > limit {
             return Err(TransportError::TooLarge {
@@ -375,13 +435,27 @@ impl Client {
             .count()
     }
 
+    /// The largest UDP payload the first open connection to `addr` currently sends (path MTU
+    /// discovery's result so far), if there is one: up to 6500 bytes towards other hosts, up to
+    /// 65,000 towards this one.
+    pub fn path_mtu(&self, addr: SocketAddr) -> Option<u16> {
+        let slots = locked(&self.inner.connections).get(&addr).cloned().unwrap_or_default();
+        slots.iter().find_map(|s| {
+            s.try_lock().ok().and_then(|c| {
+                c.as_ref()
+                    .filter(|c| c.close_reason().is_none())
+                    .map(|c| c.stats().path.current_mtu)
+            })
+        })
+    }
+
     /// Drops the cached connections to `addr` (after a failure); the next request reconnects.
     /// Requests already in flight on it finish undisturbed.
     pub fn forget(&self, addr: SocketAddr) {
         locked(&self.inner.connections).remove(&addr);
     }
 
-    async fn exchange(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, TransportError> {
+    async fn exchange(&self, addr: SocketAddr, request: Bytes) -> Result<Message, TransportError> {
         let conn = self.connection(addr).await?;
         let (send, mut recv) = conn.open_bi().await.map_err(|e| closed(addr, e))?;
         let mut out = Outgoing::new(send);
@@ -397,8 +471,8 @@ impl Client {
             },
         })?;
         let limit = self.inner.limits.max_message_bytes;
-        match recv.read_to_end(limit).await {
-            Ok(bytes) => Ok(Bytes::from(bytes)),
+        match read_message(&mut recv, limit).await {
+            Ok(message) => Ok(message),
             Err(ReadToEndError::TooLong) => {
                 let _ = recv.stop(VarInt::from_u32(codes::TOO_LARGE));
                 Err(TransportError::TooLarge {
@@ -448,9 +522,13 @@ impl Client {
             tracing::debug!(%addr, "cached connection closed; reconnecting");
         }
         *cached = None;
+        let config = match is_loopback(addr.ip()) {
+            true => self.inner.local.clone(),
+            false => self.inner.config.clone(),
+        };
         let connecting = self
             .endpoint_for(addr)?
-            .connect(addr, SERVER_NAME)
+            .connect_with(config, addr, SERVER_NAME)
             .map_err(|e| TransportError::Connect {
                 addr,
                 reason: e.to_string(),

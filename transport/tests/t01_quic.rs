@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use transport::{codes, generate, CertError, Client, Handler, Identity, Limits, Server, TlsFiles, TransportError};
+use transport::{
+    codes, generate, CertError, Client, Handler, Identity, Limits, Message, Server, TlsFiles, TransportError,
+};
 
 /// Echoes the request; requests starting with `hang` are never answered, `slow` ones after 50 ms.
 #[derive(Default)]
@@ -20,7 +22,8 @@ struct Echo {
 }
 
 impl Handler for Echo {
-    fn handle(&self, peer: SocketAddr, request: Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send + '_>> {
+    fn handle(&self, peer: SocketAddr, request: Message) -> Pin<Box<dyn Future<Output = Bytes> + Send + '_>> {
+        let request = request.into_bytes();
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.peers.lock().unwrap().insert(peer);
         Box::pin(async move {
@@ -94,6 +97,67 @@ async fn small_and_multi_mib_messages_round_trip() {
         assert!(response == message, "response to a {len}-byte request differs");
     }
     server.shutdown().await;
+}
+
+/// Sends 1 MiB requests to `addr` until path MTU discovery has settled (the MTU stops rising)
+/// and returns the MTU reached.
+async fn settled_mtu(client: &Client, addr: SocketAddr) -> u16 {
+    let mut last = 0;
+    let mut same = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while same < 5 && Instant::now() < deadline {
+        let message = pattern(1 << 20, 3);
+        assert!(client.request(addr, message.clone(), LONG).await.unwrap() == message);
+        let mtu = client.path_mtu(addr).expect("an open connection");
+        same = if mtu == last { same + 1 } else { 0 };
+        last = mtu;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
+/// This host's address on its default route, if it has one besides loopback.
+fn outward_ip() -> Option<std::net::IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("192.0.2.1:9").ok()?;
+    Some(probe.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+#[tokio::test]
+async fn peers_on_this_host_get_large_datagrams_others_stay_gso_sized() {
+    let c = cluster();
+    let client = Client::new(&c.client_identity, Limits::default()).unwrap();
+    let local = echo_server(&c);
+    let mtu = settled_mtu(&client, local.local_addr()).await;
+    assert!(mtu > 6500, "loopback path settled at {mtu} bytes");
+    local.shutdown().await;
+    if let Ok(v6) = Server::bind(
+        "[::1]:0".parse().unwrap(),
+        &c.server_identity,
+        Limits::default(),
+        Arc::new(Echo::default()),
+    ) {
+        let mtu = settled_mtu(&client, v6.local_addr()).await;
+        assert!(mtu > 6500, "IPv6 loopback path settled at {mtu} bytes");
+        v6.shutdown().await;
+    }
+    // The host's own outward address: packets still cross the loopback device, but the peer is
+    // not known to be on this host, so discovery stops at the GSO-safe ceiling.
+    match outward_ip() {
+        Some(ip) => {
+            let server = Server::bind(
+                SocketAddr::new(ip, 0),
+                &c.server_identity,
+                Limits::default(),
+                Arc::new(Echo::default()),
+            )
+            .unwrap();
+            let mtu = settled_mtu(&client, server.local_addr()).await;
+            assert!(mtu <= 6500, "path to {ip} settled at {mtu} bytes");
+            server.shutdown().await;
+        }
+        None => eprintln!("no address besides loopback: the outward path is not checked"),
+    }
 }
 
 #[tokio::test]
@@ -214,7 +278,7 @@ async fn handler_that_never_answers_times_out() {
     assert!(started.elapsed() < Duration::from_secs(2));
     // The connection keeps serving other requests.
     let response = client.request(addr, Bytes::from_static(b"hello"), LONG).await.unwrap();
-    assert_eq!(&response[..], b"hello");
+    assert_eq!(&response.into_bytes()[..], b"hello");
     server.shutdown().await;
 }
 
@@ -225,7 +289,11 @@ async fn client_reconnects_after_the_server_restarts_on_the_same_address() {
     let addr = server.local_addr();
     let client = Client::new(&c.client_identity, Limits::default()).unwrap();
     assert_eq!(
-        &client.request(addr, Bytes::from_static(b"one"), LONG).await.unwrap()[..],
+        &client
+            .request(addr, Bytes::from_static(b"one"), LONG)
+            .await
+            .unwrap()
+            .into_bytes()[..],
         b"one"
     );
 
@@ -251,12 +319,20 @@ async fn client_reconnects_after_the_server_restarts_on_the_same_address() {
         }
     };
     assert_eq!(
-        &client.request(addr, Bytes::from_static(b"three"), LONG).await.unwrap()[..],
+        &client
+            .request(addr, Bytes::from_static(b"three"), LONG)
+            .await
+            .unwrap()
+            .into_bytes()[..],
         b"three"
     );
     client.forget(addr);
     assert_eq!(
-        &client.request(addr, Bytes::from_static(b"four"), LONG).await.unwrap()[..],
+        &client
+            .request(addr, Bytes::from_static(b"four"), LONG)
+            .await
+            .unwrap()
+            .into_bytes()[..],
         b"four"
     );
     server.shutdown().await;
@@ -312,7 +388,11 @@ async fn clients_outside_the_ca_are_refused_at_the_handshake() {
     // Members still get in.
     let member = Client::new(&c.client_identity, Limits::default()).unwrap();
     assert_eq!(
-        &member.request(addr, Bytes::from_static(b"hi"), LONG).await.unwrap()[..],
+        &member
+            .request(addr, Bytes::from_static(b"hi"), LONG)
+            .await
+            .unwrap()
+            .into_bytes()[..],
         b"hi"
     );
     server.shutdown().await;

@@ -22,7 +22,7 @@ use proto::engine as epb;
 use proto::worker as wpb;
 use shared::ExpertKey;
 use tokio::sync::watch;
-use transport::{Client, Handler, Identity, Limits, Server};
+use transport::{Client, Handler, Identity, Limits, Message, Server};
 
 use crate::control::ControlClient;
 use crate::exec::{ExecError, Executor};
@@ -79,7 +79,7 @@ impl WeightStore for PeerStore {
                 .runtime
                 .block_on(self.client.request(peer, req, self.timeout))
                 .map_err(|e| e.to_string())
-                .and_then(|b| Frame::decode(&b).map_err(|e| e.to_string()));
+                .and_then(|m| Frame::decode_chunks(m.chunks()).map_err(|e| e.to_string()));
             match fetched {
                 Ok(Frame::Weights { bytes, .. }) => {
                     let weights = ExpertWeights::decode(&bytes, &self.config, key)?;
@@ -146,8 +146,8 @@ fn error_frame(id: u64, e: ExecError) -> Bytes {
 }
 
 impl WorkerHandler {
-    async fn answer(&self, request: Bytes) -> Bytes {
-        let frame = match Frame::decode(&request) {
+    async fn answer(&self, request: Message) -> Bytes {
+        let frame = match Frame::decode_chunks(request.chunks()) {
             Ok(f) => f,
             Err(e) => {
                 metrics::counter!("moeless_worker_bad_frames_total").increment(1);
@@ -208,7 +208,7 @@ impl Handler for WorkerHandler {
     fn handle(
         &self,
         _peer: SocketAddr,
-        request: Bytes,
+        request: Message,
     ) -> Pin<Box<dyn std::future::Future<Output = Bytes> + Send + '_>> {
         Box::pin(self.answer(request))
     }

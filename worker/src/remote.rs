@@ -328,7 +328,7 @@ impl RemoteExperts {
         expect: Expect,
     ) -> Outcome {
         match client.request(addr, request, timeout).await {
-            Ok(bytes) => match (Frame::decode(&bytes), expect) {
+            Ok(message) => match (Frame::decode_chunks(message.chunks()), expect) {
                 (Ok(Frame::ExpertResponse { outputs, .. }), Expect::PerTask(n)) if outputs.len() == n => {
                     Outcome::Done(Answer::PerTask(outputs))
                 }

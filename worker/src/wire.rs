@@ -411,15 +411,21 @@ impl Frame {
 
     /// Decodes and validates one frame.
     pub fn decode(buf: &Bytes) -> Result<Frame, FrameError> {
-        if buf.len() < HEADER {
-            return Err(FrameError::Short(buf.len()));
+        Frame::decode_chunks(std::slice::from_ref(buf))
+    }
+
+    /// Decodes and validates one frame that arrived in pieces (`transport::Message::chunks`),
+    /// reading across the pieces instead of joining them first: the rows are copied once,
+    /// straight into their tensors.
+    pub fn decode_chunks(chunks: &[Bytes]) -> Result<Frame, FrameError> {
+        let mut r = Reader::new(chunks);
+        if r.remaining() < HEADER {
+            return Err(FrameError::Short(r.remaining()));
         }
-        let mut r = Reader { buf, pos: 0 };
-        let magic: [u8; 4] = [buf[0], buf[1], buf[2], buf[3]];
+        let magic: [u8; 4] = r.array()?;
         if magic != MAGIC {
             return Err(FrameError::Magic(magic));
         }
-        r.pos = 4;
         let version = r.u8()?;
         if version != VERSION {
             return Err(FrameError::Version(version));
@@ -507,9 +513,9 @@ impl Frame {
                 let code = ErrorCode::from_code(r.u16()?);
                 let _ = r.u16()?;
                 let len = r.u32()? as usize;
-                let bytes = r.take(len)?;
+                let bytes = r.vec(len)?;
                 r.end()?;
-                let message = String::from_utf8_lossy(bytes).into_owned();
+                let message = String::from_utf8_lossy(&bytes).into_owned();
                 Ok(Frame::Error { id, code, message })
             }
             K_FETCH => {
@@ -521,10 +527,7 @@ impl Frame {
                     key: ExpertKey::new(layer as usize, expert as usize),
                 })
             }
-            K_WEIGHTS => Ok(Frame::Weights {
-                id,
-                bytes: buf.slice(HEADER..),
-            }),
+            K_WEIGHTS => Ok(Frame::Weights { id, bytes: r.rest() }),
             other => Err(FrameError::Kind(other)),
         }
     }
@@ -596,16 +599,31 @@ fn request_head(r: &mut Reader, shared: bool) -> Result<RequestHead, FrameError>
     })
 }
 
+/// Reads a frame from the pieces it arrived in, as if they were one buffer.
 struct Reader<'a> {
-    buf: &'a Bytes,
+    chunks: &'a [Bytes],
+    /// The piece being read and the offset in it.
+    at: usize,
+    off: usize,
+    /// Bytes read so far, and the frame's length.
     pos: usize,
+    len: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+    fn new(chunks: &'a [Bytes]) -> Self {
+        Reader {
+            chunks,
+            at: 0,
+            off: 0,
+            pos: 0,
+            len: chunks.iter().map(Bytes::len).sum(),
+        }
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+    fn remaining(&self) -> usize {
+        self.len - self.pos
+    }
+    fn check(&self, n: usize) -> Result<(), FrameError> {
         if n > self.remaining() {
             return Err(FrameError::Invalid(format!(
                 "needs {n} more bytes at offset {}, frame has {}",
@@ -613,29 +631,71 @@ impl<'a> Reader<'a> {
                 self.remaining()
             )));
         }
-        let s = &self.buf[self.pos..self.pos + n];
+        Ok(())
+    }
+    /// Hands the next `n` bytes to `f` in pieces, as they lie in the chunks.
+    fn pieces(&mut self, n: usize, mut f: impl FnMut(&'a [u8])) -> Result<(), FrameError> {
+        self.check(n)?;
+        let mut left = n;
+        while left > 0 {
+            let chunk = &self.chunks[self.at];
+            let here = (chunk.len() - self.off).min(left);
+            if here > 0 {
+                f(&chunk[self.off..self.off + here]);
+            }
+            self.off += here;
+            left -= here;
+            if self.off == chunk.len() {
+                self.at += 1;
+                self.off = 0;
+            }
+        }
         self.pos += n;
-        Ok(s)
+        Ok(())
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        let mut a = [0u8; N];
+        let mut at = 0;
+        self.pieces(N, |p| {
+            a[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        })?;
+        Ok(a)
+    }
+    fn vec(&mut self, n: usize) -> Result<Vec<u8>, FrameError> {
+        self.check(n)?;
+        let mut v = Vec::with_capacity(n);
+        self.pieces(n, |p| v.extend_from_slice(p))?;
+        Ok(v)
+    }
+    /// The rest of the frame: a slice of its chunk when it lies in one, else a joined copy.
+    fn rest(&mut self) -> Bytes {
+        let n = self.remaining();
+        let rest = match self.chunks.get(self.at) {
+            Some(chunk) if chunk.len() - self.off >= n => chunk.slice(self.off..self.off + n),
+            _ => {
+                let mut v = Vec::with_capacity(n);
+                let _ = self.pieces(n, |p| v.extend_from_slice(p));
+                return v.into();
+            }
+        };
+        let _ = self.pieces(n, |_| ());
+        rest
     }
     fn skip(&mut self, n: usize) -> Result<(), FrameError> {
-        self.take(n).map(|_| ())
+        self.pieces(n, |_| ())
     }
     fn u8(&mut self) -> Result<u8, FrameError> {
-        Ok(self.take(1)?[0])
+        Ok(self.array::<1>()?[0])
     }
     fn u16(&mut self) -> Result<u16, FrameError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+        Ok(u16::from_le_bytes(self.array()?))
     }
     fn u32(&mut self) -> Result<u32, FrameError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(u32::from_le_bytes(self.array()?))
     }
     fn u64(&mut self) -> Result<u64, FrameError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
+        Ok(u64::from_le_bytes(self.array()?))
     }
     fn end(&self) -> Result<(), FrameError> {
         if self.remaining() != 0 {
@@ -665,19 +725,34 @@ impl<'a> Reader<'a> {
                 self.remaining()
             )));
         }
+        let size = dtype.size();
+        let value = |b: &[u8]| match dtype {
+            Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            Dtype::Bf16 => bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        };
         let mut out = Vec::new();
         for r in rows {
-            let bytes = self.take(r * hidden * dtype.size())?;
-            let data: Vec<f32> = match dtype {
-                Dtype::F32 => bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::Bf16 => bytes
-                    .chunks_exact(2)
-                    .map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-                    .collect(),
-            };
+            let mut data: Vec<f32> = Vec::with_capacity(r * hidden);
+            // A value split between two pieces is put together in `carry`.
+            let mut carry = [0u8; 4];
+            let mut held = 0;
+            self.pieces(r * hidden * size, |mut p| {
+                if held > 0 {
+                    let k = (size - held).min(p.len());
+                    carry[held..held + k].copy_from_slice(&p[..k]);
+                    held += k;
+                    p = &p[k..];
+                    if held < size {
+                        return;
+                    }
+                    data.push(value(&carry));
+                    held = 0;
+                }
+                let whole = p.len() / size * size;
+                data.extend(p[..whole].chunks_exact(size).map(value));
+                held = p.len() - whole;
+                carry[..held].copy_from_slice(&p[whole..]);
+            })?;
             out.push(Tensor::matrix(r, hidden, data));
         }
         Ok(out)
@@ -736,6 +811,79 @@ mod tests {
         for f in frames {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));
         }
+    }
+
+    /// `bytes` cut into pieces of `piece` bytes (the last shorter).
+    fn split(bytes: &Bytes, piece: usize) -> Vec<Bytes> {
+        (0..bytes.len())
+            .step_by(piece)
+            .map(|i| bytes.slice(i..(i + piece).min(bytes.len())))
+            .collect()
+    }
+
+    #[test]
+    fn frames_decode_alike_however_they_arrived_in_pieces() {
+        let bf16 = match request() {
+            Frame::ExpertRequest {
+                id, layer, tasks, sums, ..
+            } => Frame::ExpertRequest {
+                id,
+                layer,
+                dtype: Dtype::Bf16,
+                tasks,
+                sums,
+            },
+            _ => unreachable!(),
+        };
+        let frames = [
+            request().encode(),
+            bf16.encode(),
+            shared_as(false).0,
+            shared_as(true).0,
+            Frame::ExpertResponse {
+                id: 9,
+                outputs: vec![Tensor::matrix(3, 5, (0..15).map(|x| x as f32 - 7.25).collect())],
+            }
+            .encode(),
+            Frame::Error {
+                id: 1,
+                code: ErrorCode::OutOfMemory,
+                message: "no room".into(),
+            }
+            .encode(),
+            Frame::Weights {
+                id: 3,
+                bytes: Bytes::from_static(b"weights of an expert"),
+            }
+            .encode(),
+        ];
+        for bytes in &frames {
+            let whole = Frame::decode(bytes).unwrap();
+            // Pieces of odd sizes split values (f32 and bf16) and header fields between them.
+            for piece in [1, 2, 3, 5, 7, 13, 64, 1000] {
+                let pieces = split(bytes, piece);
+                assert_eq!(Frame::decode_chunks(&pieces).unwrap(), whole, "pieces of {piece} bytes");
+                // Cut short or extended, the pieced frame decodes (or is refused) as the whole
+                // one does (only a weights frame, whose payload is the rest, takes any length).
+                for len in [bytes.len() - 1, bytes.len() / 2, HEADER - 1] {
+                    let cut = bytes.slice(..len);
+                    assert_eq!(Frame::decode_chunks(&split(&cut, piece)), Frame::decode(&cut));
+                }
+                let mut longer = BytesMut::from(&bytes[..]);
+                longer.put_u8(0);
+                let longer = longer.freeze();
+                assert_eq!(Frame::decode_chunks(&split(&longer, piece)), Frame::decode(&longer));
+            }
+        }
+        // Empty pieces anywhere change nothing.
+        let bytes = &frames[0];
+        let mut pieces = vec![Bytes::new()];
+        for p in split(bytes, 9) {
+            pieces.push(p);
+            pieces.push(Bytes::new());
+        }
+        assert_eq!(Frame::decode_chunks(&pieces).unwrap(), Frame::decode(bytes).unwrap());
+        assert!(matches!(Frame::decode_chunks(&[]), Err(FrameError::Short(0))));
     }
 
     #[test]

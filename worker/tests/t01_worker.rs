@@ -20,7 +20,7 @@ use data_plane::tensor::Tensor;
 use data_plane::testing::{write_random_checkpoint, ModelShape, SaveDtype};
 use serde_json::Value;
 use shared::{ExpertKey, InstanceId};
-use transport::{Client, Identity, Limits, TlsFiles};
+use transport::{Client, Identity, Limits, Message, TlsFiles};
 use worker::remote::{RemoteExperts, RemoteOptions};
 use worker::wire::{encode_request, Dtype, ErrorCode, Frame, TaskRef};
 use worker::{RunningWorker, WorkerOptions};
@@ -256,11 +256,11 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     }
 }
 
-fn decode(bytes: &Bytes) -> Frame {
-    Frame::decode(bytes).unwrap()
+fn decode(message: &Message) -> Frame {
+    Frame::decode_chunks(message.chunks()).unwrap()
 }
 
-fn expect_error(what: &str, answer: &Bytes, want: ErrorCode) -> String {
+fn expect_error(what: &str, answer: &Message, want: ErrorCode) -> String {
     match decode(answer) {
         Frame::Error { code, message, .. } => {
             assert_eq!(code, want, "{what}: {message}");
