@@ -36,6 +36,11 @@ impl Message {
         &self.chunks
     }
 
+    /// Its bytes in order, across the chunks.
+    fn bytes(&self) -> impl Iterator<Item = &u8> {
+        self.chunks.iter().flat_map(|c| c.iter())
+    }
+
     /// The message in one buffer: free when it is one chunk, one copy otherwise.
     pub fn into_bytes(mut self) -> Bytes {
         match self.chunks.len() {
@@ -61,12 +66,7 @@ impl From<Bytes> for Message {
 impl PartialEq for Message {
     /// Equal when the bytes are, however they are split.
     fn eq(&self, other: &Message) -> bool {
-        self.len == other.len
-            && self
-                .chunks
-                .iter()
-                .flat_map(|c| c.iter())
-                .eq(other.chunks.iter().flat_map(|c| c.iter()))
+        self.len == other.len && self.bytes().eq(other.bytes())
     }
 }
 
@@ -74,13 +74,13 @@ impl Eq for Message {}
 
 impl PartialEq<Bytes> for Message {
     fn eq(&self, other: &Bytes) -> bool {
-        self.len == other.len() && self.chunks.iter().flat_map(|c| c.iter()).eq(other.iter())
+        self == &other[..]
     }
 }
 
 impl PartialEq<[u8]> for Message {
     fn eq(&self, other: &[u8]) -> bool {
-        self.len == other.len() && self.chunks.iter().flat_map(|c| c.iter()).eq(other.iter())
+        self.len == other.len() && self.bytes().eq(other.iter())
     }
 }
 

@@ -43,8 +43,9 @@ const MAX_UDP_PAYLOAD: u16 = 6500;
 /// The ceiling of path MTU discovery towards a peer on this host (workers beside the engine),
 /// and the largest UDP payload an endpoint accepts. The loopback device carries 64 KiB
 /// datagrams, so there each packet is sent on its own (no GSO batch to stay under 64 KiB) at up
-/// to this size: ~5x fewer packets through quinn's per-packet path and its crypto calls than
-/// 10-packet GSO batches of 6500 bytes, measured 1.4-1.7x the throughput for 1-8 MiB messages
+/// to this size: ~10x fewer packets through quinn's per-packet path and its crypto calls than
+/// 10-packet GSO batches of 6500 bytes. Alone it measured 1.2-1.4x the throughput for 1-8 MiB
+/// messages in exploratory runs; with chunked messages, 1.75-2.1x the session-19 transport
 /// (`moeless bench exchange`, docs/PERFORMANCE.md).
 const LOOPBACK_MAX_UDP_PAYLOAD: u16 = 65_000;
 

@@ -663,6 +663,7 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
     fn vec(&mut self, n: usize) -> Result<Vec<u8>, FrameError> {
+        // Checked before allocating: `n` comes from the frame.
         self.check(n)?;
         let mut v = Vec::with_capacity(n);
         self.pieces(n, |p| v.extend_from_slice(p))?;
@@ -671,16 +672,19 @@ impl<'a> Reader<'a> {
     /// The rest of the frame: a slice of its chunk when it lies in one, else a joined copy.
     fn rest(&mut self) -> Bytes {
         let n = self.remaining();
-        let rest = match self.chunks.get(self.at) {
-            Some(chunk) if chunk.len() - self.off >= n => chunk.slice(self.off..self.off + n),
-            _ => {
-                let mut v = Vec::with_capacity(n);
-                let _ = self.pieces(n, |p| v.extend_from_slice(p));
-                return v.into();
+        let within_one = self
+            .chunks
+            .get(self.at)
+            .filter(|chunk| chunk.len() - self.off >= n)
+            .map(|chunk| chunk.slice(self.off..self.off + n));
+        let mut joined = Vec::new();
+        // Reading exactly what remains cannot fail.
+        let _ = self.pieces(n, |p| {
+            if within_one.is_none() {
+                joined.extend_from_slice(p)
             }
-        };
-        let _ = self.pieces(n, |_| ());
-        rest
+        });
+        within_one.unwrap_or_else(|| joined.into())
     }
     fn skip(&mut self, n: usize) -> Result<(), FrameError> {
         self.pieces(n, |_| ())
