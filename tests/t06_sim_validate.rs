@@ -52,6 +52,28 @@ fn sim_validate_reports_every_metric_and_its_profile_drives_sim() {
         assert!(r > 0.0 && s > 0.0, "{name}: real {r}, sim {s}");
         assert!(m["error_pct"].as_f64().unwrap().is_finite(), "{name}");
     }
+    // Every real MoE-layer call is priced by the simulator's cost model, and a window of them
+    // replayed on the idle cluster (both ways).
+    let priced = doc["real_calls_priced"].as_array().unwrap();
+    assert_eq!(priced.len(), 4);
+    assert_eq!(priced[0]["tokens"], "all");
+    assert_eq!(priced[0]["calls"], doc["real"]["moe_layer_calls"]);
+    assert!(priced[0]["priced_mean_s"].as_f64().unwrap() > 0.0);
+    assert!(priced[0]["replayed"].as_u64().unwrap() > 0);
+    for k in ["replayed_idle_mean_s", "replayed_after_work_mean_s"] {
+        assert!(priced[0][k].as_f64().unwrap() > 0.0, "{k}");
+    }
+    let split: u64 = priced[1..].iter().map(|g| g["calls"].as_u64().unwrap()).sum();
+    assert_eq!(Some(split), priced[0]["calls"].as_u64(), "the groups split the calls");
+    // The cost of each further worker a call reaches is measured and in the profile.
+    let extra = doc["profile"]["measured"]["per_extra_worker_s"].as_f64().unwrap();
+    assert!(extra.is_finite() && extra >= 0.0, "{extra}");
+    for c in doc["calibration"].as_array().unwrap() {
+        assert!(c["per_extra_worker_s"].as_f64().is_some());
+        for b in c["overhead_bursts"].as_array().unwrap() {
+            assert!(b["forward_s"].as_f64().unwrap() > 0.0, "the scheduler timed its passes");
+        }
+    }
     for f in [
         "validation_e2e_cdf.svg",
         "validation_ttft_cdf.svg",

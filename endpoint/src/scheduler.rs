@@ -97,6 +97,9 @@ pub struct SchedulerStats {
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub steps: AtomicU64,
+    /// Nanoseconds spent inside the engine's forward passes (what a step costs beyond the
+    /// scheduler's own work: admission, sampling, streaming events out).
+    pub forward_nanos: AtomicU64,
     pub preemptions: AtomicU64,
     pub cancelled: AtomicU64,
     /// Prompt tokens looked up in, and found in, the prefix cache at admission.
@@ -445,7 +448,10 @@ impl Scheduler {
             LogitsWanted::Last
         };
         let engine = &self.engine;
+        let started = Instant::now();
         let res = std::panic::catch_unwind(AssertUnwindSafe(|| engine.step(&mut caches, &toks, wanted)));
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.forward_nanos.fetch_add(nanos, Ordering::Relaxed);
         for (&(i, _), c) in plan.iter().zip(caches) {
             self.running[i].cache = c;
         }

@@ -202,6 +202,16 @@ impl CostModel {
         self.gpu.link_latency_s + bytes / self.all_to_all_bandwidth()
     }
 
+    /// What reaching `devices` expert devices in one MoE layer costs beyond reaching one
+    /// (measured profiles with attention on an engine device only: remote workers reached by
+    /// a message each; an all-to-all among GPUs has no such term).
+    pub fn fanout_time(&self, devices: usize) -> f64 {
+        match &self.measured {
+            Some(m) if self.central_attention && devices > 1 => m.per_extra_worker_s * (devices - 1) as f64,
+            _ => 0.0,
+        }
+    }
+
     /// Loading one expert's weights onto a GPU.
     pub fn cold_start_time(&self) -> f64 {
         self.model.expert_bytes() / self.gpu.host_to_device_bandwidth + self.gpu.cold_start_overhead_s

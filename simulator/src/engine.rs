@@ -639,7 +639,9 @@ fn run_group(
             let mut expert_t = 0.0f64;
             let mut max_tok = 0u32;
             let mut max_recv = 0.0f64;
+            let mut reached = 0usize;
             for (gi, (&n, &a)) in o.gpu_tokens.iter().zip(&o.gpu_active_instances).enumerate() {
+                reached += usize::from(n > 0);
                 max_tok = max_tok.max(n);
                 max_recv = max_recv.max(f64::from(n) * recv_ratio[l][gi]);
                 // The GPU's instances that received tokens run as one grouped GEMM: each
@@ -652,7 +654,7 @@ fn run_group(
             // The combine returns what the dispatch sent: a device sums a token's expert
             // outputs before they travel back (workers answer one row per token).
             let dispatch = max_recv.max(max_origin * send_ratio[l]) * remote;
-            let comm = 2.0 * cost.all_to_all_time(dispatch);
+            let comm = 2.0 * cost.all_to_all_time(dispatch) + cost.fanout_time(reached);
             let stall = if o.stalls > 0 { cold } else { 0.0 };
             let layer_t = attn_moe + comm + expert_t + stall;
             t += layer_t * layer_scale;

@@ -225,6 +225,11 @@ pub struct MeasuredOps {
     /// its message, scheduling it, framing its output), added to every expert call.
     #[serde(default)]
     pub expert_task_overhead_s: f64,
+    /// What each further expert device a layer's tokens reach adds to the layer, beyond the
+    /// first (one more message each way for the engine to frame, protect, send and collect),
+    /// when attention runs on an engine device in front of remote expert workers.
+    #[serde(default)]
+    pub per_extra_worker_s: f64,
 }
 
 impl MeasuredOps {
@@ -272,6 +277,7 @@ impl MeasuredOps {
             self.step_per_sequence_s,
             self.request_overhead_s,
             self.expert_task_overhead_s,
+            self.per_extra_worker_s,
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!(

@@ -93,6 +93,7 @@ fn measured_operator_times_replace_the_roofline_for_their_shape_only() {
         step_per_sequence_s: 1e-5,
         request_overhead_s: 3e-3,
         expert_task_overhead_s: 0.0,
+        per_extra_worker_s: 0.0,
     });
     let c = CostModel::new(p.clone(), m.clone(), 8);
     assert!(c.uses_measured_ops());
@@ -107,10 +108,26 @@ fn measured_operator_times_replace_the_roofline_for_their_shape_only() {
     if let Some(ms) = q.measured.as_mut() {
         ms.expert_task_overhead_s = 5e-5;
     }
-    let cq = CostModel::new(q, m.clone(), 8);
+    let cq = CostModel::new(q.clone(), m.clone(), 8);
     close(cq.expert_time(1), 1e-3 + 5e-5);
     close(cq.expert_time(32), 16e-3 + 5e-5);
     assert_eq!(cq.expert_time(0), 0.0);
+    // Each further worker a layer reaches costs the engine a message pair, only when attention
+    // runs on an engine in front of remote workers.
+    if let Some(ms) = q.measured.as_mut() {
+        ms.per_extra_worker_s = 2e-4;
+    }
+    let mut cf = CostModel::new(q, m.clone(), 8);
+    assert_eq!(
+        cf.fanout_time(3),
+        0.0,
+        "GPUs in an all-to-all pay no per-worker message"
+    );
+    cf.central_attention = true;
+    assert_eq!(cf.fanout_time(0), 0.0);
+    assert_eq!(cf.fanout_time(1), 0.0);
+    close(cf.fanout_time(3), 4e-4);
+    assert_eq!(c.fanout_time(3), 0.0, "no term without a measured value");
     let w = AttentionWork {
         prefill_tokens: 10,
         prefill_context_products: 50.0,

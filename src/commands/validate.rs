@@ -139,30 +139,138 @@ impl RoutingOverride for PoolRouting {
     }
 }
 
-/// Times every MoE layer's expert call (dispatch, remote execution, combine).
+/// Times every MoE layer's expert call (dispatch, remote execution, combine) and records what
+/// it carried, so each real call can also be priced by the simulator's cost model.
 struct TimedExperts {
     inner: Arc<dyn ExpertFunction>,
-    times: Mutex<Vec<f64>>,
+    /// The worker of each expert instance (static placement: one per expert).
+    worker_of: std::collections::HashMap<ExpertKey, u32>,
+    workers: usize,
+    calls: Mutex<Vec<CallRecord>>,
+}
+
+/// One real MoE-layer call: its time and, per worker, the distinct tokens sent to it (a token
+/// travels once per worker) and the rows of each of its expert tasks; its layer and tasks
+/// `(instance, token ids, rows)` to replay its shape on an idle cluster.
+#[derive(Debug, Clone)]
+struct CallRecord {
+    seconds: f64,
+    tokens_per_worker: Vec<u32>,
+    task_rows_per_worker: Vec<Vec<u32>>,
+    layer: usize,
+    tasks: Vec<(shared::InstanceId, Vec<u32>, usize)>,
+}
+
+impl TimedExperts {
+    /// What a call carries (its time still 0).
+    fn describe(&self, layer: usize, tasks: &[ExpertTask]) -> CallRecord {
+        let mut ids: Vec<std::collections::HashSet<u32>> = vec![Default::default(); self.workers];
+        // Rows without token ids travel each on their own.
+        let mut anonymous = vec![0u32; self.workers];
+        let mut rows = vec![Vec::new(); self.workers];
+        for t in tasks {
+            let w = (self.worker_of.get(&t.instance.key).copied().unwrap_or(0) as usize).min(self.workers - 1);
+            let n = t.input.rows() as u32;
+            rows[w].push(n);
+            if t.tokens.is_empty() {
+                anonymous[w] += n;
+            } else {
+                ids[w].extend(t.tokens.iter().copied());
+            }
+        }
+        CallRecord {
+            seconds: 0.0,
+            tokens_per_worker: ids.iter().zip(&anonymous).map(|(s, &a)| s.len() as u32 + a).collect(),
+            task_rows_per_worker: rows,
+            layer,
+            tasks: tasks
+                .iter()
+                .map(|t| (t.instance, t.tokens.clone(), t.input.rows()))
+                .collect(),
+        }
+    }
+
+    fn push(&self, mut call: CallRecord, seconds: f64) {
+        call.seconds = seconds;
+        if let Ok(mut v) = self.calls.lock() {
+            v.push(call);
+        }
+    }
 }
 
 impl ExpertFunction for TimedExperts {
     fn execute(&self, layer: usize, tasks: Vec<ExpertTask>) -> Result<Vec<Tensor>, ExpertError> {
+        let call = self.describe(layer, &tasks);
         let t = Instant::now();
         let out = self.inner.execute(layer, tasks);
-        if let Ok(mut v) = self.times.lock() {
-            v.push(t.elapsed().as_secs_f64());
-        }
+        self.push(call, t.elapsed().as_secs_f64());
         out
     }
 
     fn execute_into(&self, layer: usize, tasks: Vec<ExpertTask>, out: &mut Tensor) -> Result<(), ExpertError> {
+        let call = self.describe(layer, &tasks);
         let t = Instant::now();
         let r = self.inner.execute_into(layer, tasks, out);
-        if let Ok(mut v) = self.times.lock() {
-            v.push(t.elapsed().as_secs_f64());
-        }
+        self.push(call, t.elapsed().as_secs_f64());
         r
     }
+}
+
+/// Replays a window of up to `max` consecutive real calls (from the middle of the run) on the
+/// now idle cluster, in their order, each once, with inputs of the same shapes and token ids,
+/// first back to back, then each after [`LAYER_GAP`] of busy work on this thread (as the
+/// engine computes attention between MoE layers): returns `(index, back to back s, after
+/// work s)`.
+fn replay_calls(
+    remote: &RemoteExperts,
+    hidden: usize,
+    calls: &[CallRecord],
+    max: usize,
+) -> anyhow::Result<Vec<(usize, f64, f64)>> {
+    let start = calls.len().saturating_sub(max) / 2;
+    let window = start..(start + max).min(calls.len());
+    let tasks = |i: usize| -> Vec<ExpertTask> {
+        calls[i]
+            .tasks
+            .iter()
+            .map(|(inst, tokens, n)| ExpertTask {
+                instance: *inst,
+                input: rows(*n, hidden, i as u64),
+                tokens: tokens.clone(),
+                weights: vec![1.0; if tokens.is_empty() { 0 } else { *n }],
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for i in window.clone() {
+        let ts = tasks(i);
+        let t0 = Instant::now();
+        std::hint::black_box(remote.execute(calls[i].layer, ts)?);
+        out.push((i, t0.elapsed().as_secs_f64(), 0.0));
+    }
+    for (o, i) in out.iter_mut().zip(window) {
+        busy_work(LAYER_GAP);
+        let ts = tasks(i);
+        let t0 = Instant::now();
+        std::hint::black_box(remote.execute(calls[i].layer, ts)?);
+        o.2 = t0.elapsed().as_secs_f64();
+    }
+    Ok(out)
+}
+
+/// The simulator's price of one real call (the MoE-layer formula of `simulator::engine` with
+/// central attention): dispatch and combine of every token copy the engine sends, what each
+/// further worker reached adds, plus the busiest worker's expert tasks run one after another.
+fn priced_call(cost: &CostModel, c: &CallRecord) -> f64 {
+    let sent: u32 = c.tokens_per_worker.iter().sum();
+    let reached = c.tokens_per_worker.iter().filter(|&&n| n > 0).count();
+    let comm = 2.0 * cost.all_to_all_time(f64::from(sent)) + cost.fanout_time(reached);
+    let experts = c
+        .task_rows_per_worker
+        .iter()
+        .map(|rows| rows.iter().map(|&n| cost.expert_time(n as usize)).sum::<f64>())
+        .fold(0.0, f64::max);
+    comm + experts
 }
 
 /// Median seconds of `f` over `reps` calls after two warm-ups.
@@ -330,9 +438,9 @@ fn measure_layers(model: Arc<Model>) -> anyhow::Result<LayerFit> {
     Ok(LayerFit { coef, rms, points })
 }
 
-/// Closed bursts through the endpoint: `(sequences, forward passes, wall seconds, predicted
-/// forward seconds, mean TTFT)` per burst.
-type Burst = (usize, u64, f64, f64, f64);
+/// Closed bursts through the endpoint: `(sequences, forward passes, wall seconds, forward
+/// seconds timed, forward seconds predicted by the layer fit, mean TTFT)` per burst.
+type Burst = (usize, u64, f64, f64, f64, f64);
 
 /// What the bursts give: the endpoint's time per step (`fixed + per_sequence x b`) and per
 /// request (outside steps).
@@ -345,9 +453,9 @@ struct Overheads {
 
 /// The endpoint's own time per step outside the forward pass (scheduling, sampling, streaming):
 /// closed bursts of `b` requests (all sent at once; `P` prompt and `O` new tokens each) through
-/// the endpoint with experts that cost nothing; the wall time minus the forward passes the layer
-/// fit predicts, per pass; `b` = 1, 4 and 16 give `fixed + per_sequence x b`. A lone request's
-/// TTFT minus its first step (prefill pass and step overhead) is the time per request.
+/// the endpoint with experts that cost nothing; the wall time minus the forward passes (timed
+/// by the scheduler), per pass; `b` = 1, 4 and 16 give `fixed + per_sequence x b`. A lone
+/// request's TTFT minus its first step (prefill pass and step overhead) is the time per request.
 fn measure_overheads(
     runtime: &tokio::runtime::Runtime,
     model: Arc<Model>,
@@ -394,38 +502,49 @@ fn measure_overheads(
                 .collect();
             let cfg = bench_config(&base_url, requests);
             let before = zero.calls.load(Ordering::Relaxed);
+            let forward_before = server.stats().forward_nanos.load(Ordering::Relaxed);
             let (r, outcomes) = endpoint::bench::run_detailed(&cfg).await?;
             anyhow::ensure!(r.failed == 0, "calibration burst failed: {:?}", r.errors);
             let passes = (zero.calls.load(Ordering::Relaxed) - before) / moe;
+            let forward = (server.stats().forward_nanos.load(Ordering::Relaxed) - forward_before) as f64 * 1e-9;
             let ttft = outcomes.iter().map(|o| o.ttft).sum::<f64>() / outcomes.len().max(1) as f64;
-            bursts.push((b, passes, r.duration_s, predicted(b, passes), ttft));
+            bursts.push((b, passes, r.duration_s, forward, predicted(b, passes), ttft));
         }
         server.shutdown().await?;
-        // Past the warm-up pair: the median overhead per pass of each size, then
-        // `fixed + per_sequence x b` through them (least squares, both >= 0).
-        let rows: Vec<([f64; 4], f64)> = [1usize, 4, 16]
-            .into_iter()
-            .map(|b| {
-                let per_pass = median(
-                    bursts[2..]
-                        .iter()
-                        .filter(|x| x.0 == b)
-                        .map(|x| (x.2 - x.3) / x.1.max(1) as f64)
-                        .collect(),
-                );
-                ([1.0, b as f64, 0.0, 0.0], per_pass)
-            })
-            .collect();
-        let c = nonneg_least_squares(&rows);
-        let first_step = layers * prefill(1.0) + c[0] + c[1];
-        let request = median(
-            bursts[2..]
-                .iter()
-                .filter(|x| x.0 == 1)
-                .map(|x| x.4 - first_step)
-                .collect(),
-        )
-        .max(0.0);
+        // Past the warm-up pair: the median time per pass outside the forward passes of each
+        // size, less a request's own time once per burst, then `fixed + per_sequence x b`
+        // through them (least squares, both >= 0). The request's time is a lone request's
+        // TTFT minus its first step, which needs the step's overhead: two rounds (the first
+        // without the request's time).
+        let fit = |request: f64| {
+            let rows: Vec<([f64; 4], f64)> = [1usize, 4, 16]
+                .into_iter()
+                .map(|b| {
+                    let per_pass = median(
+                        bursts[2..]
+                            .iter()
+                            .filter(|x| x.0 == b)
+                            .map(|x| (x.2 - x.3 - request) / x.1.max(1) as f64)
+                            .collect(),
+                    );
+                    ([1.0, b as f64, 0.0, 0.0], per_pass)
+                })
+                .collect();
+            nonneg_least_squares(&rows)
+        };
+        let request_given = |c: [f64; 4]| {
+            let first_step = layers * prefill(1.0) + c[0] + c[1];
+            median(
+                bursts[2..]
+                    .iter()
+                    .filter(|x| x.0 == 1)
+                    .map(|x| x.5 - first_step)
+                    .collect(),
+            )
+            .max(0.0)
+        };
+        let request = request_given(fit(0.0));
+        let c = fit(request);
         anyhow::Ok(Overheads {
             step_fixed: c[0],
             step_per_sequence: c[1],
@@ -493,9 +612,26 @@ fn solve(mut m: Vec<Vec<f64>>) -> Option<Vec<f64>> {
     Some((0..k).map(|r| m[r][k] / m[r][r]).collect())
 }
 
-/// Remote minus in-process time of one expert call at 1 and 256 tokens: the per-message
-/// latency (dispatch and combine: two messages a call) and bandwidth of the link, and the
-/// `(tokens, remote, in-process)` seconds measured.
+/// Busy work on this thread for `d` (not sleep: the engine computes between MoE layers).
+fn busy_work(d: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
+/// What the engine computes between two MoE layers of a small step here (a layer's attention,
+/// norms and router: about 0.4 ms on this model), during which the workers wait.
+const LAYER_GAP: Duration = Duration::from_micros(400);
+
+/// The QUIC round trip to a worker: one expert call of 1, 16, 64 and 256 tokens, remote and in
+/// process (on a pool thread) in alternation, 31 pairs each; the median extra time per size is
+/// fitted to `2 x latency + 2 x bytes / bandwidth` by least squares. Pairing and alternating
+/// cancel this VM's drift, which the difference of two separately timed medians did not. Each
+/// remote call follows [`LAYER_GAP`] of busy work, as in a real step: the workers' threads
+/// have gone idle and must wake (about 15-20% of a small call's time here, measured by
+/// replaying real calls both ways).
+/// Returns `(latency s, bandwidth B/s, [(tokens, remote s, in process s)])`.
 #[allow(clippy::type_complexity)]
 fn measure_link(
     remote: &RemoteExperts,
@@ -503,31 +639,58 @@ fn measure_link(
     weights: &ExpertWeights,
     backend: &dyn Backend,
     hidden: usize,
+    pool: &rayon::ThreadPool,
 ) -> anyhow::Result<(f64, f64, Vec<(usize, f64, f64)>)> {
     let inst = remote.shares(key)[0].0;
     let mut link = Vec::new();
-    for n in [1usize, 256] {
+    let mut extra = Vec::new();
+    for n in [1usize, 16, 64, 256] {
         let x = rows(n, hidden, 7 + n as u64);
-        let r = time_median(25, || {
+        let once_remote = || -> anyhow::Result<f64> {
+            busy_work(LAYER_GAP);
             let task = ExpertTask {
                 instance: inst,
                 input: x.clone(),
                 tokens: Vec::new(),
                 weights: Vec::new(),
             };
+            let t = Instant::now();
             std::hint::black_box(remote.execute(key.layer as usize, vec![task])?);
-            Ok(())
-        })?;
-        let l = time_median(25, || {
-            std::hint::black_box(weights.forward(backend, &x));
-            Ok(())
-        })?;
-        link.push((n, r, l));
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let once_local = || {
+            pool.install(|| {
+                let t = Instant::now();
+                std::hint::black_box(weights.forward(backend, &x));
+                t.elapsed().as_secs_f64()
+            })
+        };
+        for _ in 0..2 {
+            once_remote()?;
+            once_local();
+        }
+        let (mut r, mut l, mut d) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..31 {
+            let (tr, tl) = (once_remote()?, once_local());
+            r.push(tr);
+            l.push(tl);
+            d.push(tr - tl);
+        }
+        link.push((n, median(r), median(l)));
+        extra.push((n as f64, median(d)));
     }
-    let extra = |i: usize| (link[i].1 - link[i].2).max(1e-6);
-    let extra_bytes = 2.0 * 255.0 * (hidden * 4) as f64;
-    let bw = extra_bytes / (extra(1) - extra(0)).max(1e-6);
-    Ok((extra(0) / 2.0, bw, link))
+    // Least squares line through (tokens, extra seconds).
+    let k = extra.len() as f64;
+    let (mx, my) = (
+        extra.iter().map(|p| p.0).sum::<f64>() / k,
+        extra.iter().map(|p| p.1).sum::<f64>() / k,
+    );
+    let sxx: f64 = extra.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = extra.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let slope = (sxy / sxx).max(1e-12);
+    let intercept = (my - slope * mx).max(2e-6);
+    let bw = 2.0 * (hidden * 4) as f64 / slope;
+    Ok((intercept / 2.0, bw, link))
 }
 
 /// Serves `requests` at their times through the endpoint on `engine` (after an uncounted
@@ -558,7 +721,7 @@ fn serve_workload(
             })
             .collect();
         endpoint::bench::run(&bench_config(&base_url, warm)).await?;
-        if let Ok(mut t) = timed.times.lock() {
+        if let Ok(mut t) = timed.calls.lock() {
             t.clear();
         }
         let cfg = bench_config(&base_url, requests);
@@ -596,6 +759,9 @@ struct CalibrationContext<'a> {
     /// Experts of the key's layer on the key's worker (the key first): one message carrying a
     /// task for each times the worker's per-task work.
     same_worker: Vec<u32>,
+    /// One expert of the key's layer on each worker (the key first): a call reaching every
+    /// worker times what each further worker adds to a call.
+    one_per_worker: Vec<u32>,
 }
 
 /// One pass of measurements on this machine.
@@ -616,6 +782,9 @@ struct Calibration {
     link: Vec<(usize, f64, f64)>,
     /// Worker time per expert task beyond its in-process FFN (decoding, scheduling, framing).
     task_overhead: f64,
+    /// What each further worker reached adds to a layer's call (one more message each way:
+    /// framing, encryption and the wait for the slower of the workers).
+    per_extra_worker: f64,
 }
 
 impl Calibration {
@@ -635,6 +804,7 @@ impl Calibration {
             bandwidth: m(a.bandwidth, b.bandwidth),
             link: Vec::new(),
             task_overhead: m(a.task_overhead, b.task_overhead),
+            per_extra_worker: m(a.per_extra_worker, b.per_extra_worker),
         }
     }
 
@@ -647,12 +817,13 @@ impl Calibration {
             "step_fixed_s": self.step_fixed,
             "step_per_sequence_s": self.step_per_sequence,
             "request_overhead_s": self.request,
-            "overhead_bursts": self.bursts.iter().map(|(b, p, w, f, t)| json!({"sequences": b, "passes": p,
-                "wall_s": w, "predicted_forward_s": f, "mean_ttft_s": t})).collect::<Vec<_>>(),
+            "overhead_bursts": self.bursts.iter().map(|(b, p, w, f, pf, t)| json!({"sequences": b, "passes": p,
+                "wall_s": w, "forward_s": f, "predicted_forward_s": pf, "mean_ttft_s": t})).collect::<Vec<_>>(),
             "link_latency_s": self.latency,
             "link_bandwidth": self.bandwidth,
             "link_measured_s": self.link.iter().map(|(n, r, l)| json!({"tokens": n, "remote": r, "in_process": l})).collect::<Vec<_>>(),
             "expert_task_overhead_s": self.task_overhead,
+            "per_extra_worker_s": self.per_extra_worker,
         })
     }
 }
@@ -660,21 +831,27 @@ impl Calibration {
 /// The expert FFN, a layer's non-expert time, the endpoint's overheads and the link, once.
 fn calibrate(c: &CalibrationContext<'_>) -> anyhow::Result<Calibration> {
     let hidden = c.model.config.hidden_size;
+    // On a compute pool's own thread, as a worker runs its tasks (a call from outside a pool
+    // would hand every parallel operation over to the pool's thread and back).
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let mut ffn = Vec::new();
     for &n in &FFN_TOKENS {
         let x = rows(n, hidden, n as u64);
         let mut next = 0usize;
-        let t = time_median(41, || {
-            next = (next + 1) % c.experts.len();
-            std::hint::black_box(c.experts[next].forward(c.backend.as_ref(), &x));
-            Ok(())
+        let t = pool.install(|| {
+            time_median(41, || {
+                next = (next + 1) % c.experts.len();
+                std::hint::black_box(c.experts[next].forward(c.backend.as_ref(), &x));
+                Ok(())
+            })
         })?;
         ffn.push((n, t));
     }
     let layer = measure_layers(c.model.clone())?;
     let over = measure_overheads(c.runtime, c.model.clone(), &layer, c.serve_cfg)?;
-    let (latency, bandwidth, link) = measure_link(c.remote, c.key, &c.experts[0], c.backend.as_ref(), hidden)?;
-    let task_overhead = measure_task_overhead(c, bandwidth)?;
+    let (latency, bandwidth, link) = measure_link(c.remote, c.key, &c.experts[0], c.backend.as_ref(), hidden, &pool)?;
+    let task_overhead = measure_task_overhead(c, bandwidth, &pool)?;
+    let per_extra_worker = measure_fanout(c)?;
     Ok(Calibration {
         ffn,
         layer: layer.coef,
@@ -688,13 +865,57 @@ fn calibrate(c: &CalibrationContext<'_>) -> anyhow::Result<Calibration> {
         bandwidth,
         link,
         task_overhead,
+        per_extra_worker,
     })
+}
+
+/// A layer's call with a 1-token task on one expert of every worker against the same on one
+/// worker, in alternation (31 pairs, each call after [`LAYER_GAP`] of busy work): the median
+/// extra time per further worker (0 with one worker). The workers compute in parallel, so
+/// this is what a further message pair costs the engine, beyond what the single-worker link
+/// calibration sees.
+fn measure_fanout(c: &CalibrationContext<'_>) -> anyhow::Result<f64> {
+    let w = c.one_per_worker.len();
+    if w < 2 {
+        return Ok(0.0);
+    }
+    let x = rows(1, c.model.config.hidden_size, 13);
+    let layer = c.key.layer as usize;
+    let call = |n: usize| -> anyhow::Result<f64> {
+        let tasks = c.one_per_worker[..n]
+            .iter()
+            .map(|&e| {
+                let key = ExpertKey::new(layer, e as usize);
+                let instance = c.remote.shares(key).first().map(|s| s.0);
+                Ok(ExpertTask {
+                    instance: instance.ok_or_else(|| anyhow::anyhow!("no instance of {key}"))?,
+                    input: x.clone(),
+                    tokens: vec![0],
+                    weights: vec![1.0],
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        busy_work(LAYER_GAP);
+        let t = Instant::now();
+        std::hint::black_box(c.remote.execute(layer, tasks)?);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for _ in 0..2 {
+        call(1)?;
+        call(w)?;
+    }
+    let mut d = Vec::new();
+    for _ in 0..31 {
+        let one = call(1)?;
+        d.push(call(w)? - one);
+    }
+    Ok((median(d) / (w - 1) as f64).max(0.0))
 }
 
 /// One message with a 1-token task for each of `c.same_worker`'s experts against one with a
 /// single task, both minus the same FFN calls in process: what each extra task costs the
 /// worker beyond its FFN and bytes (0 when fewer than two experts share the worker).
-fn measure_task_overhead(c: &CalibrationContext<'_>, bandwidth: f64) -> anyhow::Result<f64> {
+fn measure_task_overhead(c: &CalibrationContext<'_>, bandwidth: f64, pool: &rayon::ThreadPool) -> anyhow::Result<f64> {
     let m = c.same_worker.len();
     if m < 2 {
         return Ok(0.0);
@@ -725,11 +946,13 @@ fn measure_task_overhead(c: &CalibrationContext<'_>, bandwidth: f64) -> anyhow::
         })
     };
     let local = |n: usize| {
-        time_median(25, || {
-            for &e in &c.same_worker[..n] {
-                std::hint::black_box(c.experts[e as usize].forward(c.backend.as_ref(), &x));
-            }
-            Ok(())
+        pool.install(|| {
+            time_median(25, || {
+                for &e in &c.same_worker[..n] {
+                    std::hint::black_box(c.experts[e as usize].forward(c.backend.as_ref(), &x));
+                }
+                Ok(())
+            })
         })
     };
     let extra_one = remote(1)? - local(1)?;
@@ -742,7 +965,7 @@ fn report_calibration(step: &dyn Fn(&str), when: &str, c: &Calibration) {
     step(&format!(
         "{when}: FFN {:.0} us at 1 token, {:.0} us at 256; layer {:.0} us + {:.1} us/token (rms {:.3}); \
          endpoint {:.0} us + {:.0} us/sequence per step, {:.0} us per request; link {:.0} us, {:.2} GB/s; \
-         {:.0} us per remote task",
+         {:.0} us per remote task, {:.0} us per further worker",
         c.ffn[0].1 * 1e6,
         c.ffn[c.ffn.len() - 1].1 * 1e6,
         c.layer[0] * 1e6,
@@ -753,7 +976,8 @@ fn report_calibration(step: &dyn Fn(&str), when: &str, c: &Calibration) {
         c.request * 1e6,
         c.latency * 1e6,
         c.bandwidth / 1e9,
-        c.task_overhead * 1e6
+        c.task_overhead * 1e6,
+        c.per_extra_worker * 1e6
     ));
 }
 
@@ -927,6 +1151,28 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         .filter(|&e| (e as usize) < experts.len())
         .take(16)
         .collect();
+    let mut one_per_worker: Vec<u32> = vec![key.expert];
+    let mut seen = vec![key_worker];
+    for i in &static_plan {
+        if i.layer as usize == key.layer as usize
+            && !seen.contains(&Some(i.worker))
+            && (i.expert as usize) < experts.len()
+        {
+            seen.push(Some(i.worker));
+            one_per_worker.push(i.expert);
+        }
+    }
+    // Expert -> index of its worker (0..workers) for the per-call records.
+    let mut worker_ids: Vec<_> = static_plan.iter().map(|i| i.worker).collect();
+    worker_ids.sort_unstable();
+    worker_ids.dedup();
+    let static_plan_workers: std::collections::HashMap<ExpertKey, u32> = static_plan
+        .iter()
+        .map(|i| {
+            let w = worker_ids.binary_search(&i.worker).unwrap_or(0) as u32;
+            (ExpertKey::new(i.layer as usize, i.expert as usize), w)
+        })
+        .collect();
     let epoch = cluster.commit(static_plan, "sim-validate")?;
     let remote = cluster.remote()?;
     anyhow::ensure!(
@@ -942,6 +1188,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         remote: remote.as_ref(),
         key,
         same_worker,
+        one_per_worker,
     };
     step("calibrating (expert FFN, layer, endpoint overheads, link) ...");
     let before = calibrate(&ctx)?;
@@ -961,7 +1208,9 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     })));
     let timed = Arc::new(TimedExperts {
         inner: remote.clone(),
-        times: Mutex::new(Vec::new()),
+        worker_of: static_plan_workers,
+        workers: a.workers,
+        calls: Mutex::new(Vec::new()),
     });
     let engine = Engine::new(Arc::new(model), timed.clone(), remote.clone());
     let mut rng_state = a.seed ^ 0x5eed;
@@ -1003,10 +1252,13 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     if mismatched > 0 {
         eprintln!("warning: {mismatched} requests had other token counts than asked (tokenizer specials?)");
     }
-    let layer_times = timed.times.lock().map(|t| t.clone()).unwrap_or_default();
+    let calls = timed.calls.lock().map(|t| t.clone()).unwrap_or_default();
+    let layer_times: Vec<f64> = calls.iter().map(|c| c.seconds).collect();
 
     // 2b. The same calibration again after the real run: this VM's speed drifts (up to 2x over
     //     minutes), so the profile is the mean of the two, bracketing the run.
+    step("replaying a sample of the real MoE-layer calls on the idle cluster ...");
+    let replayed = replay_calls(remote.as_ref(), config.hidden_size, &calls, 400)?;
     step("calibrating again after the real run ...");
     let after = calibrate(&ctx)?;
     report_calibration(&step, "after", &after);
@@ -1045,6 +1297,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         step_per_sequence_s: cal.step_per_sequence,
         request_overhead_s: cal.request,
         expert_task_overhead_s: cal.task_overhead,
+        per_extra_worker_s: cal.per_extra_worker,
     });
     step(&format!(
         "FFN roofline (kept for other shapes): {:.2} GFLOP/s, {:.2} GB/s, {:.1} us per kernel (rms log error {ffn_rms:.3})",
@@ -1077,6 +1330,12 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     )?;
     let sim = reps.remove(0);
     let sim_sum = sim.summary.clone().context("the simulator gave no summary")?;
+
+    // 4b. Every real MoE-layer call priced by the same cost model: separates an error of the
+    //     per-call model from one of the batches the simulator forms.
+    let mut cost = CostModel::new(profile.clone(), sim_model.clone(), a.workers);
+    cost.central_attention = true;
+    let priced = per_call_error(&cost, &calls, &replayed);
 
     // 5. Compare: the same definitions on both sides (seconds from arrival; TPOT over
     //    requests with more than one output token).
@@ -1152,6 +1411,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         "real": real,
         "sim": simulated,
         "metrics": errors,
+        "real_calls_priced": priced,
         "wall_s": started.elapsed().as_secs_f64(),
     });
     let path = a.out.join("validation.json");
@@ -1177,8 +1437,80 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     for (k, r, s) in &metrics {
         writeln!(so, "{k:<30} {r:>12.6} {s:>12.6} {:>8.1}%", error_pct(*s, *r))?;
     }
+    writeln!(
+        so,
+        "real MoE-layer calls priced by the simulator's cost model (by tokens sent):"
+    )?;
+    writeln!(
+        so,
+        "{:<12} {:>7} {:>12} {:>12} {:>9} {:>9} {:>12} {:>12} {:>12} {:>12}",
+        "tokens", "calls", "real mean", "priced mean", "error", "replayed", "in run", "idle", "after work", "priced"
+    )?;
+    for b in priced.as_array().into_iter().flatten() {
+        let (r, p) = (
+            b["real_mean_s"].as_f64().unwrap_or(0.0),
+            b["priced_mean_s"].as_f64().unwrap_or(0.0),
+        );
+        writeln!(
+            so,
+            "{:<12} {:>7} {:>12.6} {:>12.6} {:>8.1}% {:>9} {:>12.6} {:>12.6} {:>12.6} {:>12.6}",
+            b["tokens"].as_str().unwrap_or("?"),
+            b["calls"],
+            r,
+            p,
+            error_pct(p, r),
+            b["replayed"],
+            b["replayed_in_run_mean_s"].as_f64().unwrap_or(0.0),
+            b["replayed_idle_mean_s"].as_f64().unwrap_or(0.0),
+            b["replayed_after_work_mean_s"].as_f64().unwrap_or(0.0),
+            b["replayed_priced_mean_s"].as_f64().unwrap_or(0.0)
+        )?;
+    }
     step(&format!("wrote {} and plots", path.display()));
     Ok(())
+}
+
+/// Real calls grouped by the token copies they sent (all, then 1-8, 9-64, 65+): mean real
+/// and mean priced seconds per group.
+fn per_call_error(cost: &CostModel, calls: &[CallRecord], replayed: &[(usize, f64, f64)]) -> serde_json::Value {
+    let groups: [(&str, u32, u32); 4] = [
+        ("all", 0, u32::MAX),
+        ("1-8", 1, 8),
+        ("9-64", 9, 64),
+        ("65+", 65, u32::MAX),
+    ];
+    let rows: Vec<serde_json::Value> = groups
+        .iter()
+        .map(|&(name, lo, hi)| {
+            let (mut n, mut real, mut priced) = (0usize, 0.0, 0.0);
+            for c in calls {
+                let sent: u32 = c.tokens_per_worker.iter().sum();
+                if (lo..=hi).contains(&sent) {
+                    n += 1;
+                    real += c.seconds;
+                    priced += priced_call(cost, c);
+                }
+            }
+            let d = n.max(1) as f64;
+            // The replayed sample of this group: its times in the run and on the idle cluster.
+            let (mut m, mut in_run, mut idle, mut after_work, mut priced_r) = (0usize, 0.0, 0.0, 0.0, 0.0);
+            for &(i, t, w) in replayed {
+                let sent: u32 = calls[i].tokens_per_worker.iter().sum();
+                if (lo..=hi).contains(&sent) {
+                    m += 1;
+                    in_run += calls[i].seconds;
+                    idle += t;
+                    after_work += w;
+                    priced_r += priced_call(cost, &calls[i]);
+                }
+            }
+            let e = m.max(1) as f64;
+            json!({"tokens": name, "calls": n, "real_mean_s": real / d, "priced_mean_s": priced / d,
+                   "replayed": m, "replayed_in_run_mean_s": in_run / e, "replayed_idle_mean_s": idle / e,
+                   "replayed_after_work_mean_s": after_work / e, "replayed_priced_mean_s": priced_r / e})
+        })
+        .collect();
+    serde_json::Value::Array(rows)
 }
 
 fn write_plots(
