@@ -68,7 +68,9 @@ fn sim_validate_reports_every_metric_and_its_profile_drives_sim() {
     // The cost of each further worker a call reaches is measured and in the profile.
     let extra = doc["profile"]["measured"]["per_extra_worker_s"].as_f64().unwrap();
     assert!(extra.is_finite() && extra >= 0.0, "{extra}");
-    for c in doc["calibration"].as_array().unwrap() {
+    let passes = doc["calibration"].as_array().unwrap();
+    assert_eq!(passes.len(), 4, "two calibrations before the run, two after");
+    for c in passes {
         assert!(c["per_extra_worker_s"].as_f64().is_some());
         for b in c["overhead_bursts"].as_array().unwrap() {
             assert!(b["forward_s"].as_f64().unwrap() > 0.0, "the scheduler timed its passes");

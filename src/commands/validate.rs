@@ -764,6 +764,9 @@ struct CalibrationContext<'a> {
     one_per_worker: Vec<u32>,
 }
 
+/// Calibration passes before the real run, and again after it.
+const CALIBRATIONS_EACH_SIDE: usize = 2;
+
 /// One pass of measurements on this machine.
 struct Calibration {
     /// `(tokens, seconds)` of one expert FFN, each call on another expert of a layer (a step
@@ -788,23 +791,37 @@ struct Calibration {
 }
 
 impl Calibration {
-    /// Point by point and coefficient by coefficient mean of two passes.
-    fn mean(a: &Calibration, b: &Calibration) -> Calibration {
-        let m = |x: f64, y: f64| (x + y) / 2.0;
+    /// Point by point and coefficient by coefficient middle of several passes (the mean of
+    /// the middle two for an even count): one pass disturbed by this VM's neighbours does not
+    /// move it, as it moved a mean.
+    fn middle(passes: &[Calibration]) -> Calibration {
+        let m = |f: &dyn Fn(&Calibration) -> f64| {
+            let mut v: Vec<f64> = passes.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            let k = v.len();
+            if k.is_multiple_of(2) {
+                (v[k / 2 - 1] + v[k / 2]) / 2.0
+            } else {
+                v[k / 2]
+            }
+        };
+        let first = &passes[0];
         Calibration {
-            ffn: a.ffn.iter().zip(&b.ffn).map(|(p, q)| (p.0, m(p.1, q.1))).collect(),
-            layer: std::array::from_fn(|i| m(a.layer[i], b.layer[i])),
-            layer_rms: m(a.layer_rms, b.layer_rms),
+            ffn: (0..first.ffn.len())
+                .map(|i| (first.ffn[i].0, m(&|c| c.ffn[i].1)))
+                .collect(),
+            layer: std::array::from_fn(|i| m(&|c| c.layer[i])),
+            layer_rms: m(&|c| c.layer_rms),
             layer_points: Vec::new(),
-            step_fixed: m(a.step_fixed, b.step_fixed),
-            step_per_sequence: m(a.step_per_sequence, b.step_per_sequence),
-            request: m(a.request, b.request),
+            step_fixed: m(&|c| c.step_fixed),
+            step_per_sequence: m(&|c| c.step_per_sequence),
+            request: m(&|c| c.request),
             bursts: Vec::new(),
-            latency: m(a.latency, b.latency),
-            bandwidth: m(a.bandwidth, b.bandwidth),
+            latency: m(&|c| c.latency),
+            bandwidth: m(&|c| c.bandwidth),
             link: Vec::new(),
-            task_overhead: m(a.task_overhead, b.task_overhead),
-            per_extra_worker: m(a.per_extra_worker, b.per_extra_worker),
+            task_overhead: m(&|c| c.task_overhead),
+            per_extra_worker: m(&|c| c.per_extra_worker),
         }
     }
 
@@ -1191,8 +1208,12 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         one_per_worker,
     };
     step("calibrating (expert FFN, layer, endpoint overheads, link) ...");
-    let before = calibrate(&ctx)?;
-    report_calibration(&step, "before", &before);
+    let mut passes = Vec::new();
+    for i in 1..=CALIBRATIONS_EACH_SIDE {
+        let c = calibrate(&ctx)?;
+        report_calibration(&step, &format!("before ({i})"), &c);
+        passes.push(c);
+    }
 
     // 3. The real run: endpoint in this process, experts on the workers, HTTP load.
     let mut model = Model::load(&ckpt, config.clone(), backend.clone())?;
@@ -1255,15 +1276,18 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     let calls = timed.calls.lock().map(|t| t.clone()).unwrap_or_default();
     let layer_times: Vec<f64> = calls.iter().map(|c| c.seconds).collect();
 
-    // 2b. The same calibration again after the real run: this VM's speed drifts (up to 2x over
-    //     minutes), so the profile is the mean of the two, bracketing the run.
+    // 2b. The same calibrations again after the real run: this VM's speed drifts (up to 2x
+    //     over minutes), so the profile is the middle of all passes, bracketing the run.
     step("replaying a sample of the real MoE-layer calls on the idle cluster ...");
     let replayed = replay_calls(remote.as_ref(), config.hidden_size, &calls, 400)?;
     step("calibrating again after the real run ...");
-    let after = calibrate(&ctx)?;
-    report_calibration(&step, "after", &after);
+    for i in 1..=CALIBRATIONS_EACH_SIDE {
+        let c = calibrate(&ctx)?;
+        report_calibration(&step, &format!("after ({i})"), &c);
+        passes.push(c);
+    }
     drop(cluster);
-    let cal = Calibration::mean(&before, &after);
+    let cal = Calibration::middle(&passes);
     let base = GpuProfile {
         name: format!("cpu-{}-thread", a.threads),
         peak_flops: 1e10,
@@ -1407,7 +1431,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
         },
         "profile": profile,
         "ffn_roofline_fit_rms_log_error": ffn_rms,
-        "calibration": [before.to_json(), after.to_json()],
+        "calibration": passes.iter().map(Calibration::to_json).collect::<Vec<_>>(),
         "real": real,
         "sim": simulated,
         "metrics": errors,

@@ -56,7 +56,10 @@ for rate in (1, 3):
     print(f"\n| calibration (x{rate}) | FFN 1 tok (us) | FFN 256 (us) | link latency (us) | GB/s | per task (us) | per further worker (us) | step fixed (us) |")
     print("|---|---|---|---|---|---|---|---|")
     for p, d in zip(runs, docs):
-        for when, c in zip(("before", "after"), d["calibration"]):
+        passes = d["calibration"]
+        half = len(passes) // 2
+        for i, c in enumerate(passes):
+            when = f"before ({i + 1})" if i < half else f"after ({i - half + 1})"
             print(
                 f"| {p.parent.name} {when} | {c['ffn_s'][0][1] * 1e6:.0f} | {c['ffn_s'][-1][1] * 1e6:.0f} "
                 f"| {c['link_latency_s'] * 1e6:.0f} | {c['link_bandwidth'] / 1e9:.2f} "
