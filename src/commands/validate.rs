@@ -241,21 +241,21 @@ fn replay_calls(
             })
             .collect()
     };
-    let mut out = Vec::new();
-    for i in window.clone() {
+    let replay = |i: usize, gap: Duration| -> anyhow::Result<f64> {
+        busy_work(gap);
         let ts = tasks(i);
         let t0 = Instant::now();
         std::hint::black_box(remote.execute(calls[i].layer, ts)?);
-        out.push((i, t0.elapsed().as_secs_f64(), 0.0));
-    }
-    for (o, i) in out.iter_mut().zip(window) {
-        busy_work(LAYER_GAP);
-        let ts = tasks(i);
-        let t0 = Instant::now();
-        std::hint::black_box(remote.execute(calls[i].layer, ts)?);
-        o.2 = t0.elapsed().as_secs_f64();
-    }
-    Ok(out)
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let back_to_back = window
+        .clone()
+        .map(|i| replay(i, Duration::ZERO))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    window
+        .zip(back_to_back)
+        .map(|(i, t)| Ok((i, t, replay(i, LAYER_GAP)?)))
+        .collect()
 }
 
 /// The simulator's price of one real call (the MoE-layer formula of `simulator::engine` with
@@ -625,12 +625,10 @@ fn busy_work(d: Duration) {
 const LAYER_GAP: Duration = Duration::from_micros(400);
 
 /// The QUIC round trip to a worker: one expert call of 1, 16, 64 and 256 tokens, remote and in
-/// process (on a pool thread) in alternation, 31 pairs each; the median extra time per size is
-/// fitted to `2 x latency + 2 x bytes / bandwidth` by least squares. Pairing and alternating
-/// cancel this VM's drift, which the difference of two separately timed medians did not. Each
+/// process (on a pool thread) [`alternated`]; the median extra time per size is fitted to
+/// `2 x latency + 2 x bytes / bandwidth` by least squares. Each
 /// remote call follows [`LAYER_GAP`] of busy work, as in a real step: the workers' threads
-/// have gone idle and must wake (about 15-20% of a small call's time here, measured by
-/// replaying real calls both ways).
+/// have gone idle and must wake (replayed real calls took -6% to +21% longer so, median +7%).
 /// Returns `(latency s, bandwidth B/s, [(tokens, remote s, in process s)])`.
 #[allow(clippy::type_complexity)]
 fn measure_link(
@@ -659,25 +657,16 @@ fn measure_link(
             Ok(t.elapsed().as_secs_f64())
         };
         let once_local = || {
-            pool.install(|| {
+            Ok(pool.install(|| {
                 let t = Instant::now();
                 std::hint::black_box(weights.forward(backend, &x));
                 t.elapsed().as_secs_f64()
-            })
+            }))
         };
-        for _ in 0..2 {
-            once_remote()?;
-            once_local();
-        }
-        let (mut r, mut l, mut d) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..31 {
-            let (tr, tl) = (once_remote()?, once_local());
-            r.push(tr);
-            l.push(tl);
-            d.push(tr - tl);
-        }
-        link.push((n, median(r), median(l)));
-        extra.push((n as f64, median(d)));
+        let pairs = alternated(once_remote, once_local)?;
+        let med = |f: &dyn Fn(&(f64, f64)) -> f64| median(pairs.iter().map(f).collect());
+        link.push((n, med(&|p| p.0), med(&|p| p.1)));
+        extra.push((n as f64, med(&|p| p.0 - p.1)));
     }
     // Least squares line through (tokens, extra seconds).
     let k = extra.len() as f64;
@@ -887,7 +876,7 @@ fn calibrate(c: &CalibrationContext<'_>) -> anyhow::Result<Calibration> {
 }
 
 /// A layer's call with a 1-token task on one expert of every worker against the same on one
-/// worker, in alternation (31 pairs, each call after [`LAYER_GAP`] of busy work): the median
+/// worker, [`alternated`] (each call after [`LAYER_GAP`] of busy work): the median
 /// extra time per further worker (0 with one worker). The workers compute in parallel, so
 /// this is what a further message pair costs the engine, beyond what the single-worker link
 /// calibration sees.
@@ -899,35 +888,55 @@ fn measure_fanout(c: &CalibrationContext<'_>) -> anyhow::Result<f64> {
     let x = rows(1, c.model.config.hidden_size, 13);
     let layer = c.key.layer as usize;
     let call = |n: usize| -> anyhow::Result<f64> {
-        let tasks = c.one_per_worker[..n]
-            .iter()
-            .map(|&e| {
-                let key = ExpertKey::new(layer, e as usize);
-                let instance = c.remote.shares(key).first().map(|s| s.0);
-                Ok(ExpertTask {
-                    instance: instance.ok_or_else(|| anyhow::anyhow!("no instance of {key}"))?,
-                    input: x.clone(),
-                    tokens: vec![0],
-                    weights: vec![1.0],
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let tasks = one_token_tasks(c, &c.one_per_worker[..n], &x, Some(0))?;
         busy_work(LAYER_GAP);
         let t = Instant::now();
         std::hint::black_box(c.remote.execute(layer, tasks)?);
         Ok(t.elapsed().as_secs_f64())
     };
-    for _ in 0..2 {
-        call(1)?;
-        call(w)?;
-    }
-    let mut d = Vec::new();
-    for _ in 0..31 {
-        let one = call(1)?;
-        d.push(call(w)? - one);
-    }
+    let pairs = alternated(|| call(1), || call(w))?;
+    let d = pairs.iter().map(|(one, all)| all - one).collect();
     Ok((median(d) / (w - 1) as f64).max(0.0))
 }
+
+/// A task on one row `x` for each of `experts` (of the key's layer), on its first instance;
+/// with `token`, the row is that token of the layer's batch (it travels once per worker).
+fn one_token_tasks(
+    c: &CalibrationContext<'_>,
+    experts: &[u32],
+    x: &Tensor,
+    token: Option<u32>,
+) -> anyhow::Result<Vec<ExpertTask>> {
+    experts
+        .iter()
+        .map(|&e| {
+            let key = ExpertKey::new(c.key.layer as usize, e as usize);
+            let inst = c.remote.shares(key).first().map(|s| s.0);
+            Ok(ExpertTask {
+                instance: inst.ok_or_else(|| anyhow::anyhow!("no instance of {key}"))?,
+                input: x.clone(),
+                tokens: token.into_iter().collect(),
+                weights: token.map(|_| 1.0).into_iter().collect(),
+            })
+        })
+        .collect()
+}
+
+/// `pairs` of `(a(), b())` timings in alternation, after two uncounted pairs: alternating
+/// cancels this VM's drift, which separately timed medians do not.
+fn alternated(
+    mut a: impl FnMut() -> anyhow::Result<f64>,
+    mut b: impl FnMut() -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    for _ in 0..2 {
+        a()?;
+        b()?;
+    }
+    (0..ALTERNATED_PAIRS).map(|_| Ok((a()?, b()?))).collect()
+}
+
+/// Timed pairs per [`alternated`] measurement.
+const ALTERNATED_PAIRS: usize = 31;
 
 /// One message with a 1-token task for each of `c.same_worker`'s experts against one with a
 /// single task, both minus the same FFN calls in process: what each extra task costs the
@@ -940,25 +949,10 @@ fn measure_task_overhead(c: &CalibrationContext<'_>, bandwidth: f64, pool: &rayo
     let hidden = c.model.config.hidden_size;
     let x = rows(1, hidden, 11);
     let layer = c.key.layer as usize;
-    let tasks = |n: usize| -> anyhow::Result<Vec<ExpertTask>> {
-        c.same_worker[..n]
-            .iter()
-            .map(|&e| {
-                let key = ExpertKey::new(c.key.layer as usize, e as usize);
-                let inst = c.remote.shares(key).first().map(|s| s.0);
-                let instance = inst.ok_or_else(|| anyhow::anyhow!("no instance of {key}"))?;
-                Ok(ExpertTask {
-                    instance,
-                    input: x.clone(),
-                    tokens: Vec::new(),
-                    weights: Vec::new(),
-                })
-            })
-            .collect()
-    };
     let remote = |n: usize| {
         time_median(25, || {
-            std::hint::black_box(c.remote.execute(layer, tasks(n)?)?);
+            let tasks = one_token_tasks(c, &c.same_worker[..n], &x, None)?;
+            std::hint::black_box(c.remote.execute(layer, tasks)?);
             Ok(())
         })
     };
@@ -1209,11 +1203,15 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     };
     step("calibrating (expert FFN, layer, endpoint overheads, link) ...");
     let mut passes = Vec::new();
-    for i in 1..=CALIBRATIONS_EACH_SIDE {
-        let c = calibrate(&ctx)?;
-        report_calibration(&step, &format!("before ({i})"), &c);
-        passes.push(c);
-    }
+    let calibrate_side = |when: &str, passes: &mut Vec<Calibration>| -> anyhow::Result<()> {
+        for i in 1..=CALIBRATIONS_EACH_SIDE {
+            let c = calibrate(&ctx)?;
+            report_calibration(&step, &format!("{when} ({i})"), &c);
+            passes.push(c);
+        }
+        Ok(())
+    };
+    calibrate_side("before", &mut passes)?;
 
     // 3. The real run: endpoint in this process, experts on the workers, HTTP load.
     let mut model = Model::load(&ckpt, config.clone(), backend.clone())?;
@@ -1281,11 +1279,7 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
     step("replaying a sample of the real MoE-layer calls on the idle cluster ...");
     let replayed = replay_calls(remote.as_ref(), config.hidden_size, &calls, 400)?;
     step("calibrating again after the real run ...");
-    for i in 1..=CALIBRATIONS_EACH_SIDE {
-        let c = calibrate(&ctx)?;
-        report_calibration(&step, &format!("after ({i})"), &c);
-        passes.push(c);
-    }
+    calibrate_side("after", &mut passes)?;
     drop(cluster);
     let cal = Calibration::middle(&passes);
     let base = GpuProfile {
@@ -1495,7 +1489,8 @@ pub fn run(a: SimValidateArgs) -> anyhow::Result<()> {
 }
 
 /// Real calls grouped by the token copies they sent (all, then 1-8, 9-64, 65+): mean real
-/// and mean priced seconds per group.
+/// and mean priced seconds per group, and the same of the group's replayed calls with their
+/// replay times.
 fn per_call_error(cost: &CostModel, calls: &[CallRecord], replayed: &[(usize, f64, f64)]) -> serde_json::Value {
     let groups: [(&str, u32, u32); 4] = [
         ("all", 0, u32::MAX),
@@ -1503,29 +1498,30 @@ fn per_call_error(cost: &CostModel, calls: &[CallRecord], replayed: &[(usize, f6
         ("9-64", 9, 64),
         ("65+", 65, u32::MAX),
     ];
+    // Per call: token copies sent, and its price.
+    let sent: Vec<u32> = calls.iter().map(|c| c.tokens_per_worker.iter().sum()).collect();
+    let price: Vec<f64> = calls.iter().map(|c| priced_call(cost, c)).collect();
     let rows: Vec<serde_json::Value> = groups
         .iter()
         .map(|&(name, lo, hi)| {
             let (mut n, mut real, mut priced) = (0usize, 0.0, 0.0);
-            for c in calls {
-                let sent: u32 = c.tokens_per_worker.iter().sum();
-                if (lo..=hi).contains(&sent) {
+            for (i, c) in calls.iter().enumerate() {
+                if (lo..=hi).contains(&sent[i]) {
                     n += 1;
                     real += c.seconds;
-                    priced += priced_call(cost, c);
+                    priced += price[i];
                 }
             }
             let d = n.max(1) as f64;
             // The replayed sample of this group: its times in the run and on the idle cluster.
             let (mut m, mut in_run, mut idle, mut after_work, mut priced_r) = (0usize, 0.0, 0.0, 0.0, 0.0);
             for &(i, t, w) in replayed {
-                let sent: u32 = calls[i].tokens_per_worker.iter().sum();
-                if (lo..=hi).contains(&sent) {
+                if (lo..=hi).contains(&sent[i]) {
                     m += 1;
                     in_run += calls[i].seconds;
                     idle += t;
                     after_work += w;
-                    priced_r += priced_call(cost, &calls[i]);
+                    priced_r += price[i];
                 }
             }
             let e = m.max(1) as f64;
